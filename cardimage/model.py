@@ -1,0 +1,143 @@
+"""The card's contents as plain values (what the schemas decode to and encode from)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+from enum import Enum, IntEnum
+
+
+class Kind(IntEnum):
+    ON_LOAN = 1
+    SOLD = 2
+    MOBILE = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+class Category(IntEnum):
+    ADULT = 1
+    CHILD = 2
+    ELDER = 3
+    PERSONALISED = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Concession(IntEnum):
+    NONE = 0
+    STUDENT = 1
+    DISABILITY = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Status(IntEnum):
+    """Ordered by severity: a list can move a card up this order, never down."""
+
+    ACTIVE = 0
+    SUSPENDED = 1
+    BLOCKED = 2
+    CANCELLED = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class LogType(IntEnum):
+    ISSUE = 1
+    PAYMENT = 2
+    ADD_VALUE = 3
+    STATUS = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class AavsAmount(Enum):
+    """The reload amounts a card can carry (cents), with their 4-bit code on the card."""
+
+    NONE = (0, 0)
+    HKD_150 = (1, 15000)
+    HKD_250 = (2, 25000)
+    HKD_500 = (3, 50000)
+    HKD_1000 = (4, 100000)
+
+    def __init__(self, code: int, cents: int) -> None:
+        self.code = code
+        self.cents = cents
+
+
+AAVS_RELOAD_CENTS = tuple(a.cents for a in AavsAmount if a.cents)
+AAVS_BY_CODE = {a.code: a.cents for a in AavsAmount}
+AAVS_CODE_BY_CENTS = {a.cents: a.code for a in AavsAmount}
+
+CARD_NUMBER_MAX = 99_999_999
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Written once at issue; never changes afterwards."""
+
+    card_number: int
+    kind: Kind
+    category: Category
+    issued: date
+    deposit_cents: int
+    key_version: int
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass(frozen=True)
+class Purse:
+    """One purse slot: everything about the card that changes."""
+
+    counter: int
+    balance_cents: int
+    last_add_value: date
+    last_auto_reload: date | None = None
+    last_payment: date | None = None
+    aavs_reload_cents: int = 0  # 0: no AAVS on this card
+    status: Status = Status.ACTIVE
+    payment_count: int = 0
+    concession: Concession = Concession.NONE
+    concession_expiry: date | None = None
+    svl_upgraded: bool = False
+
+    @property
+    def aavs_enabled(self) -> bool:
+        return self.aavs_reload_cents != 0
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One transaction log record. ``counter`` is the purse counter the transaction produced."""
+
+    counter: int
+    type: LogType
+    day: date
+    amount_cents: int = 0
+    aavs_reload_cents: int = 0  # PAYMENT: the auto add value made in the same tap
+    new_status: Status | None = None  # STATUS: the status written
+
+
+@dataclass(frozen=True)
+class CardImage:
+    """A verified, decoded card. ``purse`` is the current slot; ``previous`` the other valid one."""
+
+    idm: bytes
+    identity: Identity
+    purse: Purse
+    purse_slot: int
+    previous: Purse | None = None
+    log: tuple[LogEntry, ...] = field(default=())  # newest first; only entries that verify
+    unreadable_log_blocks: int = 0

@@ -1,0 +1,130 @@
+"""construct schemas of the scheme's card areas (field bytes only; MACs are handled in image.py).
+
+Each schema is exactly the data part of its area; sizes are asserted against the block layout.
+Adapters are pure and two-way: day numbers <-> dates, small ints <-> enums, AAVS codes <-> cents.
+"""
+
+from enum import IntEnum
+
+import construct as c
+
+from . import days
+from .errors import CardImageError
+from .layout import BLOCK_SIZE, MAC_SIZE
+from .model import AAVS_BY_CODE, AAVS_CODE_BY_CENTS, Category, Concession, Kind, LogType, Status
+
+
+class DayAdapter(c.Adapter):
+    """u16 days since 1990-01-01; 0 means none."""
+
+    def _decode(self, obj, context, path):
+        return days.from_day(obj)
+
+    def _encode(self, obj, context, path):
+        try:
+            return days.to_day(obj)
+        except ValueError as error:
+            raise c.ExplicitError(str(error), path=path) from None
+
+
+class EnumAdapter(c.Adapter):
+    def __init__(self, subcon, enum: type[IntEnum]):
+        super().__init__(subcon)
+        self.enum = enum
+
+    def _decode(self, obj, context, path):
+        try:
+            return self.enum(obj)
+        except ValueError:
+            raise c.MappingError(f"no {self.enum.__name__} with value {obj}", path=path) from None
+
+    def _encode(self, obj, context, path):
+        return int(self.enum(obj))
+
+
+class AavsAdapter(c.Adapter):
+    """AAVS reload amount: 4-bit code on the card, cents in the model (0 = no AAVS)."""
+
+    def _decode(self, obj, context, path):
+        try:
+            return AAVS_BY_CODE[obj]
+        except KeyError:
+            raise c.MappingError(f"no AAVS reload amount with code {obj}", path=path) from None
+
+    def _encode(self, obj, context, path):
+        try:
+            return AAVS_CODE_BY_CENTS[obj]
+        except KeyError:
+            raise c.MappingError(f"{obj} cents is not an AAVS reload amount", path=path) from None
+
+
+class StrictFlag(c.Adapter):
+    """A byte that is exactly 0 or 1 (construct's Flag reads any non-zero byte as true)."""
+
+    def _decode(self, obj, context, path):
+        if obj not in (0, 1):
+            raise c.MappingError(f"flag byte must be 0 or 1, not {obj}", path=path)
+        return bool(obj)
+
+    def _encode(self, obj, context, path):
+        return int(bool(obj))
+
+
+AREA_DATA_2_BLOCKS = 2 * BLOCK_SIZE - MAC_SIZE  # 24
+AREA_DATA_1_BLOCK = BLOCK_SIZE - MAC_SIZE  # 8
+
+Identity = c.Struct(
+    "format_version" / c.Int8ub,
+    "key_version" / c.Int8ub,  # offset 1: read before verification to pick the key
+    "card_number" / c.Int32ub,
+    "kind" / EnumAdapter(c.Int8ub, Kind),
+    "category" / EnumAdapter(c.Int8ub, Category),
+    "issued" / DayAdapter(c.Int16ub),
+    "deposit_cents" / c.Int32ub,
+    "reserved" / c.Const(bytes(10)),
+)
+IDENTITY_KEY_VERSION_OFFSET = 1
+
+Purse = c.Struct(
+    "counter" / c.Int32ub,
+    "balance_cents" / c.Int32sb,
+    "last_add_value" / DayAdapter(c.Int16ub),
+    "last_auto_reload" / DayAdapter(c.Int16ub),
+    "last_payment" / DayAdapter(c.Int16ub),
+    "aavs_reload_cents" / AavsAdapter(c.Int8ub),
+    "status" / EnumAdapter(c.Int8ub, Status),
+    "payment_count" / c.Int16ub,
+    "concession" / EnumAdapter(c.Int8ub, Concession),
+    "concession_expiry" / DayAdapter(c.Int16ub),
+    "svl_upgraded" / StrictFlag(c.Int8ub),
+    "reserved" / c.Const(bytes(2)),
+)
+
+LogEntry = c.Struct(
+    "counter_low" / c.Int8ub,  # the purse counter this entry belongs to, modulo 256
+    "type" / EnumAdapter(c.Int8ub, LogType),
+    "detail" / c.Int8ub,  # PAYMENT: AAVS code of a reload made in the same tap; STATUS: new status
+    "amount_cents" / c.Int24sb,
+    "day" / DayAdapter(c.Int16ub),
+)
+
+assert Identity.sizeof() == AREA_DATA_2_BLOCKS
+assert Purse.sizeof() == AREA_DATA_2_BLOCKS
+assert LogEntry.sizeof() == AREA_DATA_1_BLOCK
+
+
+def parse(schema: c.Construct, data: bytes) -> c.Container:
+    """Parse exactly ``schema.sizeof()`` bytes; any failure is a CardImageError."""
+    if len(data) != schema.sizeof():
+        raise CardImageError(f"expected {schema.sizeof()} bytes, got {len(data)}")
+    try:
+        return schema.parse(data)
+    except c.ConstructError as error:
+        raise CardImageError(f"malformed area: {error}") from None
+
+
+def build(schema: c.Construct, values: dict) -> bytes:
+    try:
+        return schema.build(values)
+    except c.ConstructError as error:
+        raise CardImageError(f"cannot encode area: {error}") from None

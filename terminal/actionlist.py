@@ -1,0 +1,65 @@
+"""Action lists (hotlists) from a JSON file:
+``{"entries": [{"card": "12345678", "reason": "lost"|"aavs_suspended"|"cancelled", "at": TIME}]}``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from .cardnumber import parse_number
+from .rules import ListEntry, ListReason
+
+
+class ActionListError(ValueError):
+    """The list file is missing or malformed; the message names the place."""
+
+
+def parse_time(text: str) -> datetime:
+    """ISO 8601 with a UTC offset; a time without one is refused."""
+    try:
+        at = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"not an ISO 8601 time: {text!r}") from None
+    if at.tzinfo is None:
+        raise ValueError(f"time needs a UTC offset (e.g. +08:00): {text!r}")
+    return at
+
+
+def parse_action_list(document: object) -> tuple[ListEntry, ...]:
+    if not isinstance(document, dict) or not isinstance(document.get("entries"), list):
+        raise ActionListError('expected an object with an "entries" list')
+    entries = []
+    for index, item in enumerate(document["entries"]):
+        where = f"entries[{index}]"
+        if not isinstance(item, dict):
+            raise ActionListError(f"{where}: expected an object")
+        try:
+            number = parse_number(_text(item, "card"))
+            reason = ListReason(_text(item, "reason"))
+            at = parse_time(_text(item, "at"))
+        except ValueError as error:
+            raise ActionListError(f"{where}: {error}") from None
+        entries.append(ListEntry(number, reason, at))
+    return tuple(entries)
+
+
+def _text(item: dict, key: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f'"{key}" must be a string')
+    return value
+
+
+def load_action_list(path: Path) -> tuple[ListEntry, ...]:
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ActionListError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ActionListError(f"{path}: not a readable JSON file ({error})") from None
+    try:
+        return parse_action_list(document)
+    except ActionListError as error:
+        raise ActionListError(f"{path}: {error}") from None

@@ -1,0 +1,232 @@
+"""The terminal's durable journal (SQLite, WAL, synchronous=FULL).
+
+* ``records``: one row per value movement (and per list-ordered status change), with a gapless
+  terminal sequence and a hash chain over the previous record.
+* ``card_writes``: one row per card write, ``intent`` before the card is touched, then
+  ``committed`` once the written blocks read back, or ``void`` when the card shows the write never
+  landed. An ``intent`` left by a crash or a card pulled away is resolved when that card is seen
+  again (see :meth:`Journal.resolve`).
+* ``cards``: the highest counter this terminal has verified on each card; a card presenting a lower
+  one is an older copy (rollback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from .clock import utc_iso
+from .rules import Record
+
+SCHEMA_VERSION = 1
+GENESIS_HASH = "0" * 64
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS card_writes (
+    tap_id TEXT PRIMARY KEY,
+    card_number INTEGER NOT NULL,
+    idm TEXT NOT NULL,
+    counter_before INTEGER NOT NULL,
+    counter_after INTEGER NOT NULL,
+    expected_slot TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('intent', 'committed', 'void', 'unresolved')),
+    created_utc TEXT NOT NULL,
+    resolved_utc TEXT
+);
+CREATE INDEX IF NOT EXISTS card_writes_open ON card_writes (card_number) WHERE state = 'intent';
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    terminal_id TEXT NOT NULL,
+    tap_id TEXT NOT NULL REFERENCES card_writes (tap_id),
+    card_number INTEGER NOT NULL,
+    counter_before INTEGER NOT NULL,
+    counter_after INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    amount_cents INTEGER NOT NULL,
+    balance_before_cents INTEGER NOT NULL,
+    balance_after_cents INTEGER NOT NULL,
+    at_utc TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cards (
+    card_number INTEGER PRIMARY KEY,
+    highest_counter INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class PendingWrite:
+    tap_id: str
+    card_number: int
+    counter_before: int
+    counter_after: int
+    expected_slot: bytes
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or is not ours."""
+
+
+class Journal:
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
+        """``durable=False`` (synchronous=OFF) is for benchmarks that measure CPU without fsync."""
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            with self._transaction():
+                self.terminal_id = self._meta("terminal_id", lambda: "T" + secrets.token_hex(4).upper())
+                version = int(self._meta("schema_version", lambda: str(SCHEMA_VERSION)))
+        except (OSError, sqlite3.Error) as error:
+            raise JournalError(f"{self.path}: cannot open the journal ({error})") from None
+        if version != SCHEMA_VERSION:
+            raise JournalError(f"{self.path}: journal schema {version}, expected {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+    def _meta(self, key: str, default) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            return row[0]
+        value = default()
+        self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+        return value
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def highest_counter(self, card_number: int) -> int | None:
+        row = self._db.execute("SELECT highest_counter FROM cards WHERE card_number = ?",
+                               (card_number,)).fetchone()
+        return None if row is None else row[0]
+
+    def pending_writes(self, card_number: int) -> list[PendingWrite]:
+        rows = self._db.execute(
+            "SELECT tap_id, card_number, counter_before, counter_after, expected_slot "
+            "FROM card_writes WHERE card_number = ? AND state = 'intent' ORDER BY created_utc",
+            (card_number,)).fetchall()
+        return [PendingWrite(t, c, b, a, bytes.fromhex(s)) for t, c, b, a, s in rows]
+
+    def write_state(self, tap_id: str) -> str | None:
+        row = self._db.execute("SELECT state FROM card_writes WHERE tap_id = ?", (tap_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def records(self, card_number: int | None = None) -> list[dict]:
+        query = ("SELECT r.*, w.state AS state FROM records r JOIN card_writes w USING (tap_id)"
+                 + (" WHERE r.card_number = ?" if card_number is not None else "")
+                 + " ORDER BY seq")
+        cursor = self._db.execute(query, () if card_number is None else (card_number,))
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def verify_chain(self) -> bool:
+        """Recompute every record's hash; False if any link is broken or a sequence is missing."""
+        previous, expected_seq = GENESIS_HASH, 1
+        for record in self.records():
+            if record["seq"] != expected_seq or record["prev_hash"] != previous:
+                return False
+            if _record_hash(record) != record["hash"]:
+                return False
+            previous, expected_seq = record["hash"], expected_seq + 1
+        return True
+
+    # ---- writes --------------------------------------------------------------------------
+
+    def observe(self, card_number: int, counter: int) -> None:
+        """Remember a counter verified on the card (only ever raises the stored value)."""
+        with self._transaction():
+            self._raise_counter(card_number, counter)
+
+    def _raise_counter(self, card_number: int, counter: int) -> None:
+        self._db.execute(
+            "INSERT INTO cards (card_number, highest_counter) VALUES (?, ?) "
+            "ON CONFLICT (card_number) DO UPDATE SET highest_counter = "
+            "max(highest_counter, excluded.highest_counter)", (card_number, counter))
+
+    def record_intent(self, *, tap_id: str, card_number: int, idm: bytes, counter_before: int,
+                      counter_after: int, expected_slot: bytes, balance_before_cents: int,
+                      records: Sequence[Record], at: datetime) -> PendingWrite:
+        """Durably record what is about to be written, before the card is touched (one fsync)."""
+        at_utc = utc_iso(at)
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO card_writes (tap_id, card_number, idm, counter_before, counter_after, "
+                "expected_slot, state, created_utc) VALUES (?, ?, ?, ?, ?, ?, 'intent', ?)",
+                (tap_id, card_number, idm.hex(), counter_before, counter_after,
+                 expected_slot.hex(), at_utc))
+            self._raise_counter(card_number, counter_before)
+            row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, previous = (row[0], row[1]) if row else (0, GENESIS_HASH)
+            balance = balance_before_cents
+            for record in records:
+                seq += 1
+                fields = {
+                    "seq": seq, "terminal_id": self.terminal_id, "tap_id": tap_id,
+                    "card_number": card_number, "counter_before": counter_before,
+                    "counter_after": counter_after, "type": record.type.value,
+                    "amount_cents": record.amount_cents, "balance_before_cents": balance,
+                    "balance_after_cents": record.balance_after_cents, "at_utc": at_utc,
+                    "prev_hash": previous,
+                }
+                fields["hash"] = previous = _record_hash(fields)
+                self._db.execute(
+                    f"INSERT INTO records ({', '.join(fields)}) "
+                    f"VALUES ({', '.join('?' * len(fields))})", tuple(fields.values()))
+                balance = record.balance_after_cents
+        return PendingWrite(tap_id, card_number, counter_before, counter_after, expected_slot)
+
+    def resolve_write(self, pending: PendingWrite, state: str, at: datetime) -> None:
+        """Close an intent: ``committed`` (the write is on the card), ``void`` (it never landed) or
+        ``unresolved`` (the card no longer shows which; left for reconciliation)."""
+        if state not in ("committed", "void", "unresolved"):
+            raise ValueError(state)
+        with self._transaction():
+            self._db.execute(
+                "UPDATE card_writes SET state = ?, resolved_utc = ? WHERE tap_id = ? "
+                "AND state = 'intent'", (state, utc_iso(at), pending.tap_id))
+            if state == "committed":
+                self._raise_counter(pending.card_number, pending.counter_after)
+
+
+_HASHED = ("seq", "terminal_id", "tap_id", "card_number", "counter_before", "counter_after", "type",
+           "amount_cents", "balance_before_cents", "balance_after_cents", "at_utc", "prev_hash")
+
+
+def _record_hash(fields: dict) -> str:
+    canonical = json.dumps({k: fields[k] for k in _HASHED}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")

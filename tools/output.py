@@ -1,0 +1,145 @@
+"""How results look: one JSON object per result with --json, a short human summary otherwise."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cardimage.model import CardImage, LogType
+from cardimage.money import format_cents as fmt
+from terminal.cardnumber import format_number
+from terminal.rules import (
+    fare_class, negative_limit_cents, stored_value_limit_cents,
+)
+from terminal.tap import TapResult
+
+
+def emit(obj: dict, as_json: bool, human: str) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False) if as_json else human)
+
+
+def _money(cents: int | None) -> str | None:
+    return None if cents is None else fmt(cents)
+
+
+def _day(value) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def tap_json(result: TapResult, *, with_fare_class: bool) -> dict:
+    obj = {
+        "outcome": "approved" if result.approved else "declined",
+        "reason": result.reason.value if result.reason else None,
+        "card": None if result.card_number is None else format_number(result.card_number),
+    }
+    if with_fare_class:
+        obj["fare_class"] = result.fare_class.value if result.fare_class else None
+    obj.update({
+        "amount": fmt(result.amount_cents),
+        "balance_before": _money(result.balance_before_cents),
+        "balance_after": _money(result.balance_after_cents),
+        "aavs_reload": _money(result.aavs_reload_cents),
+        "records": [{"type": r.type.value, "amount": fmt(r.amount_cents),
+                     "balance_after": fmt(r.balance_after_cents)} for r in result.records],
+        "counter": result.counter,
+        "card_commands": result.commands,
+    })
+    return obj
+
+
+def tap_human(result: TapResult, what: str) -> str:
+    head = "APPROVED" if result.approved else f"DECLINED ({result.reason.value})"
+    card = "unreadable card" if result.card_number is None else f"card {format_number(result.card_number)}"
+    label = f"{result.fare_class.value} fare" if result.fare_class else what
+    parts = [head, card, f"{label} {fmt(result.amount_cents)}"]
+    if result.aavs_reload_cents:
+        parts.append(f"auto add value {fmt(result.aavs_reload_cents)}")
+    if result.balance_before_cents is not None:
+        if result.balance_after_cents != result.balance_before_cents:
+            parts.append(f"balance {fmt(result.balance_before_cents)} -> {fmt(result.balance_after_cents)}")
+        else:
+            parts.append(f"balance {fmt(result.balance_before_cents)}")
+    return "  ".join(parts)
+
+
+def _history(card: CardImage) -> list[dict]:
+    """Log entries, newest first, with the balance after each while the chain is unbroken."""
+    history, balance, expected = [], card.purse.balance_cents, card.purse.counter
+    for entry in card.log:
+        known = entry.counter == expected
+        history.append({
+            "counter": entry.counter, "type": entry.type.label, "date": entry.day.isoformat(),
+            "amount": fmt(entry.amount_cents),
+            "aavs_reload": fmt(entry.aavs_reload_cents) if entry.aavs_reload_cents else None,
+            "status": entry.new_status.label if entry.new_status is not None else None,
+            "balance_after": fmt(balance) if known else None,
+        })
+        if known:
+            if entry.type is LogType.PAYMENT:
+                balance += entry.amount_cents - entry.aavs_reload_cents
+            elif entry.type is LogType.ADD_VALUE:
+                balance -= entry.amount_cents
+            expected -= 1
+    return history
+
+
+def card_json(card: CardImage, *, test_key: bool, today) -> dict:
+    identity, purse = card.identity, card.purse
+    return {
+        "number": format_number(identity.card_number),
+        "kind": identity.kind.label,
+        "category": identity.category.label,
+        "concession": purse.concession.label,
+        "concession_expiry": _day(purse.concession_expiry),
+        "issued": identity.issued.isoformat(),
+        "status": purse.status.label,
+        "balance": fmt(purse.balance_cents),
+        "negative_limit": fmt(negative_limit_cents(identity)),
+        "stored_value_limit": fmt(stored_value_limit_cents(identity, purse)),
+        "last_add_value": purse.last_add_value.isoformat(),
+        "aavs": {"enabled": purse.aavs_enabled,
+                 "amount": fmt(purse.aavs_reload_cents) if purse.aavs_enabled else None,
+                 "last_reload": _day(purse.last_auto_reload)},
+        "counter": purse.counter,
+        "history": _history(card),
+        "fare_class": fare_class(identity, purse, today).value,
+        "deposit": fmt(identity.deposit_cents),
+        "last_payment": _day(purse.last_payment),
+        "payment_count": purse.payment_count,
+        "idm": card.idm.hex(),
+        "key_version": identity.key_version,
+        "test_key": test_key,
+        "purse_slot": card.purse_slot,
+        "unreadable_log_blocks": card.unreadable_log_blocks,
+    }
+
+
+def card_human(obj: dict) -> str:
+    aavs = obj["aavs"]
+    lines = [
+        f"Card {obj['number']}  {obj['kind']} {obj['category']}  status {obj['status']}"
+        + ("  [TEST KEY: not a real card]" if obj["test_key"] else ""),
+        f"  balance {obj['balance']}  (negative limit {obj['negative_limit']}, "
+        f"stored value limit {obj['stored_value_limit']})",
+        f"  issued {obj['issued']}  deposit {obj['deposit']}  last add value {obj['last_add_value']}",
+        f"  concession {obj['concession']}"
+        + (f" until {obj['concession_expiry']}" if obj["concession_expiry"] else "")
+        + f"  fare class today {obj['fare_class']}",
+        "  AAVS " + (f"{aavs['amount']} (last reload {aavs['last_reload'] or 'never'})"
+                     if aavs["enabled"] else "off"),
+        f"  counter {obj['counter']}  payments {obj['payment_count']}  IDm {obj['idm']}",
+        "  history (newest first):",
+    ]
+    for entry in obj["history"]:
+        extra = ""
+        if entry["aavs_reload"]:
+            extra = f" (with auto add value {entry['aavs_reload']})"
+        elif entry["status"]:
+            extra = f" -> {entry['status']}"
+        after = f"  balance {entry['balance_after']}" if entry["balance_after"] else ""
+        lines.append(f"    #{entry['counter']:<4} {entry['date']}  {entry['type']:<9} "
+                     f"{entry['amount']:>9}{extra}{after}")
+    if obj["unreadable_log_blocks"]:
+        lines.append(f"    ({obj['unreadable_log_blocks']} log block(s) do not verify)")
+    return "\n".join(lines)
