@@ -2,7 +2,7 @@
 
 import re
 
-_NUMBER = re.compile(r"(\d{8})(?:\((\d)\))?")
+_NUMBER = re.compile(r"([0-9]{8})(?:\(([0-9])\))?")
 
 
 def check_digit(number: int) -> int:

@@ -38,7 +38,7 @@ class SoftwareKeyStore:
         return version == TEST_KEY_VERSION
 
 
-def test_key_store() -> SoftwareKeyStore:
+def published_test_keys() -> SoftwareKeyStore:
     """The published test keys (see TEST_KEY_VERSION)."""
     return SoftwareKeyStore({TEST_KEY_VERSION: _TEST_MASTER_KEY}, TEST_KEY_VERSION)
 

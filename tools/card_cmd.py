@@ -13,7 +13,7 @@ from cardimage.model import Category, Concession, Kind
 from protocol.simcard import SimulatedLiteS, save_card
 from terminal.clock import hk_date, now_utc
 from terminal.issue import IssueError, IssueRequest, issue, new_idm
-from terminal.keys import test_key_store
+from terminal.keys import published_test_keys
 
 from . import output
 from .common import InputError, json_option, open_card, session_for
@@ -50,7 +50,7 @@ def new(card_file: Path, number, kind, category, concession, concession_expiry, 
         raise InputError(f"{card_file}: already exists (use --force to overwrite a card)")
     if not card_file.parent.is_dir():
         raise InputError(f"{card_file.parent}: no such directory")
-    keys = test_key_store()
+    keys = published_test_keys()
     idm = new_idm()
     request = IssueRequest(
         issued=issued or hk_date(now_utc()), number=number, kind=_KINDS[kind],
@@ -75,7 +75,7 @@ def show(card_file: Path, as_json: bool) -> None:
 
 
 def _show(sim: SimulatedLiteS, as_json: bool) -> None:
-    keys = test_key_store()
+    keys = published_test_keys()
     session = session_for(sim)
     session.poll()
     raw = dict(zip(FULL_READ_BLOCKS, session.read_blocks(FULL_READ_BLOCKS)))

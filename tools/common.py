@@ -13,7 +13,7 @@ from protocol.simcard import CardFileError, SimulatedLiteS, load_card, save_card
 from protocol.transports.inprocess import InProcessTransport
 from terminal.actionlist import ActionListError, load_action_list
 from terminal.journal import Journal, JournalError
-from terminal.keys import test_key_store
+from terminal.keys import published_test_keys
 from terminal.tap import Terminal
 
 JOURNAL_FILE = "journal.sqlite3"
@@ -63,4 +63,4 @@ def terminal(state_dir: Path | None, hotlist: Path | None):
     except JournalError as error:
         raise InputError(str(error)) from None
     with journal:
-        yield Terminal(journal, test_key_store(), action_list)
+        yield Terminal(journal, published_test_keys(), action_list)

@@ -12,7 +12,7 @@ from terminal.actionlist import parse_time
 from terminal.cardnumber import parse_number
 from terminal.rules import FareClass, Tariff
 
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 class Amount(click.ParamType):

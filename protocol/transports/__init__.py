@@ -1,0 +1,1 @@
+"""Transports: the I/O shells that implement ``protocol.transport.Transport``."""

@@ -1,0 +1,245 @@
+"""The tap transaction over the in-process simulated card: command count, journal, rollback,
+writes left in doubt by a card pulled away or a torn block, and every single-bit flip of a card."""
+
+import shutil
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+
+from cardimage.layout import BLOCK_SIZE, PURSE_SLOT_BLOCKS, USER_BLOCKS
+from protocol.session import LiteSSession
+from protocol.simcard import Faults, SimulatedLiteS
+from protocol.transports.inprocess import InProcessTransport
+from terminal.issue import IssueRequest, issue, new_idm
+from terminal.journal import Journal
+from terminal.keys import published_test_keys
+from terminal.rules import Reason, RecordType, Tariff
+from terminal.tap import TapInterrupted, Terminal
+
+KEYS = published_test_keys()
+AT = datetime(2026, 11, 22, 8, 0, tzinfo=timezone(timedelta(hours=8)))
+FARE = Tariff.flat(580)
+
+
+def new_card(balance_cents=10_000, **fields) -> SimulatedLiteS:
+    idm = new_idm()
+    request = IssueRequest(issued=date(2026, 1, 15), number=12345678,
+                           balance_cents=balance_cents, **fields)
+    _, _, blocks = issue(request, KEYS, idm)
+    return SimulatedLiteS(idm, blocks=blocks)
+
+
+def copy_card(card: SimulatedLiteS) -> SimulatedLiteS:
+    return SimulatedLiteS(card.idm, card.pmm, list(card.blocks))
+
+
+@pytest.fixture
+def journal(tmp_path):
+    with Journal(tmp_path / "journal.sqlite3") as journal:
+        yield journal
+
+
+@pytest.fixture
+def terminal(journal):
+    return Terminal(journal, KEYS)
+
+
+def pay(terminal, card, tariff=FARE, at=AT):
+    return terminal.pay(LiteSSession(InProcessTransport(card)), tariff, at)
+
+
+def committed_records(journal, number=12345678):
+    return [r for r in journal.records(number) if r["state"] == "committed"]
+
+
+def test_a_payment_uses_seven_card_commands_and_one_record(terminal, journal):
+    card = new_card()
+    result = pay(terminal, card)
+    assert result.approved and result.balance_after_cents == 10_000 - 580
+    # poll, read 4 + read 2, write purse x2 + log x1, read back 3
+    assert result.commands == 7
+    [record] = committed_records(journal)
+    assert (record["type"], record["amount_cents"], record["balance_before_cents"],
+            record["balance_after_cents"], record["counter_before"], record["counter_after"]) == (
+        "payment", 580, 10_000, 9_420, 1, 2)
+    assert record["at_utc"] == "2026-11-22T00:00:00Z"
+    assert journal.highest_counter(12345678) == 2
+    assert journal.verify_chain()
+
+
+def test_a_decline_writes_nothing_and_records_nothing(terminal, journal):
+    card = new_card(balance_cents=0)
+    before = list(card.blocks)
+    result = pay(terminal, card)
+    assert not result.approved and result.reason is Reason.INSUFFICIENT_VALUE
+    assert card.blocks == before and journal.records() == []
+    assert result.commands == 3  # poll and two reads
+    assert journal.highest_counter(12345678) == 1  # but the counter seen is remembered
+
+
+def test_aavs_reload_makes_two_records_in_one_write(terminal, journal):
+    card = new_card(balance_cents=300, aavs_reload_cents=25_000)
+    result = pay(terminal, card)
+    assert result.approved and result.aavs_reload_cents == 25_000
+    assert [r.type for r in result.records] == [RecordType.AUTO_ADD_VALUE, RecordType.PAYMENT]
+    records = committed_records(journal)
+    assert [(r["type"], r["balance_before_cents"], r["balance_after_cents"]) for r in records] == [
+        ("auto_add_value", 300, 25_300), ("payment", 25_300, 24_720)]
+    assert {r["counter_after"] for r in records} == {2}
+    assert result.commands == 7
+
+
+def test_an_older_copy_of_the_card_is_declined_rollback(terminal):
+    card = new_card()
+    old = copy_card(card)
+    assert pay(terminal, card).approved
+    result = pay(terminal, old)
+    assert result.reason is Reason.ROLLBACK and old.blocks == copy_card(old).blocks
+
+
+def test_another_terminal_has_no_memory_of_the_card(terminal, tmp_path):
+    card = new_card()
+    old = copy_card(card)
+    assert pay(terminal, card).approved
+    with Journal(tmp_path / "other.sqlite3") as other_journal:
+        assert pay(Terminal(other_journal, KEYS), old).approved
+
+
+def test_a_card_that_is_not_ours_is_invalid(terminal):
+    foreign = SimulatedLiteS(new_idm())  # blank Lite-S
+    result = pay(terminal, foreign)
+    assert result.reason is Reason.INVALID_CARD and result.card_number is None
+
+
+def test_a_list_ordered_block_is_written_to_the_card_and_journalled(journal):
+    from terminal.rules import ListEntry, ListReason
+    card = new_card()
+    entry = ListEntry(12345678, ListReason.LOST, AT - timedelta(hours=3))
+    result = pay(Terminal(journal, KEYS, [entry]), card)
+    assert result.reason is Reason.BLOCKED and result.balance_after_cents == 10_000
+    assert [r["type"] for r in committed_records(journal)] == ["block"]
+    again = pay(Terminal(journal, KEYS), card)  # no list any more: the card itself says blocked
+    assert again.reason is Reason.BLOCKED and again.commands == 3
+
+
+# ---- writes in doubt -----------------------------------------------------------------------
+
+WRITE_COMMANDS = 3  # after poll + 2 reads
+
+
+@pytest.mark.parametrize("answered", range(0, WRITE_COMMANDS + 1),
+                         ids=lambda n: f"card left after {n} write answers")
+def test_a_card_pulled_away_mid_write_is_resolved_when_seen_again(journal, answered):
+    terminal = Terminal(journal, KEYS)
+    card = new_card()
+    card.faults = Faults(leave_after_commands=3 + answered)
+    with pytest.raises(TapInterrupted) as interrupted:
+        pay(terminal, card)
+    assert journal.write_state(interrupted.value.tap_id) == "intent"
+    purse_landed = answered >= 2  # the two purse blocks are written first
+
+    card.faults = Faults()
+    card.in_field = True
+    result = pay(terminal, card)
+    assert journal.write_state(interrupted.value.tap_id) == ("committed" if purse_landed else "void")
+    assert result.approved
+    expected_before = 10_000 - 580 if purse_landed else 10_000
+    assert result.balance_before_cents == expected_before
+    # the card's value matches the journal exactly
+    assert result.balance_after_cents == 10_000 - sum(r["amount_cents"] for r in committed_records(journal))
+
+
+@pytest.mark.parametrize("write_number", [1, 2, 3])
+@pytest.mark.parametrize("tear_bytes", [0, 5, 16])
+def test_a_torn_block_write_is_treated_as_torn_not_rollback(journal, write_number, tear_bytes):
+    terminal = Terminal(journal, KEYS)
+    card = new_card()
+    assert pay(terminal, card).approved  # history: counter 2 committed
+    card.faults = Faults(tear_write_number=write_number, tear_bytes=tear_bytes)
+    with pytest.raises(TapInterrupted) as interrupted:
+        pay(terminal, card)
+    card.faults = Faults()
+    card.in_field = True
+    result = pay(terminal, card)
+    landed = write_number == 3 or (write_number == 2 and tear_bytes == 16)
+    assert result.approved and result.reason is None
+    assert journal.write_state(interrupted.value.tap_id) == ("committed" if landed else "void")
+    assert result.balance_after_cents == 10_000 - sum(r["amount_cents"] for r in committed_records(journal))
+
+
+def test_an_intent_is_not_settled_by_an_older_copy(journal):
+    terminal = Terminal(journal, KEYS)
+    card = new_card()
+    assert pay(terminal, card).approved
+    old = copy_card(card)  # counter 2
+    assert pay(terminal, card).approved  # counter 3
+    card.faults = Faults(leave_after_commands=3 + 2)  # counter 4 lands, no answer to the log write
+    with pytest.raises(TapInterrupted) as interrupted:
+        pay(terminal, card)
+    assert pay(terminal, old).reason is Reason.ROLLBACK
+    assert journal.write_state(interrupted.value.tap_id) == "intent"
+
+
+# ---- every single-bit flip -----------------------------------------------------------------
+
+def flips(card: SimulatedLiteS):
+    for block in range(USER_BLOCKS):
+        for bit in range(BLOCK_SIZE * 8):
+            flipped = bytearray(card.blocks[block])
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            copy = copy_card(card)
+            copy.blocks[block] = bytes(flipped)
+            yield block, bit, copy
+
+
+def test_no_single_bit_flip_makes_a_tap_see_a_wrong_balance(tmp_path):
+    """The terminal that committed the newest state: invalid_card, rollback (only for a flip in
+    the newest purse slot, which exposes the previous one) or a normal tap on the true balance."""
+    state = tmp_path / "state.sqlite3"
+    with Journal(state) as journal:
+        terminal = Terminal(journal, KEYS)
+        card = new_card(balance_cents=2_000)
+        for _ in range(3):
+            assert pay(terminal, card).approved
+        true_balance, newest_slot = 2_000 - 3 * 580, PURSE_SLOT_BLOCKS[1]  # counter 4 is in slot 1
+    outcomes = {}
+    for block, bit, flipped in flips(card):
+        copy = tmp_path / f"s{block}.sqlite3"
+        shutil.copyfile(state, copy)
+        with Journal(copy, durable=False) as journal:
+            result = pay(Terminal(journal, KEYS), flipped)
+        key = result.reason.value if result.reason else "approved"
+        outcomes.setdefault(block, set()).add(key)
+        if result.reason is Reason.INVALID_CARD:
+            continue
+        if result.reason is Reason.ROLLBACK:
+            assert block in newest_slot, (block, bit)
+            continue
+        assert result.balance_before_cents == true_balance, (block, bit)
+    assert outcomes[0] == outcomes[1] == {"invalid_card"}
+    assert outcomes[newest_slot[0]] == outcomes[newest_slot[1]] == {"rollback"}
+    assert outcomes[2] == outcomes[3] == {"approved"}  # the previous slot is not consulted
+    assert all(outcomes[b] == {"approved"} for b in range(6, 14))
+
+
+def test_a_flip_in_the_newest_slot_after_an_unconfirmed_write_is_torn_not_rollback(tmp_path):
+    state = tmp_path / "state.sqlite3"
+    with Journal(state) as journal:
+        terminal = Terminal(journal, KEYS)
+        card = new_card(balance_cents=2_000)
+        assert pay(terminal, card).approved  # counter 2 in slot 1, committed
+        card.faults = Faults(leave_after_commands=3 + 3)  # counter 3 lands in slot 0; no read-back
+        with pytest.raises(TapInterrupted) as interrupted:
+            pay(terminal, card)
+    checked = 0
+    for block, bit, flipped in flips(card):
+        if block not in PURSE_SLOT_BLOCKS[0] or bit % 7:
+            continue
+        copy = tmp_path / f"c{block}-{bit}.sqlite3"
+        shutil.copyfile(state, copy)
+        with Journal(copy, durable=False) as journal:
+            result = pay(Terminal(journal, KEYS), flipped)
+            assert result.approved and result.balance_before_cents == 2_000 - 580
+            assert journal.write_state(interrupted.value.tap_id) == "void"
+        checked += 1
+    assert checked == 2 * 19
