@@ -5,7 +5,7 @@ This module is the only place that turns text into cents and back.
 
 import re
 
-_AMOUNT = re.compile(r"(-?)(\d{1,9})(?:\.(\d{1,2}))?")
+_AMOUNT = re.compile(r"(-?)([0-9]{1,9})(?:\.([0-9]{1,2}))?")
 
 
 def parse_amount(text: str, *, allow_negative: bool = False) -> int:

@@ -113,12 +113,19 @@ assert Purse.sizeof() == AREA_DATA_2_BLOCKS
 assert LogEntry.sizeof() == AREA_DATA_1_BLOCK
 
 
+# Compiled once at import (construct generates Python for the fixed-size parts): the same
+# declarations, about twice as fast to parse. Building uses the declarations directly.
+_COMPILED = {id(schema): schema.compile() for schema in (Identity, Purse, LogEntry)}
+_SIZES = {id(schema): schema.sizeof() for schema in (Identity, Purse, LogEntry)}
+
+
 def parse(schema: c.Construct, data: bytes) -> c.Container:
     """Parse exactly ``schema.sizeof()`` bytes; any failure is a CardImageError."""
-    if len(data) != schema.sizeof():
-        raise CardImageError(f"expected {schema.sizeof()} bytes, got {len(data)}")
+    size = _SIZES.get(id(schema)) or schema.sizeof()
+    if len(data) != size:
+        raise CardImageError(f"expected {size} bytes, got {len(data)}")
     try:
-        return schema.parse(data)
+        return _COMPILED.get(id(schema), schema).parse(data)
     except c.ConstructError as error:
         raise CardImageError(f"malformed area: {error}") from None
 

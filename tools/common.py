@@ -50,6 +50,13 @@ def session_for(card: SimulatedLiteS) -> LiteSSession:
     return LiteSSession(InProcessTransport(card))
 
 
+def open_journal(state_dir: Path | None) -> Journal:
+    try:
+        return Journal((state_dir or default_state_dir()) / JOURNAL_FILE)
+    except JournalError as error:
+        raise InputError(str(error)) from None
+
+
 @contextmanager
 def terminal(state_dir: Path | None, hotlist: Path | None):
     """A Terminal over the state directory's journal, with the test key store and the list."""
@@ -57,10 +64,5 @@ def terminal(state_dir: Path | None, hotlist: Path | None):
         action_list = load_action_list(hotlist) if hotlist is not None else ()
     except ActionListError as error:
         raise InputError(str(error)) from None
-    state = state_dir or default_state_dir()
-    try:
-        journal = Journal(state / JOURNAL_FILE)
-    except JournalError as error:
-        raise InputError(str(error)) from None
-    with journal:
+    with open_journal(state_dir) as journal:
         yield Terminal(journal, published_test_keys(), action_list)

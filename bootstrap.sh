@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up farebox on a fresh Debian / Raspberry Pi OS machine (Python 3.11+):
+# the system packages pyscard builds against, then .venv with farebox and its test tools.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "bootstrap: farebox needs Python 3.11 or newer as '$PYTHON' (set PYTHON=...)" >&2
+  exit 2
+fi
+
+# System packages: swig + libpcsclite-dev + a C compiler + Python headers build pyscard;
+# python3-venv provides venv/ensurepip on Debian's own Python.
+need=()
+for pkg in swig libpcsclite-dev; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
+done
+command -v gcc >/dev/null || need+=(gcc)
+"$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || need+=(python3-dev)
+"$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if ((${#need[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "bootstrap: installing system packages: ${need[*]}"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+echo "bootstrap: installing farebox into .venv"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --editable '.[test]'
+echo "bootstrap: ready: .venv/bin/farebox"
