@@ -37,12 +37,20 @@ def parse_action_list(document: object) -> tuple[ListEntry, ...]:
             raise ActionListError(f"{where}: expected an object")
         try:
             number = parse_number(_text(item, "card"))
-            reason = ListReason(_text(item, "reason"))
+            reason = _reason(_text(item, "reason"))
             at = parse_time(_text(item, "at"))
         except ValueError as error:
             raise ActionListError(f"{where}: {error}") from None
         entries.append(ListEntry(number, reason, at))
     return tuple(entries)
+
+
+def _reason(text: str) -> ListReason:
+    try:
+        return ListReason(text)
+    except ValueError:
+        allowed = ", ".join(r.value for r in ListReason)
+        raise ValueError(f'"reason" must be one of {allowed}, not {text!r}') from None
 
 
 def _text(item: dict, key: str) -> str:

@@ -10,6 +10,7 @@ from cardimage.errors import InvalidCard
 from cardimage.image import decode_image
 from cardimage.layout import FULL_READ_BLOCKS
 from cardimage.model import Category, Concession, Kind
+from protocol.errors import FelicaError
 from protocol.simcard import SimulatedLiteS, save_card
 from terminal.clock import hk_date, now_utc
 from terminal.issue import IssueError, IssueRequest, issue, new_idm
@@ -77,8 +78,11 @@ def show(card_file: Path, as_json: bool) -> None:
 def _show(sim: SimulatedLiteS, as_json: bool) -> None:
     keys = published_test_keys()
     session = session_for(sim)
-    session.poll()
-    raw = dict(zip(FULL_READ_BLOCKS, session.read_blocks(FULL_READ_BLOCKS)))
+    try:
+        session.poll()
+        raw = dict(zip(FULL_READ_BLOCKS, session.read_blocks(FULL_READ_BLOCKS)))
+    except FelicaError as error:
+        raise InputError(f"the card does not work with this terminal ({error})") from None
     try:
         image = decode_image(raw, session.idm, lambda v: keys.card_key(v, session.idm))
     except InvalidCard as error:

@@ -26,6 +26,9 @@ cli.add_command(demo_cmd.demo)
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not (sys.argv[1:] if argv is None else argv):
+        click.echo(cli.get_help(click.Context(cli, info_name="farebox")))
+        return 0
     try:
         cli.main(args=argv, prog_name="farebox", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -42,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # the one place that turns a bug into exit 1 without a traceback
         if os.environ.get("FAREBOX_DEBUG"):
             raise
-        click.echo(f"farebox: internal error: {type(error).__name__}: {error} "
+        message = " ".join(str(error).split())
+        click.echo(f"farebox: internal error: {type(error).__name__}: {message} "
                    "(set FAREBOX_DEBUG=1 for a traceback)", err=True)
         return 1
     return 0

@@ -7,9 +7,11 @@ from datetime import date, datetime
 
 import click
 
+from cardimage import days
 from cardimage.money import parse_amount
 from terminal.actionlist import parse_time
 from terminal.cardnumber import parse_number
+from terminal.clock import hk_date
 from terminal.rules import FareClass, Tariff
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -57,9 +59,11 @@ class Time(click.ParamType):
         if isinstance(value, datetime):
             return value
         try:
-            return parse_time(value)
+            at = parse_time(value)
+            days.to_day(hk_date(at))  # the card can only record dates in its range
         except ValueError as error:
             self.fail(str(error), param, ctx)
+        return at
 
 
 class CardNumber(click.ParamType):
@@ -87,7 +91,7 @@ class Fares(click.ParamType):
         for part in value.split(","):
             name, sep, amount = part.partition("=")
             try:
-                fare_class = FareClass(name.strip())
+                fare_class = FareClass(name)
             except ValueError:
                 classes = ", ".join(c.value for c in FareClass)
                 self.fail(f"unknown fare class {name!r} (one of {classes})", param, ctx)

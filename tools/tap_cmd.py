@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
+from protocol.errors import FelicaError
 from terminal.clock import now_utc
 from terminal.rules import Tariff
 from terminal.tap import TapInterrupted
 
 from . import output
-from .common import json_option, open_card, session_for, state_option, terminal
+from .common import InputError, json_option, open_card, session_for, state_option, terminal
 from .params import FARES, POSITIVE_AMOUNT, TIME
 
 card_argument = click.argument("card_file", metavar="CARD",
@@ -36,7 +37,7 @@ def tap(card_file, fare, fares, at, state_dir, hotlist, as_json) -> None:
     tariff = fares if fares is not None else Tariff.flat(fare)
     card = open_card(card_file)
     with terminal(state_dir, hotlist) as term:
-        result = _run(lambda: term.pay(session_for(card), tariff, at or now_utc()))
+        result = _run(card_file, lambda: term.pay(session_for(card), tariff, at or now_utc()))
     output.emit(output.tap_json(result, with_fare_class=True), as_json,
                 output.tap_human(result, "fare"))
 
@@ -52,13 +53,15 @@ def add_value(card_file, amount, at, state_dir, hotlist, as_json) -> None:
     """Add cash value to the card in CARD."""
     card = open_card(card_file)
     with terminal(state_dir, hotlist) as term:
-        result = _run(lambda: term.add_value(session_for(card), amount, at or now_utc()))
+        result = _run(card_file, lambda: term.add_value(session_for(card), amount, at or now_utc()))
     output.emit(output.tap_json(result, with_fare_class=False), as_json,
                 output.tap_human(result, "add value"))
 
 
-def _run(transaction):
+def _run(card_file: Path, transaction):
     try:
         return transaction()
-    except TapInterrupted as error:
+    except TapInterrupted as error:  # the journal holds the write in doubt: exit 1
         raise click.ClickException(str(error)) from None
+    except FelicaError as error:  # before anything was written: this card file is unusable
+        raise InputError(f"{card_file}: the card does not work with this terminal ({error})") from None
