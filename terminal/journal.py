@@ -6,8 +6,10 @@
   ``committed`` once the written blocks read back, or ``void`` when the card shows the write never
   landed. An ``intent`` left by a crash or a card pulled away is resolved when that card is seen
   again (see :meth:`Journal.resolve`).
-* ``cards``: the highest counter this terminal has verified on each card; a card presenting a lower
-  one is an older copy (rollback).
+* ``cards``: the highest counter this terminal has verified on each card and the purse slot bytes
+  it saw at that counter. A card presenting a lower counter is an older copy; one presenting the
+  same counter with other bytes is a copy that was restored and written again (a fork). Both are
+  declined as rollback.
 """
 
 from __future__ import annotations
@@ -58,18 +60,31 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE TABLE IF NOT EXISTS cards (
     card_number INTEGER PRIMARY KEY,
-    highest_counter INTEGER NOT NULL
+    highest_counter INTEGER NOT NULL,
+    highest_slot TEXT NOT NULL
 );
 """
 
 
 @dataclass(frozen=True)
 class PendingWrite:
+    """A card write not known to be on the card: ``intent`` (in doubt) or ``void`` (judged not to
+    have landed; committed late if its bytes turn up on the card after all)."""
+
     tap_id: str
     card_number: int
     counter_before: int
     counter_after: int
     expected_slot: bytes
+    state: str = "intent"
+
+
+@dataclass(frozen=True)
+class CardMemory:
+    """The newest state this terminal verified on a card."""
+
+    counter: int
+    slot: bytes
 
 
 class JournalError(Exception):
@@ -117,17 +132,24 @@ class Journal:
 
     # ---- reads ---------------------------------------------------------------------------
 
-    def highest_counter(self, card_number: int) -> int | None:
-        row = self._db.execute("SELECT highest_counter FROM cards WHERE card_number = ?",
-                               (card_number,)).fetchone()
-        return None if row is None else row[0]
+    def card_memory(self, card_number: int) -> CardMemory | None:
+        row = self._db.execute("SELECT highest_counter, highest_slot FROM cards "
+                               "WHERE card_number = ?", (card_number,)).fetchone()
+        return None if row is None else CardMemory(row[0], bytes.fromhex(row[1]))
 
-    def pending_writes(self, card_number: int) -> list[PendingWrite]:
+    def highest_counter(self, card_number: int) -> int | None:
+        memory = self.card_memory(card_number)
+        return None if memory is None else memory.counter
+
+    def unsettled_writes(self, card_number: int) -> list[PendingWrite]:
+        """Intents, and voids that could still turn up on the card (beyond its known counter)."""
         rows = self._db.execute(
-            "SELECT tap_id, card_number, counter_before, counter_after, expected_slot "
-            "FROM card_writes WHERE card_number = ? AND state = 'intent' ORDER BY created_utc",
+            "SELECT w.tap_id, w.card_number, w.counter_before, w.counter_after, w.expected_slot, "
+            "w.state FROM card_writes w LEFT JOIN cards c USING (card_number) "
+            "WHERE w.card_number = ? AND (w.state = 'intent' OR (w.state = 'void' "
+            "AND w.counter_after > coalesce(c.highest_counter, 0))) ORDER BY w.rowid",
             (card_number,)).fetchall()
-        return [PendingWrite(t, c, b, a, bytes.fromhex(s)) for t, c, b, a, s in rows]
+        return [PendingWrite(*row[:4], bytes.fromhex(row[4]), row[5]) for row in rows]
 
     def write_state(self, tap_id: str) -> str | None:
         row = self._db.execute("SELECT state FROM card_writes WHERE tap_id = ?", (tap_id,)).fetchone()
@@ -154,19 +176,21 @@ class Journal:
 
     # ---- writes --------------------------------------------------------------------------
 
-    def observe(self, card_number: int, counter: int) -> None:
-        """Remember a counter verified on the card (only ever raises the stored value)."""
+    def observe(self, card_number: int, counter: int, slot: bytes) -> None:
+        """Remember a purse verified on the card (only a higher counter replaces the memory)."""
         with self._transaction():
-            self._raise_counter(card_number, counter)
+            self._remember(card_number, counter, slot)
 
-    def _raise_counter(self, card_number: int, counter: int) -> None:
+    def _remember(self, card_number: int, counter: int, slot: bytes) -> None:
         self._db.execute(
-            "INSERT INTO cards (card_number, highest_counter) VALUES (?, ?) "
-            "ON CONFLICT (card_number) DO UPDATE SET highest_counter = "
-            "max(highest_counter, excluded.highest_counter)", (card_number, counter))
+            "INSERT INTO cards (card_number, highest_counter, highest_slot) VALUES (?, ?, ?) "
+            "ON CONFLICT (card_number) DO UPDATE SET highest_counter = excluded.highest_counter, "
+            "highest_slot = excluded.highest_slot WHERE excluded.highest_counter > highest_counter",
+            (card_number, counter, slot.hex()))
 
     def record_intent(self, *, tap_id: str, card_number: int, idm: bytes, counter_before: int,
-                      counter_after: int, expected_slot: bytes, balance_before_cents: int,
+                      slot_before: bytes, counter_after: int, expected_slot: bytes,
+                      balance_before_cents: int,
                       records: Sequence[Record], at: datetime) -> PendingWrite:
         """Durably record what is about to be written, before the card is touched (one fsync)."""
         at_utc = utc_iso(at)
@@ -176,7 +200,7 @@ class Journal:
                 "expected_slot, state, created_utc) VALUES (?, ?, ?, ?, ?, ?, 'intent', ?)",
                 (tap_id, card_number, idm.hex(), counter_before, counter_after,
                  expected_slot.hex(), at_utc))
-            self._raise_counter(card_number, counter_before)
+            self._remember(card_number, counter_before, slot_before)
             row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
             seq, previous = (row[0], row[1]) if row else (0, GENESIS_HASH)
             balance = balance_before_cents
@@ -198,16 +222,17 @@ class Journal:
         return PendingWrite(tap_id, card_number, counter_before, counter_after, expected_slot)
 
     def resolve_write(self, pending: PendingWrite, state: str, at: datetime) -> None:
-        """Close an intent: ``committed`` (the write is on the card), ``void`` (it never landed) or
-        ``unresolved`` (the card no longer shows which; left for reconciliation)."""
+        """Settle a write: ``committed`` (its bytes are on the card; a void may turn committed
+        late), ``void`` (it never landed) or ``unresolved`` (the card no longer shows which;
+        left for reconciliation)."""
         if state not in ("committed", "void", "unresolved"):
             raise ValueError(state)
         with self._transaction():
             self._db.execute(
                 "UPDATE card_writes SET state = ?, resolved_utc = ? WHERE tap_id = ? "
-                "AND state = 'intent'", (state, utc_iso(at), pending.tap_id))
+                "AND state = ?", (state, utc_iso(at), pending.tap_id, pending.state))
             if state == "committed":
-                self._raise_counter(pending.card_number, pending.counter_after)
+                self._remember(pending.card_number, pending.counter_after, pending.expected_slot)
 
 
 _HASHED = ("seq", "terminal_id", "tap_id", "card_number", "counter_before", "counter_after", "type",

@@ -87,18 +87,21 @@ class Terminal:
             return TapResult(False, Reason.INVALID_CARD, None, amount_cents, None, None,
                              commands=session.commands)
         number, counter = card.identity.card_number, card.purse.counter
+        slot_bytes = _slot_bytes(card, raw)
 
-        self._resolve_pending(card, raw, at)
-        highest = self.journal.highest_counter(number)
-        if highest is not None and counter < highest:
+        self._settle(card, slot_bytes, at)
+        memory = self.journal.card_memory(number)
+        if memory is not None and (counter < memory.counter or (
+                counter == memory.counter and slot_bytes[counter] != memory.slot)):
+            # older than what this terminal verified, or a restored copy written again (a fork)
             return TapResult(False, Reason.ROLLBACK, number, amount_cents,
                              card.purse.balance_cents, card.purse.balance_cents, counter=counter,
                              commands=session.commands)
 
         decision = decide(card)
         if decision.new_purse is None:
-            if highest is None or counter > highest:
-                self.journal.observe(number, counter)
+            if memory is None or counter > memory.counter:
+                self.journal.observe(number, counter, slot_bytes[counter])
             return self._result(decision, number, counter, session)
 
         card_key = self.keys.card_key(card.identity.key_version, idm)
@@ -106,7 +109,8 @@ class Terminal:
         tap_id = secrets.token_hex(8)
         pending = self.journal.record_intent(
             tap_id=tap_id, card_number=number, idm=idm, counter_before=counter,
-            counter_after=decision.new_purse.counter, expected_slot=b"".join(d for _, d in writes[:2]),
+            slot_before=slot_bytes[counter], counter_after=decision.new_purse.counter,
+            expected_slot=b"".join(data for _, data in writes[:2]),
             balance_before_cents=decision.balance_before_cents, records=decision.records, at=at)
         try:
             for block, data in writes:
@@ -119,14 +123,11 @@ class Terminal:
         self.journal.resolve_write(pending, "committed", at)
         return self._result(decision, number, decision.new_purse.counter, session, tap_id)
 
-    def _resolve_pending(self, card: CardImage, raw: dict[int, bytes], at: datetime) -> None:
-        """Settle writes left in doubt for this card, by what the card now shows."""
-        slots = {card.purse.counter: card.purse_slot}
-        if card.previous is not None:
-            slots[card.previous.counter] = 1 - card.purse_slot
-        for pending in self.journal.pending_writes(card.identity.card_number):
-            state = _pending_outcome(pending, card.purse.counter, slots, raw)
-            if state is not None:
+    def _settle(self, card: CardImage, slot_bytes: dict[int, bytes], at: datetime) -> None:
+        """Settle writes left in doubt for this card (and voids that turn up), by what it shows."""
+        for pending in self.journal.unsettled_writes(card.identity.card_number):
+            state = _settlement(pending, card.purse.counter, slot_bytes)
+            if state is not None and state != pending.state:
                 self.journal.resolve_write(pending, state, at)
 
     def _result(self, decision: Decision, number: int, counter: int, session: LiteSSession,
@@ -137,16 +138,26 @@ class Terminal:
             decision.aavs_reload_cents, decision.records, counter, session.commands, tap_id)
 
 
-def _pending_outcome(pending: PendingWrite, current_counter: int, slots: dict[int, int],
-                     raw: dict[int, bytes]) -> str | None:
-    """``committed``/``void``/``unresolved`` for an intent, or None to leave it open (the card
-    shown is older than the write's starting point: an old copy cannot settle it)."""
-    if pending.counter_after in slots:
-        blocks = PURSE_SLOT_BLOCKS[slots[pending.counter_after]]
-        on_card = b"".join(raw[b] for b in blocks)
-        return "committed" if on_card == pending.expected_slot else "void"
+def _slot_bytes(card: CardImage, raw: dict[int, bytes]) -> dict[int, bytes]:
+    """The raw bytes of each valid purse slot, by counter."""
+    slots = {card.purse.counter: card.purse_slot}
+    if card.previous is not None:
+        slots[card.previous.counter] = 1 - card.purse_slot
+    return {counter: b"".join(raw[b] for b in PURSE_SLOT_BLOCKS[slot])
+            for counter, slot in slots.items()}
+
+
+def _settlement(pending: PendingWrite, current_counter: int,
+                slot_bytes: dict[int, bytes]) -> str | None:
+    """What the card shows about a write: ``committed`` (its bytes are there), ``void`` (the card
+    still shows the counter it started from), ``unresolved`` (the card moved on and the slot is
+    gone), or None (nothing to conclude: an older copy cannot settle it, nor undo a void)."""
+    if pending.counter_after in slot_bytes:
+        if slot_bytes[pending.counter_after] == pending.expected_slot:
+            return "committed"
+        return "void" if pending.state == "intent" else None
+    if pending.state == "void" or current_counter < pending.counter_before:
+        return None
     if current_counter == pending.counter_before:
         return "void"  # the write never landed (torn, or the card left before it)
-    if current_counter < pending.counter_before:
-        return None
     return "unresolved"

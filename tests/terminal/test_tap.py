@@ -243,3 +243,34 @@ def test_a_flip_in_the_newest_slot_after_an_unconfirmed_write_is_torn_not_rollba
             assert journal.write_state(interrupted.value.tap_id) == "void"
         checked += 1
     assert checked == 2 * 19
+
+
+# ---- restored copies -----------------------------------------------------------------------
+
+def test_a_copy_written_elsewhere_to_the_same_counter_is_a_fork_and_declined(terminal, tmp_path):
+    card = new_card()
+    copy = copy_card(card)
+    assert pay(terminal, card).approved  # this terminal knows counter 2 with its bytes
+    with Journal(tmp_path / "other.sqlite3") as other:
+        assert pay(Terminal(other, KEYS), copy, Tariff.flat(100)).approved  # counter 2, other bytes
+    result = pay(terminal, copy)
+    assert result.reason is Reason.ROLLBACK and result.counter == 2
+
+
+def test_a_void_whose_write_turns_up_later_is_committed_late(journal):
+    """Pull the card away after an AAVS reload landed, show the terminal the image from before
+    (it voids the write: it looks torn), then the real card: the reload is recorded after all."""
+    terminal = Terminal(journal, KEYS)
+    card = new_card(balance_cents=300, aavs_reload_cents=25_000)
+    before = copy_card(card)
+    card.faults = Faults(leave_after_commands=3 + 2)  # both purse blocks land, no more answers
+    with pytest.raises(TapInterrupted) as interrupted:
+        pay(terminal, card)
+    declined = pay(terminal, before, Tariff.flat(50_000))  # too dear even with a reload
+    assert declined.reason is Reason.INSUFFICIENT_VALUE
+    assert journal.write_state(interrupted.value.tap_id) == "void"
+    card.faults, card.in_field = Faults(), True
+    result = pay(terminal, card)
+    assert result.approved and result.balance_before_cents == 300 + 25_000 - 580
+    assert journal.write_state(interrupted.value.tap_id) == "committed"
+    assert [r["type"] for r in committed_records(journal)] == ["auto_add_value", "payment", "payment"]

@@ -1,0 +1,134 @@
+"""A stateful model of one card at one terminal through the whole shell (journal + simulated card)
+with cards pulled away mid-write, torn blocks and old copies presented: the journal's committed
+records always explain the card's balance to the cent, and the counter never goes backwards."""
+
+from datetime import date, datetime, timedelta, timezone
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from cardimage.image import decode_image
+from protocol.session import LiteSSession
+from protocol.simcard import Faults, SimulatedLiteS
+from protocol.transports.inprocess import InProcessTransport
+from terminal.issue import IssueRequest, issue, new_idm
+from terminal.journal import Journal
+from terminal.keys import published_test_keys
+from terminal.rules import Reason, Tariff
+from terminal.tap import TapInterrupted, Terminal
+
+KEYS = published_test_keys()
+START = datetime(2026, 11, 1, 7, 0, tzinfo=timezone(timedelta(hours=8)))
+SIGN = {"payment": -1, "auto_add_value": 1, "add_value": 1, "block": 0, "suspend": 0, "cancel": 0}
+
+
+class OneCardOneTerminal(RuleBasedStateMachine):
+    @initialize(balance=st.integers(0, 20_000), aavs=st.sampled_from([0, 15_000, 25_000]))
+    def start(self, balance, aavs):
+        import tempfile
+        self._folder = tempfile.TemporaryDirectory()
+        self.journal = Journal(f"{self._folder.name}/j.sqlite3", durable=False)
+        self.terminal = Terminal(self.journal, KEYS)
+        idm = new_idm()
+        _, _, blocks = issue(IssueRequest(issued=date(2026, 1, 1), number=31415926,
+                                          balance_cents=balance, aavs_reload_cents=aavs), KEYS, idm)
+        self.card = SimulatedLiteS(idm, blocks=blocks)
+        self.initial = balance
+        self.now = START
+        self.copies = []
+        self.highest_seen = 1
+
+    def teardown(self):
+        if not hasattr(self, "journal"):
+            return
+        try:
+            # one more ordinary tap settles whatever is in doubt; then the books must balance
+            self.tap(("pay", 1))
+            assert not [w for w in self.journal.unsettled_writes(31415926) if w.state == "intent"]
+            self.journal_explains_the_card()
+        finally:
+            self.journal.close()
+            self._folder.cleanup()
+
+    def _tap(self, card, action):
+        self.now += timedelta(minutes=37)
+        session = LiteSSession(InProcessTransport(card))
+        try:
+            if action[0] == "pay":
+                return self.terminal.pay(session, Tariff.flat(action[1]), self.now)
+            return self.terminal.add_value(session, action[1], self.now)
+        except TapInterrupted:
+            return None
+        finally:
+            card.faults = Faults()
+            card.in_field = True
+
+    @staticmethod
+    def _purse(card):
+        return decode_image(dict(enumerate(card.blocks)), card.idm,
+                            lambda v: KEYS.card_key(v, card.idm)).purse
+
+    def _counter(self, card):
+        return self._purse(card).counter
+
+    actions = st.tuples(st.just("pay"), st.integers(1, 9_000)) | st.tuples(
+        st.just("add"), st.integers(5_000, 60_000))
+
+    @rule(action=actions)
+    def tap(self, action):
+        result = self._tap(self.card, action)
+        assert result is not None and result.reason is not Reason.ROLLBACK, result
+        if not result.approved:
+            assert result.balance_after_cents == result.balance_before_cents
+
+    @rule(action=actions, answered=st.integers(0, 3))
+    def pulled_away(self, action, answered):
+        self.card.faults = Faults(leave_after_commands=3 + answered)
+        self._tap(self.card, action)
+
+    @rule(action=actions, write=st.integers(1, 3), torn=st.integers(0, 16))
+    def torn_write(self, action, write, torn):
+        self.card.faults = Faults(tear_write_number=write, tear_bytes=torn)
+        self._tap(self.card, action)
+
+    @rule()
+    def keep_a_copy(self):
+        self.copies.append(SimulatedLiteS(self.card.idm, self.card.pmm, list(self.card.blocks)))
+
+    @rule(data=st.data())
+    def present_an_old_copy(self, data):
+        if not self.copies:
+            return
+        copy = data.draw(st.sampled_from(self.copies))
+        counter_before = self._counter(copy)
+        known = self.journal.highest_counter(31415926) or 0
+        result = self._tap(copy, ("pay", 100))
+        if counter_before < known:
+            assert result.reason is Reason.ROLLBACK
+        if self._counter(copy) != counter_before:
+            # A copy no older than anything this terminal verified is, to it, the card: it was
+            # accepted and written, so it is now the live card and the other one the stale copy.
+            self.copies.remove(copy)
+            self.copies.append(self.card)
+            self.card = copy
+
+    @invariant()
+    def journal_explains_the_card(self):
+        if not hasattr(self, "journal"):
+            return
+        purse = self._purse(self.card)
+        balance, counter = purse.balance_cents, purse.counter
+        assert counter >= self.highest_seen
+        self.highest_seen = counter
+        if self.journal.unsettled_writes(31415926):
+            return  # settled at the next tap of this card (see teardown)
+        records = self.journal.records(31415926)
+        committed = sum(SIGN[r["type"]] * r["amount_cents"] for r in records if r["state"] == "committed")
+        assert balance == self.initial + committed
+        assert self.journal.verify_chain()
+
+
+OneCardOneTerminal.TestCase.settings = settings(max_examples=150, stateful_step_count=30,
+                                                deadline=None)
+TestOneCardOneTerminal = OneCardOneTerminal.TestCase
