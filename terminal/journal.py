@@ -142,12 +142,13 @@ class Journal:
         return None if memory is None else memory.counter
 
     def unsettled_writes(self, card_number: int) -> list[PendingWrite]:
-        """Intents, and voids that could still turn up on the card (beyond its known counter)."""
+        """Intents, and voids that could still turn up on the card (beyond its known counter),
+        newest first."""
         rows = self._db.execute(
             "SELECT w.tap_id, w.card_number, w.counter_before, w.counter_after, w.expected_slot, "
             "w.state FROM card_writes w LEFT JOIN cards c USING (card_number) "
             "WHERE w.card_number = ? AND (w.state = 'intent' OR (w.state = 'void' "
-            "AND w.counter_after > coalesce(c.highest_counter, 0))) ORDER BY w.rowid",
+            "AND w.counter_after > coalesce(c.highest_counter, 0))) ORDER BY w.rowid DESC",
             (card_number,)).fetchall()
         return [PendingWrite(*row[:4], bytes.fromhex(row[4]), row[5]) for row in rows]
 

@@ -124,9 +124,16 @@ class Terminal:
         return self._result(decision, number, decision.new_purse.counter, session, tap_id)
 
     def _settle(self, card: CardImage, slot_bytes: dict[int, bytes], at: datetime) -> None:
-        """Settle writes left in doubt for this card (and voids that turn up), by what it shows."""
+        """Settle writes left in doubt for this card (and voids that turn up), by what it shows.
+        Newest first: a retry can write the very bytes an earlier voided attempt would have, and
+        only one write can have produced a counter."""
+        committed_up_to = 0
         for pending in self.journal.unsettled_writes(card.identity.card_number):
+            if pending.counter_after <= committed_up_to:
+                continue
             state = _settlement(pending, card.purse.counter, slot_bytes)
+            if state == "committed":
+                committed_up_to = pending.counter_after
             if state is not None and state != pending.state:
                 self.journal.resolve_write(pending, state, at)
 

@@ -274,3 +274,21 @@ def test_a_void_whose_write_turns_up_later_is_committed_late(journal):
     assert result.approved and result.balance_before_cents == 300 + 25_000 - 580
     assert journal.write_state(interrupted.value.tap_id) == "committed"
     assert [r["type"] for r in committed_records(journal)] == ["auto_add_value", "payment", "payment"]
+
+
+def test_identical_retries_after_torn_writes_are_committed_once(journal):
+    """Three attempts at the same payment write the same bytes (same day, same fare); the first
+    two never land, the third does: one payment, one reload, not three."""
+    terminal = Terminal(journal, KEYS)
+    card = new_card(balance_cents=0, aavs_reload_cents=15_000)
+    tap_ids = []
+    for write in (1, 1, 3):
+        card.faults = Faults(tear_write_number=write, tear_bytes=0)
+        with pytest.raises(TapInterrupted) as interrupted:
+            pay(terminal, card, Tariff.flat(1))
+        tap_ids.append(interrupted.value.tap_id)
+        card.faults, card.in_field = Faults(), True
+    result = pay(terminal, card, Tariff.flat(1))
+    assert [journal.write_state(t) for t in tap_ids] == ["void", "void", "committed"]
+    assert result.balance_before_cents == 15_000 - 1
+    assert [r["type"] for r in committed_records(journal)] == ["auto_add_value", "payment", "payment"]
