@@ -58,11 +58,11 @@ def open_journal(state_dir: Path | None) -> Journal:
 
 
 @contextmanager
-def terminal(state_dir: Path | None, hotlist: Path | None):
+def terminal(state_dir: Path | None, hotlist: Path | None, **settings):
     """A Terminal over the state directory's journal, with the test key store and the list."""
     try:
         action_list = load_action_list(hotlist) if hotlist is not None else ()
     except ActionListError as error:
         raise InputError(str(error)) from None
     with open_journal(state_dir) as journal:
-        yield Terminal(journal, published_test_keys(), action_list)
+        yield Terminal(journal, published_test_keys(), action_list, **settings)

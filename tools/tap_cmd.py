@@ -7,13 +7,14 @@ from pathlib import Path
 import click
 
 from protocol.errors import FelicaError
+from cardimage.money import format_cents as fmt
 from terminal.clock import now_utc
-from terminal.rules import Tariff
+from terminal.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, Tariff
 from terminal.tap import TapInterrupted
 
 from . import output
 from .common import InputError, json_option, open_card, session_for, state_option, terminal
-from .params import FARES, POSITIVE_AMOUNT, TIME
+from .params import AMOUNT, FARES, POSITIVE_AMOUNT, TIME
 
 card_argument = click.argument("card_file", metavar="CARD",
                                type=click.Path(dir_okay=False, path_type=Path))
@@ -45,14 +46,16 @@ def tap(card_file, fare, fares, at, state_dir, hotlist, as_json) -> None:
 @click.command("add-value")
 @card_argument
 @click.option("--amount", type=POSITIVE_AMOUNT, required=True, help="cash to add")
+@click.option("--minimum", type=AMOUNT, default=fmt(DEFAULT_MINIMUM_ADD_VALUE_CENTS),
+              show_default=True, help="this terminal's smallest add value")
 @at_option
 @state_option
 @hotlist_option
 @json_option
-def add_value(card_file, amount, at, state_dir, hotlist, as_json) -> None:
+def add_value(card_file, amount, minimum, at, state_dir, hotlist, as_json) -> None:
     """Add cash value to the card in CARD."""
     card = open_card(card_file)
-    with terminal(state_dir, hotlist) as term:
+    with terminal(state_dir, hotlist, minimum_add_value_cents=minimum) as term:
         result = _run(card_file, lambda: term.add_value(session_for(card), amount, at or now_utc()))
     output.emit(output.tap_json(result, with_fare_class=False), as_json,
                 output.tap_human(result, "add value"))

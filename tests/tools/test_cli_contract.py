@@ -571,6 +571,16 @@ def test_add_value_limits(farebox, balance, amount, outcome, reason, after):
     assert (result["outcome"], result["reason"], result["balance_after"]) == (outcome, reason, after)
 
 
+@pytest.mark.parametrize(("minimum", "amount", "outcome"), [
+    ("20.00", "20.00", "approved"), ("20.00", "19.99", "declined"), ("0", "0.01", "approved")])
+def test_add_value_minimum_is_configurable(farebox, minimum, amount, outcome):
+    card = farebox.card(balance="0.00")
+    result = farebox("add-value", card, "--amount", amount, "--minimum", minimum, "--at", AT,
+                     "--state", farebox.state, "--json").json()
+    assert result["outcome"] == outcome
+    assert result["reason"] == (None if outcome == "approved" else "below_minimum")
+
+
 def test_add_value_over_old_stored_value_limit(farebox):
     card = farebox.card(issued="2019-11-30", last_add_value="2026-06-01", balance="950.00")
     approved(farebox.add_value(card, "50.00", at=AT))
