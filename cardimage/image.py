@@ -4,7 +4,7 @@ parsed; the current purse is the valid slot with the higher counter."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 from . import schemas
 from .errors import CardImageError, IntegrityError, InvalidCard
@@ -231,7 +231,3 @@ def new_card_blocks(identity: Identity, purse: Purse, entry: LogEntry, idm: byte
     blocks.update(encode_log_entry(entry, idm, card_key, identity.key_version))
     return [blocks[n] for n in range(USER_BLOCKS)]
 
-
-def with_purse(image: CardImage, purse: Purse) -> CardImage:
-    """The image as it reads after a change to ``purse`` landed."""
-    return replace(image, purse=purse, purse_slot=1 - image.purse_slot, previous=image.purse)
