@@ -117,6 +117,12 @@ def bench_tap(n: int) -> dict:
             tap = per_call(lambda: terminal.pay(LiteSSession(InProcessTransport(card)), Tariff.flat(1), AT), n)
             cpu = (time.process_time() - start_cpu) / (5 * n)
 
+        durable_card = make_card()
+        with Journal(Path(folder) / "durable.sqlite3") as journal:
+            terminal = Terminal(journal, KEYS)
+            durable = per_call(lambda: terminal.pay(LiteSSession(InProcessTransport(durable_card)),
+                                                    Tariff.flat(1), AT), max(n // 10, 20))
+
         io_card = make_card()
         writes = [(2, io_card.blocks[2]), (3, io_card.blocks[3]), (6, io_card.blocks[6])]
 
@@ -136,7 +142,7 @@ def bench_tap(n: int) -> dict:
         db.execute("CREATE TABLE t (a INTEGER, b TEXT)")
         fsync_insert = per_call(lambda: db.execute("INSERT INTO t VALUES (1, 'x')"), max(n // 10, 20))
         db.close()
-    return {"tap": tap, "tap_cpu": cpu, "bare_io": bare, "sqlite_fsync": fsync_insert,
+    return {"tap": tap, "tap_cpu": cpu, "durable": durable, "bare_io": bare, "sqlite_fsync": fsync_insert,
             "commands": commands, "add_value_commands": add_commands}
 
 
@@ -164,6 +170,8 @@ def main() -> None:
     print(f"{'  baseline: bare card I/O, same 7 commands':<52}{us(tap['bare_io'])}")
     print(f"{'  baseline: raw SQLite insert + fsync (WAL, FULL)':<52}{us(tap['sqlite_fsync'])}"
           f"   tap CPU is {tap['tap'] / tap['sqlite_fsync']:.2f}x one fsync")
+    print(f"{'in-process payment tap, durable journal (1 fsync)':<52}{us(tap['durable'])}"
+          f"   {tap['durable'] / tap['sqlite_fsync']:.2f}x one raw insert+fsync")
     print(f"{'card commands per payment (poll+reads+writes+read-back)':<52}{tap['commands']:>12}")
     print(f"{'card commands per add value':<52}{tap['add_value_commands']:>12}")
 

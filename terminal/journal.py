@@ -99,7 +99,8 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'OFF'}")
+            self._sync = "FULL" if durable else "OFF"
+            self._db.execute(f"PRAGMA synchronous={self._sync}")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             with self._transaction():
@@ -222,12 +223,26 @@ class Journal:
                 balance = record.balance_after_cents
         return PendingWrite(tap_id, card_number, counter_before, counter_after, expected_slot)
 
-    def resolve_write(self, pending: PendingWrite, state: str, at: datetime) -> None:
+    def resolve_write(self, pending: PendingWrite, state: str, at: datetime, *,
+                      sync: bool = True) -> None:
         """Settle a write: ``committed`` (its bytes are on the card; a void may turn committed
         late), ``void`` (it never landed) or ``unresolved`` (the card no longer shows which;
-        left for reconciliation)."""
+        left for reconciliation).
+
+        ``sync=False`` commits without waiting for the disk (WAL, synchronous=NORMAL): the next
+        durable commit carries it. Losing it to a power cut only leaves the write in doubt, and
+        the card settles it again when next seen; this keeps a tap to one fsync."""
         if state not in ("committed", "void", "unresolved"):
             raise ValueError(state)
+        if not sync and self._sync == "FULL":
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._settle(pending, state, at)
+        finally:
+            if not sync and self._sync == "FULL":
+                self._db.execute("PRAGMA synchronous=FULL")
+
+    def _settle(self, pending: PendingWrite, state: str, at: datetime) -> None:
         with self._transaction():
             self._db.execute(
                 "UPDATE card_writes SET state = ?, resolved_utc = ? WHERE tap_id = ? "

@@ -120,7 +120,8 @@ class Terminal:
                 raise FelicaError("the written blocks read back different")
         except FelicaError as error:
             raise TapInterrupted(tap_id, error) from error
-        self.journal.resolve_write(pending, "committed", at)
+        # The intent was the one fsync; the card itself now proves this commit if it is lost.
+        self.journal.resolve_write(pending, "committed", at, sync=False)
         return self._result(decision, number, decision.new_purse.counter, session, tap_id)
 
     def _settle(self, card: CardImage, slot_bytes: dict[int, bytes], at: datetime) -> None:
