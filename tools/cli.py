@@ -11,8 +11,6 @@ import click
 from . import card_cmd, demo_cmd, tap_cmd
 
 
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="farebox")
 def cli() -> None:
