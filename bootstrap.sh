@@ -34,5 +34,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 echo "bootstrap: installing farebox into .venv"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --editable '.[test]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --editable '.[all,test]'
 echo "bootstrap: ready: .venv/bin/farebox"

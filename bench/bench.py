@@ -21,17 +21,17 @@ import time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-from cardimage.image import decode_image
-from cardimage.layout import FULL_READ_BLOCKS, TAP_READ_BLOCKS
-from cardimage.mac import verify_area_mac
-from protocol.session import LiteSSession
-from protocol.simcard import SimulatedLiteS
-from protocol.transports.inprocess import InProcessTransport
-from terminal.issue import IssueRequest, issue, new_idm
-from terminal.journal import Journal
-from terminal.keys import published_test_keys
-from terminal.rules import Tariff, decide_payment
-from terminal.tap import Terminal
+from farebox.cardimage.image import decode_image
+from farebox.cardimage.layout import FULL_READ_BLOCKS, TAP_READ_BLOCKS
+from farebox.cardimage.mac import verify_area_mac
+from farebox.protocol.session import LiteSSession
+from farebox.protocol.simcard import SimulatedLiteS
+from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.terminal.issue import IssueRequest, issue, new_idm
+from farebox.terminal.journal import Journal
+from farebox.terminal.keys import published_test_keys
+from farebox.terminal.rules import Tariff, decide_payment
+from farebox.terminal.tap import Terminal
 
 KEYS = published_test_keys()
 AT = datetime(2026, 11, 22, 8, 0, tzinfo=timezone(timedelta(hours=8)))

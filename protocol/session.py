@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from protocol.errors import CardStatusError, ProtocolError
-from protocol.frames import (
+from .errors import CardStatusError, ProtocolError
+from .frames import (
     MAX_READ_BLOCKS_LITE_S,
     SERVICE_LITE_S_RO,
     SERVICE_LITE_S_RW,
@@ -20,7 +20,7 @@ from protocol.frames import (
     WriteWithoutEncryption,
     WriteWithoutEncryptionResponse,
 )
-from protocol.transport import Transport
+from .transport import Transport
 
 PMM_READ_INDEX = 5
 PMM_WRITE_INDEX = 6

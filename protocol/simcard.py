@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.errors import ProtocolError
-from protocol.frames import (
+from .errors import ProtocolError
+from .frames import (
     BLOCK_SIZE,
     IDM_SIZE,
     MAX_READ_BLOCKS_LITE_S,

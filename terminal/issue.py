@@ -6,10 +6,10 @@ import secrets
 from dataclasses import dataclass
 from datetime import date
 
-from cardimage import days
-from cardimage.image import new_card_blocks
-from cardimage.money import format_cents as fmt
-from cardimage.model import (
+from farebox.cardimage import days
+from farebox.cardimage.image import new_card_blocks
+from farebox.cardimage.money import format_cents as fmt
+from farebox.cardimage.model import (
     AAVS_RELOAD_CENTS, Category, Concession, Identity, Kind, LogEntry, LogType, Purse,
 )
 

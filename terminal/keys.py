@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cardimage.mac import KEY_SIZE, diversify_key
-from protocol.frames import SYSTEM_CODE_LITE_S
+from farebox.cardimage.mac import KEY_SIZE, diversify_key
+from farebox.protocol.frames import SYSTEM_CODE_LITE_S
 
 #: TEST KEY. Published in this source file, so it protects nothing: for demos, simulated cards and
 #: the test suite only. Cards made with it carry key version 0xF0, which `card show` labels TEST.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from enum import Enum
 
-from cardimage.model import (
+from farebox.cardimage.model import (
     Category, Concession, Identity, Kind, LogEntry, LogType, Purse, Status,
 )
 

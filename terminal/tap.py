@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from cardimage.errors import InvalidCard
-from cardimage.image import change_blocks, decode_image
-from cardimage.layout import PURSE_SLOT_BLOCKS, TAP_READ_BLOCKS
-from cardimage.model import CardImage
-from protocol.errors import FelicaError
-from protocol.session import LiteSSession
+from farebox.cardimage.errors import InvalidCard
+from farebox.cardimage.image import change_blocks, decode_image
+from farebox.cardimage.layout import PURSE_SLOT_BLOCKS, TAP_READ_BLOCKS
+from farebox.cardimage.model import CardImage
+from farebox.protocol.errors import FelicaError
+from farebox.protocol.session import LiteSSession
 
 from .journal import Journal, PendingWrite
 from .keys import SoftwareKeyStore

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import click
 
-from cardimage.errors import InvalidCard
-from cardimage.image import decode_image
-from cardimage.layout import FULL_READ_BLOCKS
-from cardimage.model import Category, Concession, Kind
-from protocol.errors import FelicaError
-from protocol.simcard import SimulatedLiteS, save_card
-from terminal.clock import hk_date, now_utc
-from terminal.issue import IssueError, IssueRequest, issue, new_idm
-from terminal.keys import published_test_keys
+from farebox.cardimage.errors import InvalidCard
+from farebox.cardimage.image import decode_image
+from farebox.cardimage.layout import FULL_READ_BLOCKS
+from farebox.cardimage.model import Category, Concession, Kind
+from farebox.protocol.errors import FelicaError
+from farebox.protocol.simcard import SimulatedLiteS, save_card
+from farebox.terminal.clock import hk_date, now_utc
+from farebox.terminal.issue import IssueError, IssueRequest, issue, new_idm
+from farebox.terminal.keys import published_test_keys
 
 from . import output
 from .common import InputError, json_option, open_card, session_for

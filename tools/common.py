@@ -8,13 +8,13 @@ from pathlib import Path
 import click
 import platformdirs
 
-from protocol.session import LiteSSession
-from protocol.simcard import CardFileError, SimulatedLiteS, load_card, save_card
-from protocol.transports.inprocess import InProcessTransport
-from terminal.actionlist import ActionListError, load_action_list
-from terminal.journal import Journal, JournalError
-from terminal.keys import published_test_keys
-from terminal.tap import Terminal
+from farebox.protocol.session import LiteSSession
+from farebox.protocol.simcard import CardFileError, SimulatedLiteS, load_card, save_card
+from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.terminal.actionlist import ActionListError, load_action_list
+from farebox.terminal.journal import Journal, JournalError
+from farebox.terminal.keys import published_test_keys
+from farebox.terminal.tap import Terminal
 
 JOURNAL_FILE = "journal.sqlite3"
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import click
 
-from protocol.simcard import SimulatedLiteS, save_card
-from terminal.clock import HONG_KONG, hk_date, now_utc
-from terminal.issue import IssueRequest, issue, new_idm
-from terminal.keys import published_test_keys
-from terminal.rules import FareClass, ListEntry, ListReason, Tariff
-from terminal.tap import Terminal
+from farebox.protocol.simcard import SimulatedLiteS, save_card
+from farebox.terminal.clock import HONG_KONG, hk_date, now_utc
+from farebox.terminal.issue import IssueRequest, issue, new_idm
+from farebox.terminal.keys import published_test_keys
+from farebox.terminal.rules import FareClass, ListEntry, ListReason, Tariff
+from farebox.terminal.tap import Terminal
 
 from . import output
 from .common import json_option, open_card, open_journal, session_for, state_option

@@ -6,13 +6,13 @@ import json
 
 import click
 
-from cardimage.model import CardImage, LogType
-from cardimage.money import format_cents as fmt
-from terminal.cardnumber import format_number
-from terminal.rules import (
+from farebox.cardimage.model import CardImage, LogType
+from farebox.cardimage.money import format_cents as fmt
+from farebox.terminal.cardnumber import format_number
+from farebox.terminal.rules import (
     fare_class, negative_limit_cents, stored_value_limit_cents,
 )
-from terminal.tap import TapResult
+from farebox.terminal.tap import TapResult
 
 
 def emit(obj: dict, as_json: bool, human: str) -> None:

@@ -7,12 +7,12 @@ from datetime import date, datetime
 
 import click
 
-from cardimage import days
-from cardimage.money import parse_amount
-from terminal.actionlist import parse_time
-from terminal.cardnumber import parse_number
-from terminal.clock import hk_date
-from terminal.rules import FareClass, Tariff
+from farebox.cardimage import days
+from farebox.cardimage.money import parse_amount
+from farebox.terminal.actionlist import parse_time
+from farebox.terminal.cardnumber import parse_number
+from farebox.terminal.clock import hk_date
+from farebox.terminal.rules import FareClass, Tariff
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 

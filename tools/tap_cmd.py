@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from protocol.errors import FelicaError
-from cardimage.money import format_cents as fmt
-from terminal.clock import now_utc
-from terminal.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, Tariff
-from terminal.tap import TapInterrupted
+from farebox.protocol.errors import FelicaError
+from farebox.cardimage.money import format_cents as fmt
+from farebox.terminal.clock import now_utc
+from farebox.terminal.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, Tariff
+from farebox.terminal.tap import TapInterrupted
 
 from . import output
 from .common import InputError, json_option, open_card, session_for, state_option, terminal

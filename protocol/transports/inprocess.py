@@ -2,8 +2,8 @@
 
 from collections.abc import Callable
 
-from protocol.errors import TransportTimeout
-from protocol.simcard import SimulatedLiteS
+from ..errors import TransportTimeout
+from ..simcard import SimulatedLiteS
 
 
 class InProcessTransport:

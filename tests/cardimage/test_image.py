@@ -7,20 +7,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cardimage import schemas
-from cardimage.errors import CardImageError, IntegrityError, InvalidCard
-from cardimage.image import (
+from farebox.cardimage import schemas
+from farebox.cardimage.errors import CardImageError, IntegrityError, InvalidCard
+from farebox.cardimage.image import (
     change_blocks, decode_identity, decode_image, decode_purse, encode_identity, encode_log_entry,
     encode_purse, new_card_blocks,
 )
-from cardimage.layout import (
+from farebox.cardimage.layout import (
     BLOCK_SIZE, IDENTITY_BLOCKS, LOG_BLOCKS, PURSE_SLOT_BLOCKS, USER_BLOCKS, log_block_for,
 )
-from cardimage.mac import area_mac, diversify_key
-from cardimage.model import (
+from farebox.cardimage.mac import area_mac, diversify_key
+from farebox.cardimage.model import (
     AAVS_RELOAD_CENTS, Category, Concession, Identity, Kind, LogEntry, LogType, Purse, Status,
 )
-from cardimage.money import format_cents, parse_amount
+from farebox.cardimage.money import format_cents, parse_amount
 
 MASTER = bytes(range(16))
 IDM = bytes.fromhex("012e4cd1a2b3c4d5")
@@ -100,7 +100,7 @@ def test_purse_round_trips(purse, slot):
 
 @given(log_entries())
 def test_log_entry_round_trips(entry):
-    from cardimage.image import decode_log
+    from farebox.cardimage.image import decode_log
     blocks = encode_log_entry(entry, IDM, CARD_KEY, VERSION)
     assert list(blocks) == [log_block_for(entry.counter)]
     log, unreadable = decode_log(blocks, IDM, CARD_KEY, VERSION, entry.counter)

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.errors import ProtocolError
-from protocol.frames import (
+from farebox.protocol.errors import ProtocolError
+from farebox.protocol.frames import (
     BlockListElement,
     Polling,
     PollingResponse,

@@ -2,16 +2,16 @@
 
 import pytest
 
-from protocol.errors import TransportTimeout
-from protocol.frames import (
+from farebox.protocol.errors import TransportTimeout
+from farebox.protocol.frames import (
     SERVICE_LITE_S_RW,
     BlockListElement,
     Polling,
     PollingResponse,
     WriteWithoutEncryption,
 )
-from protocol.simcard import DEFAULT_PMM, Faults, SimulatedLiteS
-from protocol.transports.inprocess import InProcessTransport
+from farebox.protocol.simcard import DEFAULT_PMM, Faults, SimulatedLiteS
+from farebox.protocol.transports.inprocess import InProcessTransport
 
 IDM = bytes.fromhex("0102030405060708")
 POLL = Polling(0x88B4).to_frame()

@@ -2,8 +2,8 @@
 
 import pytest
 
-from protocol.errors import CardStatusError, FelicaError, ProtocolError, TransportTimeout
-from protocol.frames import (
+from farebox.protocol.errors import CardStatusError, FelicaError, ProtocolError, TransportTimeout
+from farebox.protocol.frames import (
     SERVICE_LITE_S_RO,
     SERVICE_LITE_S_RW,
     BlockListElement,
@@ -12,9 +12,9 @@ from protocol.frames import (
     ReadWithoutEncryptionResponse,
     WriteWithoutEncryption,
 )
-from protocol.session import LiteSSession, response_timeout_s
-from protocol.simcard import DEFAULT_PMM, Faults, SimulatedLiteS
-from protocol.transports.inprocess import InProcessTransport
+from farebox.protocol.session import LiteSSession, response_timeout_s
+from farebox.protocol.simcard import DEFAULT_PMM, Faults, SimulatedLiteS
+from farebox.protocol.transports.inprocess import InProcessTransport
 
 IDM = bytes.fromhex("0102030405060708")
 OTHER_IDM = bytes.fromhex("0102030405060709")

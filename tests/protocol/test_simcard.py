@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from protocol.frames import (
+from farebox.protocol.frames import (
     SERVICE_LITE_S_RO,
     SERVICE_LITE_S_RW,
     BlockListElement,
@@ -15,7 +15,7 @@ from protocol.frames import (
     WriteWithoutEncryption,
     WriteWithoutEncryptionResponse,
 )
-from protocol.simcard import (
+from farebox.protocol.simcard import (
     DEFAULT_PMM,
     CardFileError,
     Faults,

@@ -15,11 +15,11 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from cardimage.model import (
+from farebox.cardimage.model import (
     Category, Concession, Identity, Kind, LogEntry, LogType, Purse, Status,
 )
-from terminal.clock import HONG_KONG
-from terminal.rules import (
+from farebox.terminal.clock import HONG_KONG
+from farebox.terminal.rules import (
     Decision, FareClass, ListEntry, ListReason, Reason, Record, RecordType, Tariff,
     decide_add_value, decide_payment, fare_class, negative_limit_cents, stored_value_limit_cents,
 )

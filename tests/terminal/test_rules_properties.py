@@ -22,8 +22,8 @@ from hypothesis.stateful import (
     RuleBasedStateMachine, initialize, invariant, precondition, rule,
 )
 
-from cardimage.model import Category, Concession, Identity, Kind, LogType, Purse, Status
-from terminal.rules import (
+from farebox.cardimage.model import Category, Concession, Identity, Kind, LogType, Purse, Status
+from farebox.terminal.rules import (
     Decision, FareClass, ListEntry, ListReason, Reason, RecordType, Tariff,
     decide_add_value, decide_payment,
 )

@@ -6,15 +6,15 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from cardimage.layout import BLOCK_SIZE, PURSE_SLOT_BLOCKS, USER_BLOCKS
-from protocol.session import LiteSSession
-from protocol.simcard import Faults, SimulatedLiteS
-from protocol.transports.inprocess import InProcessTransport
-from terminal.issue import IssueRequest, issue, new_idm
-from terminal.journal import Journal
-from terminal.keys import published_test_keys
-from terminal.rules import Reason, RecordType, Tariff
-from terminal.tap import TapInterrupted, Terminal
+from farebox.cardimage.layout import BLOCK_SIZE, PURSE_SLOT_BLOCKS, USER_BLOCKS
+from farebox.protocol.session import LiteSSession
+from farebox.protocol.simcard import Faults, SimulatedLiteS
+from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.terminal.issue import IssueRequest, issue, new_idm
+from farebox.terminal.journal import Journal
+from farebox.terminal.keys import published_test_keys
+from farebox.terminal.rules import Reason, RecordType, Tariff
+from farebox.terminal.tap import TapInterrupted, Terminal
 
 KEYS = published_test_keys()
 AT = datetime(2026, 11, 22, 8, 0, tzinfo=timezone(timedelta(hours=8)))
@@ -112,7 +112,7 @@ def test_a_card_that_is_not_ours_is_invalid(terminal):
 
 
 def test_a_list_ordered_block_is_written_to_the_card_and_journalled(journal):
-    from terminal.rules import ListEntry, ListReason
+    from farebox.terminal.rules import ListEntry, ListReason
     card = new_card()
     entry = ListEntry(12345678, ListReason.LOST, AT - timedelta(hours=3))
     result = pay(Terminal(journal, KEYS, [entry]), card)

@@ -8,15 +8,15 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from cardimage.image import decode_image
-from protocol.session import LiteSSession
-from protocol.simcard import Faults, SimulatedLiteS
-from protocol.transports.inprocess import InProcessTransport
-from terminal.issue import IssueRequest, issue, new_idm
-from terminal.journal import Journal
-from terminal.keys import published_test_keys
-from terminal.rules import Reason, Tariff
-from terminal.tap import TapInterrupted, Terminal
+from farebox.cardimage.image import decode_image
+from farebox.protocol.session import LiteSSession
+from farebox.protocol.simcard import Faults, SimulatedLiteS
+from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.terminal.issue import IssueRequest, issue, new_idm
+from farebox.terminal.journal import Journal
+from farebox.terminal.keys import published_test_keys
+from farebox.terminal.rules import Reason, Tariff
+from farebox.terminal.tap import TapInterrupted, Terminal
 
 KEYS = published_test_keys()
 START = datetime(2026, 11, 1, 7, 0, tzinfo=timezone(timedelta(hours=8)))

@@ -1,6 +1,6 @@
 """Fixtures for the CLI contract tests (DESIGN.md §7).
 
-``farebox`` runs the command in-process through ``tools.cli.main(argv)`` (the exit code is its
+``farebox`` runs the command in-process through ``farebox.tools.cli.main(argv)`` (the exit code is its
 return value; stdout/stderr come from capsys) and, for the few tests that must prove the installed
 entry point, through the real console script next to ``sys.executable``.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.cli import main
+from farebox.tools.cli import main
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "farebox"
 

@@ -722,12 +722,12 @@ def test_script_declined_is_exit_zero(farebox):
 _FAULT = '''
 import os
 if os.environ.get("FAREBOX_TEST_FAULT"):
-    import terminal.tap
+    from farebox.terminal import tap as tap_module
 
     def _fault(*args, **kwargs):
         raise RuntimeError("injected fault for the exit-1 test")
 
-    terminal.tap.Terminal.pay = _fault
+    tap_module.Terminal.pay = _fault
 '''
 
 
@@ -752,12 +752,12 @@ def test_script_internal_error_is_exit_one_without_traceback(farebox, tmp_path):
 # ==== internal errors in-process ================================================================
 
 def test_internal_error_is_exit_one_and_one_line(farebox, monkeypatch):
-    import terminal.tap
+    from farebox.terminal import tap as tap_module
 
     def fault(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(terminal.tap.Terminal, "pay", fault)
+    monkeypatch.setattr(tap_module.Terminal, "pay", fault)
     card = farebox.card(balance="10.00")
     before = card.read_bytes()
     run = farebox.tap(card, "--fare", "5.80", at=AT)
@@ -767,12 +767,12 @@ def test_internal_error_is_exit_one_and_one_line(farebox, monkeypatch):
 
 
 def test_internal_error_message_is_one_line_even_if_the_exception_spans_lines(farebox, monkeypatch):
-    import terminal.tap
+    from farebox.terminal import tap as tap_module
 
     def fault(*args, **kwargs):
         raise RuntimeError("first line\nsecond line")
 
-    monkeypatch.setattr(terminal.tap.Terminal, "pay", fault)
+    monkeypatch.setattr(tap_module.Terminal, "pay", fault)
     card = farebox.card(balance="10.00")
     run = farebox.tap(card, "--fare", "5.80", at=AT)
     assert run.code == 1
