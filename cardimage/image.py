@@ -14,7 +14,7 @@ from .layout import (
 )
 from .mac import area_mac, verify_area_mac
 from .model import (
-    AAVS_BY_CODE, AAVS_CODE_BY_CENTS, CARD_NUMBER_MAX, FORMAT_VERSION, CardImage, Identity,
+    AAVS_BY_CODE, AAVS_CODE_BY_CENTS, CARD_NUMBER_MAX, COUNTER_MAX, FORMAT_VERSION, CardImage, Identity,
     LogEntry, LogType, Purse, Status,
 )
 
@@ -106,8 +106,8 @@ def decode_purse(blocks: Blocks, slot: int, idm: bytes, card_key: bytes, key_ver
 
 
 def _check_purse(purse: Purse) -> None:
-    if purse.counter < 1:
-        raise CardImageError("purse counter must be at least 1")
+    if not 1 <= purse.counter <= COUNTER_MAX:
+        raise CardImageError(f"purse counter {purse.counter} is outside 1..{COUNTER_MAX}")
     if purse.last_add_value is None:
         raise CardImageError("purse has no last add value date")
 

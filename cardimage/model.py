@@ -81,6 +81,9 @@ AAVS_BY_CODE = {a.code: a.cents for a in AavsAmount}
 AAVS_CODE_BY_CENTS = {a.cents: a.code for a in AavsAmount}
 
 CARD_NUMBER_MAX = 99_999_999
+#: The highest purse counter a card may carry. 0xFFFFFFFF is refused (a counter there could never
+#: advance), so a card at COUNTER_MAX is worn out: it verifies, but no terminal can write it.
+COUNTER_MAX = 0xFFFFFFFE
 FORMAT_VERSION = 1
 
 

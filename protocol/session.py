@@ -66,6 +66,12 @@ class LiteSSession:
         self.idm, self.pmm = response.idm, response.pmm
         return response
 
+    def activate(self, response: PollingResponse) -> None:
+        """Start from the Polling response a reader already got while finding the card (see
+        ``Reader.wait_for_card``): that was this session's poll command."""
+        self.idm, self.pmm = response.idm, response.pmm
+        self.commands += 1
+
     def read_blocks(
         self, block_numbers: Sequence[int], service_code: int = SERVICE_LITE_S_RO
     ) -> list[bytes]:

@@ -9,13 +9,8 @@ for another card's IDm and for polls of another system code. A card file is JSON
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import ProtocolError
 from .frames import (
@@ -282,46 +277,3 @@ def _parse_hex(name: str, value: object, size: int) -> bytes:
             f"'{name}' must be {size} bytes ({2 * size} hex digits), got {len(data)}"
         )
     return data
-
-
-def load_card(path: str | os.PathLike[str]) -> SimulatedLiteS:
-    """Read a card file; CardFileError names the path and the problem."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CardFileError(f"{path}: no such card file") from None
-    except UnicodeDecodeError:
-        raise CardFileError(f"{path}: not JSON (not UTF-8 text)") from None
-    except OSError as error:
-        raise CardFileError(f"{path}: cannot read: {error.strerror}") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CardFileError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
-    try:
-        return SimulatedLiteS.from_json(obj)
-    except CardFileError as error:
-        raise CardFileError(f"{path}: {error}") from None
-
-
-def save_card(card: SimulatedLiteS, path: str | os.PathLike[str]) -> None:
-    """Write a card file atomically: temp file in the same directory, fsync, rename, fsync dir."""
-    path = Path(path)
-    text = json.dumps(card.to_json(), indent=2) + "\n"
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    directory_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)

@@ -4,12 +4,18 @@
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
+from farebox.cardimage import days
+from farebox.protocol.transports.files import UntrustedFileError, load_json
+
 from .cardnumber import parse_number
+from .clock import hk_date
 from .rules import ListEntry, ListReason
+
+
+LIST_DELAY_ROOM = timedelta(days=1)
 
 
 class ActionListError(ValueError):
@@ -17,13 +23,21 @@ class ActionListError(ValueError):
 
 
 def parse_time(text: str) -> datetime:
-    """ISO 8601 with a UTC offset; a time without one is refused."""
+    """ISO 8601 with a UTC offset, on a Hong Kong day a card can record (1990-01-02 up to the
+    day before its last); a time without an offset, or out of that range, is refused."""
+    if not isinstance(text, str) or len(text) > 64:
+        raise ValueError(f"not an ISO 8601 time: {text!r}")
     try:
         at = datetime.fromisoformat(text)
     except (TypeError, ValueError):
         raise ValueError(f"not an ISO 8601 time: {text!r}") from None
     if at.tzinfo is None:
         raise ValueError(f"time needs a UTC offset (e.g. +08:00): {text!r}")
+    try:
+        days.to_day(hk_date(at))
+        days.to_day(hk_date(at) + LIST_DELAY_ROOM)  # room for "3 hours after the report"
+    except (OverflowError, ValueError):
+        raise ValueError(f"time is outside the range a card can record: {text!r}") from None
     return at
 
 
@@ -62,11 +76,9 @@ def _text(item: dict, key: str) -> str:
 
 def load_action_list(path: Path) -> tuple[ListEntry, ...]:
     try:
-        document = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ActionListError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ActionListError(f"{path}: not a readable JSON file ({error})") from None
+        document = load_json(path)
+    except UntrustedFileError as error:
+        raise ActionListError(str(error)) from None
     try:
         return parse_action_list(document)
     except ActionListError as error:

@@ -1,6 +1,6 @@
 """Hong Kong days for the rules, UTC for records."""
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
 
 HONG_KONG = timezone(timedelta(hours=8), "HKT")
 
@@ -23,3 +23,17 @@ def utc_iso(at: datetime) -> str:
 
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def utc_fixed(at: datetime) -> str:
+    """``2026-11-22T00:00:00.000000Z``: fixed width, so that text order is time order."""
+    return require_aware(at).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_utc(text: str) -> datetime:
+    """The inverse of :func:`utc_iso` and :func:`utc_fixed`."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def start_of_hk_day(day: date) -> datetime:
+    return datetime.combine(day, time(0, 0), HONG_KONG)

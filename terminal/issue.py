@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 
 from farebox.cardimage import days
 from farebox.cardimage.image import new_card_blocks
@@ -13,8 +14,10 @@ from farebox.cardimage.model import (
     AAVS_RELOAD_CENTS, Category, Concession, Identity, Kind, LogEntry, LogType, Purse,
 )
 
-from .keys import SoftwareKeyStore
+from farebox.protocol.simcard import SimulatedLiteS
+from farebox.protocol.transports.cardfile import save_card
 
+from .keys import SoftwareKeyStore
 from .rules import (
     DEPOSIT_CENTS, INITIAL_VALUE_CENTS, negative_limit_cents, stored_value_limit_cents,
 )
@@ -38,6 +41,24 @@ class IssueRequest:
     balance_cents: int | None = None  # None: the rules' initial value
     aavs_reload_cents: int = 0
     last_add_value: date | None = None  # None: the issue date
+
+
+def issue_card_file(path: Path, request: IssueRequest, keys: SoftwareKeyStore, *,
+                    force: bool = False) -> Identity:
+    """Issue a simulated card into the card file ``path`` (refusing to overwrite one unless
+    ``force``)."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise IssueError(f"{path}: already exists (use --force to overwrite a card)")
+    if not path.parent.is_dir():
+        raise IssueError(f"{path.parent}: no such directory")
+    idm = new_idm()
+    identity, _, blocks = issue(request, keys, idm)
+    try:
+        save_card(SimulatedLiteS(idm, blocks=blocks), path)
+    except OSError as error:
+        raise IssueError(f"{path}: cannot write the card file ({error.strerror})") from None
+    return identity
 
 
 def new_idm() -> bytes:

@@ -173,6 +173,13 @@ def fare_class(identity: Identity, purse: Purse, today: date) -> FareClass:
     return FareClass.ADULT
 
 
+def balance_in_range(identity: Identity, purse: Purse) -> bool:
+    """A balance the card can hold: from minus its negative limit to its stored value limit. A
+    verified purse outside this range was not written by the rules (a bug or a leaked key)."""
+    return (-negative_limit_cents(identity) <= purse.balance_cents
+            <= stored_value_limit_cents(identity, purse))
+
+
 def is_inactive(purse: Purse, today: date) -> bool:
     return (today - purse.last_add_value).days >= INACTIVE_AFTER_DAYS
 
@@ -217,8 +224,9 @@ def _gate(identity: Identity, purse: Purse, at: datetime, today: date,
 
 
 def decide_payment(identity: Identity, purse: Purse, tariff: Tariff, at: datetime,
-                   action_list: Iterable[ListEntry] = ()) -> Decision:
-    """RULES.md §3-4: AAVS, negative value, fare classes."""
+                   action_list: Iterable[ListEntry] = (), *, aavs_allowed: bool = True) -> Decision:
+    """RULES.md §3-4: AAVS, negative value, fare classes. ``aavs_allowed=False`` (the terminal's
+    clock is not trusted) makes no automatic add value: "once per day" needs a true day."""
     today = hk_date(require_aware(at))
     cls = fare_class(identity, purse, today)
     fare = tariff.fare(cls)
@@ -230,7 +238,7 @@ def decide_payment(identity: Identity, purse: Purse, tariff: Tariff, at: datetim
     payment_count = min(purse.payment_count + 1, PAYMENT_COUNT_MAX)
 
     reload = purse.aavs_reload_cents
-    if (purse.aavs_enabled and purse.last_auto_reload != today
+    if (aavs_allowed and purse.aavs_enabled and purse.last_auto_reload != today
             and (balance - fare <= 0 or balance + limit < fare)
             and balance + reload - fare >= -limit
             and balance + reload - fare <= stored_value_limit_cents(identity, purse)):
@@ -261,8 +269,10 @@ def decide_payment(identity: Identity, purse: Purse, tariff: Tariff, at: datetim
 
 def decide_add_value(identity: Identity, purse: Purse, amount_cents: int, at: datetime,
                      action_list: Iterable[ListEntry] = (),
-                     minimum_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS) -> Decision:
-    """RULES.md §5: cash add value."""
+                     minimum_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS, *,
+                     restart_inactivity: bool = True) -> Decision:
+    """RULES.md §5: cash add value. ``restart_inactivity=False`` (the terminal's clock is not
+    trusted) leaves the last add value date as it is."""
     if type(amount_cents) is not int or amount_cents <= 0:
         raise ValueError("an add value amount must be a positive number of cents")
     today = hk_date(require_aware(at))
@@ -276,7 +286,8 @@ def decide_add_value(identity: Identity, purse: Purse, amount_cents: int, at: da
     after = purse.balance_cents + amount_cents
     if after > stored_value_limit_cents(identity, purse):
         return _decline(purse, Reason.OVER_LIMIT, amount_cents)
-    new_purse = _next(purse, balance_cents=after, last_add_value=today)
+    last_add_value = max(today, purse.last_add_value) if restart_inactivity else purse.last_add_value
+    new_purse = _next(purse, balance_cents=after, last_add_value=last_add_value)
     return Decision(
         True, None, amount_cents, purse.balance_cents, after,
         records=(Record(RecordType.ADD_VALUE, amount_cents, after),),

@@ -1,29 +1,38 @@
-"""One tap: poll, read, verify, decide, journal, write, read back, commit.
+"""One tap: read, verify, resolve, decide, journal, write, commit.
 
 This is the imperative shell around the pure rules; it runs unchanged over the in-process
 simulated card, nfcpy and PC/SC readers, since it only sees a :class:`LiteSSession`.
+
+A payment or add value takes 6 card commands: poll, 2 reads (identity and both purse slots),
+3 writes (the other purse slot, then a log block). The write responses' status flags confirm the
+write; the next tap's verification of the card replaces a read-back.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
 from farebox.cardimage.errors import InvalidCard
 from farebox.cardimage.image import change_blocks, decode_image
 from farebox.cardimage.layout import PURSE_SLOT_BLOCKS, TAP_READ_BLOCKS
-from farebox.cardimage.model import CardImage
+from farebox.cardimage.model import COUNTER_MAX, CardImage
 from farebox.protocol.errors import FelicaError
 from farebox.protocol.session import LiteSSession
 
-from .journal import Journal, PendingWrite
+from .clock import hk_date, require_aware, start_of_hk_day
+from .journal import CardWrite, Journal
 from .keys import SoftwareKeyStore
 from .rules import (
-    DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, Reason, Record, Tariff,
-    decide_add_value, decide_payment,
+    DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, Reason, Record, RecordType,
+    Tariff, balance_in_range, decide_add_value, decide_payment,
 )
+from .writestate import WriteState
+
+DEFAULT_RETAP_WINDOW_S = 60.0
+PAYMENT, ADD_VALUE = "payment", "add_value"
 
 
 class TapInterrupted(Exception):
@@ -34,6 +43,11 @@ class TapInterrupted(Exception):
         super().__init__(f"card write interrupted ({cause}); tap the card again")
         self.tap_id = tap_id
         self.cause = cause
+
+
+class RequestRefused(ValueError):
+    """The request cannot be served on this card at all (nothing was written); e.g. an add value
+    timed before the card was issued."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,39 @@ class TapResult:
     counter: int | None = None  # the card's counter after the tap
     commands: int = 0  # card commands this tap used, poll included
     tap_id: str | None = None
+    completed_from: str | None = None  # a re-tap that completed this earlier in-doubt tap
+    clock_trusted: bool = True
+    idm: bytes | None = None
+
+    def outcome(self) -> dict:
+        """What a re-tap needs to report this result again (stored with the write's intent)."""
+        return {
+            "approved": self.approved, "reason": self.reason and self.reason.value,
+            "amount_cents": self.amount_cents, "balance_before_cents": self.balance_before_cents,
+            "balance_after_cents": self.balance_after_cents,
+            "fare_class": self.fare_class and self.fare_class.value,
+            "aavs_reload_cents": self.aavs_reload_cents,
+            "records": [[r.type.value, r.amount_cents, r.balance_after_cents] for r in self.records],
+            "counter": self.counter, "clock_trusted": self.clock_trusted,
+        }
+
+    @classmethod
+    def from_outcome(cls, outcome: dict, **extra) -> TapResult:
+        return cls(
+            outcome["approved"], outcome["reason"] and Reason(outcome["reason"]),
+            extra.pop("card_number"), outcome["amount_cents"], outcome["balance_before_cents"],
+            outcome["balance_after_cents"], outcome["fare_class"] and FareClass(outcome["fare_class"]),
+            outcome["aavs_reload_cents"],
+            tuple(Record(RecordType(t), a, b) for t, a, b in outcome["records"]),
+            outcome["counter"], clock_trusted=outcome["clock_trusted"], **extra)
+
+
+@dataclass(frozen=True)
+class _Request:
+    kind: str
+    amount_cents: int  # shown when the card cannot be read (the adult fare for a payment)
+    #: the decision at a time the terminal trusts (rules_at, trusted)
+    decide: Callable[[CardImage, datetime, bool], Decision]
 
 
 class Terminal:
@@ -57,93 +104,186 @@ class Terminal:
 
     def __init__(self, journal: Journal, keys: SoftwareKeyStore,
                  action_list: Iterable[ListEntry] = (),
-                 minimum_add_value_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS) -> None:
+                 minimum_add_value_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS,
+                 retap_window_s: float = DEFAULT_RETAP_WINDOW_S) -> None:
         self.journal = journal
         self.keys = keys
         self.action_list = tuple(action_list)
         self.minimum_add_value_cents = minimum_add_value_cents
+        self.retap_window = timedelta(seconds=retap_window_s)
 
     def pay(self, session: LiteSSession, tariff: Tariff, at: datetime) -> TapResult:
-        return self._tap(session, at, tariff.fare(FareClass.ADULT),
-                         lambda card: decide_payment(card.identity, card.purse, tariff, at,
-                                                     self.action_list))
+        return self._tap(session, at, _Request(
+            PAYMENT, tariff.fare(FareClass.ADULT),
+            lambda card, rules_at, trusted: decide_payment(
+                card.identity, card.purse, tariff, rules_at, self.action_list,
+                aavs_allowed=trusted)))
 
     def add_value(self, session: LiteSSession, amount_cents: int, at: datetime) -> TapResult:
-        return self._tap(session, at, amount_cents,
-                         lambda card: decide_add_value(card.identity, card.purse, amount_cents, at,
-                                                       self.action_list,
-                                                       self.minimum_add_value_cents))
+        return self._tap(session, at, _Request(
+            ADD_VALUE, amount_cents,
+            lambda card, rules_at, trusted: decide_add_value(
+                card.identity, card.purse, amount_cents, rules_at, self.action_list,
+                self.minimum_add_value_cents, restart_inactivity=trusted)))
+
+    def idle(self) -> None:
+        """Call once the card has left the field: makes the last tap's commit marks durable and
+        checkpoints the journal, off the in-field path."""
+        self.journal.idle()
 
     # ---- the transaction -----------------------------------------------------------------
 
-    def _tap(self, session: LiteSSession, at: datetime, amount_cents: int,
-             decide: Callable[[CardImage], Decision]) -> TapResult:
-        session.poll()
+    def _tap(self, session: LiteSSession, at: datetime, request: _Request) -> TapResult:
+        require_aware(at)
+        self.journal.sync()  # the previous tap's marks are durable before this tap starts
+        if session.idm is None:
+            session.poll()
         idm = session.idm
         raw = dict(zip(TAP_READ_BLOCKS, session.read_blocks(TAP_READ_BLOCKS)))
         try:
             card = decode_image(raw, idm, lambda version: self.keys.card_key(version, idm))
         except InvalidCard:
-            return TapResult(False, Reason.INVALID_CARD, None, amount_cents, None, None,
-                             commands=session.commands)
+            return TapResult(False, Reason.INVALID_CARD, None, request.amount_cents, None, None,
+                             commands=session.commands, idm=idm)
         number, counter = card.identity.card_number, card.purse.counter
+        if counter >= COUNTER_MAX or not balance_in_range(card.identity, card.purse):
+            return TapResult(False, Reason.INVALID_CARD, number, request.amount_cents, None, None,
+                             counter=counter, commands=session.commands, idm=idm)
+        if request.kind == ADD_VALUE and hk_date(at) < card.identity.issued:
+            raise RequestRefused(f"an add value at {at.isoformat()} is before the card was issued "
+                                 f"({card.identity.issued.isoformat()})")
         slot_bytes = _slot_bytes(card, raw)
+        trusted, rules_at = self._trusted_time(card, at)
 
-        self._settle(card, slot_bytes, at)
+        resolved = self._resolve(card, slot_bytes, at)
+        completed = self._complete(session, card, resolved, request, at)
+        if completed is not None:
+            return completed
+
         memory = self.journal.card_memory(number)
         if memory is not None and (counter < memory.counter or (
                 counter == memory.counter and slot_bytes[counter] != memory.slot)):
             # older than what this terminal verified, or a restored copy written again (a fork)
-            return TapResult(False, Reason.ROLLBACK, number, amount_cents,
+            return TapResult(False, Reason.ROLLBACK, number, request.amount_cents,
                              card.purse.balance_cents, card.purse.balance_cents, counter=counter,
-                             commands=session.commands)
+                             commands=session.commands, clock_trusted=trusted, idm=idm)
 
-        decision = decide(card)
+        decision = request.decide(card, rules_at, trusted)
         if decision.new_purse is None:
-            if memory is None or counter > memory.counter:
-                self.journal.observe(number, counter, slot_bytes[counter])
-            return self._result(decision, number, counter, session)
+            if memory is None or counter > memory.counter or trusted:
+                self.journal.observe(number, counter, slot_bytes[counter],
+                                     trusted_at=at if trusted else None)
+            return self._result(decision, card, counter, session, trusted=trusted)
+        return self._write(session, card, slot_bytes, decision, request, at, trusted)
 
+    def _write(self, session: LiteSSession, card: CardImage, slot_bytes: dict[int, bytes],
+               decision: Decision, request: _Request, at: datetime, trusted: bool) -> TapResult:
+        idm, number, counter = card.idm, card.identity.card_number, card.purse.counter
         card_key = self.keys.card_key(card.identity.key_version, idm)
-        writes = change_blocks(card, decision.new_purse, decision.log_entry, card_key)
+        (purse_a, purse_b, log) = change_blocks(card, decision.new_purse, decision.log_entry,
+                                                card_key)
+        repair = self.journal.unconfirmed_log(number, counter)
+        if repair is not None and repair.log_block == log[0]:
+            repair = None  # the new entry takes that block anyway
         tap_id = secrets.token_hex(8)
-        pending = self.journal.record_intent(
-            tap_id=tap_id, card_number=number, idm=idm, counter_before=counter,
-            slot_before=slot_bytes[counter], counter_after=decision.new_purse.counter,
-            expected_slot=b"".join(data for _, data in writes[:2]),
-            balance_before_cents=decision.balance_before_cents, records=decision.records, at=at)
+        result = self._result(decision, card, decision.new_purse.counter, session, tap_id,
+                              trusted=trusted)
+        write = self.journal.record_intent(
+            tap_id=tap_id, card_number=number, idm=idm, kind=request.kind,
+            counter_before=counter, slot_before=slot_bytes[counter],
+            counter_after=decision.new_purse.counter, expected_slot=purse_a[1] + purse_b[1],
+            log_block=log[0], log_data=log[1], balance_before_cents=decision.balance_before_cents,
+            records=decision.records, outcome=result.outcome(), at=at, clock_trusted=trusted)
         try:
-            for block, data in writes:
-                session.write_block(block, data)
-            written = [block for block, _ in writes]
-            if session.read_blocks(written) != [data for _, data in writes]:
-                raise FelicaError("the written blocks read back different")
+            session.write_block(*purse_a)
+            session.write_block(*purse_b)
         except FelicaError as error:
             raise TapInterrupted(tap_id, error) from error
-        # The intent was the one fsync; the card itself now proves this commit if it is lost.
-        self.journal.resolve_write(pending, "committed", at, sync=False)
-        return self._result(decision, number, decision.new_purse.counter, session, tap_id)
+        # The purse slot has landed: the value moved. The log block is a record of it, written
+        # next; if it does not land, the next write to this card writes it again.
+        log_landed = self._try_write(session, log)
+        self.journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=log_landed,
+                                   sync=False)
+        if repair is not None and log_landed and self._try_write(
+                session, (repair.log_block, repair.log_data)):
+            self.journal.confirm_log(repair)
+        return replace(result, commands=session.commands)
 
-    def _settle(self, card: CardImage, slot_bytes: dict[int, bytes], at: datetime) -> None:
-        """Settle writes left in doubt for this card (and voids that turn up), by what it shows.
-        Newest first: a retry can write the very bytes an earlier voided attempt would have, and
-        only one write can have produced a counter."""
+    @staticmethod
+    def _try_write(session: LiteSSession, block: tuple[int, bytes]) -> bool:
+        try:
+            session.write_block(*block)
+        except FelicaError:
+            return False
+        return True
+
+    def _trusted_time(self, card: CardImage, at: datetime) -> tuple[bool, datetime]:
+        """Whether ``at`` can be believed, and the time the rules are applied at.
+
+        A time before this terminal's high-water mark, or before the latest date the card
+        records, is untrusted: the rules then run at the latest of those two (fares by that
+        date's rules), with no automatic add value and no change to the inactivity clock, and
+        the records are flagged."""
+        purse = card.purse
+        card_day = max(d for d in (purse.last_add_value, purse.last_auto_reload,
+                                   purse.last_payment) if d is not None)
+        floor = start_of_hk_day(card_day)
+        high_water = self.journal.time_high_water()
+        if high_water is not None and high_water > floor:
+            floor = high_water
+        if at >= floor:
+            return True, at
+        return False, floor
+
+    def _resolve(self, card: CardImage, slot_bytes: dict[int, bytes],
+                 at: datetime) -> list[tuple[CardWrite, CardWrite]]:
+        """Resolve writes left in doubt for this card (and voids that turn up), by what it shows:
+        pairs of (the write as it was, as it is now). Newest first: a retry can write the very
+        bytes an earlier voided attempt would have, and only one write can have produced a
+        counter."""
         committed_up_to = 0
-        for pending in self.journal.unsettled_writes(card.identity.card_number):
-            if pending.counter_after <= committed_up_to:
+        changed = []
+        for write in self.journal.unresolved_writes(card.identity.card_number):
+            if write.counter_after <= committed_up_to:
                 continue
-            state = _settlement(pending, card.purse.counter, slot_bytes)
-            if state == "committed":
-                committed_up_to = pending.counter_after
-            if state is not None and state != pending.state:
-                self.journal.resolve_write(pending, state, at)
+            state = _resolution(write, card.purse.counter, slot_bytes)
+            if state is WriteState.COMMITTED:
+                committed_up_to = write.counter_after
+            if state is not None and state is not write.state:
+                changed.append((write, self.journal.resolve_write(write, state, at, sync=False)))
+        return changed
 
-    def _result(self, decision: Decision, number: int, counter: int, session: LiteSSession,
-                tap_id: str | None = None) -> TapResult:
+    def _complete(self, session: LiteSSession, card: CardImage,
+                  resolved: list[tuple[CardWrite, CardWrite]], request: _Request,
+                  at: datetime) -> TapResult | None:
+        """A re-tap of a card whose last tap here was cut off after its write landed, within the
+        re-tap window and for the same kind of request: report that tap, charge nothing more."""
+        for before, now in resolved:
+            if before.state is not WriteState.INTENT:
+                continue
+            # only the newest in-doubt write can be the one the customer is re-tapping for
+            if (now.state is WriteState.COMMITTED and now.kind == request.kind
+                    and now.counter_after == card.purse.counter and now.outcome is not None
+                    and at - now.created <= self.retap_window):
+                repair = self.journal.unconfirmed_log(card.identity.card_number,
+                                                      card.purse.counter)
+                if repair is not None and self._try_write(session,
+                                                          (repair.log_block, repair.log_data)):
+                    self.journal.confirm_log(repair)
+                return TapResult.from_outcome(
+                    now.outcome, card_number=card.identity.card_number,
+                    commands=session.commands, tap_id=now.tap_id, completed_from=now.tap_id,
+                    idm=card.idm)
+            return None
+        return None
+
+    def _result(self, decision: Decision, card: CardImage, counter: int, session: LiteSSession,
+                tap_id: str | None = None, *, trusted: bool) -> TapResult:
         return TapResult(
-            decision.approved, decision.reason, number, decision.amount_cents,
+            decision.approved, decision.reason, card.identity.card_number, decision.amount_cents,
             decision.balance_before_cents, decision.balance_after_cents, decision.fare_class,
-            decision.aavs_reload_cents, decision.records, counter, session.commands, tap_id)
+            decision.aavs_reload_cents, decision.records, counter, session.commands, tap_id,
+            clock_trusted=trusted, idm=card.idm)
 
 
 def _slot_bytes(card: CardImage, raw: dict[int, bytes]) -> dict[int, bytes]:
@@ -155,17 +295,17 @@ def _slot_bytes(card: CardImage, raw: dict[int, bytes]) -> dict[int, bytes]:
             for counter, slot in slots.items()}
 
 
-def _settlement(pending: PendingWrite, current_counter: int,
-                slot_bytes: dict[int, bytes]) -> str | None:
+def _resolution(write: CardWrite, current_counter: int,
+                slot_bytes: dict[int, bytes]) -> WriteState | None:
     """What the card shows about a write: ``committed`` (its bytes are there), ``void`` (the card
     still shows the counter it started from), ``unresolved`` (the card moved on and the slot is
-    gone), or None (nothing to conclude: an older copy cannot settle it, nor undo a void)."""
-    if pending.counter_after in slot_bytes:
-        if slot_bytes[pending.counter_after] == pending.expected_slot:
-            return "committed"
-        return "void" if pending.state == "intent" else None
-    if pending.state == "void" or current_counter < pending.counter_before:
+    gone), or None (nothing to conclude: an older copy cannot resolve it, nor undo a void)."""
+    if write.counter_after in slot_bytes:
+        if slot_bytes[write.counter_after] == write.expected_slot:
+            return WriteState.COMMITTED
+        return WriteState.VOID if write.state is WriteState.INTENT else None
+    if write.state is WriteState.VOID or current_counter < write.counter_before:
         return None
-    if current_counter == pending.counter_before:
-        return "void"  # the write never landed (torn, or the card left before it)
-    return "unresolved"
+    if current_counter == write.counter_before:
+        return WriteState.VOID  # the write never landed (torn, or the card left before it)
+    return WriteState.UNRESOLVED

@@ -7,17 +7,16 @@ from pathlib import Path
 import click
 
 from farebox.cardimage.errors import InvalidCard
-from farebox.cardimage.image import decode_image
-from farebox.cardimage.layout import FULL_READ_BLOCKS
 from farebox.cardimage.model import Category, Concession, Kind
 from farebox.protocol.errors import FelicaError
-from farebox.protocol.simcard import SimulatedLiteS, save_card
+from farebox.protocol.session import LiteSSession
 from farebox.terminal.clock import hk_date, now_utc
-from farebox.terminal.issue import IssueError, IssueRequest, issue, new_idm
+from farebox.terminal.inspect import read_card
+from farebox.terminal.issue import IssueError, IssueRequest, issue_card_file
 from farebox.terminal.keys import published_test_keys
 
 from . import output
-from .common import InputError, json_option, open_card, session_for
+from .common import InputError, json_option, open_reader
 from .params import CARD_NUMBER, DATE, POSITIVE_AMOUNT, SIGNED_AMOUNT
 
 _KINDS = {k.label: k for k in Kind}
@@ -47,24 +46,16 @@ def card() -> None:
 def new(card_file: Path, number, kind, category, concession, concession_expiry, issued, balance,
         aavs, last_add_value, force, as_json) -> None:
     """Issue a simulated card (test keys) into the file CARD."""
-    if card_file.exists() and not force:
-        raise InputError(f"{card_file}: already exists (use --force to overwrite a card)")
-    if not card_file.parent.is_dir():
-        raise InputError(f"{card_file.parent}: no such directory")
-    keys = published_test_keys()
-    idm = new_idm()
     request = IssueRequest(
         issued=issued or hk_date(now_utc()), number=number, kind=_KINDS[kind],
         category=_CATEGORIES[category], concession=_CONCESSIONS[concession],
         concession_expiry=concession_expiry, balance_cents=balance,
         aavs_reload_cents=aavs or 0, last_add_value=last_add_value)
     try:
-        _, _, blocks = issue(request, keys, idm)
+        issue_card_file(card_file, request, published_test_keys(), force=force)
     except IssueError as error:
         raise InputError(str(error)) from None
-    sim = SimulatedLiteS(idm, blocks=blocks)
-    save_card(sim, card_file)
-    _show(sim, as_json)
+    _show(card_file, as_json)
 
 
 @card.command("show")
@@ -72,21 +63,20 @@ def new(card_file: Path, number, kind, category, concession, concession_expiry, 
 @json_option
 def show(card_file: Path, as_json: bool) -> None:
     """Read, verify and print the card in CARD (balance, limits, status, history)."""
-    _show(open_card(card_file), as_json)
+    _show(card_file, as_json)
 
 
-def _show(sim: SimulatedLiteS, as_json: bool) -> None:
+def _show(card_file: Path, as_json: bool) -> None:
     keys = published_test_keys()
-    session = session_for(sim)
+    reader = open_reader(f"sim:{card_file}", writable=False)
     try:
-        session.poll()
-        raw = dict(zip(FULL_READ_BLOCKS, session.read_blocks(FULL_READ_BLOCKS)))
+        image = read_card(LiteSSession(reader), keys)
     except FelicaError as error:
         raise InputError(f"the card does not work with this terminal ({error})") from None
-    try:
-        image = decode_image(raw, session.idm, lambda v: keys.card_key(v, session.idm))
     except InvalidCard as error:
         raise InputError(f"invalid card: {error}") from None
+    finally:
+        reader.close()
     obj = output.card_json(image, test_key=keys.is_test_version(image.identity.key_version),
                            today=hk_date(now_utc()))
     output.emit(obj, as_json, output.card_human(obj))

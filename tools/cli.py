@@ -1,34 +1,57 @@
 """The ``farebox`` command. Exit 0 when a command ran (approval or decline), 2 for bad input
-(one line on stderr, nothing changed), 1 for internal errors."""
+(one line on stderr, nothing changed), 1 for internal errors.
+
+Subcommands are imported only when they run (``--help`` and shell completion stay fast): each is
+listed here with its module and one-line help.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 import click
 
-from . import card_cmd, demo_cmd, tap_cmd
+#: name -> (module, attribute, one-line help shown by ``farebox --help``)
+COMMANDS = {
+    "card": ("farebox.tools.card_cmd", "card", "Make and inspect simulated card files."),
+    "tap": ("farebox.tools.tap_cmd", "tap", "Pay a fare with the card in CARD."),
+    "add-value": ("farebox.tools.tap_cmd", "add_value", "Add cash value to the card in CARD."),
+    "journal": ("farebox.tools.journal_cmd", "journal", "Inspect the terminal's journal."),
+    "demo": ("farebox.tools.demo_cmd", "demo",
+             "Run a scripted day on a simulated card (test keys), with its own state."),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="farebox")
 def cli() -> None:
     """farebox: a contactless stored-value card terminal (FeliCa Lite-S)."""
 
 
-cli.add_command(card_cmd.card)
-cli.add_command(tap_cmd.tap)
-cli.add_command(tap_cmd.add_value)
-cli.add_command(demo_cmd.demo)
-
-
 def main(argv: list[str] | None = None) -> int:
-    if not (sys.argv[1:] if argv is None else argv):
+    args = sys.argv[1:] if argv is None else argv
+    if not args and "_FAREBOX_COMPLETE" not in os.environ:
         click.echo(cli.get_help(click.Context(cli, info_name="farebox")))
         return 0
     try:
-        cli.main(args=argv, prog_name="farebox", standalone_mode=False)
+        cli.main(args=args, prog_name="farebox", standalone_mode=False)
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.ClickException as error:

@@ -1,22 +1,21 @@
-"""Shared plumbing of the commands: state directory, card files, terminal set-up."""
+"""Shared plumbing of the commands: options, settings, and the mapping of the runtime's errors to
+exit codes (2: bad input, one line). The work itself is in ``farebox.terminal.runtime``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
-import platformdirs
 
-from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import CardFileError, SimulatedLiteS, load_card, save_card
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal.actionlist import ActionListError, load_action_list
-from farebox.terminal.journal import Journal, JournalError
-from farebox.terminal.keys import published_test_keys
+from farebox.protocol.reader import Reader
+from farebox.protocol.simcard import Faults
+from farebox.terminal.config import ConfigError, TerminalConfig, load_config
+from farebox.terminal.runtime import (
+    RuntimeSetupError, default_state_dir, open_terminal, open_transport, state_dir,
+)
 from farebox.terminal.tap import Terminal
-
-JOURNAL_FILE = "journal.sqlite3"
 
 
 class InputError(click.ClickException):
@@ -25,44 +24,49 @@ class InputError(click.ClickException):
     exit_code = 2
 
 
-def default_state_dir() -> Path:
-    return platformdirs.user_data_path("farebox")
-
-
 state_option = click.option(
     "--state", "state_dir", type=click.Path(file_okay=False, path_type=Path),
     default=None, help="terminal state directory (journal, counters seen) "
-    "[default: the user's data directory]")
+    "[env FAREBOX_STATE; default: the user's data directory]")
+config_option = click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="terminal configuration (TOML) [env FAREBOX_CONFIG]")
 json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 
 
-def open_card(path: Path) -> SimulatedLiteS:
-    """The simulated card in ``path``; every landed block write is saved back atomically."""
+def settings(config_file: Path | None, **flags) -> TerminalConfig:
+    """The configuration: the TOML file, then the environment, then the flags given."""
     try:
-        card = load_card(path)
-    except CardFileError as error:
-        raise InputError(str(error)) from None
-    card.on_write = lambda c: save_card(c, path)
-    return card
-
-
-def session_for(card: SimulatedLiteS) -> LiteSSession:
-    return LiteSSession(InProcessTransport(card))
-
-
-def open_journal(state_dir: Path | None) -> Journal:
-    try:
-        return Journal((state_dir or default_state_dir()) / JOURNAL_FILE)
-    except JournalError as error:
+        return load_config(config_file).with_flags(**flags)
+    except ConfigError as error:
         raise InputError(str(error)) from None
 
 
 @contextmanager
-def terminal(state_dir: Path | None, hotlist: Path | None, **settings):
-    """A Terminal over the state directory's journal, with the test key store and the list."""
+def setup_errors() -> Iterator[None]:
     try:
-        action_list = load_action_list(hotlist) if hotlist is not None else ()
-    except ActionListError as error:
+        yield
+    except RuntimeSetupError as error:
         raise InputError(str(error)) from None
-    with open_journal(state_dir) as journal:
-        yield Terminal(journal, published_test_keys(), action_list, **settings)
+
+
+def open_reader(spec: str, *, faults: Faults | None = None, writable: bool = True) -> Reader:
+    with setup_errors():
+        return open_transport(spec, faults=faults, writable=writable)
+
+
+@contextmanager
+def terminal(config: TerminalConfig) -> Iterator[Terminal]:
+    with setup_errors(), open_terminal(config) as term:
+        yield term
+
+
+def state_notice(config: TerminalConfig) -> None:
+    """Said once, on stderr, when the state directory is the default one."""
+    if config.state_dir is None:
+        click.echo(f"farebox: note: terminal state in {default_state_dir()} "
+                   "(choose with --state DIR or FAREBOX_STATE)", err=True)
+
+
+__all__ = ["InputError", "config_option", "json_option", "open_reader", "settings", "setup_errors",
+           "state_dir", "state_notice", "state_option", "terminal"]

@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 
 import click
 
-from farebox.cardimage.model import CardImage, LogType
+from farebox.cardimage.model import CardImage
 from farebox.cardimage.money import format_cents as fmt
 from farebox.terminal.cardnumber import format_number
-from farebox.terminal.rules import (
-    fare_class, negative_limit_cents, stored_value_limit_cents,
-)
+from farebox.terminal.inspect import history, limits
 from farebox.terminal.tap import TapResult
 
 
 def emit(obj: dict, as_json: bool, human: str) -> None:
-    click.echo(json.dumps(obj, ensure_ascii=False) if as_json else human)
+    """Print a result. A result is printed after it has happened (a payment is on the card and in
+    the journal), so an output that fails (closed pipe, full disk) is said on stderr and the
+    command still succeeds."""
+    text = json.dumps(obj, ensure_ascii=False) if as_json else human
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except OSError as error:
+        _drop_stdout()
+        with contextlib.suppress(OSError):
+            click.echo(f"farebox: warning: the result could not be printed ({error.strerror or error})",
+                       err=True)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _money(cents: int | None) -> str | None:
@@ -44,12 +64,18 @@ def tap_json(result: TapResult, *, with_fare_class: bool) -> dict:
                      "balance_after": fmt(r.balance_after_cents)} for r in result.records],
         "counter": result.counter,
         "card_commands": result.commands,
+        "completed_from": result.completed_from,
+        "clock_trusted": result.clock_trusted,
     })
     return obj
 
 
 def tap_human(result: TapResult, what: str) -> str:
     head = "APPROVED" if result.approved else f"DECLINED ({result.reason.value})"
+    if result.completed_from:
+        head += f" (completes the interrupted tap {result.completed_from}; nothing more charged)"
+    if not result.clock_trusted:
+        head += " [clock untrusted]"
     card = "unreadable card" if result.card_number is None else f"card {format_number(result.card_number)}"
     label = f"{result.fare_class.value} fare" if result.fare_class else what
     parts = [head, card, f"{label} {fmt(result.amount_cents)}"]
@@ -64,28 +90,18 @@ def tap_human(result: TapResult, what: str) -> str:
 
 
 def _history(card: CardImage) -> list[dict]:
-    """Log entries, newest first, with the balance after each while the chain is unbroken."""
-    history, balance, expected = [], card.purse.balance_cents, card.purse.counter
-    for entry in card.log:
-        known = entry.counter == expected
-        history.append({
-            "counter": entry.counter, "type": entry.type.label, "date": entry.day.isoformat(),
-            "amount": fmt(entry.amount_cents),
-            "aavs_reload": fmt(entry.aavs_reload_cents) if entry.aavs_reload_cents else None,
-            "status": entry.new_status.label if entry.new_status is not None else None,
-            "balance_after": fmt(balance) if known else None,
-        })
-        if known:
-            if entry.type is LogType.PAYMENT:
-                balance += entry.amount_cents - entry.aavs_reload_cents
-            elif entry.type is LogType.ADD_VALUE:
-                balance -= entry.amount_cents
-            expected -= 1
-    return history
+    return [{
+        "counter": line.entry.counter, "type": line.entry.type.label,
+        "date": line.entry.day.isoformat(), "amount": fmt(line.entry.amount_cents),
+        "aavs_reload": fmt(line.entry.aavs_reload_cents) if line.entry.aavs_reload_cents else None,
+        "status": line.entry.new_status.label if line.entry.new_status is not None else None,
+        "balance_after": _money(line.balance_after_cents),
+    } for line in history(card)]
 
 
 def card_json(card: CardImage, *, test_key: bool, today) -> dict:
     identity, purse = card.identity, card.purse
+    card_limits = limits(card, today)
     return {
         "number": format_number(identity.card_number),
         "kind": identity.kind.label,
@@ -95,15 +111,15 @@ def card_json(card: CardImage, *, test_key: bool, today) -> dict:
         "issued": identity.issued.isoformat(),
         "status": purse.status.label,
         "balance": fmt(purse.balance_cents),
-        "negative_limit": fmt(negative_limit_cents(identity)),
-        "stored_value_limit": fmt(stored_value_limit_cents(identity, purse)),
+        "negative_limit": fmt(card_limits.negative_limit_cents),
+        "stored_value_limit": fmt(card_limits.stored_value_limit_cents),
         "last_add_value": purse.last_add_value.isoformat(),
         "aavs": {"enabled": purse.aavs_enabled,
                  "amount": fmt(purse.aavs_reload_cents) if purse.aavs_enabled else None,
                  "last_reload": _day(purse.last_auto_reload)},
         "counter": purse.counter,
         "history": _history(card),
-        "fare_class": fare_class(identity, purse, today).value,
+        "fare_class": card_limits.fare_class.value,
         "deposit": fmt(identity.deposit_cents),
         "last_payment": _day(purse.last_payment),
         "payment_count": purse.payment_count,

@@ -6,14 +6,19 @@ from pathlib import Path
 
 import click
 
-from farebox.protocol.errors import FelicaError
 from farebox.cardimage.money import format_cents as fmt
+from farebox.protocol.errors import FelicaError
+from farebox.protocol.session import LiteSSession
+from farebox.protocol.simcard import Faults
 from farebox.terminal.clock import now_utc
 from farebox.terminal.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, Tariff
-from farebox.terminal.tap import TapInterrupted
+from farebox.terminal.tap import RequestRefused, TapInterrupted
 
 from . import output
-from .common import InputError, json_option, open_card, session_for, state_option, terminal
+from .common import (
+    InputError, config_option, json_option, open_reader, settings, state_notice, state_option,
+    terminal,
+)
 from .params import AMOUNT, FARES, POSITIVE_AMOUNT, TIME
 
 card_argument = click.argument("card_file", metavar="CARD",
@@ -21,6 +26,18 @@ card_argument = click.argument("card_file", metavar="CARD",
 at_option = click.option("--at", type=TIME, help="time of the tap, ISO 8601 with offset [default: now]")
 hotlist_option = click.option("--hotlist", type=click.Path(dir_okay=False, path_type=Path),
                               help="action list JSON (lost, aavs_suspended, cancelled cards)")
+leave_after_option = click.option(
+    "--leave-after", type=click.IntRange(min=0), metavar="N",
+    help="simulate a pull-away: the card leaves the field after N card commands")
+torn_write_option = click.option(
+    "--torn-write", type=click.IntRange(min=1), metavar="N",
+    help="simulate a tear: the Nth block write lands half-written and the card leaves")
+
+
+def _faults(leave_after: int | None, torn_write: int | None) -> Faults | None:
+    if leave_after is None and torn_write is None:
+        return None
+    return Faults(leave_after_commands=leave_after, tear_write_number=torn_write)
 
 
 @click.command()
@@ -29,42 +46,72 @@ hotlist_option = click.option("--hotlist", type=click.Path(dir_okay=False, path_
 @click.option("--fares", type=FARES, help="adult=A,child=C,elder=E,student=S,disability=D")
 @at_option
 @state_option
+@config_option
 @hotlist_option
+@leave_after_option
+@torn_write_option
 @json_option
-def tap(card_file, fare, fares, at, state_dir, hotlist, as_json) -> None:
+def tap(card_file, fare, fares, at, state_dir, config_file, hotlist, leave_after, torn_write,
+        as_json) -> None:
     """Pay a fare with the card in CARD."""
-    if (fare is None) == (fares is None):
+    if fare is not None and fares is not None:
         raise click.UsageError("give exactly one of --fare and --fares")
-    tariff = fares if fares is not None else Tariff.flat(fare)
-    card = open_card(card_file)
-    with terminal(state_dir, hotlist) as term:
-        result = _run(card_file, lambda: term.pay(session_for(card), tariff, at or now_utc()))
-    output.emit(output.tap_json(result, with_fare_class=True), as_json,
-                output.tap_human(result, "fare"))
+    config = settings(config_file, state_dir=state_dir, action_list=hotlist,
+                      tariff=fares if fares is not None else fare and Tariff.flat(fare))
+    if config.tariff is None:
+        raise click.UsageError("give exactly one of --fare and --fares (or [fares] in --config)")
+    faults = _faults(leave_after, torn_write)
+    reader = open_reader(f"sim:{card_file}", faults=faults)
+    try:
+        with terminal(config) as term:
+            result = _run(card_file, faults, lambda: term.pay(
+                LiteSSession(reader), config.tariff, at or now_utc()))
+            output.emit(output.tap_json(result, with_fare_class=True), as_json,
+                        output.tap_human(result, "fare"))
+    finally:
+        reader.close()
+    state_notice(config)
 
 
 @click.command("add-value")
 @card_argument
 @click.option("--amount", type=POSITIVE_AMOUNT, required=True, help="cash to add")
-@click.option("--minimum", type=AMOUNT, default=fmt(DEFAULT_MINIMUM_ADD_VALUE_CENTS),
-              show_default=True, help="this terminal's smallest add value")
+@click.option("--minimum", type=AMOUNT, default=None,
+              help=f"this terminal's smallest add value [default: {fmt(DEFAULT_MINIMUM_ADD_VALUE_CENTS)}]")
 @at_option
 @state_option
+@config_option
 @hotlist_option
+@leave_after_option
+@torn_write_option
 @json_option
-def add_value(card_file, amount, minimum, at, state_dir, hotlist, as_json) -> None:
+def add_value(card_file, amount, minimum, at, state_dir, config_file, hotlist, leave_after,
+              torn_write, as_json) -> None:
     """Add cash value to the card in CARD."""
-    card = open_card(card_file)
-    with terminal(state_dir, hotlist, minimum_add_value_cents=minimum) as term:
-        result = _run(card_file, lambda: term.add_value(session_for(card), amount, at or now_utc()))
-    output.emit(output.tap_json(result, with_fare_class=False), as_json,
-                output.tap_human(result, "add value"))
+    config = settings(config_file, state_dir=state_dir, action_list=hotlist,
+                      minimum_add_value_cents=minimum)
+    faults = _faults(leave_after, torn_write)
+    reader = open_reader(f"sim:{card_file}", faults=faults)
+    try:
+        with terminal(config) as term:
+            result = _run(card_file, faults, lambda: term.add_value(
+                LiteSSession(reader), amount, at or now_utc()))
+            output.emit(output.tap_json(result, with_fare_class=False), as_json,
+                        output.tap_human(result, "add value"))
+    finally:
+        reader.close()
+    state_notice(config)
 
 
-def _run(card_file: Path, transaction):
+def _run(card_file: Path, faults: Faults | None, transaction):
     try:
         return transaction()
     except TapInterrupted as error:  # the journal holds the write in doubt: exit 1
         raise click.ClickException(str(error)) from None
-    except FelicaError as error:  # before anything was written: this card file is unusable
+    except RequestRefused as error:
+        raise InputError(str(error)) from None
+    except FelicaError as error:  # before anything was written
+        if faults is not None:  # the pull-away asked for
+            raise click.ClickException(f"the card left the field ({error}); nothing was "
+                                       "written; tap the card again") from None
         raise InputError(f"{card_file}: the card does not work with this terminal ({error})") from None

@@ -20,8 +20,6 @@ from farebox.protocol.simcard import (
     CardFileError,
     Faults,
     SimulatedLiteS,
-    load_card,
-    save_card,
 )
 
 IDM = bytes.fromhex("0102030405060708")
@@ -298,73 +296,3 @@ def test_from_json_accepts_any_case_and_ignores_extra_keys():
     obj["comment"] = "not authoritative"
     card = SimulatedLiteS.from_json(obj)
     assert card.to_json() == make_card().to_json()
-
-
-def test_save_and_load_round_trip(tmp_path):
-    path = tmp_path / "card.json"
-    card = make_card()
-    card.blocks[3] = NEW
-    save_card(card, path)
-    assert json.loads(path.read_text()) == card.to_json()
-    assert load_card(path).to_json() == card.to_json()
-    assert [entry.name for entry in tmp_path.iterdir()] == ["card.json"]
-
-
-def test_save_replaces_an_existing_file(tmp_path):
-    path = tmp_path / "card.json"
-    save_card(make_card(), path)
-    card = load_card(path)
-    write(card, 0)
-    save_card(card, path)
-    assert load_card(path).blocks[0] == NEW
-
-
-def test_on_write_can_persist_each_landed_block(tmp_path):
-    path = tmp_path / "card.json"
-    card = make_card(faults=Faults(tear_write_number=2), on_write=lambda c: save_card(c, path))
-    write(card, 6)
-    assert load_card(path).blocks[6] == NEW
-    write(card, 7)
-    assert load_card(path).blocks[7] == NEW[:8] + b"\x07" * 8
-
-
-def _card_json(**changes):
-    obj = make_card().to_json()
-    obj.update(changes)
-    return json.dumps({key: value for key, value in obj.items() if value is not None})
-
-
-@pytest.mark.parametrize(
-    ("content", "problem"),
-    [
-        (None, "no such card file"),
-        ("{not json", "not JSON"),
-        (b"\xff\xfe", "not JSON"),
-        ("[]", "expected a JSON object"),
-        (_card_json(idm=None), "missing key 'idm'"),
-        (_card_json(idm="zz02030405060708"), "'idm' is not hex"),
-        (_card_json(idm="01020304050607"), "'idm' must be 8 bytes"),
-        (_card_json(pmm=1234), "'pmm' must be a hex string"),
-        (_card_json(system_code="88b400"), "'system_code' must be 2 bytes"),
-        (_card_json(blocks=["00" * 16] * 13), "'blocks' must be a list of 14"),
-        (_card_json(blocks=["00" * 16] * 13 + ["00" * 15]), "'blocks[13]' must be 16 bytes"),
-        (_card_json(blocks=["00" * 16] * 13 + [None]), "'blocks[13]' must be a hex string"),
-    ],
-)
-def test_load_card_errors_name_the_file_and_the_problem(tmp_path, content, problem):
-    path = tmp_path / "card.json"
-    if isinstance(content, str):
-        path.write_text(content)
-    elif isinstance(content, bytes):
-        path.write_bytes(content)
-    with pytest.raises(CardFileError) as raised:
-        load_card(path)
-    message = str(raised.value)
-    assert message.startswith(f"{path}: ")
-    assert problem in message
-    assert "\n" not in message
-
-
-def test_load_card_of_a_directory_is_a_card_file_error(tmp_path):
-    with pytest.raises(CardFileError, match="cannot read"):
-        load_card(tmp_path)

@@ -17,6 +17,7 @@ from farebox.terminal.journal import Journal
 from farebox.terminal.keys import published_test_keys
 from farebox.terminal.rules import Reason, Tariff
 from farebox.terminal.tap import TapInterrupted, Terminal
+from farebox.terminal.writestate import WriteState
 
 KEYS = published_test_keys()
 START = datetime(2026, 11, 1, 7, 0, tzinfo=timezone(timedelta(hours=8)))
@@ -45,20 +46,23 @@ class OneCardOneTerminal(RuleBasedStateMachine):
         try:
             # one more ordinary tap settles whatever is in doubt; then the books must balance
             self.tap(("pay", 1))
-            assert not [w for w in self.journal.unsettled_writes(31415926) if w.state == "intent"]
+            assert not [w for w in self.journal.unresolved_writes(31415926)
+                        if w.state is WriteState.INTENT]
             self.journal_explains_the_card()
         finally:
             self.journal.close()
             self._folder.cleanup()
 
-    def _tap(self, card, action):
-        self.now += timedelta(minutes=37)
+    def _tap(self, card, action, gap=timedelta(minutes=37)):
+        self.now += gap
         session = LiteSSession(InProcessTransport(card))
+        self.interrupted = None
         try:
             if action[0] == "pay":
                 return self.terminal.pay(session, Tariff.flat(action[1]), self.now)
             return self.terminal.add_value(session, action[1], self.now)
-        except TapInterrupted:
+        except TapInterrupted as error:
+            self.interrupted = (error.tap_id, action)
             return None
         finally:
             card.faults = Faults()
@@ -92,6 +96,25 @@ class OneCardOneTerminal(RuleBasedStateMachine):
         self.card.faults = Faults(tear_write_number=write, tear_bytes=torn)
         self._tap(self.card, action)
 
+    @rule(torn=st.integers(0, 16), gap_s=st.integers(1, 90))
+    def retap_after_a_lost_answer(self, torn, gap_s):
+        """The customer taps again soon after a tap was cut off: within the window a write that
+        landed is reported, never charged again; otherwise the request is served afresh."""
+        action = ("pay", 580)
+        self.card.faults = Faults(tear_write_number=2, tear_bytes=torn)
+        self._tap(self.card, action)
+        if self.interrupted is None:
+            return  # declined: nothing was written
+        tap_id, _ = self.interrupted
+        records_before = len(self.journal.records(31415926))
+        result = self._tap(self.card, action, gap=timedelta(seconds=gap_s))
+        landed = self.journal.write_state(tap_id) is WriteState.COMMITTED
+        if landed and gap_s <= 60:
+            assert result.completed_from == tap_id
+            assert len(self.journal.records(31415926)) == records_before
+        else:
+            assert result.completed_from is None
+
     @rule()
     def keep_a_copy(self):
         self.copies.append(SimulatedLiteS(self.card.idm, self.card.pmm, list(self.card.blocks)))
@@ -121,10 +144,11 @@ class OneCardOneTerminal(RuleBasedStateMachine):
         balance, counter = purse.balance_cents, purse.counter
         assert counter >= self.highest_seen
         self.highest_seen = counter
-        if self.journal.unsettled_writes(31415926):
-            return  # settled at the next tap of this card (see teardown)
+        if self.journal.unresolved_writes(31415926):
+            return  # resolved at the next tap of this card (see teardown)
         records = self.journal.records(31415926)
-        committed = sum(SIGN[r["type"]] * r["amount_cents"] for r in records if r["state"] == "committed")
+        committed = sum(SIGN[r.type.value] * r.amount_cents for r in records
+                        if r.write_state is WriteState.COMMITTED)
         assert balance == self.initial + committed
         assert self.journal.verify_chain()
 

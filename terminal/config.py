@@ -1,0 +1,187 @@
+"""The terminal's configuration: one frozen object, read once.
+
+Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), the environment
+(``FAREBOX_STATE``), then command-line flags. Every error names the key it is about::
+
+    [terminal]
+    id = "BUS-0042"                 # the journal's own random id if left out
+    state = "/var/lib/farebox"      # journal, counters seen, keys, batches
+    reader = "usb:054c:06c3"        # sim:CARD.json | udp:HOST:PORT | usb[:VID:PID] | tty:... | pcsc[:NAME]
+    keys = "test"                   # "test" (published test keys) or "file:/etc/farebox/keys.toml"
+    action_list = "/etc/farebox/hotlist.json"
+    minimum_add_value = "50.00"
+    retap_window_s = 60
+
+    [fares]                         # adult required; a class left out pays the adult fare
+    adult = "5.80"
+    child = "2.90"
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from farebox.cardimage.money import parse_amount
+from farebox.protocol.transports.files import UntrustedFileError, read_limited
+
+from .rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, FareClass, Tariff
+from .tap import DEFAULT_RETAP_WINDOW_S
+
+ENV_CONFIG = "FAREBOX_CONFIG"
+ENV_STATE = "FAREBOX_STATE"
+_TERMINAL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+_MAX_RETAP_WINDOW_S = 24 * 3600
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class TerminalConfig:
+    state_dir: Path | None = None  # None: the caller's default (the user's data directory)
+    terminal_id: str | None = None
+    reader: str | None = None
+    keys: str = "test"
+    action_list: Path | None = None
+    tariff: Tariff | None = None
+    minimum_add_value_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS
+    retap_window_s: float = DEFAULT_RETAP_WINDOW_S
+    #: where each setting came from ("default", "file", "env", "flag"), for `doctor` and notices
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def with_flags(self, **flags) -> TerminalConfig:
+        """Apply the flags that were given (None means not given)."""
+        given = {name: value for name, value in flags.items() if value is not None}
+        unknown = set(given) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"no such setting: {sorted(unknown)}")
+        if "terminal_id" in given:
+            _check_terminal_id(given["terminal_id"], "--terminal-id")
+        sources = {**self.sources, **{name: "flag" for name in given}}
+        return replace(self, **given, sources=sources)
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> TerminalConfig:
+    """The configuration from ``path`` (else ``$FAREBOX_CONFIG``, else none) and the environment."""
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_CONFIG):
+        path = Path(env[ENV_CONFIG])
+    settings: dict = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        settings = _from_toml(Path(path))
+        sources = {name: "file" for name in settings}
+    if env.get(ENV_STATE):
+        settings["state_dir"] = Path(env[ENV_STATE])
+        sources["state_dir"] = "env"
+    return TerminalConfig(**settings, sources=sources)
+
+
+def _from_toml(path: Path) -> dict:
+    try:
+        text = read_limited(path).decode("utf-8")
+    except UntrustedFileError as error:
+        raise ConfigError(str(error)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not TOML (not UTF-8 text)") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not TOML ({error})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not usable TOML (nested too deeply)") from None
+    unknown = set(document) - {"terminal", "fares"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section or key {sorted(unknown)[0]!r}")
+    settings: dict = {}
+    terminal = _table(document, "terminal", path)
+    readers = {
+        "id": ("terminal_id", _terminal_id),
+        "state": ("state_dir", lambda v, k: Path(_string(v, k))),
+        "reader": ("reader", _string),
+        "keys": ("keys", _keys),
+        "action_list": ("action_list", lambda v, k: Path(_string(v, k))),
+        "minimum_add_value": ("minimum_add_value_cents", _amount),
+        "retap_window_s": ("retap_window_s", _window),
+    }
+    for key, value in terminal.items():
+        if key not in readers:
+            raise ConfigError(f"{path}: terminal.{key}: unknown key")
+        name, read = readers[key]
+        try:
+            settings[name] = read(value, key)
+        except ValueError as error:
+            raise ConfigError(f"{path}: terminal.{key}: {error}") from None
+    fares = _table(document, "fares", path)
+    if fares:
+        settings["tariff"] = _tariff(fares, path)
+    return settings
+
+
+def _table(document: dict, name: str, path: Path) -> dict:
+    table = document.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {name}: expected a table [{name}]")
+    return table
+
+
+def _string(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _terminal_id(value: object, key: str) -> str:
+    return _check_terminal_id(_string(value, key), key)
+
+
+def _check_terminal_id(value: str, key: str) -> str:
+    if not _TERMINAL_ID.fullmatch(value):
+        raise ValueError(f"terminal id must be 1-32 letters, digits, '.', '_' or '-': {value!r}")
+    return value
+
+
+def _keys(value: object, key: str) -> str:
+    text = _string(value, key)
+    if text != "test" and not text.startswith("file:"):
+        raise ValueError(f'expected "test" or "file:PATH", got {text!r}')
+    return text
+
+
+def _amount(value: object, key: str) -> int:
+    if not isinstance(value, str):
+        raise ValueError('amounts are strings with at most two decimal places, e.g. "5.80"')
+    return parse_amount(value)
+
+
+def _window(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value <= _MAX_RETAP_WINDOW_S:
+        raise ValueError(f"expected a number of seconds from 0 to {_MAX_RETAP_WINDOW_S}")
+    return float(value)
+
+
+def _tariff(table: dict, path: Path) -> Tariff:
+    fares: dict[FareClass, int] = {}
+    for key, value in table.items():
+        try:
+            fare_class = FareClass(key)
+        except ValueError:
+            raise ConfigError(f"{path}: fares.{key}: unknown fare class (one of "
+                              f"{', '.join(c.value for c in FareClass)})") from None
+        try:
+            cents = _amount(value, key)
+        except ValueError as error:
+            raise ConfigError(f"{path}: fares.{key}: {error}") from None
+        if cents <= 0:
+            raise ConfigError(f"{path}: fares.{key}: a fare must be more than zero")
+        fares[fare_class] = cents
+    if FareClass.ADULT not in fares:
+        raise ConfigError(f"{path}: fares.adult: an adult fare is required")
+    return Tariff(fares)

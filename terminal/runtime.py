@@ -1,0 +1,129 @@
+"""The one place that assembles a terminal: from a :class:`TerminalConfig` to a running
+:class:`Terminal`, and from a reader spec to a :class:`Reader`. The CLI, the demo, the daemon and
+every later command use only these.
+
+Reader specs: ``sim:CARD.json`` (a simulated card file in this process), ``udp:HOST:PORT``
+(nfcpy's UDP simulation link), ``usb[:VID:PID]`` and ``tty:...`` (nfcpy readers), ``pcsc[:NAME]``
+(a PC/SC reader through pcscd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from farebox.protocol.reader import Reader
+from farebox.protocol.simcard import CardFileError, Faults
+
+from .actionlist import ActionListError, load_action_list
+from .config import ConfigError, TerminalConfig
+from .journal import Journal, JournalError
+from .keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
+from .tap import Terminal
+
+JOURNAL_FILE = "journal.sqlite3"
+READER_KINDS = ("sim", "udp", "usb", "tty", "pcsc")
+
+
+class RuntimeSetupError(ValueError):
+    """Something the terminal needs cannot be set up from what it was given (a bad config value,
+    an unusable card, list, key or journal file); the message is one line naming it."""
+
+
+def default_state_dir() -> Path:
+    return platformdirs.user_data_path("farebox")
+
+
+def state_dir(config: TerminalConfig) -> Path:
+    return config.state_dir if config.state_dir is not None else default_state_dir()
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    kind: str  # one of READER_KINDS
+    target: str  # what follows "kind:" ("" when nothing does)
+
+    @classmethod
+    def parse(cls, spec: str) -> ReaderSpec:
+        kind, _, target = spec.partition(":")
+        if kind not in READER_KINDS:
+            raise RuntimeSetupError(f"reader {spec!r}: expected one of sim:CARD.json, "
+                                    "udp:HOST:PORT, usb[:VID:PID], tty:PORT, pcsc[:NAME]")
+        if kind in ("sim", "udp", "tty") and not target:
+            raise RuntimeSetupError(f"reader {spec!r}: {kind}: needs a target after the colon")
+        if kind == "udp":
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise RuntimeSetupError(f"reader {spec!r}: expected udp:HOST:PORT")
+        return cls(kind, target)
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.target}" if self.target else self.kind
+
+
+def open_transport(spec: str | ReaderSpec, *, faults: Faults | None = None,
+                   writable: bool = True) -> Reader:
+    """Open the reader a spec names. ``faults`` (simulated cards only) makes the card leave the
+    field or tear a write; ``writable=False`` opens a card file for looking only (no lock)."""
+    spec = spec if isinstance(spec, ReaderSpec) else ReaderSpec.parse(spec)
+    if spec.kind == "sim":
+        from farebox.protocol.transports.inprocess import CardFileReader, InProcessTransport
+
+        try:
+            if not writable:
+                from farebox.protocol.transports.cardfile import load_card
+
+                reader = InProcessTransport(load_card(spec.target), name=str(spec))
+                if faults is not None:
+                    reader.card.faults = faults
+                return reader
+            return CardFileReader(Path(spec.target), faults=faults)
+        except CardFileError as error:
+            raise RuntimeSetupError(str(error)) from None
+    if faults is not None:
+        raise RuntimeSetupError(f"reader {spec}: faults can only be injected into a simulated "
+                                "card (sim:CARD.json)")
+    raise RuntimeSetupError(f"reader {spec}: this kind of reader is not supported yet")
+
+
+def load_keys(config: TerminalConfig) -> SoftwareKeyStore:
+    if config.keys == "test":
+        return published_test_keys()
+    try:
+        return load_key_file(Path(config.keys.removeprefix("file:")))
+    except KeyFileError as error:
+        raise RuntimeSetupError(f"keys: {error}") from None
+
+
+def open_journal(config: TerminalConfig) -> Journal:
+    try:
+        return Journal(state_dir(config) / JOURNAL_FILE, terminal_id=config.terminal_id)
+    except JournalError as error:
+        raise RuntimeSetupError(str(error)) from None
+
+
+@contextmanager
+def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
+    """A Terminal over the configured state directory's journal, keys and action list. On the
+    way out it does the work kept off the in-field path (durable commit marks, checkpoint)."""
+    try:
+        action_list = load_action_list(config.action_list) if config.action_list else ()
+    except ActionListError as error:
+        raise RuntimeSetupError(str(error)) from None
+    keys = load_keys(config)
+    journal = open_journal(config)
+    try:
+        terminal = Terminal(journal, keys, action_list, config.minimum_add_value_cents,
+                            config.retap_window_s)
+        yield terminal
+        terminal.idle()
+    finally:
+        journal.close()
+
+
+__all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "default_state_dir",
+           "open_journal", "open_terminal", "open_transport", "state_dir"]
