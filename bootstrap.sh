@@ -23,7 +23,14 @@ command -v gcc >/dev/null || need+=(gcc)
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
   sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      echo "bootstrap: missing system packages: ${need[*]}" >&2
+      echo "bootstrap: as root, run: apt-get install ${need[*]}   then run ./bootstrap.sh again" >&2
+      exit 2
+    fi
+    sudo="sudo"
+  fi
   echo "bootstrap: installing system packages: ${need[*]}"
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(cli.get_help(click.Context(cli, info_name="farebox")))
         return 0
     try:
-        cli.main(args=args, prog_name="farebox", standalone_mode=False)
+        code = cli.main(args=args, prog_name="farebox", standalone_mode=False)
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.ClickException as error:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"farebox: internal error: {type(error).__name__}: {message} "
                    "(set FAREBOX_DEBUG=1 for a traceback)", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0  # click returns a command's Exit code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,263 @@
+"""Defects found by attacking the core, each fixed: the clock moved back, hostile card contents,
+a lost commit mark, two processes on one first journal."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from dataclasses import replace
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+
+from farebox.cardimage.layout import PURSE_SLOT_BLOCKS
+from farebox.cardimage.model import COUNTER_MAX, Purse
+from farebox.protocol.session import LiteSSession
+from farebox.protocol.simcard import SimulatedLiteS
+from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.terminal.inspect import read_card
+from farebox.terminal.issue import IssueRequest, issue, new_idm
+from farebox.terminal.journal import Journal
+from farebox.terminal.keys import published_test_keys
+from farebox.terminal.rules import Reason, RecordType, Tariff
+from farebox.terminal.tap import RequestRefused, Terminal
+
+KEYS = published_test_keys()
+HK = timezone(timedelta(hours=8))
+AT = datetime(2026, 11, 22, 8, 0, tzinfo=HK)
+
+
+def new_card(balance_cents=10_000, issued=date(2026, 1, 15), **fields) -> SimulatedLiteS:
+    idm = new_idm()
+    _, _, blocks = issue(IssueRequest(issued=issued, number=12345678, balance_cents=balance_cents,
+                                      **fields), KEYS, idm)
+    return SimulatedLiteS(idm, blocks=blocks)
+
+
+def session(card):
+    return LiteSSession(InProcessTransport(card))
+
+
+def pay(terminal, card, fare=580, at=AT):
+    return terminal.pay(session(card), Tariff.flat(fare), at)
+
+
+def purse(card):
+    return read_card(session(card), KEYS).purse
+
+
+@pytest.fixture
+def journal(tmp_path):
+    with Journal(tmp_path / "journal.sqlite3") as journal:
+        yield journal
+
+
+@pytest.fixture
+def terminal(journal):
+    return Terminal(journal, KEYS)
+
+
+# ---- the clock is not trusted blindly ---------------------------------------------------------
+
+def test_moving_the_clock_back_does_not_reload_aavs_twice_in_a_day(terminal, journal):
+    card = new_card(balance_cents=300, aavs_reload_cents=15_000)
+    first = pay(terminal, card, fare=400, at=AT)
+    assert first.aavs_reload_cents == 15_000
+    # spend it down to where another reload would trigger, on the same day
+    pay(terminal, card, fare=14_000, at=AT + timedelta(hours=1))
+    assert purse(card).balance_cents == 300 + 15_000 - 400 - 14_000
+    # the clock is set back to yesterday: "not reloaded today" would be true on that date
+    back = pay(terminal, card, fare=1_000, at=AT - timedelta(days=1))
+    assert back.aavs_reload_cents is None and not back.clock_trusted
+    assert not back.approved or purse(card).last_auto_reload == AT.date()
+    flagged = [r for r in journal.records() if not r.clock_trusted]
+    assert all(r.tap_id == back.tap_id for r in flagged)
+    assert journal.verify_chain()
+
+
+def test_an_untrusted_payment_is_flagged_and_takes_the_high_water_dates_rules(terminal, journal):
+    card = new_card()
+    pay(terminal, card, at=AT)
+    result = pay(terminal, card, at=AT - timedelta(days=30))
+    assert result.approved and not result.clock_trusted
+    [record] = [r for r in journal.records() if r.tap_id == result.tap_id]
+    assert not record.clock_trusted and record.type is RecordType.PAYMENT
+    assert purse(card).last_payment == AT.date()  # never moved back to the untrusted date
+
+
+def test_moving_the_clock_back_does_not_revive_an_inactive_card(terminal):
+    card = new_card(issued=date(2020, 1, 1))  # last add value 2020-01-01: inactive since 2022
+    assert pay(terminal, card, at=AT).reason is Reason.INACTIVE
+    revived = pay(terminal, card, at=datetime(2021, 1, 1, 8, 0, tzinfo=HK))
+    assert revived.reason is Reason.INACTIVE and not revived.clock_trusted
+
+
+def test_a_card_newer_than_the_clock_makes_the_time_untrusted(tmp_path):
+    """A fresh terminal has no high-water mark; the card's own latest date still bounds time."""
+    card = new_card(balance_cents=300, aavs_reload_cents=15_000)
+    with Journal(tmp_path / "a.sqlite3") as journal:
+        assert pay(Terminal(journal, KEYS), card, fare=400, at=AT).aavs_reload_cents == 15_000
+    with Journal(tmp_path / "b.sqlite3") as journal:
+        result = pay(Terminal(journal, KEYS), card, fare=14_800, at=AT - timedelta(days=2))
+        assert not result.clock_trusted and result.aavs_reload_cents is None
+
+
+def test_an_add_value_before_the_card_was_issued_is_refused(terminal):
+    card = new_card()
+    before = list(card.blocks)
+    with pytest.raises(RequestRefused, match="before the card was issued"):
+        terminal.add_value(session(card), 10_000, datetime(1990, 1, 2, tzinfo=HK))
+    assert card.blocks == before
+
+
+def test_an_untrusted_add_value_does_not_touch_the_inactivity_clock(terminal):
+    card = new_card(last_add_value=date(2026, 6, 1))
+    pay(terminal, card, at=AT)
+    result = terminal.add_value(session(card), 5_000, datetime(2026, 3, 1, 9, 0, tzinfo=HK))
+    assert result.approved and not result.clock_trusted
+    assert purse(card).last_add_value == date(2026, 6, 1)
+
+
+def test_a_trusted_time_moves_the_high_water_mark_and_only_forward(terminal, journal):
+    card = new_card()
+    pay(terminal, card, at=AT)
+    assert journal.time_high_water() == AT
+    pay(terminal, card, at=AT - timedelta(hours=1))
+    assert journal.time_high_water() == AT
+    pay(terminal, card, at=AT + timedelta(microseconds=1))
+    assert journal.time_high_water() == AT + timedelta(microseconds=1)
+
+
+# ---- hostile card contents (valid MACs, values the rules never write) --------------------------
+
+def forge(card: SimulatedLiteS, **changes) -> None:
+    """Write a purse with valid MACs but impossible values (as a leaked key or a bug would)."""
+    image = read_card(session(card), KEYS)
+    forged = replace(image.purse, **changes)
+    key = KEYS.card_key(image.identity.key_version, card.idm)
+    for number, data in _encode_unchecked(forged, image, key).items():
+        card.blocks[number] = data
+
+
+def _encode_unchecked(forged: Purse, image, key):
+    """``encode_purse`` without its checks (it refuses such a purse, rightly)."""
+    from dataclasses import asdict
+
+    from farebox.cardimage import schemas
+    from farebox.cardimage.image import _seal
+    from farebox.cardimage.layout import AREA_PURSE
+
+    data = schemas.build(schemas.Purse, {**asdict(forged), "reserved": None})
+    return _seal(key, AREA_PURSE, image.identity.key_version, image.idm,
+                 PURSE_SLOT_BLOCKS[image.purse_slot], data)
+
+
+@pytest.mark.parametrize("changes", [
+    {"balance_cents": 300_001},  # above the stored value limit
+    {"balance_cents": -5_001},  # below minus the negative limit
+    {"balance_cents": 2**31 - 1},
+    {"counter": 0xFFFFFFFF},
+    {"counter": COUNTER_MAX},  # verifies, but can never be written again
+])
+def test_impossible_purse_values_are_an_invalid_card(terminal, journal, changes):
+    card = new_card()
+    forge(card, **changes)
+    before = list(card.blocks)
+    result = pay(terminal, card)
+    assert result.reason is Reason.INVALID_CARD and not result.approved
+    assert card.blocks == before and journal.records() == []
+
+
+# ---- the commit mark is durable before the next tap ---------------------------------------------
+
+def test_the_commit_mark_becomes_durable_off_the_in_field_path(terminal, journal):
+    """Model a power cut by what SQLite was asked to make durable: statements committed with
+    synchronous=NORMAL survive only once a later FULL commit (or checkpoint) syncs the WAL."""
+    statements = []
+    journal._db.set_trace_callback(statements.append)
+    card = new_card()
+    result = pay(terminal, card)
+    in_field = list(statements)
+    assert sum(s == "COMMIT" for s in in_field) == 2  # the intent (FULL) and the mark (NORMAL)
+    assert journal.unsynced  # the mark is not yet on disk: the card has not left yet
+    terminal.idle()  # the card has left
+    assert not journal.unsynced
+    after = statements[len(in_field):]
+    assert "COMMIT" in after and "PRAGMA wal_checkpoint(PASSIVE)" in after
+    assert journal.write(result.tap_id).state.value == "committed"
+
+
+def test_a_new_tap_makes_the_previous_mark_durable_first(terminal, journal):
+    card = new_card()
+    pay(terminal, card)
+    assert journal.unsynced
+    statements = []
+    journal._db.set_trace_callback(statements.append)
+    pay(terminal, card, at=AT + timedelta(minutes=1))
+    first_commit = statements.index("COMMIT")
+    # the first commit of the new tap is the sync, before the card is polled/written
+    assert statements[first_commit - 1].startswith("UPDATE meta SET value = value")
+    assert statements[first_commit - 2] == "BEGIN IMMEDIATE"
+    assert "PRAGMA synchronous=NORMAL" not in statements[:first_commit]  # a FULL commit
+
+
+def test_checkpoints_are_kept_off_the_in_field_path(terminal, journal):
+    statements = []
+    journal._db.set_trace_callback(statements.append)
+    card = new_card(balance_cents=300_000)
+    for minute in range(200):
+        pay(terminal, card, fare=1, at=AT + timedelta(minutes=minute))
+    assert not any("checkpoint" in s for s in statements)
+    assert journal._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] >= 1000
+
+
+# ---- many processes, one journal -------------------------------------------------------------
+
+def _open_journal(path, barrier, results):
+    barrier.wait()
+    try:
+        with Journal(path) as journal:
+            results.put(journal.terminal_id)
+    except Exception as error:  # reported to the parent
+        results.put(f"error: {error}")
+
+
+def test_a_first_journal_opened_by_several_processes_at_once(tmp_path):
+    context = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        path = tmp_path / f"j{attempt}.sqlite3"
+        barrier, results = context.Barrier(4), context.Queue()
+        workers = [context.Process(target=_open_journal, args=(path, barrier, results))
+                   for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(30)
+        ids = [results.get(timeout=5) for _ in workers]
+        assert len(set(ids)) == 1 and not ids[0].startswith("error"), ids
+
+
+def test_a_journal_from_the_first_schema_is_migrated(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('terminal_id', 'TOLD'), ('schema_version', '1');
+        CREATE TABLE card_writes (tap_id TEXT PRIMARY KEY, card_number INTEGER NOT NULL,
+            idm TEXT NOT NULL, counter_before INTEGER NOT NULL, counter_after INTEGER NOT NULL,
+            expected_slot TEXT NOT NULL, state TEXT NOT NULL, created_utc TEXT NOT NULL,
+            resolved_utc TEXT);
+        CREATE TABLE records (seq INTEGER PRIMARY KEY, terminal_id TEXT NOT NULL,
+            tap_id TEXT NOT NULL, card_number INTEGER NOT NULL, counter_before INTEGER NOT NULL,
+            counter_after INTEGER NOT NULL, type TEXT NOT NULL, amount_cents INTEGER NOT NULL,
+            balance_before_cents INTEGER NOT NULL, balance_after_cents INTEGER NOT NULL,
+            at_utc TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+        CREATE TABLE cards (card_number INTEGER PRIMARY KEY, highest_counter INTEGER NOT NULL,
+            highest_slot TEXT NOT NULL);
+    """)
+    db.close()
+    with Journal(path) as journal:
+        assert journal.terminal_id == "TOLD"
+        card = new_card()
+        assert pay(Terminal(journal, KEYS), card).approved
+        assert journal.verify_chain()
