@@ -4,7 +4,6 @@ parsed; the current purse is the valid slot with the higher counter."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 
 from . import schemas
 from .errors import CardImageError, IntegrityError, InvalidCard
@@ -56,7 +55,7 @@ def _open(blocks: Blocks, card_key: bytes, area: int, key_version: int, idm: byt
 
 def encode_identity(identity: Identity, idm: bytes, card_key: bytes) -> dict[int, bytes]:
     _check_identity(identity)
-    data = schemas.build(schemas.Identity, {**asdict(identity), "reserved": None})
+    data = schemas.build(schemas.Identity, {**identity.__dict__, "reserved": None})
     return _seal(card_key, AREA_IDENTITY, identity.key_version, idm, IDENTITY_BLOCKS, data)
 
 
@@ -93,7 +92,7 @@ def _check_identity(identity: Identity) -> None:
 def encode_purse(purse: Purse, slot: int, idm: bytes, card_key: bytes,
                  key_version: int) -> dict[int, bytes]:
     _check_purse(purse)
-    data = schemas.build(schemas.Purse, {**asdict(purse), "reserved": None})
+    data = schemas.build(schemas.Purse, {**purse.__dict__, "reserved": None})
     return _seal(card_key, AREA_PURSE, key_version, idm, PURSE_SLOT_BLOCKS[slot], data)
 
 

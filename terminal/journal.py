@@ -85,8 +85,7 @@ CREATE INDEX IF NOT EXISTS card_writes_open ON card_writes (card_number) WHERE s
 CREATE INDEX IF NOT EXISTS card_writes_void ON card_writes (card_number, counter_after)
     WHERE state = 'void';
 CREATE INDEX IF NOT EXISTS card_writes_log ON card_writes (card_number, counter_after)
-    WHERE log_confirmed = 0;
-CREATE INDEX IF NOT EXISTS records_tap ON records (tap_id);
+    WHERE log_confirmed = 0 AND state = 'committed';
 """
 _MIGRATE_1_TO_2 = """
 ALTER TABLE card_writes ADD COLUMN kind TEXT NOT NULL DEFAULT 'payment';
@@ -176,6 +175,17 @@ class ChainCheck:
 
 
 @dataclass(frozen=True)
+class _Mark:
+    """A change to a write kept in memory until :meth:`Journal.sync`; ``state`` None: only its
+    log block confirmed."""
+
+    write: CardWrite
+    state: WriteState | None
+    at_utc: str | None
+    log_confirmed: bool
+
+
+@dataclass(frozen=True)
 class CardMemory:
     """The newest state this terminal verified on a card."""
 
@@ -199,6 +209,7 @@ class Journal:
         self._wanted_id = terminal_id
         self._sync = "FULL" if durable else "OFF"
         self._unsynced = False
+        self._pending: list[_Mark] = []
         deadline = time.monotonic() + busy_timeout_s
         while True:
             try:
@@ -245,6 +256,14 @@ class Journal:
             version = int(self._meta("schema_version", lambda: str(SCHEMA_VERSION)))
         if version != SCHEMA_VERSION:
             raise JournalError(f"{self.path}: journal schema {version}, expected {SCHEMA_VERSION}")
+        self._high_water = None  # the latest trusted time: the meta row or the newest record's
+        for row in (self._db.execute("SELECT value FROM meta WHERE key = 'time_high_water_utc'"),
+                    self._db.execute("SELECT at_utc FROM records WHERE clock_trusted = 1 "
+                                     "ORDER BY seq DESC LIMIT 1")):
+            value = row.fetchone()
+            if value is not None:
+                self._note_high_water(parse_utc(value[0]))
+        self._high_water_saved = self._high_water
         if self._wanted_id is not None and self._wanted_id != self.terminal_id:
             raise JournalError(f"{self.path}: this journal belongs to terminal {self.terminal_id}, "
                                f"not {self._wanted_id}")
@@ -285,14 +304,27 @@ class Journal:
 
     @property
     def unsynced(self) -> bool:
-        """True while a commit made without waiting for the disk is not yet durable."""
-        return self._unsynced
+        """True while something recorded is not yet durable: a commit mark or log confirmation
+        not yet written, a commit made without waiting for the disk, a newer high-water time."""
+        return bool(self._pending) or self._unsynced or self._high_water != self._high_water_saved
 
     def sync(self) -> None:
-        """Make every earlier commit durable (one fsync of the WAL), if any is not yet."""
-        if self._unsynced and self._sync == "FULL":
-            with self._transaction():  # a FULL commit syncs the WAL and all frames before it
+        """Write the deferred marks and make everything durable (one FULL commit: it syncs the
+        WAL and every frame before it). A no-op when nothing is outstanding."""
+        if not self.unsynced:
+            return
+        with self._transaction():
+            for mark in self._pending:
+                self._apply(mark)
+            if self._high_water != self._high_water_saved:
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('time_high_water_utc', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value "
+                    "WHERE excluded.value > value", (utc_fixed(self._high_water),))
+            else:  # still one write, so that the commit syncs the WAL
                 self._db.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+        self._pending.clear()
+        self._high_water_saved = self._high_water
         self._unsynced = False
 
     def idle(self) -> None:
@@ -310,6 +342,7 @@ class Journal:
     # ---- reads ---------------------------------------------------------------------------
 
     def card_memory(self, card_number: int) -> CardMemory | None:
+        self._flush()
         row = self._db.execute("SELECT highest_counter, highest_slot FROM cards "
                                "WHERE card_number = ?", (card_number,)).fetchone()
         return None if row is None else CardMemory(row[0], bytes.fromhex(row[1]))
@@ -318,10 +351,12 @@ class Journal:
         memory = self.card_memory(card_number)
         return None if memory is None else memory.counter
 
-    def unresolved_writes(self, card_number: int) -> list[CardWrite]:
-        """Intents, and voids that could still turn up on the card (beyond its known counter),
-        newest first. Both queries use partial indexes: the cost does not grow with history."""
-        known = self.highest_counter(card_number) or 0
+    def unresolved_writes(self, card_number: int, known_counter: int | None = None) -> list[CardWrite]:
+        """Intents, and voids that could still turn up on the card (beyond its known counter,
+        looked up unless given), newest first. Both queries use partial indexes: the cost does
+        not grow with history."""
+        self._flush()
+        known = (self.highest_counter(card_number) if known_counter is None else known_counter) or 0
         rows = self._db.execute(
             f"SELECT {_WRITE_COLUMNS}, rowid FROM card_writes "
             "WHERE card_number = ? AND state = 'intent'", (card_number,)).fetchall()
@@ -335,6 +370,7 @@ class Journal:
     def unconfirmed_log(self, card_number: int, counter: int) -> CardWrite | None:
         """This terminal's committed write that produced ``counter`` on the card, if its log block
         was never confirmed written (the card left before, or the block tore)."""
+        self._flush()
         row = self._db.execute(
             f"SELECT {_WRITE_COLUMNS} FROM card_writes WHERE card_number = ? "
             "AND counter_after = ? AND log_confirmed = 0 AND state = 'committed' "
@@ -342,6 +378,7 @@ class Journal:
         return None if row is None else CardWrite._from_row(row)
 
     def write(self, tap_id: str) -> CardWrite | None:
+        self._flush()
         row = self._db.execute(f"SELECT {_WRITE_COLUMNS} FROM card_writes WHERE tap_id = ?",
                                (tap_id,)).fetchone()
         return None if row is None else CardWrite._from_row(row)
@@ -352,12 +389,14 @@ class Journal:
 
     def writes(self) -> list[CardWrite]:
         """Every card write: in doubt first, then newest first."""
+        self._flush()
         rows = self._db.execute(
             f"SELECT {_WRITE_COLUMNS} FROM card_writes "
             "ORDER BY state = 'intent' DESC, rowid DESC").fetchall()
         return [CardWrite._from_row(row) for row in rows]
 
     def records(self, card_number: int | None = None) -> list[JournalRecord]:
+        self._flush()
         query = ("SELECT r.seq, r.terminal_id, r.tap_id, r.card_number, r.counter_before, "
                  "r.counter_after, r.type, r.amount_cents, r.balance_before_cents, "
                  "r.balance_after_cents, r.at_utc, r.prev_hash, r.hash, r.clock_trusted, w.state "
@@ -390,31 +429,26 @@ class Journal:
         return ChainCheck(True, count)
 
     def time_high_water(self) -> datetime | None:
-        """The latest tap time this terminal trusted (None before its first tap)."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'time_high_water_utc'").fetchone()
-        return None if row is None else parse_utc(row[0])
+        """The latest tap time this terminal trusted (None before its first tap). Read at open
+        and kept in memory; the stored value only ever moves forward."""
+        return self._high_water
 
     # ---- writes --------------------------------------------------------------------------
 
     def observe(self, card_number: int, counter: int, slot: bytes,
-                trusted_at: datetime | None = None) -> None:
+                trusted_at: datetime | None = None, *, remember: bool = True) -> None:
         """Remember a purse verified on the card (only a higher counter replaces the memory) and
-        a trusted tap time. Not waited for: the card itself proves it again if it is lost."""
-        with self._quick():
-            self._remember(card_number, counter, slot)
-            if trusted_at is not None:
-                self._raise_high_water(trusted_at)
+        a trusted tap time (saved by the next :meth:`sync`). Not waited for: the card itself
+        proves it again if it is lost."""
+        if remember:
+            with self._quick():
+                self._remember(card_number, counter, slot)
+        if trusted_at is not None:
+            self._note_high_water(trusted_at)
 
-    def note_time(self, trusted_at: datetime) -> None:
-        with self._quick():
-            self._raise_high_water(trusted_at)
-
-    def _raise_high_water(self, at: datetime) -> None:
-        at_utc = utc_fixed(at)
-        self._db.execute(
-            "INSERT INTO meta (key, value) VALUES ('time_high_water_utc', ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE excluded.value > value",
-            (at_utc,))
+    def _note_high_water(self, at: datetime) -> None:
+        if self._high_water is None or at > self._high_water:
+            self._high_water = at
 
     def _remember(self, card_number: int, counter: int, slot: bytes) -> None:
         self._db.execute(
@@ -427,8 +461,11 @@ class Journal:
                       counter_before: int, slot_before: bytes, counter_after: int,
                       expected_slot: bytes, log_block: int, log_data: bytes,
                       balance_before_cents: int, records: Sequence[Record], outcome: dict,
-                      at: datetime, clock_trusted: bool = True) -> CardWrite:
-        """Durably record what is about to be written, before the card is touched (one fsync)."""
+                      at: datetime, clock_trusted: bool = True,
+                      remember_before: bool = True) -> CardWrite:
+        """Durably record what is about to be written, before the card is touched (one fsync).
+        ``remember_before=False`` when this terminal's memory of the card already is
+        ``counter_before`` with ``slot_before``."""
         at_utc = utc_iso(at)
         with self._transaction():
             self._db.execute(
@@ -438,9 +475,8 @@ class Journal:
                 (tap_id, card_number, idm.hex(), kind, counter_before, counter_after,
                  expected_slot.hex(), at_utc, json.dumps(outcome, separators=(",", ":")),
                  log_block, log_data.hex()))
-            self._remember(card_number, counter_before, slot_before)
-            if clock_trusted:
-                self._raise_high_water(at)
+            if remember_before:
+                self._remember(card_number, counter_before, slot_before)
             row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
             seq, previous = (row[0], row[1]) if row else (0, GENESIS_HASH)
             balance = balance_before_cents
@@ -455,11 +491,11 @@ class Journal:
                     "prev_hash": previous, "clock_trusted": clock_trusted,
                 }
                 fields["hash"] = previous = _record_hash(fields)
-                self._db.execute(
-                    f"INSERT INTO records ({', '.join(fields)}) "
-                    f"VALUES ({', '.join('?' * len(fields))})", tuple(fields.values()))
+                self._db.execute(_INSERT_RECORD, tuple(fields.values()))
                 balance = record.balance_after_cents
         self._unsynced = False  # that commit synced the WAL, and every frame before it
+        if clock_trusted:  # durable with the record itself; the meta row follows at sync()
+            self._note_high_water(at)
         return CardWrite(tap_id, card_number, idm, kind, counter_before, counter_after,
                          expected_slot, WriteState.INTENT, at_utc, outcome=outcome,
                          log_block=log_block, log_data=log_data, log_confirmed=False)
@@ -474,28 +510,54 @@ class Journal:
         is in the field; :meth:`sync` (after the card has left) makes it durable."""
         state = WriteState(state)
         check_transition(write.state, state)
+        self._flush()
         with (self._transaction() if sync else self._quick()):
-            changed = self._db.execute(
-                "UPDATE card_writes SET state = ?, resolved_utc = ?, "
-                "log_confirmed = log_confirmed OR ? WHERE tap_id = ? AND state = ?",
-                (state.value, utc_iso(at), int(log_confirmed), write.tap_id,
-                 write.state.value)).rowcount
-            if changed != 1:
-                raise JournalError(f"card write {write.tap_id} is no longer {write.state.value}")
-            if state is WriteState.COMMITTED:
-                self._remember(write.card_number, write.counter_after, write.expected_slot)
+            self._apply(_Mark(write, state, utc_iso(at), log_confirmed))
         if sync:
             self._unsynced = False
         return CardWrite(**{**write.__dict__, "state": state, "resolved_utc": utc_iso(at),
                             "log_confirmed": write.log_confirmed or log_confirmed})
 
+    def commit_later(self, write: CardWrite, at: datetime, *, log_confirmed: bool) -> CardWrite:
+        """The commit mark of a write the card has just confirmed, made while the card is in
+        the field: kept in memory and written by the next :meth:`sync` (after the card has left,
+        and before the next tap starts). Lost to a crash, the card proves the write again."""
+        check_transition(write.state, WriteState.COMMITTED)
+        self._pending.append(_Mark(write, WriteState.COMMITTED, utc_iso(at), log_confirmed))
+        return CardWrite(**{**write.__dict__, "state": WriteState.COMMITTED,
+                            "resolved_utc": utc_iso(at),
+                            "log_confirmed": write.log_confirmed or log_confirmed})
+
     def confirm_log(self, write: CardWrite) -> None:
-        """The write's log block is on the card (answered by the card). Not waited for."""
-        with self._quick():
+        """The write's log block is on the card (answered by the card); saved by :meth:`sync`."""
+        self._pending.append(_Mark(write, None, None, True))
+
+    def _flush(self) -> None:
+        """Readers see the deferred marks (written, durably, before any read)."""
+        if self._pending:
+            self.sync()
+
+    def _apply(self, mark: _Mark) -> None:
+        write = mark.write
+        if mark.state is None:
             self._db.execute("UPDATE card_writes SET log_confirmed = 1 WHERE tap_id = ?",
                              (write.tap_id,))
+            return
+        changed = self._db.execute(
+            "UPDATE card_writes SET state = ?, resolved_utc = ?, "
+            "log_confirmed = log_confirmed OR ? WHERE tap_id = ? AND state = ?",
+            (mark.state.value, mark.at_utc, int(mark.log_confirmed), write.tap_id,
+             write.state.value)).rowcount
+        if changed != 1:
+            raise JournalError(f"card write {write.tap_id} is no longer {write.state.value}")
+        if mark.state is WriteState.COMMITTED:
+            self._remember(write.card_number, write.counter_after, write.expected_slot)
 
 
+_INSERT_RECORD = (
+    "INSERT INTO records (seq, terminal_id, tap_id, card_number, counter_before, counter_after, "
+    "type, amount_cents, balance_before_cents, balance_after_cents, at_utc, prev_hash, "
+    "clock_trusted, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _HASHED = ("seq", "terminal_id", "tap_id", "card_number", "counter_before", "counter_after", "type",
            "amount_cents", "balance_before_cents", "balance_after_cents", "at_utc", "prev_hash")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import platformdirs
 
+from farebox.protocol.errors import TransportError
 from farebox.protocol.reader import Reader
 from farebox.protocol.simcard import CardFileError, Faults
 
@@ -87,7 +88,22 @@ def open_transport(spec: str | ReaderSpec, *, faults: Faults | None = None,
     if faults is not None:
         raise RuntimeSetupError(f"reader {spec}: faults can only be injected into a simulated "
                                 "card (sim:CARD.json)")
-    raise RuntimeSetupError(f"reader {spec}: this kind of reader is not supported yet")
+    try:
+        if spec.kind in ("udp", "usb", "tty"):
+            try:
+                from farebox.protocol.transports.nfcpy_reader import NfcpyReader
+            except ImportError:
+                raise RuntimeSetupError(f"reader {spec}: nfcpy is not installed "
+                                        "(pip install 'farebox[nfc]')") from None
+            return NfcpyReader(str(spec))
+        try:
+            from farebox.protocol.transports.pcsc import PcscReader
+        except ImportError:
+            raise RuntimeSetupError(f"reader {spec}: pyscard is not installed "
+                                    "(pip install 'farebox[pcsc]')") from None
+        return PcscReader(spec.target or None)
+    except TransportError as error:
+        raise RuntimeSetupError(f"reader {spec}: {error}") from None
 
 
 def load_keys(config: TerminalConfig) -> SoftwareKeyStore:

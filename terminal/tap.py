@@ -23,7 +23,7 @@ from farebox.protocol.errors import FelicaError
 from farebox.protocol.session import LiteSSession
 
 from .clock import hk_date, require_aware, start_of_hk_day
-from .journal import CardWrite, Journal
+from .journal import CardMemory, CardWrite, Journal
 from .keys import SoftwareKeyStore
 from .rules import (
     DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, Reason, Record, RecordType,
@@ -140,8 +140,9 @@ class Terminal:
             session.poll()
         idm = session.idm
         raw = dict(zip(TAP_READ_BLOCKS, session.read_blocks(TAP_READ_BLOCKS)))
+        card_key_for = _CardKeys(self.keys, idm)
         try:
-            card = decode_image(raw, idm, lambda version: self.keys.card_key(version, idm))
+            card = decode_image(raw, idm, card_key_for)
         except InvalidCard:
             return TapResult(False, Reason.INVALID_CARD, None, request.amount_cents, None, None,
                              commands=session.commands, idm=idm)
@@ -155,12 +156,13 @@ class Terminal:
         slot_bytes = _slot_bytes(card, raw)
         trusted, rules_at = self._trusted_time(card, at)
 
-        resolved = self._resolve(card, slot_bytes, at)
-        completed = self._complete(session, card, resolved, request, at)
-        if completed is not None:
-            return completed
-
         memory = self.journal.card_memory(number)
+        resolved = self._resolve(card, slot_bytes, at, memory)
+        if resolved:
+            completed = self._complete(session, card, resolved, request, at)
+            if completed is not None:
+                return completed
+            memory = self.journal.card_memory(number)
         if memory is not None and (counter < memory.counter or (
                 counter == memory.counter and slot_bytes[counter] != memory.slot)):
             # older than what this terminal verified, or a restored copy written again (a fork)
@@ -170,16 +172,18 @@ class Terminal:
 
         decision = request.decide(card, rules_at, trusted)
         if decision.new_purse is None:
-            if memory is None or counter > memory.counter or trusted:
-                self.journal.observe(number, counter, slot_bytes[counter],
-                                     trusted_at=at if trusted else None)
+            self.journal.observe(number, counter, slot_bytes[counter],
+                                 trusted_at=at if trusted else None,
+                                 remember=memory is None or counter > memory.counter)
             return self._result(decision, card, counter, session, trusted=trusted)
-        return self._write(session, card, slot_bytes, decision, request, at, trusted)
+        return self._write(session, card, slot_bytes, decision, request, at, trusted,
+                           card_key_for(card.identity.key_version),
+                           remember_before=memory is None or memory.counter != counter)
 
     def _write(self, session: LiteSSession, card: CardImage, slot_bytes: dict[int, bytes],
-               decision: Decision, request: _Request, at: datetime, trusted: bool) -> TapResult:
+               decision: Decision, request: _Request, at: datetime, trusted: bool,
+               card_key: bytes, *, remember_before: bool) -> TapResult:
         idm, number, counter = card.idm, card.identity.card_number, card.purse.counter
-        card_key = self.keys.card_key(card.identity.key_version, idm)
         (purse_a, purse_b, log) = change_blocks(card, decision.new_purse, decision.log_entry,
                                                 card_key)
         repair = self.journal.unconfirmed_log(number, counter)
@@ -193,7 +197,8 @@ class Terminal:
             counter_before=counter, slot_before=slot_bytes[counter],
             counter_after=decision.new_purse.counter, expected_slot=purse_a[1] + purse_b[1],
             log_block=log[0], log_data=log[1], balance_before_cents=decision.balance_before_cents,
-            records=decision.records, outcome=result.outcome(), at=at, clock_trusted=trusted)
+            records=decision.records, outcome=result.outcome(), at=at, clock_trusted=trusted,
+            remember_before=remember_before)
         try:
             session.write_block(*purse_a)
             session.write_block(*purse_b)
@@ -202,8 +207,7 @@ class Terminal:
         # The purse slot has landed: the value moved. The log block is a record of it, written
         # next; if it does not land, the next write to this card writes it again.
         log_landed = self._try_write(session, log)
-        self.journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=log_landed,
-                                   sync=False)
+        self.journal.commit_later(write, at, log_confirmed=log_landed)
         if repair is not None and log_landed and self._try_write(
                 session, (repair.log_block, repair.log_data)):
             self.journal.confirm_log(repair)
@@ -235,15 +239,16 @@ class Terminal:
             return True, at
         return False, floor
 
-    def _resolve(self, card: CardImage, slot_bytes: dict[int, bytes],
-                 at: datetime) -> list[tuple[CardWrite, CardWrite]]:
+    def _resolve(self, card: CardImage, slot_bytes: dict[int, bytes], at: datetime,
+                 memory: CardMemory | None) -> list[tuple[CardWrite, CardWrite]]:
         """Resolve writes left in doubt for this card (and voids that turn up), by what it shows:
         pairs of (the write as it was, as it is now). Newest first: a retry can write the very
         bytes an earlier voided attempt would have, and only one write can have produced a
         counter."""
         committed_up_to = 0
         changed = []
-        for write in self.journal.unresolved_writes(card.identity.card_number):
+        known = 0 if memory is None else memory.counter
+        for write in self.journal.unresolved_writes(card.identity.card_number, known):
             if write.counter_after <= committed_up_to:
                 continue
             state = _resolution(write, card.purse.counter, slot_bytes)
@@ -284,6 +289,19 @@ class Terminal:
             decision.balance_before_cents, decision.balance_after_cents, decision.fare_class,
             decision.aavs_reload_cents, decision.records, counter, session.commands, tap_id,
             clock_trusted=trusted, idm=card.idm)
+
+
+class _CardKeys:
+    """The card's diversified key for a key version, derived once per tap."""
+
+    def __init__(self, keys: SoftwareKeyStore, idm: bytes) -> None:
+        self._keys, self._idm, self._cache = keys, idm, {}
+
+    def __call__(self, version: int) -> bytes:
+        key = self._cache.get(version)
+        if key is None:
+            key = self._cache[version] = self._keys.card_key(version, self._idm)
+        return key
 
 
 def _slot_bytes(card: CardImage, raw: dict[int, bytes]) -> dict[int, bytes]:

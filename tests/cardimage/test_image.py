@@ -18,7 +18,7 @@ from farebox.cardimage.layout import (
 )
 from farebox.cardimage.mac import area_mac, diversify_key
 from farebox.cardimage.model import (
-    AAVS_RELOAD_CENTS, Category, Concession, Identity, Kind, LogEntry, LogType, Purse, Status,
+    AAVS_RELOAD_CENTS, COUNTER_MAX, Category, Concession, Identity, Kind, LogEntry, LogType, Purse, Status,
 )
 from farebox.cardimage.money import format_cents, parse_amount
 
@@ -64,7 +64,7 @@ identities = st.builds(
     category=st.sampled_from(Category), issued=days_, deposit_cents=st.integers(0, 2**32 - 1),
     key_version=st.integers(0, 255))
 purses = st.builds(
-    Purse, counter=st.integers(1, 2**32 - 1), balance_cents=st.integers(-(2**31), 2**31 - 1),
+    Purse, counter=st.integers(1, COUNTER_MAX), balance_cents=st.integers(-(2**31), 2**31 - 1),
     last_add_value=days_, last_auto_reload=st.none() | days_, last_payment=st.none() | days_,
     aavs_reload_cents=st.sampled_from((0,) + AAVS_RELOAD_CENTS), status=st.sampled_from(Status),
     payment_count=st.integers(0, 0xFFFF), concession=st.sampled_from(Concession),
@@ -301,3 +301,12 @@ def test_format_refuses_floats():
         format_cents(5.8)
     with pytest.raises(TypeError):
         parse_amount(5.8)
+
+
+def test_a_counter_that_could_never_advance_is_refused_both_ways():
+    purse = Purse(counter=COUNTER_MAX, balance_cents=0, last_add_value=date(2026, 1, 1))
+    blocks = encode_purse(purse, 0, IDM, CARD_KEY, VERSION)
+    assert decode_purse(blocks, 0, IDM, CARD_KEY, VERSION).counter == COUNTER_MAX
+    with pytest.raises(CardImageError, match="outside"):
+        encode_purse(Purse(**{**purse.__dict__, "counter": COUNTER_MAX + 1}), 0, IDM, CARD_KEY,
+                     VERSION)

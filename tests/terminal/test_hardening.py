@@ -21,6 +21,7 @@ from farebox.terminal.journal import Journal
 from farebox.terminal.keys import published_test_keys
 from farebox.terminal.rules import Reason, RecordType, Tariff
 from farebox.terminal.tap import RequestRefused, Terminal
+from farebox.terminal.writestate import WriteState
 
 KEYS = published_test_keys()
 HK = timezone(timedelta(hours=8))
@@ -171,20 +172,46 @@ def test_impossible_purse_values_are_an_invalid_card(terminal, journal, changes)
 # ---- the commit mark is durable before the next tap ---------------------------------------------
 
 def test_the_commit_mark_becomes_durable_off_the_in_field_path(terminal, journal):
-    """Model a power cut by what SQLite was asked to make durable: statements committed with
-    synchronous=NORMAL survive only once a later FULL commit (or checkpoint) syncs the WAL."""
+    """While the card is in the field the tap makes one commit (the intent, FULL: its fsync).
+    The commit mark waits in memory and is written, durably, once the card has left."""
     statements = []
     journal._db.set_trace_callback(statements.append)
     card = new_card()
     result = pay(terminal, card)
     in_field = list(statements)
-    assert sum(s == "COMMIT" for s in in_field) == 2  # the intent (FULL) and the mark (NORMAL)
-    assert journal.unsynced  # the mark is not yet on disk: the card has not left yet
+    assert sum(s == "COMMIT" for s in in_field) == 1
+    assert not any(s.startswith("UPDATE card_writes") for s in in_field)
+    assert "PRAGMA synchronous=NORMAL" not in in_field  # the intent commit is a FULL one
+    assert journal.unsynced  # the mark is not on disk yet: the card has not left
     terminal.idle()  # the card has left
     assert not journal.unsynced
     after = statements[len(in_field):]
-    assert "COMMIT" in after and "PRAGMA wal_checkpoint(PASSIVE)" in after
-    assert journal.write(result.tap_id).state.value == "committed"
+    commit = after.index("COMMIT")
+    assert any(s.startswith("UPDATE card_writes SET state") for s in after[:commit])
+    assert "PRAGMA synchronous=NORMAL" not in after[:commit]  # FULL: synced
+    assert "PRAGMA wal_checkpoint(PASSIVE)" in after[commit:]
+    assert journal.write(result.tap_id).state is WriteState.COMMITTED
+
+
+def test_a_power_cut_before_the_mark_is_written_costs_nothing(tmp_path):
+    """The process dies with the mark only in memory: a restarted terminal finds the intent and
+    the card proves the write; an image restored from before the tap is then a rollback."""
+    path = tmp_path / "j.sqlite3"
+    card = new_card()
+    before = SimulatedLiteS(card.idm, card.pmm, list(card.blocks))
+    journal = Journal(path)
+    result = pay(Terminal(journal, KEYS), card)
+    journal._pending.clear()  # the power cut: memory is gone
+    journal._db.close()
+    journal._db = None
+    with Journal(path) as journal:
+        terminal = Terminal(journal, KEYS)
+        assert journal.write_state(result.tap_id) is WriteState.INTENT
+        again = pay(terminal, card, at=AT + timedelta(minutes=6))
+        assert journal.write_state(result.tap_id) is WriteState.COMMITTED
+        assert again.balance_before_cents == 10_000 - 580
+        restored = pay(terminal, before, at=AT + timedelta(minutes=7))
+        assert restored.reason is Reason.ROLLBACK
 
 
 def test_a_new_tap_makes_the_previous_mark_durable_first(terminal, journal):
@@ -195,9 +222,8 @@ def test_a_new_tap_makes_the_previous_mark_durable_first(terminal, journal):
     journal._db.set_trace_callback(statements.append)
     pay(terminal, card, at=AT + timedelta(minutes=1))
     first_commit = statements.index("COMMIT")
-    # the first commit of the new tap is the sync, before the card is polled/written
-    assert statements[first_commit - 1].startswith("UPDATE meta SET value = value")
-    assert statements[first_commit - 2] == "BEGIN IMMEDIATE"
+    # the first commit of the new tap writes the last tap's mark, before this card is read
+    assert any(s.startswith("UPDATE card_writes SET state") for s in statements[:first_commit])
     assert "PRAGMA synchronous=NORMAL" not in statements[:first_commit]  # a FULL commit
 
 
