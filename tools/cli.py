@@ -19,6 +19,9 @@ COMMANDS = {
     "tap": ("farebox.tools.tap_cmd", "tap", "Pay a fare with the card in CARD."),
     "add-value": ("farebox.tools.tap_cmd", "add_value", "Add cash value to the card in CARD."),
     "journal": ("farebox.tools.journal_cmd", "journal", "Inspect the terminal's journal."),
+    "run": ("farebox.tools.run_cmd", "run",
+            "Wait for cards and charge each presentation once (the terminal daemon)."),
+    "sim": ("farebox.tools.sim_cmd", "sim", "Serve simulated cards to readers."),
     "demo": ("farebox.tools.demo_cmd", "demo",
              "Run a scripted day on a simulated card (test keys), with its own state."),
 }

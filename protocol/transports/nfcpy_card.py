@@ -115,10 +115,15 @@ class UdpCardServer:
         *,
         idle_timeout_s: float | None = 10.0,
         away_s: float | None = None,
+        dwell_s: float | None = None,
     ) -> None:
+        """``dwell_s``: the card leaves the field that long after a reader activated it, as a
+        hand holding a card over a reader would (None: it stays until something else ends the
+        presentation)."""
         self.card = card
         self.idle_timeout_s = idle_timeout_s
         self.away_s = away_s
+        self.dwell_s = dwell_s
         self.presentation_count = 0
         self._stopping = threading.Event()
         self._left_reader: tuple[str, int] | None = None
@@ -294,10 +299,14 @@ class UdpCardServer:
         card.respond(_with_length(target.sensf_req))  # the Polling nfcpy answered for us
         command: bytes | None = _with_length(target.tt3_cmd)
         heard_s = time.monotonic()
+        leaves_at = None if self.dwell_s is None else heard_s + self.dwell_s
         while True:
             answer = None if command is None else self._answer(command)
             if self.stopping:
                 return PresentationEnd.STOPPED
+            if leaves_at is not None and time.monotonic() >= leaves_at:
+                card.in_field = False  # the hand moves on: this answer is not sent
+                return PresentationEnd.CARD_LEFT
             if not card.in_field:
                 if answer is not None:
                     clf.exchange(bytearray(answer), 0)  # send only: the card is gone after this
@@ -310,6 +319,8 @@ class UdpCardServer:
                     if answer is not None:
                         clf.exchange(bytearray(answer), 0)
                     return PresentationEnd.READER_IDLE
+            if leaves_at is not None:
+                wait_s = max(min(wait_s, leaves_at - time.monotonic()), 0.001)
             command = None
             try:
                 # Send the answer (None: stay silent), then wait for the next frame.

@@ -1,0 +1,164 @@
+"""The terminal daemon: wait for a card, run the tap, report it, wait for the card to leave.
+
+One presentation is one tap: after a tap the card must leave the field before it is taken
+again, so a card held over the reader is not charged twice; a card presented again after an
+interrupted tap completes that tap (``Terminal``'s re-tap rule), never pays twice. Work that
+needs no card (durable commit marks, the WAL checkpoint) runs once the card has left.
+
+Signals only set a flag (``stop``): the tap in progress finishes, then the loop ends; every wait
+in the loop is short, so a stop takes effect within about a second. A reader that fails is
+closed and opened again with backoff; the daemon does not crash for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from farebox.protocol.errors import FelicaError, TransportError
+from farebox.protocol.frames import SYSTEM_CODE_LITE_S
+from farebox.protocol.reader import Reader
+from farebox.protocol.session import LiteSSession
+
+from .clock import now_utc
+from .rules import Tariff
+from .tap import RequestRefused, TapInterrupted, TapResult, Terminal
+
+LOG = logging.getLogger("farebox.terminal.daemon")
+
+POLL_WINDOW_S = 0.25  # one wait for a card; the stop flag is checked between waits
+REMOVAL_WINDOW_S = 0.1
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass(frozen=True)
+class TapEvent:
+    """What happened at one presentation: a result, or why there is none."""
+
+    result: TapResult | None
+    reader: str
+    idm: bytes
+    tap_ms: float
+    interrupted: str | None = None  # the tap_id left in doubt
+    error: str | None = None  # the card left before anything was written, or was refused
+
+
+@dataclass
+class DaemonStats:
+    taps: int = 0
+    reader_reopens: int = 0
+    outcomes: dict = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, terminal: Terminal, open_reader: Callable[[], Reader], tariff: Tariff, *,
+                 on_event: Callable[[TapEvent], None], max_taps: int | None = None,
+                 clock: Callable[[], datetime] = now_utc,
+                 on_ready: Callable[[Reader], None] = lambda reader: None,
+                 on_idle: Callable[[], None] = lambda: None) -> None:
+        self.terminal = terminal
+        self.open_reader = open_reader
+        self.tariff = tariff
+        self.on_event = on_event
+        self.on_ready = on_ready
+        self.on_idle = on_idle
+        self.max_taps = max_taps
+        self.clock = clock
+        self.stop_requested = False
+        self.stats = DaemonStats()
+        self._reader: Reader | None = None
+
+    def stop(self, *_args) -> None:
+        """Ask the loop to end after the tap in progress (safe from a signal handler)."""
+        self.stop_requested = True
+
+    def run(self) -> DaemonStats:
+        try:
+            while not self._done():
+                reader = self._ensure_reader()
+                if reader is None:
+                    break
+                try:
+                    found = reader.wait_for_card(SYSTEM_CODE_LITE_S, POLL_WINDOW_S)
+                except TransportError as error:
+                    self._lost_reader(error)
+                    continue
+                if found is None:
+                    self.on_idle()
+                    continue
+                self._tap(reader, found)
+                if self._done():
+                    break
+                self._await_removal(reader)
+                self.terminal.idle()  # the card has left: marks durable, checkpoint
+                self.on_idle()
+        finally:
+            self.terminal.idle()
+            if self._reader is not None:
+                self._reader.close()
+        return self.stats
+
+    def _done(self) -> bool:
+        return self.stop_requested or (self.max_taps is not None
+                                       and self.stats.taps >= self.max_taps)
+
+    def _tap(self, reader: Reader, found) -> None:
+        started = time.perf_counter()
+        session = LiteSSession(reader)
+        session.activate(found)
+        result = interrupted = error = None
+        try:
+            result = self.terminal.pay(session, self.tariff, self.clock())
+        except TapInterrupted as cut:
+            interrupted, error = cut.tap_id, str(cut)
+        except RequestRefused as refused:
+            error = str(refused)
+        except FelicaError as failed:  # before anything was written
+            error = f"the card left the field ({failed}); nothing was written"
+        self.stats.taps += 1
+        key = (result.reason.value if result.reason else "approved") if result else "incomplete"
+        self.stats.outcomes[key] = self.stats.outcomes.get(key, 0) + 1
+        self.on_event(TapEvent(result, reader.name, found.idm,
+                               round((time.perf_counter() - started) * 1000, 2),
+                               interrupted, error))
+
+    def _await_removal(self, reader: Reader) -> None:
+        while not self.stop_requested:
+            try:
+                if reader.wait_for_removal(REMOVAL_WINDOW_S):
+                    return
+            except TransportError as error:
+                self._lost_reader(error)
+                return
+
+    def _ensure_reader(self) -> Reader | None:
+        delay = BACKOFF_FIRST_S
+        while self._reader is None and not self.stop_requested:
+            try:
+                self._reader = self.open_reader()
+            except (TransportError, OSError, ValueError) as error:
+                LOG.warning("reader not available (%s); trying again in %.1f s", error, delay)
+                self._sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            self.on_ready(self._reader)
+        return self._reader
+
+    def _lost_reader(self, error: Exception) -> None:
+        LOG.warning("reader failed (%s); reopening", error)
+        if self._reader is not None:
+            try:
+                self._reader.close()
+            except Exception:  # a reader that is gone may fail to close too
+                LOG.debug("closing the failed reader", exc_info=True)
+        self._reader = None
+        self.stats.reader_reopens += 1
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stop_requested and time.monotonic() < deadline:
+            time.sleep(min(0.05, deadline - time.monotonic()))

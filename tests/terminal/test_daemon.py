@@ -1,0 +1,160 @@
+"""The daemon loop with in-process readers. A reader that vanishes (a USB reader unplugged) cannot
+happen here for real: :class:`FlakyReader` is a stand-in that fails the way nfcpy and pyscard
+readers fail (TransportError from wait_for_card), so the reopen path is exercised."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import date, datetime, timedelta, timezone
+
+import pytest
+
+from farebox.protocol.errors import TransportError
+from farebox.protocol.simcard import Faults, SimulatedLiteS
+from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.terminal.daemon import Daemon
+from farebox.terminal.issue import IssueRequest, issue, new_idm
+from farebox.terminal.journal import Journal
+from farebox.terminal.keys import published_test_keys
+from farebox.terminal.rules import Tariff
+from farebox.terminal.tap import Terminal
+
+KEYS = published_test_keys()
+AT = datetime(2026, 11, 22, 8, 0, tzinfo=timezone(timedelta(hours=8)))
+
+
+def new_card(balance_cents=10_000) -> SimulatedLiteS:
+    idm = new_idm()
+    _, _, blocks = issue(IssueRequest(issued=date(2026, 1, 15), number=12345678,
+                                      balance_cents=balance_cents), KEYS, idm)
+    return SimulatedLiteS(idm, blocks=blocks)
+
+
+class HandReader(InProcessTransport):
+    """An in-process reader with a hand: each presentation holds the card for a few commands
+    after the tap, then takes it away, then brings it back."""
+
+    def __init__(self, card, presentations, faults=()):
+        super().__init__(card, name="hand")
+        self.presentations = presentations
+        self.shown = 0
+        self.faults = list(faults)
+        card.in_field = False
+
+    def wait_for_card(self, system_code, timeout_s):
+        if not self.card.in_field:
+            if self.shown >= self.presentations:
+                time.sleep(min(timeout_s, 0.01))
+                return None
+            self.shown += 1
+            self.card.faults = self.faults.pop(0) if self.faults else Faults()
+            self.card.in_field = self.card.faults.leave_after_commands != 0
+        return super().wait_for_card(system_code, timeout_s)
+
+    def wait_for_removal(self, timeout_s):
+        self.card.in_field = False  # the hand moves on
+        return True
+
+
+class FlakyReader(HandReader):
+    """Fails like an unplugged reader after ``fail_after`` waits, once."""
+
+    def __init__(self, card, presentations, fail_after):
+        super().__init__(card, presentations)
+        self.waits = 0
+        self.fail_after = fail_after
+        self.closed = False
+
+    def wait_for_card(self, system_code, timeout_s):
+        self.waits += 1
+        if self.waits == self.fail_after:
+            raise TransportError("No such device (the reader was unplugged)")
+        return super().wait_for_card(system_code, timeout_s)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    with Journal(tmp_path / "j.sqlite3") as journal:
+        yield Terminal(journal, KEYS)
+
+
+def test_one_presentation_is_one_tap(terminal):
+    card = new_card()
+    reader = HandReader(card, presentations=3)
+    events = []
+    Daemon(terminal, lambda: reader, Tariff.flat(100), on_event=events.append, max_taps=3,
+           clock=lambda: AT).run()
+    assert [e.result.balance_after_cents for e in events] == [9_900, 9_800, 9_700]
+    assert all(e.reader == "hand" and e.idm == card.idm for e in events)
+
+
+def test_a_pull_away_then_a_representation_costs_only_what_was_recorded(terminal):
+    card = new_card()
+    reader = HandReader(card, presentations=2, faults=[Faults(tear_write_number=2, tear_bytes=16)])
+    events = []
+    Daemon(terminal, lambda: reader, Tariff.flat(100), on_event=events.append, max_taps=2,
+           clock=lambda: AT).run()
+    assert events[0].result is None and events[0].interrupted
+    assert events[1].result.completed_from == events[0].interrupted
+    assert events[1].result.balance_after_cents == 9_900
+
+
+def test_a_reader_that_vanishes_is_reopened(terminal):
+    card = new_card()
+    opened = []
+
+    def open_reader():
+        opened.append(len(opened) + 1)
+        if len(opened) == 1:
+            return FlakyReader(card, presentations=1, fail_after=2)  # a tap, then unplugged
+        if len(opened) == 2:
+            raise TransportError("no reader on usb (still unplugged)")
+        return FlakyReader(card, presentations=1, fail_after=99)  # plugged in again
+
+    first = []
+    events = []
+    daemon = Daemon(terminal, open_reader, Tariff.flat(100), on_event=events.append,
+                    on_ready=first.append, max_taps=2, clock=lambda: AT)
+    stats = daemon.run()
+    assert [e.result.balance_after_cents for e in events] == [9_900, 9_800]
+    assert opened == [1, 2, 3] and stats.reader_reopens == 1
+    assert first[0].closed and len(first) == 2
+
+
+def test_stop_finishes_the_tap_in_progress_and_returns_quickly(tmp_path):
+    card = new_card()
+    reader = HandReader(card, presentations=0)
+    ready = threading.Event()
+    holder = {}
+
+    def run():
+        with Journal(tmp_path / "j.sqlite3") as journal:  # SQLite objects stay on their thread
+            holder["daemon"] = daemon = Daemon(Terminal(journal, KEYS), lambda: reader,
+                                               Tariff.flat(100), on_event=lambda e: None,
+                                               on_ready=lambda r: ready.set(), clock=lambda: AT)
+            holder["stats"] = daemon.run()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert ready.wait(5)
+    time.sleep(0.2)
+    started = time.monotonic()
+    holder["daemon"].stop()
+    thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - started < 2
+    assert holder["stats"].taps == 0
+
+
+def test_marks_are_durable_after_each_card_leaves(terminal):
+    card = new_card()
+    reader = HandReader(card, presentations=2)
+    seen = []
+    Daemon(terminal, lambda: reader, Tariff.flat(100),
+           on_event=lambda e: seen.append(terminal.journal.unsynced), max_taps=2,
+           clock=lambda: AT).run()
+    assert seen == [True, True]  # each tap's mark waits until its card has left
+    assert not terminal.journal.unsynced  # and is durable once it has

@@ -1,0 +1,91 @@
+"""``farebox run``: the terminal daemon on a reader."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+import click
+
+from farebox.terminal.daemon import Daemon, TapEvent
+from farebox.terminal.runtime import ReaderSpec, RuntimeSetupError, open_transport
+
+from . import output
+from .common import InputError, config_option, json_option, settings, state_option, terminal
+from .params import FARES, POSITIVE_AMOUNT
+
+
+@click.command()
+@click.option("--reader", "reader_spec", metavar="SPEC",
+              help="udp:HOST:PORT | usb[:VID:PID] | tty:PORT:DRIVER | pcsc[:NAME] | sim:CARD.json")
+@click.option("--fare", type=POSITIVE_AMOUNT, help="flat fare for every class")
+@click.option("--fares", type=FARES, help="adult=A,child=C,elder=E,student=S,disability=D")
+@config_option
+@state_option
+@click.option("--hotlist", type=click.Path(dir_okay=False), help="action list JSON")
+@click.option("--max-taps", type=click.IntRange(min=1), help="stop after N taps")
+@click.option("-v", "--verbose", count=True, help="-v: log on stderr; -vv: every frame too")
+@json_option
+def run(reader_spec, fare, fares, config_file, state_dir, hotlist, max_taps, verbose,
+        as_json) -> None:
+    """Wait for cards and charge each presentation once (SIGTERM/SIGINT stop it cleanly)."""
+    if fare is not None and fares is not None:
+        raise click.UsageError("give at most one of --fare and --fares")
+    from farebox.terminal.rules import Tariff
+
+    config = settings(config_file, state_dir=state_dir, reader=reader_spec, action_list=hotlist,
+                      tariff=fares if fares is not None else fare and Tariff.flat(fare))
+    if config.reader is None:
+        raise click.UsageError("give --reader SPEC (or reader in --config)")
+    if config.tariff is None:
+        raise click.UsageError("give --fare or --fares (or [fares] in --config)")
+    try:
+        spec = ReaderSpec.parse(config.reader)
+    except RuntimeSetupError as error:
+        raise InputError(str(error)) from None
+    logging.basicConfig(stream=sys.stderr, format="farebox: %(name)s: %(message)s",
+                        level=logging.WARNING if verbose == 0 else
+                        logging.INFO if verbose == 1 else logging.DEBUG)
+    for name in ("nfc", "smartcard"):  # the libraries' own chatter only with -vv
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+
+    first = None
+    try:
+        first = open_transport(spec)
+    except RuntimeSetupError as error:
+        if spec.kind == "sim":  # a card file that cannot be used is bad input
+            raise InputError(str(error)) from None
+        logging.getLogger("farebox.terminal.daemon").warning(
+            "%s; waiting for the reader", error)
+
+    def open_reader():
+        nonlocal first
+        if first is not None:
+            reader, first = first, None
+            return reader
+        return open_transport(spec)
+
+    def emit(event: TapEvent) -> None:
+        if event.result is not None:
+            obj = output.tap_json(event.result, with_fare_class=True)
+            human = output.tap_human(event.result, "fare")
+        else:
+            obj = {"outcome": "interrupted" if event.interrupted else "error",
+                   "tap_id": event.interrupted, "error": event.error}
+            human = f"NOT COMPLETED  {event.error}"
+        obj.update({"reader": event.reader, "idm": event.idm.hex(), "tap_ms": event.tap_ms})
+        output.emit(obj, as_json, f"{human}  ({event.tap_ms:.0f} ms)")
+
+    with terminal(config) as term:
+        daemon = Daemon(term, open_reader, config.tariff, on_event=emit, max_taps=max_taps)
+        previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            daemon.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if not as_json:
+        click.echo(f"farebox: stopped after {daemon.stats.taps} taps", err=True)
+
+
