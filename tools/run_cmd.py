@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -47,6 +48,8 @@ def run(reader_spec, fare, fares, config_file, state_dir, hotlist, max_taps, ver
     logging.basicConfig(stream=sys.stderr, format="farebox: %(name)s: %(message)s",
                         level=logging.WARNING if verbose == 0 else
                         logging.INFO if verbose == 1 else logging.DEBUG)
+    with contextlib.suppress(ImportError):
+        import nfc  # noqa: F401 - importing nfc sets its logger to INFO; set it after that
     for name in ("nfc", "smartcard"):  # the libraries' own chatter only with -vv
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
