@@ -367,6 +367,19 @@ class Journal:
         rows.sort(key=lambda row: row[-1], reverse=True)
         return [CardWrite._from_row(row) for row in rows]
 
+    def open_writes(self, card_number: int, known_counter: int,
+                    current_counter: int) -> list[CardWrite]:
+        """What a tap of this card must look at, in one indexed query: intents, voids beyond
+        ``known_counter`` (newest first), and this terminal's committed write that produced
+        ``current_counter`` if its log block was never confirmed."""
+        self._flush()
+        rows = self._db.execute(
+            f"SELECT {_WRITE_COLUMNS} FROM card_writes WHERE card_number = ? AND ("
+            "state = 'intent' OR (state = 'void' AND counter_after > ?) OR "
+            "(log_confirmed = 0 AND state = 'committed' AND counter_after = ?)) "
+            "ORDER BY rowid DESC", (card_number, known_counter, current_counter)).fetchall()
+        return [CardWrite._from_row(row) for row in rows]
+
     def unconfirmed_log(self, card_number: int, counter: int) -> CardWrite | None:
         """This terminal's committed write that produced ``counter`` on the card, if its log block
         was never confirmed written (the card left before, or the block tore)."""

@@ -23,7 +23,7 @@ from farebox.protocol.errors import FelicaError
 from farebox.protocol.session import LiteSSession
 
 from .clock import hk_date, require_aware, start_of_hk_day
-from .journal import CardMemory, CardWrite, Journal
+from .journal import CardWrite, Journal
 from .keys import SoftwareKeyStore
 from .rules import (
     DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, Reason, Record, RecordType,
@@ -157,12 +157,16 @@ class Terminal:
         trusted, rules_at = self._trusted_time(card, at)
 
         memory = self.journal.card_memory(number)
-        resolved = self._resolve(card, slot_bytes, at, memory)
+        known = 0 if memory is None else memory.counter
+        open_writes = self.journal.open_writes(number, known, counter)
+        repair = next((w for w in open_writes if w.state is WriteState.COMMITTED), None)
+        resolved = self._resolve(card, slot_bytes, at, open_writes)
         if resolved:
             completed = self._complete(session, card, resolved, request, at)
             if completed is not None:
                 return completed
             memory = self.journal.card_memory(number)
+            repair = self.journal.unconfirmed_log(number, counter)
         if memory is not None and (counter < memory.counter or (
                 counter == memory.counter and slot_bytes[counter] != memory.slot)):
             # older than what this terminal verified, or a restored copy written again (a fork)
@@ -177,16 +181,15 @@ class Terminal:
                                  remember=memory is None or counter > memory.counter)
             return self._result(decision, card, counter, session, trusted=trusted)
         return self._write(session, card, slot_bytes, decision, request, at, trusted,
-                           card_key_for(card.identity.key_version),
+                           card_key_for(card.identity.key_version), repair,
                            remember_before=memory is None or memory.counter != counter)
 
     def _write(self, session: LiteSSession, card: CardImage, slot_bytes: dict[int, bytes],
                decision: Decision, request: _Request, at: datetime, trusted: bool,
-               card_key: bytes, *, remember_before: bool) -> TapResult:
+               card_key: bytes, repair: CardWrite | None, *, remember_before: bool) -> TapResult:
         idm, number, counter = card.idm, card.identity.card_number, card.purse.counter
         (purse_a, purse_b, log) = change_blocks(card, decision.new_purse, decision.log_entry,
                                                 card_key)
-        repair = self.journal.unconfirmed_log(number, counter)
         if repair is not None and repair.log_block == log[0]:
             repair = None  # the new entry takes that block anyway
         tap_id = secrets.token_hex(8)
@@ -240,15 +243,16 @@ class Terminal:
         return False, floor
 
     def _resolve(self, card: CardImage, slot_bytes: dict[int, bytes], at: datetime,
-                 memory: CardMemory | None) -> list[tuple[CardWrite, CardWrite]]:
+                 open_writes: list[CardWrite]) -> list[tuple[CardWrite, CardWrite]]:
         """Resolve writes left in doubt for this card (and voids that turn up), by what it shows:
         pairs of (the write as it was, as it is now). Newest first: a retry can write the very
         bytes an earlier voided attempt would have, and only one write can have produced a
         counter."""
         committed_up_to = 0
         changed = []
-        known = 0 if memory is None else memory.counter
-        for write in self.journal.unresolved_writes(card.identity.card_number, known):
+        for write in open_writes:
+            if write.state is WriteState.COMMITTED:
+                continue  # only there for its unconfirmed log block
             if write.counter_after <= committed_up_to:
                 continue
             state = _resolution(write, card.purse.counter, slot_bytes)
