@@ -7,6 +7,7 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
     id = "BUS-0042"                 # the journal's own random id if left out
     state = "/var/lib/farebox"      # journal, counters seen, keys, batches
     reader = "usb:054c:06c3"        # sim:CARD.json | udp:HOST:PORT | usb[:VID:PID] | tty:... | pcsc[:NAME]
+    pcsc_mode = "auto"              # PC/SC frames: "auto" (by reader name/ATR), "acr122u", "part3"
     keys = "test"                   # "test" (published test keys) or "file:/etc/farebox/keys.toml"
     action_list = "/etc/farebox/hotlist.json"
     minimum_add_value = "50.00"
@@ -47,6 +48,7 @@ class TerminalConfig:
     state_dir: Path | None = None  # None: the caller's default (the user's data directory)
     terminal_id: str | None = None
     reader: str | None = None
+    pcsc_mode: str = "auto"
     keys: str = "test"
     action_list: Path | None = None
     tariff: Tariff | None = None
@@ -105,6 +107,7 @@ def _from_toml(path: Path) -> dict:
         "id": ("terminal_id", _terminal_id),
         "state": ("state_dir", lambda v, k: Path(_string(v, k))),
         "reader": ("reader", _string),
+        "pcsc_mode": ("pcsc_mode", _pcsc_mode),
         "keys": ("keys", _keys),
         "action_list": ("action_list", lambda v, k: Path(_string(v, k))),
         "minimum_add_value": ("minimum_add_value_cents", _amount),
@@ -145,6 +148,16 @@ def _check_terminal_id(value: str, key: str) -> str:
     if not _TERMINAL_ID.fullmatch(value):
         raise ValueError(f"terminal id must be 1-32 letters, digits, '.', '_' or '-': {value!r}")
     return value
+
+
+PCSC_MODES = ("auto", "acr122u", "part3")
+
+
+def _pcsc_mode(value: object, key: str) -> str:
+    text = _string(value, key)
+    if text not in PCSC_MODES:
+        raise ValueError(f"expected one of {', '.join(PCSC_MODES)}, got {text!r}")
+    return text
 
 
 def _keys(value: object, key: str) -> str:

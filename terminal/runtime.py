@@ -67,9 +67,11 @@ class ReaderSpec:
 
 
 def open_transport(spec: str | ReaderSpec, *, faults: Faults | None = None,
-                   writable: bool = True) -> Reader:
+                   writable: bool = True, pcsc_mode: str = "auto") -> Reader:
     """Open the reader a spec names. ``faults`` (simulated cards only) makes the card leave the
-    field or tear a write; ``writable=False`` opens a card file for looking only (no lock)."""
+    field or tear a write; ``writable=False`` opens a card file for looking only (no lock);
+    ``pcsc_mode`` forces how a PC/SC reader carries FeliCa frames ("acr122u" direct transmit or
+    "part3" transparent exchange; "auto" picks by reader name and ATR)."""
     spec = spec if isinstance(spec, ReaderSpec) else ReaderSpec.parse(spec)
     if spec.kind == "sim":
         from farebox.protocol.transports.inprocess import CardFileReader, InProcessTransport
@@ -101,7 +103,7 @@ def open_transport(spec: str | ReaderSpec, *, faults: Faults | None = None,
         except ImportError:
             raise RuntimeSetupError(f"reader {spec}: pyscard is not installed "
                                     "(pip install 'farebox[pcsc]')") from None
-        return PcscReader(spec.target or None)
+        return PcscReader(str(spec), None if pcsc_mode == "auto" else pcsc_mode)
     except TransportError as error:
         raise RuntimeSetupError(f"reader {spec}: {error}") from None
 

@@ -20,6 +20,8 @@ from .params import FARES, POSITIVE_AMOUNT
 @click.command()
 @click.option("--reader", "reader_spec", metavar="SPEC",
               help="udp:HOST:PORT | usb[:VID:PID] | tty:PORT:DRIVER | pcsc[:NAME] | sim:CARD.json")
+@click.option("--pcsc-mode", type=click.Choice(["auto", "acr122u", "part3"]),
+              help="how a PC/SC reader carries FeliCa frames (default auto: by name and ATR)")
 @click.option("--fare", type=POSITIVE_AMOUNT, help="flat fare for every class")
 @click.option("--fares", type=FARES, help="adult=A,child=C,elder=E,student=S,disability=D")
 @config_option
@@ -28,7 +30,7 @@ from .params import FARES, POSITIVE_AMOUNT
 @click.option("--max-taps", type=click.IntRange(min=1), help="stop after N taps")
 @click.option("-v", "--verbose", count=True, help="-v: log on stderr; -vv: every frame too")
 @json_option
-def run(reader_spec, fare, fares, config_file, state_dir, hotlist, max_taps, verbose,
+def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, max_taps, verbose,
         as_json) -> None:
     """Wait for cards and charge each presentation once (SIGTERM/SIGINT stop it cleanly)."""
     if fare is not None and fares is not None:
@@ -36,6 +38,7 @@ def run(reader_spec, fare, fares, config_file, state_dir, hotlist, max_taps, ver
     from farebox.terminal.rules import Tariff
 
     config = settings(config_file, state_dir=state_dir, reader=reader_spec, action_list=hotlist,
+                      pcsc_mode=pcsc_mode,
                       tariff=fares if fares is not None else fare and Tariff.flat(fare))
     if config.reader is None:
         raise click.UsageError("give --reader SPEC (or reader in --config)")
@@ -55,7 +58,7 @@ def run(reader_spec, fare, fares, config_file, state_dir, hotlist, max_taps, ver
 
     first = None
     try:
-        first = open_transport(spec)
+        first = open_transport(spec, pcsc_mode=config.pcsc_mode)
     except RuntimeSetupError as error:
         if spec.kind == "sim":  # a card file that cannot be used is bad input
             raise InputError(str(error)) from None
@@ -67,7 +70,7 @@ def run(reader_spec, fare, fares, config_file, state_dir, hotlist, max_taps, ver
         if first is not None:
             reader, first = first, None
             return reader
-        return open_transport(spec)
+        return open_transport(spec, pcsc_mode=config.pcsc_mode)
 
     def emit(event: TapEvent) -> None:
         if event.result is not None:

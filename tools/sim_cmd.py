@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from farebox.terminal.runtime import RuntimeSetupError
-from farebox.terminal.simserve import ServeOptions, serve_card
+from farebox.terminal.simserve import ServeOptions, run_private_pcscd, serve_card
 
 from .common import InputError
 
@@ -30,10 +30,12 @@ def sim() -> None:
               help="first presentation: the Nth block write lands torn")
 @click.option("--delay-ms", type=click.IntRange(min=0, max=10_000), default=0,
               help="every answer this late")
-@click.option("--dwell-ms", type=click.IntRange(min=1, max=60_000), default=400,
-              show_default=True, help="how long each presentation holds the card in the field")
-@click.option("--away-ms", type=click.IntRange(min=0, max=60_000), default=300,
-              show_default=True, help="how long the card is away between presentations")
+@click.option("--dwell-ms", type=click.IntRange(min=1, max=60_000),
+              help="how long each presentation holds the card in the field "
+                   "[default: udp 400, vpcd 1500]")
+@click.option("--away-ms", type=click.IntRange(min=0, max=60_000),
+              help="how long the card is away between presentations "
+                   "[default: udp 300, vpcd 600]")
 def serve(card_file, via, taps, leave_after, torn_write, delay_ms, dwell_ms, away_ms) -> None:
     """Present the card in CARD to a reader; one JSON line per presentation on stdout.
 
@@ -58,3 +60,40 @@ def serve(card_file, via, taps, leave_after, torn_write, delay_ms, dwell_ms, awa
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@sim.command("pcscd")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              help="where its socket, config and log go [default: a new temporary directory]")
+@click.option("--port", type=click.IntRange(min=1, max=65534),
+              help="vpcd's TCP port [default: a free one]")
+def pcscd(directory, port) -> None:
+    """Run a pcscd of our own with only vsmartcard's vpcd reader (needs root).
+
+    Prints one JSON line on stdout when ready: its socket (set PCSCLITE_CSOCK_NAME to it for
+    `farebox run --reader pcsc`), vpcd's port (for `sim serve --via vpcd:127.0.0.1:PORT`) and the
+    reader's name. Runs until SIGTERM/SIGINT."""
+    import tempfile
+
+    stop = False
+
+    def request_stop(*_args) -> None:
+        nonlocal stop
+        stop = True
+
+    if directory is None:
+        directory = Path(tempfile.mkdtemp(prefix="farebox-pcscd-"))
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        status = run_private_pcscd(
+            directory, port,
+            on_ready=lambda info: click.echo(json.dumps(
+                {**info.__dict__, "env": f"PCSCLITE_CSOCK_NAME={info.socket}"}), nl=True),
+            stop_flag=lambda: stop)
+    except RuntimeSetupError as error:
+        raise InputError(str(error)) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if status:
+        raise click.exceptions.Exit(1)
