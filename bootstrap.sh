@@ -12,9 +12,10 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 fi
 
 # System packages: swig + libpcsclite-dev + a C compiler + Python headers build pyscard;
-# python3-venv provides venv/ensurepip on Debian's own Python.
+# pcscd (the PC/SC daemon) and vsmartcard-vpcd (its virtual reader driver, which the tests and
+# `farebox sim serve --via vpcd:` use); python3-venv provides venv/ensurepip on Debian's Python.
 need=()
-for pkg in swig libpcsclite-dev; do
+for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 command -v gcc >/dev/null || need+=(gcc)
