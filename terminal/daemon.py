@@ -6,8 +6,10 @@ interrupted tap completes that tap (``Terminal``'s re-tap rule), never pays twic
 needs no card (durable commit marks, the WAL checkpoint) runs once the card has left.
 
 Signals only set a flag (``stop``): the tap in progress finishes, then the loop ends; every wait
-in the loop is short, so a stop takes effect within about a second. A reader that fails is
-closed and opened again with backoff; the daemon does not crash for it.
+in the loop is short, so a stop takes effect within about a second. A reader that fails (or
+cannot be opened) is closed and opened again with backoff, from 0.1 s doubling up to 1 s, so a
+reader that comes back is in use again within about a second; the daemon does not crash for it.
+An outage is logged once when it starts (and again if its cause changes) and once when it ends.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ LOG = logging.getLogger("farebox.terminal.daemon")
 POLL_WINDOW_S = 0.25  # one wait for a card; the stop flag is checked between waits
 REMOVAL_WINDOW_S = 0.1
 BACKOFF_FIRST_S = 0.1
-BACKOFF_MAX_S = 5.0
+BACKOFF_MAX_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class Daemon:
         self.stop_requested = False
         self.stats = DaemonStats()
         self._reader: Reader | None = None
+        self._backoff_s = BACKOFF_FIRST_S
+        self._outage: str | None = None  # the error of the reader outage in progress
 
     def stop(self, *_args) -> None:
         """Ask the loop to end after the tap in progress (safe from a signal handler)."""
@@ -87,6 +91,7 @@ class Daemon:
                 except TransportError as error:
                     self._lost_reader(error)
                     continue
+                self._reader_works()
                 if found is None:
                     self.on_idle()
                     continue
@@ -136,20 +141,19 @@ class Daemon:
                 return
 
     def _ensure_reader(self) -> Reader | None:
-        delay = BACKOFF_FIRST_S
         while self._reader is None and not self.stop_requested:
             try:
                 self._reader = self.open_reader()
             except (TransportError, OSError, ValueError) as error:
-                LOG.warning("reader not available (%s); trying again in %.1f s", error, delay)
-                self._sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
+                self._report_outage(f"reader not available ({error})")
+                self._back_off()
                 continue
             self.on_ready(self._reader)
         return self._reader
 
     def _lost_reader(self, error: Exception) -> None:
-        LOG.warning("reader failed (%s); reopening", error)
+        """Close a reader that failed; the next ``_ensure_reader`` opens it again after a pause."""
+        self._report_outage(f"reader failed ({error})")
         if self._reader is not None:
             try:
                 self._reader.close()
@@ -157,6 +161,24 @@ class Daemon:
                 LOG.debug("closing the failed reader", exc_info=True)
         self._reader = None
         self.stats.reader_reopens += 1
+        self._back_off()
+
+    def _report_outage(self, what: str) -> None:
+        if what != self._outage:
+            LOG.warning("%s; trying again with backoff up to %.0f s", what, BACKOFF_MAX_S)
+            self._outage = what
+        else:
+            LOG.debug("%s; trying again in %.1f s", what, self._backoff_s)
+
+    def _back_off(self) -> None:
+        self._sleep(self._backoff_s)
+        self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
+
+    def _reader_works(self) -> None:
+        if self._outage is not None:
+            LOG.warning("reader %s works again", self._reader.name if self._reader else "?")
+            self._outage = None
+        self._backoff_s = BACKOFF_FIRST_S
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -4,6 +4,7 @@ readers fail (TransportError from wait_for_card), so the reopen path is exercise
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import date, datetime, timedelta, timezone
@@ -13,7 +14,7 @@ import pytest
 from farebox.protocol.errors import TransportError
 from farebox.protocol.simcard import Faults, SimulatedLiteS
 from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal.daemon import Daemon
+from farebox.terminal.daemon import BACKOFF_FIRST_S, BACKOFF_MAX_S, Daemon
 from farebox.terminal.issue import IssueRequest, issue, new_idm
 from farebox.terminal.journal import Journal
 from farebox.terminal.keys import published_test_keys
@@ -123,6 +124,33 @@ def test_a_reader_that_vanishes_is_reopened(terminal):
     assert [e.result.balance_after_cents for e in events] == [9_900, 9_800]
     assert opened == [1, 2, 3] and stats.reader_reopens == 1
     assert first[0].closed and len(first) == 2
+
+
+def test_a_reader_that_keeps_failing_is_retried_with_backoff_and_logged_once(terminal, caplog):
+    """pcscd gone: the reader opens but every wait fails at once. The daemon must pause between
+    tries (doubling up to BACKOFF_MAX_S), warn once for the outage and once when it ends."""
+    card = new_card()
+    reader = FlakyReader(card, presentations=1, fail_after=99)
+    failures = 6
+    pauses = []
+
+    class DeadThenBack(FlakyReader):
+        def wait_for_card(self, system_code, timeout_s):
+            if len(pauses) < failures:
+                raise TransportError("cannot reach pcscd: Service not available")
+            return reader.wait_for_card(system_code, timeout_s)
+
+    daemon = Daemon(terminal, lambda: DeadThenBack(card, 0, 99), Tariff.flat(100),
+                    on_event=lambda e: None, max_taps=1, clock=lambda: AT)
+    daemon._sleep = pauses.append
+    with caplog.at_level(logging.DEBUG, logger="farebox.terminal.daemon"):
+        stats = daemon.run()
+    assert stats.taps == 1 and stats.reader_reopens == failures
+    assert pauses == [min(BACKOFF_FIRST_S * 2 ** n, BACKOFF_MAX_S) for n in range(failures)]
+    assert pauses[-1] == BACKOFF_MAX_S
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert "pcscd" in warnings[0] and "works again" in warnings[1]
 
 
 def test_stop_finishes_the_tap_in_progress_and_returns_quickly(tmp_path):
