@@ -2,7 +2,9 @@
 
 One presentation is one tap: after a tap the card must leave the field before it is taken
 again, so a card held over the reader is not charged twice; a card presented again after an
-interrupted tap completes that tap (``Terminal``'s re-tap rule), never pays twice. Work that
+interrupted tap completes that tap (``Terminal``'s re-tap rule), never pays twice. A card found
+again within REPRESENT_GUARD_S of its tap ending is taken for the same presentation (a missed
+presence check, a reader glitch), not charged again. Work that
 needs no card (durable commit marks, the WAL checkpoint) runs once the card has left.
 
 Signals only set a flag (``stop``): the tap in progress finishes, then the loop ends; every wait
@@ -33,6 +35,11 @@ LOG = logging.getLogger("farebox.terminal.daemon")
 
 POLL_WINDOW_S = 0.25  # one wait for a card; the stop flag is checked between waits
 REMOVAL_WINDOW_S = 0.1
+#: A card found again this soon after its completed tap was seen to end (the removal seen, or
+#: the reader failing while waiting for it) is the same presentation, not a new one: a presence
+#: check that missed a slow card, or a reader glitch, must not charge it twice. No hand takes a
+#: card out of the field and back this fast (a sense finds a card still there within a few ms).
+REPRESENT_GUARD_S = 0.2
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 1.0
 
@@ -75,6 +82,7 @@ class Daemon:
         self._reader: Reader | None = None
         self._backoff_s = BACKOFF_FIRST_S
         self._outage: str | None = None  # the error of the reader outage in progress
+        self._last_card: tuple[bytes, float] | None = None  # (IDm, when its tap was seen to end)
 
     def stop(self, *_args) -> None:
         """Ask the loop to end after the tap in progress (safe from a signal handler)."""
@@ -95,10 +103,19 @@ class Daemon:
                 if found is None:
                     self.on_idle()
                     continue
-                self._tap(reader, found)
+                if self._same_presentation(found.idm):
+                    LOG.info("card %s found again right after its tap: the same presentation, "
+                             "not charged again", found.idm.hex())
+                    self._await_removal(reader)
+                    self._last_card = (found.idm, time.monotonic())
+                    continue
+                completed = self._tap(reader, found)
                 if self._done():
                     break
                 self._await_removal(reader)
+                # a tap without a result (interrupted, refused, nothing written) is not guarded:
+                # the card may come straight back to complete it
+                self._last_card = (found.idm, time.monotonic()) if completed else None
                 self.terminal.idle()  # the card has left: marks durable, checkpoint
                 self.on_idle()
         finally:
@@ -111,7 +128,12 @@ class Daemon:
         return self.stop_requested or (self.max_taps is not None
                                        and self.stats.taps >= self.max_taps)
 
-    def _tap(self, reader: Reader, found) -> None:
+    def _same_presentation(self, idm: bytes) -> bool:
+        return (self._last_card is not None and self._last_card[0] == idm
+                and time.monotonic() - self._last_card[1] < REPRESENT_GUARD_S)
+
+    def _tap(self, reader: Reader, found) -> bool:
+        """Run one tap and report it; True when it produced a result (approved or declined)."""
         started = time.perf_counter()
         session = LiteSSession(reader)
         session.activate(found)
@@ -130,6 +152,7 @@ class Daemon:
         self.on_event(TapEvent(result, reader.name, found.idm,
                                round((time.perf_counter() - started) * 1000, 2),
                                interrupted, error))
+        return result is not None
 
     def _await_removal(self, reader: Reader) -> None:
         while not self.stop_requested:

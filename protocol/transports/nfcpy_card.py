@@ -35,9 +35,13 @@ go to ``SimulatedLiteS.respond`` (None: stay silent; ``Faults.latency_s`` delays
 but not nfcpy's answer to the activating Polling). It ends when the card
 model leaves the field (``Faults.leave_after_commands``, a torn write), the reader turns its
 field off (``RFOFF``), a frame comes from another reader socket (the old reader is gone), the
-reader stays silent for ``idle_timeout_s``, or :meth:`UdpCardServer.stop`. A card that left
-stays away, ignoring its old reader, until that reader turns its field off or a new reader
-socket polls (or ``away_s`` passes), so a presence check sees it gone.
+reader stays silent for ``idle_timeout_s``, or :meth:`UdpCardServer.stop`. With ``dwell_s``
+(a hand holding the card) the presentation lasts exactly that long from the activation: a
+reader turning its field off or polling from a new socket within it activates the card again
+(the same presentation, its commands counted) instead of ending it. A card that left
+stays away: with ``away_s``, exactly that long whatever the readers do, as a hand would;
+without, ignoring its old reader until that reader turns its field off or a new reader socket
+polls. Either way a presence check sees it gone.
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ class PresentationEnd(enum.Enum):
     """The reader sent nothing for ``idle_timeout_s``."""
     STOPPED = "stopped"
     """:meth:`UdpCardServer.stop` was called."""
+
+
+_READER_WENT = (PresentationEnd.READER_OFF, PresentationEnd.READER_CHANGED)
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,19 @@ class UdpCardServer:
         started = time.monotonic()
         commands_before = card.commands_handled
         reader = target._addr
-        ended_by = self._serve(target, reader)
+        leaves_at = None if self.dwell_s is None else started + self.dwell_s
+        while True:
+            ended_by = self._serve(target, reader, leaves_at)
+            if ended_by not in _READER_WENT or leaves_at is None or self.stopping:
+                break
+            # The reader turned its field off (or polls from a new socket) while the hand
+            # still holds the card: the card stays, activated again by the reader's next poll,
+            # and leaves when the hand does.
+            target = self._listen(leaves_at if deadline is None else min(leaves_at, deadline))
+            if target is None:
+                ended_by = PresentationEnd.STOPPED if self.stopping else PresentationEnd.CARD_LEFT
+                break
+            reader = target._addr
         if ended_by is PresentationEnd.CARD_LEFT:
             self._left_reader = reader
         card.in_field = False
@@ -294,12 +313,13 @@ class UdpCardServer:
                 return target
         return None
 
-    def _serve(self, target: nfc.clf.LocalTarget, reader: tuple[str, int]) -> PresentationEnd:
+    def _serve(
+        self, target: nfc.clf.LocalTarget, reader: tuple[str, int], leaves_at: float | None
+    ) -> PresentationEnd:
         card, clf, device = self.card, self._open_clf(), self._device
         card.respond(_with_length(target.sensf_req))  # the Polling nfcpy answered for us
         command: bytes | None = _with_length(target.tt3_cmd)
         heard_s = time.monotonic()
-        leaves_at = None if self.dwell_s is None else heard_s + self.dwell_s
         while True:
             answer = None if command is None else self._answer(command)
             if self.stopping:
@@ -349,9 +369,10 @@ class UdpCardServer:
         return answer
 
     def _stay_away(self, reader: tuple[str, int], deadline: float | None) -> bool:
-        """The card left: ignore ``reader`` until it turns its field off, a new reader socket
-        sends something or ``away_s`` passes (True: the card may come back), or until the
-        deadline or stop (False)."""
+        """The card left: it stays out of the field for ``away_s``, whatever the readers do, as
+        a hand would (a reader polling again does not bring a card back). Without ``away_s`` it
+        comes back once ``reader`` turns its field off or a new reader socket sends something.
+        True: the card may come back; False: the deadline passed or stop."""
         clf, device = self._open_clf(), self._device
         away_until = None if self.away_s is None else time.monotonic() + self.away_s
         while not self.stopping:
@@ -365,10 +386,12 @@ class UdpCardServer:
             try:
                 clf.exchange(None, wait_s)
             except nfc.clf.BrokenLinkError:
-                return True
+                if away_until is None:
+                    return True
+                continue
             except nfc.clf.CommunicationError:
                 continue
-            if device.last_sender != reader:
+            if away_until is None and device.last_sender != reader:
                 return True
         return False
 

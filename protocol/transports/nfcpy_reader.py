@@ -14,7 +14,10 @@ How each Reader call maps onto nfcpy:
 - ``exchange`` is ``clf.exchange(frame, timeout)`` to the target the sense found.
 - ``wait_for_removal`` is nfcpy's presence check (``Type3Tag._is_present``): a Polling for the
   same system code sent through ``exchange``; the card is gone once it stops answering with its
-  IDm (``presence_attempts`` tries in a row, like nfcpy's three retries).
+  IDm (``presence_attempts`` tries in a row, like nfcpy's three retries), every
+  ``presence_interval_s`` (50 ms), each try waiting ``presence_timeout_s`` (10 ms: a one-slot
+  Polling answers within 3.625 ms, the timeout nfcpy itself uses). A card that leaves is seen
+  gone within interval + attempts x timeout = 80 ms.
 
 nfcpy's errors become ours: ``nfc.clf.TimeoutError`` and ``BrokenLinkError`` (the peer turned the
 link off) are :class:`TransportTimeout`; ``TransmissionError``, other nfcpy errors, ``OSError``
@@ -61,8 +64,8 @@ class NfcpyReader:
         path: str,
         *,
         poll_interval_s: float = 0.05,
-        presence_interval_s: float = 0.1,
-        presence_timeout_s: float = 0.02,
+        presence_interval_s: float = 0.05,
+        presence_timeout_s: float = 0.01,
         presence_attempts: int = 3,
         frontend: nfc.ContactlessFrontend | None = None,
     ) -> None:

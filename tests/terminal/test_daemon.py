@@ -14,6 +14,7 @@ import pytest
 from farebox.protocol.errors import TransportError
 from farebox.protocol.simcard import Faults, SimulatedLiteS
 from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.terminal import daemon as daemon_module
 from farebox.terminal.daemon import BACKOFF_FIRST_S, BACKOFF_MAX_S, Daemon
 from farebox.terminal.issue import IssueRequest, issue, new_idm
 from farebox.terminal.journal import Journal
@@ -75,6 +76,14 @@ class FlakyReader(HandReader):
 
     def close(self):
         self.closed = True
+
+
+@pytest.fixture(autouse=True)
+def instant_hands(monkeypatch):
+    """HandReader brings a card back the instant it took it away, which no hand can: the
+    same-presentation guard would take every re-presentation for the first. Off here; the
+    guard's own tests turn it on."""
+    monkeypatch.setattr(daemon_module, "REPRESENT_GUARD_S", 0.0)
 
 
 @pytest.fixture
@@ -151,6 +160,53 @@ def test_a_reader_that_keeps_failing_is_retried_with_backoff_and_logged_once(ter
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2, warnings
     assert "pcscd" in warnings[0] and "works again" in warnings[1]
+
+
+class MissesPresence(HandReader):
+    """A card held in the field whose presence checks time out twice (a slow card, a noisy
+    field): the reader reports it gone although it is still there, then really takes it away."""
+
+    def __init__(self, card, presentations, misses=2, away_s=0.3):
+        super().__init__(card, presentations)
+        self.misses = misses
+        self.away_s = away_s  # a real hand: the card is away this long before it comes back
+        self.left_at = None
+
+    def wait_for_removal(self, timeout_s):
+        if self.misses:
+            self.misses -= 1
+            return True  # wrongly: the card stays in the field
+        self.left_at = time.monotonic()
+        return super().wait_for_removal(timeout_s)
+
+    def wait_for_card(self, system_code, timeout_s):
+        if self.left_at is not None and time.monotonic() - self.left_at < self.away_s:
+            time.sleep(min(timeout_s, 0.01))
+            return None
+        return super().wait_for_card(system_code, timeout_s)
+
+
+def test_a_card_still_in_the_field_after_a_missed_presence_check_is_not_charged_again(
+        terminal, monkeypatch):
+    monkeypatch.setattr(daemon_module, "REPRESENT_GUARD_S", 0.2)
+    card = new_card()
+    reader = MissesPresence(card, presentations=2)
+    events = []
+    daemon = Daemon(terminal, lambda: reader, Tariff.flat(100), on_event=events.append,
+                    max_taps=2, clock=lambda: AT)
+    daemon.run()
+    # two presentations, two charges; the card found again after each false removal is not one
+    assert [e.result.balance_after_cents for e in events] == [9_900, 9_800]
+    assert reader.misses == 0 and reader.shown == 2
+
+
+def test_a_card_back_later_than_the_guard_is_a_new_presentation(terminal):
+    card = new_card()
+    reader = MissesPresence(card, presentations=1, misses=1)
+    events = []
+    Daemon(terminal, lambda: reader, Tariff.flat(100), on_event=events.append, max_taps=2,
+           clock=lambda: AT).run()
+    assert [e.result.balance_after_cents for e in events] == [9_900, 9_800]  # no guard: twice
 
 
 def test_stop_finishes_the_tap_in_progress_and_returns_quickly(tmp_path):
