@@ -52,7 +52,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -62,6 +62,7 @@ import nfc.clf.udp
 
 from ..errors import TransportError
 from ..simcard import Faults, SimulatedLiteS
+from .cardserver import CardServer, FaultPlan
 
 LOG = logging.getLogger("farebox.protocol.nfcpy.card")
 
@@ -103,11 +104,7 @@ class Presentation:
     duration_s: float
 
 
-FaultPlan = Sequence[Faults] | Callable[[int], Faults | None]
-"""Faults per presentation: ``plan[number - 1]`` (Faults() past the end) or ``plan(number)``."""
-
-
-class UdpCardServer:
+class UdpCardServer(CardServer[Presentation]):
     """Presents one :class:`SimulatedLiteS` to readers on ``udp:HOST:PORT`` (loopback only).
 
     The socket is bound in the constructor, so a reader may poll before :meth:`serve` runs.
@@ -127,15 +124,12 @@ class UdpCardServer:
         """``dwell_s``: the card leaves the field that long after a reader activated it, as a
         hand holding a card over a reader would (None: it stays until something else ends the
         presentation)."""
+        super().__init__()
         self.card = card
         self.idle_timeout_s = idle_timeout_s
         self.away_s = away_s
         self.dwell_s = dwell_s
-        self.presentation_count = 0
-        self._stopping = threading.Event()
         self._left_reader: tuple[str, int] | None = None
-        self._thread: threading.Thread | None = None
-        self._thread_error: BaseException | None = None
         self._clf, self._device = _open_card_frontend(path, self._stopping)
         self.address: tuple[str, int] = self._device.socket.getsockname()
         self.path = f"udp:{self.address[0]}:{self.address[1]}"
@@ -156,10 +150,6 @@ class UdpCardServer:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
 
     def present(
         self, faults: Faults | None = None, timeout_s: float | None = None
@@ -230,16 +220,7 @@ class UdpCardServer:
         ``on_presentation`` runs on this thread after each one, with the card at rest (save
         the card file there); an exception from it ends :meth:`serve`.
         """
-        served = 0
-        while (presentations is None or served < presentations) and not self.stopping:
-            number = self.presentation_count + 1
-            presentation = self.present(_faults_for(faults, number))
-            if presentation is None:
-                break  # stopped while waiting for a reader
-            served += 1
-            if on_presentation is not None:
-                on_presentation(presentation)
-        return served
+        return self.serve_presentations(self.present, presentations, faults, on_presentation)
 
     def serve_in_background(
         self,
@@ -250,18 +231,10 @@ class UdpCardServer:
     ) -> threading.Thread:
         """Run :meth:`serve` on a daemon thread; :meth:`close` stops and joins it and re-raises
         what it raised."""
-        if self._thread is not None:
-            raise RuntimeError("the card server is already serving in the background")
-
-        def run() -> None:
-            try:
-                self.serve(presentations, faults=faults, on_presentation=on_presentation)
-            except BaseException as error:  # handed to close()
-                self._thread_error = error
-
-        self._thread = threading.Thread(target=run, name=f"udp-card {self.path}", daemon=True)
-        self._thread.start()
-        return self._thread
+        return self.start_background(
+            lambda: self.serve(presentations, faults=faults, on_presentation=on_presentation),
+            f"udp-card {self.path}",
+        )
 
     def stop(self) -> None:
         """Make :meth:`serve` / :meth:`present` return soon (the current presentation ends as
@@ -277,16 +250,12 @@ class UdpCardServer:
         if self._clf is None:
             return
         self.stop()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(join_timeout_s)
+        self.join_background(join_timeout_s, release=self._release)
+
+    def _release(self) -> None:
         clf, self._clf = self._clf, None
-        clf.close()
-        if thread is not None and thread.is_alive():
-            raise RuntimeError(f"the card server thread did not stop in {join_timeout_s} s")
-        if self._thread_error is not None:
-            error, self._thread_error = self._thread_error, None
-            raise RuntimeError("the card server thread failed") from error
+        if clf is not None:
+            clf.close()
 
     def _local_target(self) -> nfc.clf.LocalTarget:
         card = self.card
@@ -404,12 +373,6 @@ class UdpCardServer:
 def _with_length(frame_without_length: bytes | bytearray) -> bytes:
     """nfcpy hands listen's frames over without their LEN byte."""
     return bytes([len(frame_without_length) + 1]) + bytes(frame_without_length)
-
-
-def _faults_for(plan: FaultPlan, number: int) -> Faults:
-    if callable(plan):
-        return plan(number) or Faults()
-    return plan[number - 1] if number <= len(plan) else Faults()
 
 
 class _CardSideUdpDevice(nfc.clf.udp.Device):

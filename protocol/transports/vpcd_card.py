@@ -39,11 +39,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..simcard import Faults, SimulatedLiteS
+from .cardserver import CardServer, FaultPlan
 from .pcsc import (
     DIRECT_TRANSMIT_HEADER,
     PN532_IN_COMMUNICATE_THRU,
@@ -304,22 +305,14 @@ class Presentation:
     duration_s: float
 
 
-FaultPlan = Sequence[Faults] | Callable[[int], Faults | None]
-"""Faults per presentation: ``plan[number - 1]`` (Faults() past the end) or ``plan(number)``."""
-
-
-def _faults_for(plan: FaultPlan, number: int) -> Faults:
-    if callable(plan):
-        return plan(number) or Faults()
-    return plan[number - 1] if number <= len(plan) else Faults()
-
-
-class VpcdCard:
+class VpcdCard(CardServer[Presentation]):
     """Presents ``card`` to pcscd's vpcd driver on ``host:port``, one TCP connection per tap.
 
     Run :meth:`serve` (or :meth:`present`) on one thread; :meth:`remove`, :meth:`stop` and
     :meth:`close` may be called from any thread.
     """
+
+    kind = "vpcd card"
 
     def __init__(
         self,
@@ -331,18 +324,15 @@ class VpcdCard:
         reader_timeout_s: float = 0.1,
         connect_timeout_s: float = 5.0,
     ) -> None:
+        super().__init__()
         self.card = card
         self.host = host
         self.port = port
         self.connect_timeout_s = connect_timeout_s
         self.reader = EmulatedReader(card, atr, reader_timeout_s)
-        self.presentation_count = 0
         #: Set while a presentation's connection is open.
         self.in_field = threading.Event()
         self._remove = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._thread_error: BaseException | None = None
 
     def __repr__(self) -> str:
         return (
@@ -355,10 +345,6 @@ class VpcdCard:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
 
     def remove(self) -> None:
         """Take the card out of the field now: the presentation in progress ends as REMOVED."""
@@ -424,18 +410,10 @@ class VpcdCard:
         check: when an APDU, not a presence check, finds the old connection closed, vpcd takes
         the next connection at the following check and pcscd never reports the removal.
         """
-        served = 0
-        while (presentations is None or served < presentations) and not self.stopping:
-            if served and away_s > 0 and self._stopping.wait(away_s):
-                break
-            number = self.presentation_count + 1
-            presentation = self.present(_faults_for(faults, number), duration_s=duration_s)
-            if presentation is None:
-                break
-            served += 1
-            if on_presentation is not None:
-                on_presentation(presentation)
-        return served
+        return self.serve_presentations(
+            lambda faults: self.present(faults, duration_s=duration_s),
+            presentations, faults, on_presentation, away_s,
+        )
 
     def serve_in_background(
         self,
@@ -448,24 +426,11 @@ class VpcdCard:
     ) -> threading.Thread:
         """Run :meth:`serve` on a daemon thread; :meth:`close` stops and joins it and re-raises
         what it raised."""
-        if self._thread is not None:
-            raise RuntimeError("the vpcd card is already serving in the background")
-
-        def run() -> None:
-            try:
-                self.serve(
-                    presentations,
-                    faults=faults,
-                    on_presentation=on_presentation,
-                    duration_s=duration_s,
-                    away_s=away_s,
-                )
-            except BaseException as error:  # handed to close()
-                self._thread_error = error
-
-        self._thread = threading.Thread(target=run, name=f"vpcd-card {self.port}", daemon=True)
-        self._thread.start()
-        return self._thread
+        return self.start_background(
+            lambda: self.serve(presentations, faults=faults, on_presentation=on_presentation,
+                               duration_s=duration_s, away_s=away_s),
+            f"vpcd-card {self.port}",
+        )
 
     def stop(self) -> None:
         """Make :meth:`serve` / :meth:`present` return soon (the current presentation ends as
@@ -476,14 +441,7 @@ class VpcdCard:
         """Stop and join the background thread. Idempotent. Raises RuntimeError if the thread
         failed or did not stop."""
         self.stop()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(join_timeout_s)
-            if thread.is_alive():
-                raise RuntimeError(f"the vpcd card thread did not stop in {join_timeout_s} s")
-        if self._thread_error is not None:
-            error, self._thread_error = self._thread_error, None
-            raise RuntimeError("the vpcd card thread failed") from error
+        self.join_background(join_timeout_s)
 
     def _serve(
         self, sock: socket.socket, started: float, duration_s: float | None
