@@ -292,6 +292,19 @@ class Journal:
     def _transaction(self):
         return _Transaction(self._db)
 
+    # ---- for the settlement tables kept in the same file (settlement.py) ------------------
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The journal's connection (autocommit; use :meth:`transaction` to change anything)."""
+        self._flush()
+        return self._db
+
+    def transaction(self) -> _Transaction:
+        """A durable ``BEGIN IMMEDIATE`` .. ``COMMIT``: one writer at a time across processes."""
+        self._flush()
+        return self._transaction()
+
     def _meta(self, key: str, default) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import platformdirs
@@ -22,8 +23,12 @@ from farebox.protocol.simcard import CardFileError, Faults
 
 from .actionlist import ActionListError, load_action_list
 from .config import ConfigError, TerminalConfig
+from .identity import (
+    IDENTITY_FILE, IdentityError, TerminalIdentity, check_terminal_id, init_identity, load_identity,
+)
 from .journal import Journal, JournalError
 from .keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
+from .settlement import Settlement, SettlementError
 from .tap import Terminal
 
 JOURNAL_FILE = "journal.sqlite3"
@@ -124,6 +129,43 @@ def open_journal(config: TerminalConfig) -> Journal:
         raise RuntimeSetupError(str(error)) from None
 
 
+def init_terminal(config: TerminalConfig, terminal_id: str, now: datetime) -> TerminalIdentity:
+    """Create the terminal's identity (key, incarnation) in its state directory; the journal there
+    (created if there is none) must belong to ``terminal_id``."""
+    try:
+        check_terminal_id(terminal_id)
+        directory = state_dir(config)
+        if config.terminal_id is not None and config.terminal_id != terminal_id:
+            raise RuntimeSetupError(f"--id {terminal_id} but the configuration says terminal_id "
+                                    f"{config.terminal_id}")
+        if (directory / IDENTITY_FILE).exists():
+            load_identity(directory)  # says what is there, or that it is damaged
+        Journal(directory / JOURNAL_FILE, terminal_id=terminal_id).close()
+        return init_identity(directory, terminal_id, now)
+    except (IdentityError, JournalError) as error:
+        raise RuntimeSetupError(str(error)) from None
+    except OSError as error:
+        raise RuntimeSetupError(f"state directory {state_dir(config)}: {error.strerror}") from None
+
+
+@contextmanager
+def open_settlement(config: TerminalConfig) -> Iterator[Settlement]:
+    """The terminal's settlement batches, over its journal, signed with its identity."""
+    directory = state_dir(config)
+    try:
+        identity = load_identity(directory)
+    except IdentityError as error:
+        raise RuntimeSetupError(str(error)) from None
+    journal = open_journal(config)
+    try:
+        try:
+            yield Settlement(journal, identity)
+        except SettlementError as error:
+            raise RuntimeSetupError(str(error)) from None
+    finally:
+        journal.close()
+
+
 @contextmanager
 def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
     """A Terminal over the configured state directory's journal, keys and action list. On the
@@ -144,4 +186,5 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
 
 
 __all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "default_state_dir",
-           "open_journal", "open_terminal", "open_transport", "state_dir"]
+           "init_terminal", "open_journal", "open_settlement", "open_terminal", "open_transport",
+           "state_dir"]

@@ -22,6 +22,9 @@ COMMANDS = {
     "run": ("farebox.tools.run_cmd", "run",
             "Wait for cards and charge each presentation once (the terminal daemon)."),
     "sim": ("farebox.tools.sim_cmd", "sim", "Serve simulated cards to readers."),
+    "terminal": ("farebox.tools.terminal_cmd", "terminal",
+                 "The terminal's identity (signing key, incarnation)."),
+    "batch": ("farebox.tools.batch_cmd", "batch", "The terminal's signed settlement batches."),
     "demo": ("farebox.tools.demo_cmd", "demo",
              "Run a scripted day on a simulated card (test keys), with its own state."),
 }

@@ -1,0 +1,252 @@
+"""The terminal's identity and its signed settlement batches: what rides in a batch and when,
+and that tampering with any batch is caught."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from farebox.protocol.simcard import Faults
+from farebox.terminal.identity import (
+    IDENTITY_FILE, KEY_FILE, IdentityError, init_identity, load_identity,
+)
+from farebox.terminal.journal import Journal
+from farebox.terminal.rules import Tariff
+from farebox.terminal.settlement import Settlement, SettlementError
+from farebox.terminal.tap import TapInterrupted, Terminal
+from farebox.terminal.writestate import WriteState
+
+from .test_tap import AT, KEYS, LATER, copy_card, new_card, pay, present_again
+
+NOW = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def state(tmp_path):
+    identity = init_identity(tmp_path, "T-0001", NOW)
+    with Journal(tmp_path / "journal.sqlite3", terminal_id="T-0001") as journal:
+        yield tmp_path, identity, journal
+
+
+def settled(settlement) -> dict:
+    """(seq, state) of every batch item."""
+    items = {}
+    for batch in settlement.batches():
+        for item in json.loads(batch.body)["items"]:
+            items[(item["record"]["seq"], item["state"])] = batch.number
+    return items
+
+
+# -- identity --------------------------------------------------------------------------------
+
+
+def test_init_writes_a_private_key_only_the_owner_reads_and_loads_back(tmp_path):
+    made = init_identity(tmp_path, "T-0001", NOW)
+    assert stat.S_IMODE(os.stat(tmp_path / KEY_FILE).st_mode) == 0o600
+    loaded = load_identity(tmp_path)
+    assert (loaded.terminal_id, loaded.incarnation, loaded.public_key) == (
+        made.terminal_id, made.incarnation, made.public_key)
+    assert "PRIVATE" not in repr(loaded) and len(loaded.sign(b"x")) == 64
+    assert KEY_FILE not in (tmp_path / IDENTITY_FILE).read_text()
+
+
+def test_a_second_init_is_refused_and_a_new_state_gets_a_new_incarnation(tmp_path):
+    first = init_identity(tmp_path / "a", "T-0001", NOW)
+    with pytest.raises(IdentityError, match="already holds terminal T-0001"):
+        init_identity(tmp_path / "a", "T-0001", NOW)
+    again = init_identity(tmp_path / "b", "T-0001", NOW)
+    assert again.incarnation != first.incarnation and again.public_key != first.public_key
+
+
+@pytest.mark.parametrize("bad", ["", "-x", "a b", "x" * 33, "T/1", "T\n1"])
+def test_bad_terminal_ids_are_refused(tmp_path, bad):
+    with pytest.raises(IdentityError, match="terminal id"):
+        init_identity(tmp_path, bad, NOW)
+    assert not (tmp_path / KEY_FILE).exists()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: (d / IDENTITY_FILE).write_text("{not json"),
+    lambda d: (d / IDENTITY_FILE).write_text(json.dumps({"terminal_id": "T-0001"})),
+    lambda d: (d / IDENTITY_FILE).write_bytes(b"{" + b" " * 10_000 + b"}"),
+    lambda d: (d / KEY_FILE).write_text("garbage"),
+    lambda d: (d / KEY_FILE).unlink(),
+])
+def test_damaged_identity_files_are_one_clear_error(tmp_path, damage):
+    init_identity(tmp_path, "T-0001", NOW)
+    damage(tmp_path)
+    with pytest.raises(IdentityError):
+        load_identity(tmp_path)
+
+
+def test_a_key_that_does_not_match_the_public_key_is_refused(tmp_path):
+    init_identity(tmp_path / "a", "T-0001", NOW)
+    init_identity(tmp_path / "b", "T-0001", NOW)
+    (tmp_path / "a" / KEY_FILE).write_bytes((tmp_path / "b" / KEY_FILE).read_bytes())
+    with pytest.raises(IdentityError, match="does not match"):
+        load_identity(tmp_path / "a")
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+def test_records_close_into_signed_batches_with_totals(state):
+    _, identity, journal = state
+    terminal, card = Terminal(journal, KEYS), new_card()
+    for _ in range(5):
+        pay(terminal, card)
+    settlement = Settlement(journal, identity)
+    assert settlement.pending_items() == 5
+    first = settlement.close_batch(NOW, max_items=3)
+    second = settlement.close_batch(NOW)
+    assert settlement.close_batch(NOW) is None
+    assert (first.number, first.items, first.first_seq, first.last_seq) == (1, 3, 1, 3)
+    assert (second.number, second.items, second.first_seq, second.last_seq) == (2, 2, 4, 5)
+    assert first.totals == {"committed": {"payment": {"count": 3, "amount_cents": 3 * 580}}}
+    body = json.loads(second.body)
+    assert body["prev_hash"] == first.hash and body["incarnation"] == identity.incarnation
+    assert settlement.verify().ok and settlement.verify().batches == 2
+
+
+def test_a_write_in_doubt_waits_and_rides_in_a_later_batch_once_resolved(state):
+    _, identity, journal = state
+    terminal, card = Terminal(journal, KEYS), new_card()
+    pay(terminal, card)
+    card.faults = Faults(leave_after_commands=4)  # pulled away mid-write
+    with pytest.raises(TapInterrupted) as interrupted:
+        pay(terminal, card)
+    settlement = Settlement(journal, identity)
+    settlement.close_batch(NOW)
+    assert settled(settlement) == {(1, "committed"): 1}
+    assert settlement.held_back() == 1
+    present_again(card)
+    pay(terminal, card, at=LATER)  # voids the interrupted write, pays afresh
+    assert journal.write_state(interrupted.value.tap_id) is WriteState.VOID
+    settlement.close_batch(NOW)
+    assert settled(settlement) == {(1, "committed"): 1, (2, "void"): 2, (3, "committed"): 2}
+    assert settlement.held_back() == 0 and settlement.verify().ok
+
+
+def test_a_void_found_on_the_card_later_is_settled_as_committed_once(state):
+    _, identity, journal = state
+    terminal = Terminal(journal, KEYS)
+    card = new_card(balance_cents=300, aavs_reload_cents=25_000)
+    before = copy_card(card)
+    card.faults = Faults(tear_write_number=2, tear_bytes=16)
+    with pytest.raises(TapInterrupted):
+        pay(terminal, card)
+    pay(terminal, before, Tariff.flat(50_000))  # declined; the interrupted write looks void
+    settlement = Settlement(journal, identity)
+    settlement.close_batch(NOW)
+    voided = {key for key in settled(settlement) if key[1] == "void"}
+    assert voided == {(1, "void"), (2, "void")}  # the reload and the payment
+    present_again(card)
+    pay(terminal, card, at=LATER)  # the write is there after all: committed late
+    settlement.close_batch(NOW)
+    settlement.close_batch(NOW)
+    items = settled(settlement)
+    assert items[(1, "committed")] == items[(2, "committed")] == 2
+    assert sum(state == "committed" for _, state in items) == 3  # + the new payment, once each
+    assert settlement.verify().ok
+
+
+def test_two_closers_at_once_never_settle_a_record_twice(state):
+    directory, identity, journal = state
+    terminal, card = Terminal(journal, KEYS), new_card(balance_cents=50_000)
+    for _ in range(40):
+        pay(terminal, card)
+    journal.sync()
+    errors = []
+
+    def close_all():
+        try:
+            with Journal(directory / "journal.sqlite3") as own:
+                settlement = Settlement(own, identity)
+                while settlement.close_batch(NOW, max_items=3) is not None:
+                    pass
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=close_all) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    settlement = Settlement(journal, identity)
+    items = settled(settlement)
+    assert sorted(seq for seq, _ in items) == list(range(1, 41))
+    assert settlement.verify().ok
+
+
+def _tamper(journal, sql, *parameters):
+    journal.connection.execute(sql, parameters)
+
+
+@pytest.mark.parametrize("attack, problem", [
+    ("body", "does not match its hash"),
+    ("body and hash", "signature does not verify"),
+    ("signature", "signature does not verify"),
+    ("drop first", "numbers jump"),
+    ("record amount", "does not match its hash"),
+    ("journal record", "differs from the journal"),
+])
+def test_tampering_with_a_batch_is_caught(state, attack, problem):
+    _, identity, journal = state
+    terminal, card = Terminal(journal, KEYS), new_card()
+    for _ in range(4):
+        pay(terminal, card)
+    settlement = Settlement(journal, identity)
+    settlement.close_batch(NOW, max_items=2)
+    batch = settlement.close_batch(NOW, max_items=2)
+    body = batch.body.replace('"amount_cents":580', '"amount_cents":58', 1)
+    if attack == "body":
+        _tamper(journal, "UPDATE batches SET body = ? WHERE number = 2", body)
+    elif attack == "body and hash":
+        _tamper(journal, "UPDATE batches SET body = ?, hash = ? WHERE number = 2", body,
+                hashlib.sha256(body.encode()).hexdigest())
+    elif attack == "signature":
+        forged = init_identity(state[0] / "other", "T-0001", NOW).sign(batch.body.encode())
+        _tamper(journal, "UPDATE batches SET signature = ? WHERE number = 2", forged.hex())
+    elif attack == "drop first":
+        _tamper(journal, "DELETE FROM batch_items WHERE batch = 1")
+        _tamper(journal, "DELETE FROM batches WHERE number = 1")
+    elif attack in ("record amount", "journal record"):
+        # a batch re-signed with the right key over a changed record (a bug or an insider)
+        parsed = json.loads(batch.body)
+        parsed["items"][0]["record"]["amount_cents"] = 1
+        if attack == "journal record":
+            from farebox.terminal.journal import _record_hash
+            parsed["items"][0]["record"]["hash"] = _record_hash(parsed["items"][0]["record"])
+        from farebox.terminal.settlement import canonical, totals
+        parsed["totals"] = totals(parsed["items"])
+        text = canonical(parsed)
+        _tamper(journal, "UPDATE batches SET body = ?, hash = ?, signature = ? WHERE number = 2",
+                text, hashlib.sha256(text.encode()).hexdigest(),
+                identity.sign(text.encode()).hex())
+    check = Settlement(journal, identity).verify()
+    assert not check.ok and problem in check.problem, check
+
+
+def test_an_identity_of_another_terminal_cannot_batch_this_journal(state, tmp_path):
+    _, _, journal = state
+    other = init_identity(tmp_path / "other", "T-0002", NOW)
+    with pytest.raises(SettlementError, match="belongs to terminal T-0001"):
+        Settlement(journal, other)
+
+
+def test_closing_with_nothing_ready_changes_nothing(state):
+    _, identity, journal = state
+    settlement = Settlement(journal, identity)
+    assert settlement.close_batch(NOW) is None and settlement.batches() == []
+    assert settlement.verify().ok and settlement.verify().batches == 0
+
+
+# keep the imported helpers honest about what they are
+assert AT.tzinfo is not None and LATER > AT
