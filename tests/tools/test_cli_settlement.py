@@ -1,0 +1,77 @@
+"""``farebox terminal init`` and ``farebox batch close|list|verify`` from the command line."""
+
+from __future__ import annotations
+
+import sqlite3
+
+AT = "2026-11-22T08:00:00+08:00"
+SOON = "2026-11-22T08:00:20+08:00"
+
+
+def init(farebox, terminal_id="T-0001"):
+    return farebox("terminal", "init", "--state", farebox.state, "--id", terminal_id, "--json")
+
+
+def test_init_prints_the_public_key_and_refuses_a_second_time(farebox):
+    made = init(farebox).json()
+    assert made["terminal_id"] == "T-0001" and len(made["public_key"]) == 64
+    assert len(made["incarnation"]) == 16
+    init(farebox).assert_bad_input()
+    assert "already holds terminal T-0001" in init(farebox).err
+
+
+def test_init_refuses_a_journal_of_another_terminal_and_bad_ids(farebox):
+    card = farebox.card(balance="10.00")
+    farebox.tap(card, "--fare", "1.00", at=AT).json()  # the journal gets an id of its own
+    refused = init(farebox, "T-0001")
+    refused.assert_bad_input()
+    assert "belongs to terminal" in refused.err
+    assert not (farebox.state / "identity.key").exists()
+    bad = farebox("terminal", "init", "--state", farebox.path("other"), "--id", "bad id")
+    bad.assert_bad_input()
+    assert "terminal id" in bad.err
+
+
+def test_batches_without_an_identity_are_one_line(farebox):
+    run = farebox("batch", "close", "--state", farebox.state)
+    run.assert_bad_input()
+    assert "terminal init" in run.err
+
+
+def test_close_list_verify_and_an_interrupted_tap_riding_later(farebox):
+    init(farebox).json()
+    card = farebox.card(balance="10.00")
+    assert farebox.tap(card, "--fare", "1.00", at=AT).json()["outcome"] == "approved"
+    cut = farebox("tap", card, "--fare", "1.00", "--at", SOON, "--state", farebox.state,
+                  "--leave-after", 4, "--json")
+    assert cut.code == 1 and "tap the card again" in cut.err
+    closed = farebox("batch", "close", "--state", farebox.state, "--json").json()
+    assert [b["records"] for b in closed["closed"]] == [1] and closed["held_back"] == 1
+    assert closed["closed"][0]["totals"] == {"committed": {"payment": {"count": 1,
+                                                                        "amount": "1.00"}}}
+    farebox.tap(card, "--fare", "1.00", at="2026-11-22T08:10:00+08:00").json()
+    again = farebox("batch", "close", "--state", farebox.state, "--json").json()
+    assert [(b["first_seq"], b["last_seq"]) for b in again["closed"]] == [(2, 3)]
+    assert again["held_back"] == 0
+    assert again["closed"][0]["totals"]["void"] == {"payment": {"count": 1, "amount": "1.00"}}
+    listing = farebox("batch", "list", "--state", farebox.state, "--json").json()
+    assert [b["number"] for b in listing["batches"]] == [1, 2]
+    assert not any(b["acked"] for b in listing["batches"]) and listing["ready"] == 0
+    human = farebox("batch", "list", "--state", farebox.state)
+    assert human.code == 0 and "batch 2" in human.out
+    verified = farebox("batch", "verify", "--state", farebox.state, "--json").json()
+    assert verified == {"ok": True, "batches": 2, "bad_batch": None, "problem": None}
+    nothing = farebox("batch", "close", "--state", farebox.state)
+    assert nothing.code == 0 and "nothing to close" in nothing.out
+
+
+def test_verify_exits_3_on_a_tampered_batch(farebox):
+    init(farebox).json()
+    card = farebox.card(balance="10.00")
+    farebox.tap(card, "--fare", "1.00", at=AT).json()
+    farebox("batch", "close", "--state", farebox.state, "--json").json()
+    with sqlite3.connect(farebox.state / "journal.sqlite3") as db:
+        db.execute("UPDATE batches SET body = replace(body, '\"amount_cents\":100', "
+                   "'\"amount_cents\":1')")
+    run = farebox("batch", "verify", "--state", farebox.state, "--json")
+    assert run.code == 3 and '"bad_batch": 1' in run.out and "hash" in run.out

@@ -1,0 +1,96 @@
+"""``farebox batch close|list|verify``: the terminal's signed settlement batches."""
+
+from __future__ import annotations
+
+import click
+
+from farebox.cardimage.money import format_cents as fmt
+from farebox.terminal.clock import now_utc
+from farebox.terminal.runtime import open_settlement
+from farebox.terminal.settlement import DEFAULT_MAX_ITEMS, Batch
+
+from . import output
+from .common import config_option, json_option, settings, setup_errors, state_option
+
+#: exit status of ``batch verify`` when a batch does not verify (0: all verify; 2: bad input)
+EXIT_VERIFY_FAILED = 3
+
+
+@click.group()
+def batch() -> None:
+    """The terminal's settlement batches."""
+
+
+@batch.command("close")
+@state_option
+@config_option
+@click.option("--max-records", type=click.IntRange(min=1), default=DEFAULT_MAX_ITEMS,
+              show_default=True, help="records per batch at most")
+@json_option
+def close(state_dir, config_file, max_records, as_json) -> None:
+    """Close every record ready for settlement into signed batches (records whose card write is
+    still in doubt wait for a later batch)."""
+    config = settings(config_file, state_dir=state_dir)
+    closed = []
+    with setup_errors(), open_settlement(config) as settlement:
+        while (made := settlement.close_batch(now_utc(), max_records)) is not None:
+            closed.append(made)
+        held_back = settlement.held_back()
+    obj = {"closed": [_batch_json(b) for b in closed], "held_back": held_back}
+    lines = [f"closed batch {b.number}: {b.items} records (#{b.first_seq}-#{b.last_seq})"
+             for b in closed] or ["nothing to close"]
+    if held_back:
+        lines.append(f"{held_back} records wait for their card write to be resolved")
+    output.emit(obj, as_json, "\n".join(lines))
+
+
+@batch.command("list")
+@state_option
+@config_option
+@json_option
+def list_batches(state_dir, config_file, as_json) -> None:
+    """Every batch, with its totals and whether the clearing house has acknowledged it."""
+    config = settings(config_file, state_dir=state_dir)
+    with setup_errors(), open_settlement(config) as settlement:
+        batches = settlement.batches()
+        pending, held_back = settlement.pending_items(), settlement.held_back()
+        terminal_id = settlement.identity.terminal_id
+    obj = {"terminal_id": terminal_id, "batches": [_batch_json(b) for b in batches],
+           "ready": pending, "held_back": held_back}
+    lines = [f"Terminal {terminal_id}: {len(batches)} batches, {pending} records ready, "
+             f"{held_back} in doubt"]
+    for b in obj["batches"]:
+        paid = b["totals"].get("committed", {})
+        summary = ", ".join(f"{kind} {t['count']} = {t['amount']}" for kind, t in paid.items())
+        lines.append(f"  batch {b['number']:<5} {b['closed']}  {b['records']:>5} records  "
+                     f"{'acked' if b['acked'] else 'not acked'}  {summary}")
+    output.emit(obj, as_json, "\n".join(lines))
+
+
+@batch.command("verify")
+@state_option
+@config_option
+@json_option
+def verify(state_dir, config_file, as_json) -> None:
+    """Check every batch's hash, chain, signature and records (exit 3 if one fails)."""
+    config = settings(config_file, state_dir=state_dir)
+    with setup_errors(), open_settlement(config) as settlement:
+        check = settlement.verify()
+    obj = {"ok": check.ok, "batches": check.batches, "bad_batch": check.bad_batch,
+           "problem": check.problem}
+    human = (f"batches verify: {check.batches}" if check.ok else
+             f"batch {check.bad_batch} does NOT verify: {check.problem}")
+    output.emit(obj, as_json, human)
+    if not check.ok:
+        raise click.exceptions.Exit(EXIT_VERIFY_FAILED)
+
+
+def _batch_json(batch: Batch) -> dict:
+    return {
+        "number": batch.number, "closed": batch.closed_utc, "records": batch.items,
+        "first_seq": batch.first_seq, "last_seq": batch.last_seq, "hash": batch.hash,
+        "acked": batch.acked_utc is not None,
+        "totals": {state: {kind: {"count": t["count"], "amount": fmt(t["amount_cents"])}
+                           for kind, t in by_type.items()}
+                   for state, by_type in batch.totals.items()},
+    }
