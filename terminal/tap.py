@@ -22,6 +22,7 @@ from farebox.cardimage.model import COUNTER_MAX, CardImage
 from farebox.protocol.errors import FelicaError
 from farebox.protocol.session import LiteSSession
 
+from . import failpoints
 from .clock import hk_date, require_aware, start_of_hk_day
 from .journal import CardWrite, Journal
 from .keys import SoftwareKeyStore
@@ -129,6 +130,8 @@ class Terminal:
     def idle(self) -> None:
         """Call once the card has left the field: makes the last tap's commit marks durable and
         checkpoints the journal, off the in-field path."""
+        if self.journal.unsynced:
+            failpoints.hit("before-durable-mark")
         self.journal.idle()
 
     # ---- the transaction -----------------------------------------------------------------
@@ -202,15 +205,19 @@ class Terminal:
             log_block=log[0], log_data=log[1], balance_before_cents=decision.balance_before_cents,
             records=decision.records, outcome=result.outcome(), at=at, clock_trusted=trusted,
             remember_before=remember_before)
+        failpoints.hit("after-intent")
         try:
             session.write_block(*purse_a)
             session.write_block(*purse_b)
         except FelicaError as error:
             raise TapInterrupted(tap_id, error) from error
+        failpoints.hit("after-purse-write")
         # The purse slot has landed: the value moved. The log block is a record of it, written
         # next; if it does not land, the next write to this card writes it again.
         log_landed = self._try_write(session, log)
+        failpoints.hit("after-log-write")
         self.journal.commit_later(write, at, log_confirmed=log_landed)
+        failpoints.hit("after-commit-mark")
         if repair is not None and log_landed and self._try_write(
                 session, (repair.log_block, repair.log_data)):
             self.journal.confirm_log(repair)

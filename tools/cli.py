@@ -25,6 +25,8 @@ COMMANDS = {
     "terminal": ("farebox.tools.terminal_cmd", "terminal",
                  "The terminal's identity (signing key, incarnation)."),
     "batch": ("farebox.tools.batch_cmd", "batch", "The terminal's signed settlement batches."),
+    "failpoints": ("farebox.tools.failpoints_cmd", "failpoints",
+                   "List the places FAREBOX_FAILPOINT can make the process die."),
     "demo": ("farebox.tools.demo_cmd", "demo",
              "Run a scripted day on a simulated card (test keys), with its own state."),
 }
@@ -56,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args and "_FAREBOX_COMPLETE" not in os.environ:
         click.echo(cli.get_help(click.Context(cli, info_name="farebox")))
         return 0
+    from farebox.terminal.failpoints import check_environment
+
+    try:
+        check_environment()
+    except ValueError as error:
+        click.echo(f"farebox: error: {error}", err=True)
+        return 2
     try:
         code = cli.main(args=args, prog_name="farebox", standalone_mode=False)
     except click.exceptions.Exit as done:

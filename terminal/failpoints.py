@@ -1,0 +1,45 @@
+"""Failpoints: named places where the process can be made to die, to prove that a crash at any
+step of a tap or a batch close loses nothing and counts nothing twice.
+
+``FAREBOX_FAILPOINT=NAME`` makes the process exit at once (``os._exit``: no cleanup, no flush of
+anything not already on disk, as a power cut or SIGKILL would) with status
+:data:`FAILPOINT_EXIT` when it reaches NAME. Unset, a failpoint costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "FAREBOX_FAILPOINT"
+FAILPOINT_EXIT = 86
+
+#: Every failpoint, in the order a tap, its after-work and a batch close reach them.
+FAILPOINTS: dict[str, str] = {
+    "after-intent": "the tap's intent is durable; nothing written to the card yet",
+    "after-purse-write": "both purse blocks have landed (the value moved); the log block not yet",
+    "after-log-write": "the log block has landed; the commit mark not yet made",
+    "after-commit-mark": "the commit mark is made but not yet durable; the result not yet shown",
+    "before-durable-mark": "the result was shown; the card has left; the mark not yet durable",
+    "batch-before-commit": "a batch's rows are written inside its transaction, not committed",
+    "batch-after-commit": "a batch is durable; the command has not reported it",
+}
+
+
+def hit(name: str) -> None:
+    """Die here if ``FAREBOX_FAILPOINT`` names this failpoint."""
+    if os.environ.get(ENV) == name:
+        if name not in FAILPOINTS:  # pragma: no cover - a typo in the code, caught by a test
+            raise ValueError(f"unknown failpoint {name!r}")
+        os.write(2, f"farebox: failpoint {name}: dying\n".encode())
+        os._exit(FAILPOINT_EXIT)
+
+
+def check_environment() -> str | None:
+    """The failpoint named in the environment, if any; ValueError for an unknown name."""
+    name = os.environ.get(ENV)
+    if name and name not in FAILPOINTS:
+        raise ValueError(f"{ENV}={name!r} is not a failpoint (farebox failpoints lists them)")
+    return name or None
+
+
+__all__ = ["ENV", "FAILPOINTS", "FAILPOINT_EXIT", "check_environment", "hit"]

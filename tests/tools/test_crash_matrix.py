@@ -1,0 +1,100 @@
+"""Crash matrix: the real console script killed (``os._exit``, as a power cut would) at every
+failpoint of a tap and of a batch close, then run again: the card is presented again, batches
+closed. Whatever the crash, the card's balance is its initial value less what the batches settle
+as committed, every record is settled once, and the batches verify."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from farebox.terminal.failpoints import FAILPOINT_EXIT, FAILPOINTS
+
+AT = "2026-11-22T08:00:00+08:00"
+RETAP = "2026-11-22T08:00:20+08:00"  # inside the re-tap window
+LATER = "2026-11-22T08:10:00+08:00"
+TAP_FAILPOINTS = [name for name in FAILPOINTS if not name.startswith("batch-")]
+BATCH_FAILPOINTS = [name for name in FAILPOINTS if name.startswith("batch-")]
+
+
+def settled_cents(farebox) -> tuple[int, list[tuple[int, str]]]:
+    """What the batches say the card lost (payments less loads), and every (seq, state)."""
+    moved, keys = 0, []
+    with_items = farebox("batch", "list", "--state", farebox.state, "--json").json()
+    assert with_items["held_back"] == 0 and with_items["ready"] == 0
+    import sqlite3
+
+    with sqlite3.connect(farebox.state / "journal.sqlite3") as db:
+        bodies = [row[0] for row in db.execute("SELECT body FROM batches ORDER BY number")]
+    for body in bodies:
+        for item in json.loads(body)["items"]:
+            record = item["record"]
+            keys.append((record["seq"], item["state"]))
+            if item["state"] == "committed":
+                sign = 1 if record["type"] == "payment" else -1
+                moved += sign * record["amount_cents"]
+    return moved, keys
+
+
+def cents(amount: str) -> int:
+    return round(float(amount) * 100)
+
+
+def test_every_failpoint_is_listed_in_order(farebox):
+    listed = farebox("failpoints", "--json").json()
+    assert [f["name"] for f in listed["failpoints"]] == list(FAILPOINTS)
+    assert listed["exit_status"] == FAILPOINT_EXIT
+
+
+def test_an_unknown_failpoint_is_bad_input(farebox):
+    run = farebox.script("failpoints", env={"FAREBOX_FAILPOINT": "after-lunch"})
+    run.assert_bad_input()
+
+
+@pytest.mark.parametrize("failpoint", TAP_FAILPOINTS)
+def test_a_tap_killed_at_each_failpoint_loses_nothing_and_counts_nothing_twice(farebox,
+                                                                               failpoint):
+    init = farebox("terminal", "init", "--state", farebox.state, "--id", "T-0001", "--json")
+    init.json()
+    card = farebox.card(balance="10.00")
+    killed = farebox.script("tap", card, "--fare", "1.00", "--at", AT, "--state", farebox.state,
+                            "--json", env={"FAREBOX_FAILPOINT": failpoint})
+    assert killed.code == FAILPOINT_EXIT, killed
+    assert f"failpoint {failpoint}" in killed.err
+    # the card comes back (within the re-tap window), then once more later
+    again = farebox.tap(card, "--fare", "1.00", at=RETAP).json()
+    later = farebox.tap(card, "--fare", "1.00", at=LATER).json()
+    assert again["outcome"] == later["outcome"] == "approved"
+    shown = farebox.show(card)
+    assert shown["balance"] == later["balance_after"]
+    closed = farebox("batch", "close", "--state", farebox.state, "--json").json()
+    assert closed["held_back"] == 0
+    moved, keys = settled_cents(farebox)
+    assert cents("10.00") - moved == cents(shown["balance"])
+    assert len(keys) == len(set(keys))  # a (seq, state) pair is settled once
+    committed = [seq for seq, state in keys if state == "committed"]
+    assert len(committed) == len(set(committed))
+    # two or three payments, depending on whether the killed tap's value had moved
+    landed = failpoint != "after-intent"
+    assert moved == cents("1.00") * (2 + (landed and again["completed_from"] is None))
+    assert farebox("batch", "verify", "--state", farebox.state, "--json").json()["ok"]
+    assert farebox("journal", "verify", "--state", farebox.state, "--json").json()["ok"]
+
+
+@pytest.mark.parametrize("failpoint", BATCH_FAILPOINTS)
+def test_a_batch_close_killed_at_each_failpoint_settles_each_record_once(farebox, failpoint):
+    farebox("terminal", "init", "--state", farebox.state, "--id", "T-0001", "--json").json()
+    card = farebox.card(balance="10.00")
+    for at in (AT, LATER):
+        farebox.tap(card, "--fare", "1.00", at=at).json()
+    killed = farebox.script("batch", "close", "--state", farebox.state, "--max-records", "1",
+                            env={"FAREBOX_FAILPOINT": failpoint})
+    assert killed.code == FAILPOINT_EXIT, killed
+    listed = farebox("batch", "list", "--state", farebox.state, "--json").json()
+    assert len(listed["batches"]) == (1 if failpoint == "batch-after-commit" else 0)
+    farebox("batch", "close", "--state", farebox.state, "--json").json()
+    moved, keys = settled_cents(farebox)
+    assert sorted(keys) == [(1, "committed"), (2, "committed")]
+    assert moved == cents("10.00") - cents(farebox.show(card)["balance"]) == cents("2.00")
+    assert farebox("batch", "verify", "--state", farebox.state, "--json").json()["ok"]
