@@ -12,6 +12,8 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
     action_list = "/etc/farebox/hotlist.json"
     minimum_add_value = "50.00"
     retap_window_s = 60
+    batch_max_records = 1000        # settlement: close a batch at this many records,
+    batch_max_age_s = 900           # when the oldest is this old, and at Hong Kong midnight
 
     [fares]                         # adult required; a class left out pays the adult fare
     adult = "5.80"
@@ -21,7 +23,6 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -31,11 +32,13 @@ from farebox.cardimage.money import parse_amount
 from farebox.protocol.transports.files import UntrustedFileError, read_limited
 
 from .rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, FareClass, Tariff
+from .identity import TERMINAL_ID_PATTERN
+from .settlement import DEFAULT_MAX_AGE_S, DEFAULT_MAX_ITEMS
 from .tap import DEFAULT_RETAP_WINDOW_S
 
 ENV_CONFIG = "FAREBOX_CONFIG"
 ENV_STATE = "FAREBOX_STATE"
-_TERMINAL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+_TERMINAL_ID = TERMINAL_ID_PATTERN
 _MAX_RETAP_WINDOW_S = 24 * 3600
 
 
@@ -54,6 +57,8 @@ class TerminalConfig:
     tariff: Tariff | None = None
     minimum_add_value_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS
     retap_window_s: float = DEFAULT_RETAP_WINDOW_S
+    batch_max_records: int = DEFAULT_MAX_ITEMS
+    batch_max_age_s: float = DEFAULT_MAX_AGE_S
     #: where each setting came from ("default", "file", "env", "flag"), for `doctor` and notices
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -112,6 +117,8 @@ def _from_toml(path: Path) -> dict:
         "action_list": ("action_list", lambda v, k: Path(_string(v, k))),
         "minimum_add_value": ("minimum_add_value_cents", _amount),
         "retap_window_s": ("retap_window_s", _window),
+        "batch_max_records": ("batch_max_records", _batch_records),
+        "batch_max_age_s": ("batch_max_age_s", _batch_age),
     }
     for key, value in terminal.items():
         if key not in readers:
@@ -177,6 +184,19 @@ def _window(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not 0 <= value <= _MAX_RETAP_WINDOW_S:
         raise ValueError(f"expected a number of seconds from 0 to {_MAX_RETAP_WINDOW_S}")
+    return float(value)
+
+
+def _batch_records(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+        raise ValueError("expected a whole number of records from 1 to 100000")
+    return value
+
+
+def _batch_age(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 1 <= value <= _MAX_RETAP_WINDOW_S:
+        raise ValueError(f"expected a number of seconds from 1 to {_MAX_RETAP_WINDOW_S}")
     return float(value)
 
 

@@ -9,7 +9,8 @@ Reader specs: ``sim:CARD.json`` (a simulated card file in this process), ``udp:H
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,8 +29,10 @@ from .identity import (
 )
 from .journal import Journal, JournalError
 from .keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
-from .settlement import Settlement, SettlementError
+from .settlement import BatchCloser, BatchPolicy, Settlement, SettlementError
 from .tap import Terminal
+
+LOG = logging.getLogger("farebox.terminal.runtime")
 
 JOURNAL_FILE = "journal.sqlite3"
 READER_KINDS = ("sim", "udp", "usb", "tty", "pcsc")
@@ -166,6 +169,20 @@ def open_settlement(config: TerminalConfig) -> Iterator[Settlement]:
         journal.close()
 
 
+def batch_closer(config: TerminalConfig, terminal: Terminal,
+                 clock: Callable[[], datetime]) -> BatchCloser | None:
+    """The daemon's batch closer over ``terminal``'s journal, or None (said once on the log)
+    when the state has no terminal identity to sign batches with."""
+    try:
+        identity = load_identity(state_dir(config))
+        settlement = Settlement(terminal.journal, identity)
+    except (IdentityError, SettlementError) as error:
+        LOG.warning("batches are not closed: %s", error)
+        return None
+    return BatchCloser(settlement, BatchPolicy(config.batch_max_records, config.batch_max_age_s),
+                       clock)
+
+
 @contextmanager
 def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
     """A Terminal over the configured state directory's journal, keys and action list. On the
@@ -186,5 +203,5 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
 
 
 __all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "default_state_dir",
-           "init_terminal", "open_journal", "open_settlement", "open_terminal", "open_transport",
+           "batch_closer", "init_terminal", "open_journal", "open_settlement", "open_terminal", "open_transport",
            "state_dir"]

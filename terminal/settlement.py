@@ -23,16 +23,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from .clock import utc_iso
+from . import failpoints
+from .clock import hk_date, parse_utc, utc_iso
 from .identity import TerminalIdentity, verify_signature
 from .journal import GENESIS_HASH, Journal, _record_hash
 
+LOG = logging.getLogger("farebox.terminal.settlement")
+
 BATCH_FORMAT = 1
 DEFAULT_MAX_ITEMS = 1000
+DEFAULT_MAX_AGE_S = 900.0
 SETTLED_STATES = ("committed", "void", "unresolved")
 
 _SCHEMA = """
@@ -68,6 +75,15 @@ LIMIT ?
 _RECORD_FIELDS = ("seq", "terminal_id", "tap_id", "card_number", "counter_before",
                   "counter_after", "type", "amount_cents", "balance_before_cents",
                   "balance_after_cents", "at_utc", "prev_hash", "hash", "clock_trusted")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """When records close into a batch: ``max_records`` ready, the oldest ready one older than
+    ``max_age_s``, or ready records from an earlier Hong Kong day (the daily close)."""
+
+    max_records: int = DEFAULT_MAX_ITEMS
+    max_age_s: float = DEFAULT_MAX_AGE_S
 
 
 class SettlementError(Exception):
@@ -140,6 +156,37 @@ class Settlement:
         """Records ready to be batched (their writes resolved, not yet in a batch)."""
         return len(self._db.execute(_READY, (-1,)).fetchall())
 
+    def due(self, now: datetime, policy: BatchPolicy) -> str | None:
+        """Why a batch should close now ("count", "age", "day"), or None."""
+        row = self._db.execute(
+            "SELECT count(*), min(at_utc) FROM (" + _READY.replace("LIMIT ?", "") + ")"
+        ).fetchone()
+        count, oldest = row
+        if not count:
+            return None
+        if count >= policy.max_records:
+            return "count"
+        oldest_at = parse_utc(oldest)
+        if (now - oldest_at).total_seconds() >= policy.max_age_s:
+            return "age"
+        if hk_date(oldest_at) < hk_date(now):
+            return "day"
+        return None
+
+    def close_due(self, now: datetime, policy: BatchPolicy) -> list[Batch]:
+        """Close batches while the policy says one is due; the batches closed."""
+        closed = []
+        while self.due(now, policy) is not None:
+            batch = self.close_batch(now, policy.max_records)
+            if batch is None:
+                break
+            closed.append(batch)
+        return closed
+
+    def last_seq(self) -> int:
+        """The journal's newest record sequence (0 when empty)."""
+        return self._db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
+
     def held_back(self) -> int:
         """Records waiting for their card write to be resolved (in doubt)."""
         return self._db.execute(
@@ -185,6 +232,8 @@ class Settlement:
                  body, digest, signature))
             self._db.executemany("INSERT INTO batch_items (seq, state, batch) VALUES (?, ?, ?)",
                                  [(item["record"]["seq"], item["state"], number) for item in items])
+            failpoints.hit("batch-before-commit")
+        failpoints.hit("batch-after-commit")
         return batch
 
     # -- checking --
@@ -239,3 +288,34 @@ class Settlement:
             if journal_hashes.get(record["seq"], record["hash"]) != record["hash"]:
                 return f"record {record['seq']} differs from the journal's"
         return None
+
+
+class BatchCloser:
+    """The daemon's idle hook: when the journal has new records, and otherwise every
+    ``check_every_s``, close the batches the policy says are due. A journal that is busy or
+    failing is logged, never raised: taps go on."""
+
+    def __init__(self, settlement: Settlement, policy: BatchPolicy,
+                 clock: Callable[[], datetime], check_every_s: float = 30.0) -> None:
+        self.settlement = settlement
+        self.policy = policy
+        self.clock = clock
+        self.check_every_s = check_every_s
+        self._last_check = float("-inf")
+        self._last_seq: int | None = None
+
+    def __call__(self) -> list[Batch]:
+        now_s = time.monotonic()
+        try:
+            last_seq = self.settlement.last_seq()
+            if last_seq == self._last_seq and now_s - self._last_check < self.check_every_s:
+                return []
+            self._last_check, self._last_seq = now_s, last_seq
+            closed = self.settlement.close_due(self.clock(), self.policy)
+        except sqlite3.Error as error:
+            LOG.warning("closing batches failed (%s); trying again later", error)
+            return []
+        for batch in closed:
+            LOG.info("closed batch %d: %d records (#%d-#%d)", batch.number, batch.items,
+                     batch.first_seq, batch.last_seq)
+        return closed

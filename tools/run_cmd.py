@@ -9,8 +9,9 @@ import sys
 
 import click
 
+from farebox.terminal.clock import now_utc
 from farebox.terminal.daemon import Daemon, TapEvent
-from farebox.terminal.runtime import ReaderSpec, RuntimeSetupError, open_transport
+from farebox.terminal.runtime import ReaderSpec, RuntimeSetupError, batch_closer, open_transport
 
 from . import output
 from .common import InputError, config_option, json_option, settings, state_option, terminal
@@ -84,7 +85,9 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
         output.emit(obj, as_json, f"{human}  ({event.tap_ms:.0f} ms)")
 
     with terminal(config) as term:
-        daemon = Daemon(term, open_reader, config.tariff, on_event=emit, max_taps=max_taps)
+        closer = batch_closer(config, term, now_utc)
+        daemon = Daemon(term, open_reader, config.tariff, on_event=emit, max_taps=max_taps,
+                        on_idle=closer or (lambda: None))
         previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             daemon.run()

@@ -250,3 +250,51 @@ def test_closing_with_nothing_ready_changes_nothing(state):
 
 # keep the imported helpers honest about what they are
 assert AT.tzinfo is not None and LATER > AT
+
+
+# -- when batches close ---------------------------------------------------------------------
+
+
+def _paid(journal, count, at=AT, card=None):
+    terminal, card = Terminal(journal, KEYS), card or new_card(balance_cents=50_000)
+    for n in range(count):
+        pay(terminal, card, at=at + timedelta(minutes=2 * n))  # past the re-tap window
+    journal.sync()
+    return card
+
+
+def test_a_batch_is_due_by_count_by_age_and_at_the_hong_kong_day_change(state):
+    from farebox.terminal.settlement import BatchPolicy
+
+    _, identity, journal = state
+    settlement = Settlement(journal, identity)
+    policy = BatchPolicy(max_records=3, max_age_s=900)
+    assert settlement.due(AT, policy) is None  # nothing ready
+    card = _paid(journal, 2)  # 08:00 and 08:02 Hong Kong
+    assert settlement.due(AT + timedelta(minutes=5), policy) is None
+    assert settlement.due(AT + timedelta(minutes=15), policy) == "age"
+    late_evening = datetime(2026, 11, 22, 23, 59, tzinfo=AT.tzinfo)
+    assert settlement.due(late_evening, BatchPolicy(3, 86_400)) is None
+    after_midnight = datetime(2026, 11, 23, 0, 1, tzinfo=AT.tzinfo)
+    assert settlement.due(after_midnight, BatchPolicy(3, 86_400)) == "day"
+    _paid(journal, 1, at=AT + timedelta(minutes=10), card=card)
+    assert settlement.due(AT + timedelta(minutes=11), policy) == "count"
+    closed = settlement.close_due(AT + timedelta(minutes=11), policy)
+    assert [b.items for b in closed] == [3] and settlement.due(after_midnight, policy) is None
+
+
+def test_the_daemon_hook_closes_when_records_arrive_and_not_on_every_idle(state):
+    from farebox.terminal.settlement import BatchCloser, BatchPolicy
+
+    _, identity, journal = state
+    settlement = Settlement(journal, identity)
+    checks = []
+    original = settlement.close_due
+    settlement.close_due = lambda now, policy: checks.append(now) or original(now, policy)
+    closer = BatchCloser(settlement, BatchPolicy(max_records=1), clock=lambda: AT,
+                         check_every_s=3600)
+    assert closer() == [] and len(checks) == 1  # the first call always looks
+    assert closer() == [] and len(checks) == 1  # nothing new: no query
+    _paid(journal, 2)
+    assert [b.items for b in closer()] == [1, 1] and len(checks) == 2
+    assert closer() == [] and len(checks) == 2

@@ -160,3 +160,31 @@ def test_a_slow_card_held_in_the_field_is_charged_once_per_presentation(farebox,
     assert [e["balance_after"] for e in events] == ["8.50", "7.00", "5.50"], err
     assert "the same presentation, not charged again" in err  # the guard did the work
     assert farebox.show(card)["balance"] == "5.50"
+
+
+def test_the_daemon_closes_signed_batches_between_taps(farebox, served):
+    done = farebox("terminal", "init", "--state", farebox.state, "--id", "BUS-0042", "--json")
+    done.json()
+    config = farebox.path("farebox.toml")
+    config.write_text("[terminal]\nbatch_max_records = 1\n")
+    card = farebox.card(balance="10.00")
+    server = served(card, "--taps", 3)
+    run, events = run_daemon(server.address, farebox.state, "--fare", "1.00", "--max-taps", 3,
+                             "--config", config)
+    assert run.returncode == 0, run.stderr
+    assert "batches are not closed" not in run.stderr
+    server.finish()
+    listing = farebox("batch", "list", "--state", farebox.state, "--json").json()
+    # one record per batch, closed once each card had left: the last tap's card had not yet
+    batched = [b["records"] for b in listing["batches"]]
+    assert batched == [1, 1] and listing["ready"] + listing["held_back"] == 1
+    assert farebox("batch", "verify", "--state", farebox.state, "--json").json()["ok"]
+
+
+def test_the_daemon_without_an_identity_says_batches_are_not_closed(farebox, served):
+    card = farebox.card(balance="10.00")
+    server = served(card, "--taps", 1)
+    run, events = run_daemon(server.address, farebox.state, "--fare", "1.00", "--max-taps", 1)
+    assert run.returncode == 0 and events[0]["outcome"] == "approved"
+    assert "batches are not closed" in run.stderr and "terminal init" in run.stderr
+    server.finish()
