@@ -1,0 +1,102 @@
+"""``farebox clearing serve|enroll|report``: the reference clearing receiver."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import click
+
+from . import output
+from .common import InputError, json_option
+
+DB_HELP = "the clearing database: a SQLite file path, or postgresql://..."
+
+
+def _store(db: str):
+    from farebox.terminal.clearing.store import Store, StoreError
+
+    try:
+        return Store(db)
+    except StoreError as error:
+        raise InputError(str(error)) from None
+
+
+@click.group()
+def clearing() -> None:
+    """The reference clearing receiver (accepts signed settlement batches)."""
+
+
+@clearing.command("serve")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="0: a free port")
+def serve(db, host, port) -> None:
+    """Serve the receiver over HTTP until SIGINT/SIGTERM; prints {"url": ...} once listening."""
+    import logging
+
+    try:
+        from farebox.terminal.clearing.server import serve as run_server
+    except ImportError as error:
+        raise InputError(f"the clearing receiver needs {error.name}: "
+                         "pip install 'farebox[clearing]'") from None
+    from farebox.terminal.clearing.store import StoreError
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="farebox clearing: %(message)s")
+
+    try:
+        run_server(db, host, port,
+                   on_ready=lambda url: click.echo(json.dumps({"url": url}), nl=True))
+    except StoreError as error:
+        raise InputError(str(error)) from None
+    except OSError as error:
+        raise InputError(str(error.strerror or error)) from None
+
+
+@clearing.command("enroll")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--terminal", "terminal_id", required=True, metavar="ID")
+@click.option("--pubkey", required=True, metavar="HEX",
+              help="the terminal's Ed25519 public key (`farebox terminal init` prints it)")
+@json_option
+def enroll(db, terminal_id, pubkey, as_json) -> None:
+    """Enroll a terminal's public key (refused if that terminal is enrolled already)."""
+    from farebox.terminal.clock import now_utc, utc_iso
+    from farebox.terminal.identity import IdentityError, check_terminal_id
+
+    try:
+        check_terminal_id(terminal_id)
+    except IdentityError as error:
+        raise InputError(str(error)) from None
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", pubkey):
+        raise InputError("--pubkey: expected 64 hex digits (an Ed25519 public key)")
+    with _store(db) as store:
+        if not store.enroll(terminal_id, pubkey.lower(), utc_iso(now_utc())):
+            raise InputError(f"terminal {terminal_id} is enrolled already")
+    output.emit({"terminal_id": terminal_id, "public_key": pubkey.lower()}, as_json,
+                f"enrolled terminal {terminal_id}")
+
+
+@clearing.command("report")
+@click.option("--db", required=True, help=DB_HELP)
+@json_option
+def report(db, as_json) -> None:
+    """Records and amounts by type, per-terminal sequences and gaps, duplicates ignored, records
+    still open, card counter forks."""
+    from farebox.terminal.clearing.report import build
+
+    with _store(db) as store:
+        obj = build(store)
+    lines = []
+    for state, kinds in obj["totals"].items():
+        for kind, t in kinds.items():
+            lines.append(f"{state:<11} {kind:<15} {t['count']:>7}  {t['amount']:>12}")
+    for t in obj["terminals"]:
+        lines.append(f"terminal {t['terminal_id']} ({t['incarnation']}): {t['records']} records, "
+                     f"last #{t['last_seq']}, gaps {t['gaps'] or 'none'}")
+    lines.append(f"duplicates ignored: {obj['duplicates_ignored']}; open: {len(obj['open'])}; "
+                 f"counter forks: {len(obj['counter_forks'])}")
+    output.emit(obj, as_json, "\n".join(lines))
