@@ -134,6 +134,48 @@ def totals(items: list[dict]) -> dict:
     return result
 
 
+class BatchRejected(ValueError):
+    """A batch that does not verify: the reason is one line."""
+
+
+def check_batch(body: str, digest: str, signature_hex: str, public_key: bytes) -> dict:
+    """The parsed body of a batch whose hash, signature, header, totals and record hashes all
+    verify; BatchRejected otherwise. The chain (prev_hash) is the caller's to check."""
+    if hashlib.sha256(body.encode()).hexdigest() != digest:
+        raise BatchRejected("its body does not match its hash")
+    try:
+        signature = bytes.fromhex(signature_hex)
+    except (ValueError, TypeError):
+        raise BatchRejected("its signature is not hex") from None
+    if not verify_signature(public_key, signature, body.encode()):
+        raise BatchRejected("its signature does not verify with the terminal's key")
+    try:
+        parsed = json.loads(body)
+        items = parsed["items"]
+        if parsed["format"] != BATCH_FORMAT or not isinstance(parsed["batch"], int):
+            raise BatchRejected("its header is not a batch of this format")
+        if parsed["totals"] != totals(items):
+            raise BatchRejected("its totals do not add up")
+        seen = set()
+        for item in items:
+            record = item["record"]
+            if item["state"] not in SETTLED_STATES:
+                raise BatchRejected(f"record {record['seq']} has state {item['state']!r}")
+            key = (record["seq"], item["state"])
+            if key in seen:
+                raise BatchRejected(f"record {key[0]} is in the batch twice as {key[1]}")
+            seen.add(key)
+            if record["terminal_id"] != parsed["terminal_id"]:
+                raise BatchRejected(f"record {record['seq']} names another terminal")
+            if _record_hash(record) != record["hash"]:
+                raise BatchRejected(f"record {record['seq']} does not match its hash")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        if isinstance(error, BatchRejected):
+            raise
+        raise BatchRejected(f"its body is not a batch ({type(error).__name__})") from None
+    return parsed
+
+
 class Settlement:
     """The batches of one terminal, over its journal."""
 
@@ -182,6 +224,21 @@ class Settlement:
                 break
             closed.append(batch)
         return closed
+
+    def unacknowledged(self) -> list[Batch]:
+        """Batches the clearing house has not acknowledged, oldest first (the upload order)."""
+        return list(self._rows("SELECT number, closed_utc, items, first_seq, last_seq, body, "
+                               "hash, signature, acked_utc FROM batches WHERE acked_utc IS NULL "
+                               "ORDER BY number"))
+
+    def acknowledge(self, number: int, digest: str, at: datetime) -> bool:
+        """Mark batch ``number`` acknowledged, only if its hash is ``digest`` (the ack must name
+        exactly what was sent); False when no such unacknowledged batch exists."""
+        with self.journal.transaction():
+            changed = self._db.execute(
+                "UPDATE batches SET acked_utc = ? WHERE number = ? AND hash = ? "
+                "AND acked_utc IS NULL", (utc_iso(at), number, digest)).rowcount
+        return changed == 1
 
     def last_seq(self) -> int:
         """The journal's newest record sequence (0 when empty)."""
@@ -256,39 +313,24 @@ class Settlement:
                seen: set) -> str | None:
         if batch.number != expected:
             return f"batch numbers jump from {expected - 1} to {batch.number}"
-        if hashlib.sha256(batch.body.encode()).hexdigest() != batch.hash:
-            return "its body does not match its hash"
         try:
-            signature = bytes.fromhex(batch.signature)
-        except ValueError:
-            return "its signature is not hex"
-        if not verify_signature(self.identity.public_key, signature, batch.body.encode()):
-            return "its signature does not verify with this terminal's key"
-        try:
-            body = json.loads(batch.body)
-            items = body["items"]
-            header_ok = (body["format"] == BATCH_FORMAT and body["batch"] == batch.number
-                         and body["terminal_id"] == self.identity.terminal_id)
-        except (ValueError, KeyError, TypeError):
-            return "its body is not a batch"
-        if not header_ok:
+            body = check_batch(batch.body, batch.hash, batch.signature, self.identity.public_key)
+        except BatchRejected as rejected:
+            return str(rejected)
+        if body["batch"] != batch.number or body["terminal_id"] != self.identity.terminal_id \
+                or len(body["items"]) != batch.items:
             return "its header does not name this batch and terminal"
         if body["prev_hash"] != previous:
             return "it does not link to the batch before it"
-        if body["totals"] != totals(items) or len(items) != batch.items:
-            return "its totals do not add up"
-        for item in items:
+        for item in body["items"]:
             record = item["record"]
             key = (record["seq"], item["state"])
             if key in seen:
                 return f"record {key[0]} is in a batch twice as {key[1]}"
             seen.add(key)
-            if _record_hash(record) != record["hash"]:
-                return f"record {record['seq']} does not match its hash"
             if journal_hashes.get(record["seq"], record["hash"]) != record["hash"]:
                 return f"record {record['seq']} differs from the journal's"
         return None
-
 
 class BatchCloser:
     """The daemon's idle hook: when the journal has new records, and otherwise every
