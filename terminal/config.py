@@ -14,6 +14,8 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
     retap_window_s = 60
     batch_max_records = 1000        # settlement: close a batch at this many records,
     batch_max_age_s = 900           # when the oldest is this old, and at Hong Kong midnight
+    clearing_url = "https://clearing.example"  # the daemon uploads batches there (none: it does not)
+    upload_interval_s = 60          # and tries at least this often
 
     [fares]                         # adult required; a class left out pays the adult fare
     adult = "5.80"
@@ -59,6 +61,8 @@ class TerminalConfig:
     retap_window_s: float = DEFAULT_RETAP_WINDOW_S
     batch_max_records: int = DEFAULT_MAX_ITEMS
     batch_max_age_s: float = DEFAULT_MAX_AGE_S
+    clearing_url: str | None = None
+    upload_interval_s: float = 60.0
     #: where each setting came from ("default", "file", "env", "flag"), for `doctor` and notices
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -119,6 +123,8 @@ def _from_toml(path: Path) -> dict:
         "retap_window_s": ("retap_window_s", _window),
         "batch_max_records": ("batch_max_records", _batch_records),
         "batch_max_age_s": ("batch_max_age_s", _batch_age),
+        "clearing_url": ("clearing_url", _url),
+        "upload_interval_s": ("upload_interval_s", _batch_age),
     }
     for key, value in terminal.items():
         if key not in readers:
@@ -185,6 +191,13 @@ def _window(value: object, key: str) -> float:
             or not 0 <= value <= _MAX_RETAP_WINDOW_S:
         raise ValueError(f"expected a number of seconds from 0 to {_MAX_RETAP_WINDOW_S}")
     return float(value)
+
+
+def _url(value: object, key: str) -> str:
+    text = _string(value, key)
+    if not text.startswith(("http://", "https://")) or len(text) > 2000:
+        raise ValueError(f"expected http://... or https://..., got {text[:80]!r}")
+    return text
 
 
 def _batch_records(value: object, key: str) -> int:

@@ -31,6 +31,7 @@ from .journal import Journal, JournalError
 from .keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
 from .settlement import BatchCloser, BatchPolicy, Settlement, SettlementError
 from .tap import Terminal
+from .upload import BackgroundUploader
 
 LOG = logging.getLogger("farebox.terminal.runtime")
 
@@ -169,8 +170,8 @@ def open_settlement(config: TerminalConfig) -> Iterator[Settlement]:
         journal.close()
 
 
-def batch_closer(config: TerminalConfig, terminal: Terminal,
-                 clock: Callable[[], datetime]) -> BatchCloser | None:
+def batch_closer(config: TerminalConfig, terminal: Terminal, clock: Callable[[], datetime],
+                 on_closed: Callable[[], None] = lambda: None) -> BatchCloser | None:
     """The daemon's batch closer over ``terminal``'s journal, or None (said once on the log)
     when the state has no terminal identity to sign batches with."""
     try:
@@ -180,7 +181,26 @@ def batch_closer(config: TerminalConfig, terminal: Terminal,
         LOG.warning("batches are not closed: %s", error)
         return None
     return BatchCloser(settlement, BatchPolicy(config.batch_max_records, config.batch_max_age_s),
-                       clock)
+                       clock, on_closed=on_closed)
+
+
+def start_uploader(config: TerminalConfig, clock: Callable[[], datetime]
+                   ) -> BackgroundUploader | None:
+    """The daemon's background uploads to ``config.clearing_url`` (None when there is none, or
+    no identity to upload as: said once on the log)."""
+    if config.clearing_url is None:
+        return None
+    try:
+        identity = load_identity(state_dir(config))
+    except IdentityError as error:
+        LOG.warning("batches are not uploaded: %s", error)
+        return None
+
+    def open_own() -> Settlement:  # on the uploader's thread: SQLite objects stay on theirs
+        return Settlement(open_journal(config), identity)
+
+    return BackgroundUploader(open_own, config.clearing_url, clock,
+                              config.upload_interval_s).start()
 
 
 @contextmanager
@@ -203,5 +223,5 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
 
 
 __all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "default_state_dir",
-           "batch_closer", "init_terminal", "open_journal", "open_settlement", "open_terminal", "open_transport",
+           "batch_closer", "init_terminal", "start_uploader", "open_journal", "open_settlement", "open_terminal", "open_transport",
            "state_dir"]

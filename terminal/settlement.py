@@ -338,8 +338,10 @@ class BatchCloser:
     failing is logged, never raised: taps go on."""
 
     def __init__(self, settlement: Settlement, policy: BatchPolicy,
-                 clock: Callable[[], datetime], check_every_s: float = 30.0) -> None:
+                 clock: Callable[[], datetime], check_every_s: float = 30.0,
+                 on_closed: Callable[[], None] = lambda: None) -> None:
         self.settlement = settlement
+        self.on_closed = on_closed
         self.policy = policy
         self.clock = clock
         self.check_every_s = check_every_s
@@ -360,4 +362,6 @@ class BatchCloser:
         for batch in closed:
             LOG.info("closed batch %d: %d records (#%d-#%d)", batch.number, batch.items,
                      batch.first_seq, batch.last_seq)
+        if closed:
+            self.on_closed()
         return closed

@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-
-import httpx
+from typing import TYPE_CHECKING
 
 from .settlement import Batch, Settlement
+
+if TYPE_CHECKING:  # httpx is imported when an upload runs, not by every command
+    import httpx
 
 LOG = logging.getLogger("farebox.terminal.upload")
 
@@ -70,6 +73,8 @@ def upload(settlement: Settlement, url: str, now: Callable[[], datetime], *,
            sleep: Callable[[float], None] = time.sleep,
            should_stop: Callable[[], bool] = lambda: False) -> UploadResult:
     """Send every unacknowledged batch in order until one cannot be; see the module doc."""
+    import httpx
+
     result = UploadResult()
     pending = settlement.unacknowledged()
     own_client = client is None
@@ -101,6 +106,8 @@ def _send(client: httpx.Client, url: str, payload: dict, settlement: Settlement,
           sleep: Callable[[float], None], should_stop: Callable[[], bool]) -> None:
     """POST one batch until it is acknowledged; UploadRefused on 4xx, UploadFailed when the
     attempts run out."""
+    import httpx
+
     expected = {key: payload[key] for key in ("terminal_id", "incarnation", "number", "hash")}
     problem = "no attempt made"
     for attempt in range(attempts):
@@ -146,3 +153,65 @@ def _error_text(answer: object) -> str:
     if isinstance(answer, dict) and isinstance(answer.get("error"), str):
         return " ".join(answer["error"].split())[:200]
     return "no reason given"
+
+
+class BackgroundUploader:
+    """The daemon's uploads: a thread with its own journal connection that uploads whenever
+    :meth:`wake` is called (a batch closed) and at least every ``interval_s``. :meth:`stop`
+    returns within ``join_s``; an upload still in flight then is abandoned (it is idempotent:
+    the next run sends that batch again)."""
+
+    def __init__(self, open_settlement: Callable[[], Settlement], url: str,
+                 now: Callable[[], datetime], interval_s: float = 60.0) -> None:
+        self._open = open_settlement
+        self.url = url
+        self.now = now
+        self.interval_s = interval_s
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="farebox-upload", daemon=True)
+        self.uploads = 0
+
+    def start(self) -> BackgroundUploader:
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, join_s: float = 1.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(join_s)
+
+    def _run(self) -> None:
+        try:
+            settlement = self._open()
+        except Exception as error:  # noqa: BLE001 - a thread must say why it ends
+            LOG.warning("uploads stopped: %s", error)
+            return
+        try:
+            while not self._stopping.is_set():
+                self._wake.wait(self.interval_s)
+                self._wake.clear()
+                if self._stopping.is_set():
+                    break
+                self._upload_once(settlement)
+        finally:
+            settlement.journal.close()
+
+    def _upload_once(self, settlement: Settlement) -> None:
+        try:
+            if not settlement.unacknowledged():
+                return
+            result = upload(settlement, self.url, self.now, attempts=3,
+                            sleep=lambda s: self._stopping.wait(s),
+                            should_stop=self._stopping.is_set)
+        except Exception as error:  # noqa: BLE001 - the journal busy or failing: try later
+            LOG.warning("upload failed (%s); trying again later", error)
+            return
+        self.uploads += 1
+        if result.acknowledged:
+            LOG.info("uploaded batches %s", result.acknowledged)
+        if not result.complete and result.reason != "stopped":
+            LOG.warning("upload stopped at batch %s: %s", result.stopped_at, result.reason)

@@ -11,7 +11,9 @@ import click
 
 from farebox.terminal.clock import now_utc
 from farebox.terminal.daemon import Daemon, TapEvent
-from farebox.terminal.runtime import ReaderSpec, RuntimeSetupError, batch_closer, open_transport
+from farebox.terminal.runtime import (
+    ReaderSpec, RuntimeSetupError, batch_closer, open_transport, start_uploader,
+)
 
 from . import output
 from .common import InputError, config_option, json_option, settings, state_option, terminal
@@ -84,8 +86,10 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
         obj.update({"reader": event.reader, "idm": event.idm.hex(), "tap_ms": event.tap_ms})
         output.emit(obj, as_json, f"{human}  ({event.tap_ms:.0f} ms)")
 
+    uploader = start_uploader(config, now_utc)
     with terminal(config) as term:
-        closer = batch_closer(config, term, now_utc)
+        closer = batch_closer(config, term, now_utc,
+                              on_closed=uploader.wake if uploader else lambda: None)
         daemon = Daemon(term, open_reader, config.tariff, on_event=emit, max_taps=max_taps,
                         on_idle=closer or (lambda: None))
         previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -94,6 +98,8 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if uploader is not None:
+                uploader.stop()
     if not as_json:
         click.echo(f"farebox: stopped after {daemon.stats.taps} taps", err=True)
 

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -156,3 +157,41 @@ def test_nothing_listening_is_retried_then_reported(farebox):
 def test_bad_urls_are_bad_input(farebox):
     terminal_with_batches(farebox)
     farebox("upload", "--state", farebox.state, "--url", "ftp://x").assert_bad_input()
+
+
+def test_the_daemon_uploads_its_batches_in_the_background(farebox, receiver):
+    from .test_e2e_udp import Served
+
+    url, db = receiver
+    made = farebox("terminal", "init", "--state", farebox.state, "--id", "BUS-7",
+                   "--json").json()
+    farebox("clearing", "enroll", "--db", db, "--terminal", "BUS-7", "--pubkey",
+            made["public_key"]).code == 0
+    config = farebox.path("farebox.toml")
+    config.write_text(f'[terminal]\nbatch_max_records = 1\nclearing_url = "{url}"\n'
+                      "upload_interval_s = 1\n")
+    card = farebox.card(balance="10.00")
+    server = Served(card, "--taps", 2)
+    run = subprocess.Popen([str(CONSOLE_SCRIPT), "run", "--reader", server.address, "--fare",
+                            "1.00", "--state", str(farebox.state), "--config", str(config),
+                            "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        server.finish(timeout=30)
+        deadline, records = time.monotonic() + 20, 0
+        while time.monotonic() < deadline and records < 2:
+            time.sleep(0.3)
+            totals = farebox("clearing", "report", "--db", db, "--json").json()["totals"]
+            records = totals.get("committed", {}).get("payment", {}).get("count", 0)
+        started = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=10)
+        assert time.monotonic() - started < 2.0 and run.returncode == 0, err
+    finally:
+        server.kill()
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert records == 2, err
+    assert len(out.splitlines()) == 2
+    listing = farebox("batch", "list", "--state", farebox.state, "--json").json()
+    assert [b["acked"] for b in listing["batches"]] == [True, True]
