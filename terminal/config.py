@@ -16,6 +16,7 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
     batch_max_age_s = 900           # when the oldest is this old, and at Hong Kong midnight
     clearing_url = "https://clearing.example"  # the daemon uploads batches there (none: it does not)
     upload_interval_s = 60          # and tries at least this often
+    clearing_public_key = "64 hex digits"  # verifies the action lists it fetches there
 
     [fares]                         # adult required; a class left out pays the adult fare
     adult = "5.80"
@@ -25,6 +26,7 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -63,6 +65,7 @@ class TerminalConfig:
     batch_max_age_s: float = DEFAULT_MAX_AGE_S
     clearing_url: str | None = None
     upload_interval_s: float = 60.0
+    clearing_public_key: bytes | None = None
     #: where each setting came from ("default", "file", "env", "flag"), for `doctor` and notices
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -125,6 +128,7 @@ def _from_toml(path: Path) -> dict:
         "batch_max_age_s": ("batch_max_age_s", _batch_age),
         "clearing_url": ("clearing_url", _url),
         "upload_interval_s": ("upload_interval_s", _batch_age),
+        "clearing_public_key": ("clearing_public_key", _public_key),
     }
     for key, value in terminal.items():
         if key not in readers:
@@ -191,6 +195,13 @@ def _window(value: object, key: str) -> float:
             or not 0 <= value <= _MAX_RETAP_WINDOW_S:
         raise ValueError(f"expected a number of seconds from 0 to {_MAX_RETAP_WINDOW_S}")
     return float(value)
+
+
+def _public_key(value: object, key: str) -> bytes:
+    text = _string(value, key)
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise ValueError("expected 64 hex digits (an Ed25519 public key)")
+    return bytes.fromhex(text)
 
 
 def _url(value: object, key: str) -> str:

@@ -29,6 +29,9 @@ from .identity import (
 )
 from .journal import Journal, JournalError
 from .keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
+from .actionfetch import FETCHED_FILE, fetch, held_list
+from .rules import ListEntry
+from .signedlist import SignedList, SignedListError
 from .settlement import BatchCloser, BatchPolicy, Settlement, SettlementError
 from .tap import Terminal
 from .upload import BackgroundUploader
@@ -199,18 +202,88 @@ def start_uploader(config: TerminalConfig, clock: Callable[[], datetime]
     def open_own() -> Settlement:  # on the uploader's thread: SQLite objects stay on theirs
         return Settlement(open_journal(config), identity)
 
-    return BackgroundUploader(open_own, config.clearing_url, clock,
-                              config.upload_interval_s).start()
+    def fetch_list() -> None:
+        _, changed = fetch_action_list(config, None, clock())
+        if changed:
+            LOG.info("fetched a new action list")
+
+    return BackgroundUploader(open_own, config.clearing_url, clock, config.upload_interval_s,
+                              also=fetch_list if config.clearing_public_key else None).start()
+
+
+def load_action_lists(config: TerminalConfig) -> tuple[ListEntry, ...]:
+    """The configured action-list file's entries and those of the list fetched from the
+    clearing house (when ``clearing_public_key`` is configured): both apply at every tap."""
+    try:
+        entries = load_action_list(config.action_list) if config.action_list else ()
+    except ActionListError as error:
+        raise RuntimeSetupError(str(error)) from None
+    if config.clearing_public_key is not None:
+        try:
+            fetched = held_list(state_dir(config), config.clearing_public_key)
+        except SignedListError as error:
+            raise RuntimeSetupError(f"fetched action list: {error}") from None
+        if fetched is not None:
+            entries += fetched.entries
+    return entries
+
+
+def fetch_action_list(config: TerminalConfig, url: str | None, now: datetime
+                      ) -> tuple[SignedList, bool]:
+    """Fetch, verify and keep the clearing house's action list; ``(list, changed)``."""
+    url = url or config.clearing_url
+    if url is None:
+        raise RuntimeSetupError("give --url (or clearing_url in --config)")
+    if config.clearing_public_key is None:
+        raise RuntimeSetupError("clearing_public_key is not configured: an action list cannot "
+                                "be verified without it (farebox clearing key prints it)")
+    try:
+        return fetch(url, state_dir(config), config.clearing_public_key, now)
+    except SignedListError as error:
+        raise RuntimeSetupError(f"action list refused: {error}") from None
+    except Exception as error:  # httpx.HTTPError and OSError: the house cannot be reached
+        if type(error).__module__.startswith("httpx") or isinstance(error, OSError):
+            raise RuntimeSetupError(f"cannot fetch the action list from {url}: "
+                                    f"{type(error).__name__}") from None
+        raise
+
+
+class ActionListReloader:
+    """The daemon's idle hook that puts a newly fetched action list into force: when the held
+    list's file changes, the terminal's entries are loaded again (a list that no longer
+    verifies is logged and the entries in force are kept)."""
+
+    def __init__(self, config: TerminalConfig, terminal: Terminal) -> None:
+        self.config = config
+        self.terminal = terminal
+        self._path = state_dir(config) / FETCHED_FILE
+        self._stamp = self._current_stamp()
+
+    def _current_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self._path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def __call__(self) -> None:
+        stamp = self._current_stamp()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            self.terminal.action_list = load_action_lists(self.config)
+        except RuntimeSetupError as error:
+            LOG.warning("%s; keeping the action list in force", error)
+            return
+        LOG.info("action list reloaded: %d entries", len(self.terminal.action_list))
 
 
 @contextmanager
 def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
     """A Terminal over the configured state directory's journal, keys and action list. On the
     way out it does the work kept off the in-field path (durable commit marks, checkpoint)."""
-    try:
-        action_list = load_action_list(config.action_list) if config.action_list else ()
-    except ActionListError as error:
-        raise RuntimeSetupError(str(error)) from None
+    action_list = load_action_lists(config)
     keys = load_keys(config)
     journal = open_journal(config)
     try:
@@ -222,6 +295,7 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
         journal.close()
 
 
-__all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "default_state_dir",
-           "batch_closer", "init_terminal", "start_uploader", "open_journal", "open_settlement", "open_terminal", "open_transport",
-           "state_dir"]
+__all__ = ["ActionListReloader", "ConfigError", "ReaderSpec", "RuntimeSetupError",
+           "TerminalConfig", "batch_closer", "default_state_dir", "fetch_action_list",
+           "init_terminal", "load_action_lists", "open_journal", "open_settlement",
+           "open_terminal", "open_transport", "start_uploader", "state_dir"]

@@ -162,8 +162,12 @@ class BackgroundUploader:
     the next run sends that batch again)."""
 
     def __init__(self, open_settlement: Callable[[], Settlement], url: str,
-                 now: Callable[[], datetime], interval_s: float = 60.0) -> None:
+                 now: Callable[[], datetime], interval_s: float = 60.0,
+                 also: Callable[[], None] | None = None) -> None:
+        """``also``: more work each round (fetching the action list); what it raises is
+        logged."""
         self._open = open_settlement
+        self._also = also
         self.url = url
         self.now = now
         self.interval_s = interval_s
@@ -197,6 +201,11 @@ class BackgroundUploader:
                 if self._stopping.is_set():
                     break
                 self._upload_once(settlement)
+                if self._also is not None and not self._stopping.is_set():
+                    try:
+                        self._also()
+                    except Exception as error:  # noqa: BLE001 - a round fails, not the thread
+                        LOG.warning("%s", error)
         finally:
             settlement.journal.close()
 

@@ -100,3 +100,41 @@ def report(db, as_json) -> None:
     lines.append(f"duplicates ignored: {obj['duplicates_ignored']}; open: {len(obj['open'])}; "
                  f"counter forks: {len(obj['counter_forks'])}")
     output.emit(obj, as_json, "\n".join(lines))
+
+
+@clearing.command("action")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--card", "card", required=True, metavar="NUMBER", help="8 digits (check digit "
+              "optional)")
+@click.option("--reason", type=click.Choice(["lost", "aavs_suspended", "cancelled"]),
+              required=True)
+@click.option("--at", "at", required=True, metavar="TIME",
+              help="when it was reported (ISO 8601 with offset)")
+@json_option
+def action(db, card, reason, at, as_json) -> None:
+    """Put a card on the published action list (its next serial)."""
+    from farebox.terminal.actionlist import parse_time
+    from farebox.terminal.cardnumber import parse_number
+    from farebox.terminal.clearing.service import Receiver
+    from farebox.terminal.clock import now_utc, utc_iso
+
+    try:
+        number, when = parse_number(card), parse_time(at)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    with _store(db) as store:
+        serial = Receiver(store).add_action(number, reason, utc_iso(when), utc_iso(now_utc()))
+    output.emit({"card": f"{number:08d}", "reason": reason, "at": utc_iso(when),
+                 "serial": serial}, as_json, f"card {number:08d} listed {reason}; serial {serial}")
+
+
+@clearing.command("key")
+@click.option("--db", required=True, help=DB_HELP)
+@json_option
+def key(db, as_json) -> None:
+    """Print the public key the action lists are signed with (terminals' clearing_public_key)."""
+    from farebox.terminal.clearing.service import Receiver
+
+    with _store(db) as store:
+        public = Receiver(store).public_key.hex()
+    output.emit({"public_key": public}, as_json, public)

@@ -27,6 +27,8 @@ COMMANDS = {
     "batch": ("farebox.tools.batch_cmd", "batch", "The terminal's signed settlement batches."),
     "upload": ("farebox.tools.upload_cmd", "upload",
                "Send the terminal's unacknowledged batches to the clearing house."),
+    "actions": ("farebox.tools.actions_cmd", "actions",
+                "Fetch the clearing house's signed action list."),
     "clearing": ("farebox.tools.clearing_cmd", "clearing",
                  "The reference clearing receiver: serve, enroll terminals, report."),
     "failpoints": ("farebox.tools.failpoints_cmd", "failpoints",

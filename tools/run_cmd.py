@@ -12,7 +12,8 @@ import click
 from farebox.terminal.clock import now_utc
 from farebox.terminal.daemon import Daemon, TapEvent
 from farebox.terminal.runtime import (
-    ReaderSpec, RuntimeSetupError, batch_closer, open_transport, start_uploader,
+    ActionListReloader, ReaderSpec, RuntimeSetupError, batch_closer, open_transport,
+    start_uploader,
 )
 
 from . import output
@@ -90,8 +91,15 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
     with terminal(config) as term:
         closer = batch_closer(config, term, now_utc,
                               on_closed=uploader.wake if uploader else lambda: None)
+        reload_list = ActionListReloader(config, term)
+
+        def on_idle() -> None:
+            if closer is not None:
+                closer()
+            reload_list()
+
         daemon = Daemon(term, open_reader, config.tariff, on_event=emit, max_taps=max_taps,
-                        on_idle=closer or (lambda: None))
+                        on_idle=on_idle)
         previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             daemon.run()

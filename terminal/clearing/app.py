@@ -3,7 +3,8 @@
 ``POST /v1/batches``: one upload (see ``service.py``); 200 with the acknowledgement, or 400 (not
 an upload), 403 (unknown terminal), 409 (a number taken by another batch, out of order, a broken
 chain), 413 (body over :data:`MAX_BODY_BYTES`), 422 (does not verify), each ``{"error": ...}``.
-``GET /v1/health``: 200 ``{"ok": true}``.
+``GET /v1/actions``: the action list, signed (``signedlist.py``). ``GET /v1/health``: 200
+``{"ok": true}``.
 """
 
 from __future__ import annotations
@@ -57,5 +58,10 @@ def create_app(receiver: Receiver) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
+    async def actions(request: Request) -> JSONResponse:
+        document = await run_in_threadpool(receiver.action_list, now_utc())
+        return JSONResponse(document)
+
     return Starlette(routes=[Route("/v1/batches", batches, methods=["POST"]),
+                             Route("/v1/actions", actions, methods=["GET"]),
                              Route("/v1/health", health, methods=["GET"])])

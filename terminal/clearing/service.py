@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..journal import GENESIS_HASH
 from ..settlement import BatchRejected, check_batch
+from ..signedlist import publish
 from .store import Store, StoredBatch
 
 UPLOAD_KEYS = {"terminal_id": str, "incarnation": str, "number": int, "body": str, "hash": str,
@@ -47,12 +52,40 @@ class Ack:
                 "duplicates": self.duplicates, "again": self.again}
 
 
+#: What a card whose counter was spent twice (a restored image used again) is listed as.
+FORK_REASON = "cancelled"
+
+
 class Receiver:
-    """Batches into a :class:`Store`, one at a time (the store is single-writer anyway)."""
+    """Batches into a :class:`Store`, one at a time (the store is single-writer anyway), and the
+    action list it publishes, signed with the receiver's own key (kept in the store's meta
+    table, made at first use)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._lock = threading.Lock()
+        fresh = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+            serialization.NoEncryption())
+        raw = store.set_meta_if_absent("list_signing_key", fresh.hex())
+        self._key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(raw))
+
+    @property
+    def public_key(self) -> bytes:
+        return self._key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                   serialization.PublicFormat.Raw)
+
+    def action_list(self, now: datetime) -> dict:
+        """The current action list, signed, valid for a day from ``now``."""
+        with self._lock:
+            serial, rows = self.store.actions()
+        entries = [{"card": f"{card:08d}", "reason": reason, "at": at}
+                   for card, reason, at in rows]
+        return publish(entries, serial, now, self._key)
+
+    def add_action(self, card_number: int, reason: str, at_utc: str, added_utc: str) -> int:
+        with self._lock:
+            return self.store.set_action(card_number, reason, at_utc, added_utc)
 
     def ingest(self, upload: object, received_utc: str) -> Ack:
         if not isinstance(upload, dict):
@@ -96,5 +129,8 @@ class Receiver:
                 duplicates = self.store.store_batch(
                     StoredBatch(terminal_id, incarnation, number, upload["hash"],
                                 body["prev_hash"]), records, received_utc)
+                forks = self.store.forked_cards([r["card_number"] for r in records])
+                self.store.add_actions_if_absent(
+                    [(card, FORK_REASON, received_utc) for card in forks], received_utc)
         return Ack(terminal_id, incarnation, number, upload["hash"], len(records), duplicates,
                    False)

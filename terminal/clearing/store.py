@@ -48,6 +48,14 @@ SCHEMA = (
         hash TEXT NOT NULL,
         PRIMARY KEY (terminal_id, incarnation, seq, state))""",
     "CREATE INDEX IF NOT EXISTS records_card ON records (card_number, counter_before)",
+    """CREATE TABLE IF NOT EXISTS actions (
+        card_number BIGINT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        at_utc TEXT NOT NULL,
+        added_utc TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS meta (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
 )
 
 RECORD_COLUMNS = ("terminal_id", "incarnation", "seq", "state", "batch_number", "card_number",
@@ -206,3 +214,58 @@ class Store:
             "WHERE state = 'committed' GROUP BY card_number, counter_before "
             "HAVING count(DISTINCT terminal_id || ':' || incarnation || ':' || at_utc) > 1 "
             "ORDER BY card_number, counter_before")
+
+    # -- action lists --
+
+    def set_action(self, card_number: int, reason: str, at_utc: str, added_utc: str) -> int:
+        """Put a card on the action list (replacing its entry); the list's new serial."""
+        with self.transaction():
+            self._execute("DELETE FROM actions WHERE card_number = ?", (card_number,))
+            self._execute("INSERT INTO actions (card_number, reason, at_utc, added_utc) "
+                          "VALUES (?, ?, ?, ?)", (card_number, reason, at_utc, added_utc))
+            return self._bump_serial()
+
+    def add_actions_if_absent(self, entries: list[tuple[int, str, str]], added_utc: str) -> int:
+        """Add ``(card, reason, at)`` entries for cards not on the list yet (inside a
+        transaction); how many were added (the serial moves when any was)."""
+        added = 0
+        for card_number, reason, at_utc in entries:
+            if self._all("SELECT 1 FROM actions WHERE card_number = ?", (card_number,)):
+                continue
+            self._execute("INSERT INTO actions (card_number, reason, at_utc, added_utc) "
+                          "VALUES (?, ?, ?, ?)", (card_number, reason, at_utc, added_utc))
+            added += 1
+        if added:
+            self._bump_serial()
+        return added
+
+    def actions(self) -> tuple[int, list[tuple[int, str, str]]]:
+        """The list's serial and its ``(card, reason, at)`` entries."""
+        return self._serial(), self._all(
+            "SELECT card_number, reason, at_utc FROM actions ORDER BY card_number")
+
+    def forked_cards(self, card_numbers: Sequence[int]) -> list[int]:
+        return sorted({card for card, _, _ in self.counter_forks() if card in set(card_numbers)})
+
+    def meta(self, name: str) -> str | None:
+        rows = self._all("SELECT value FROM meta WHERE name = ?", (name,))
+        return rows[0][0] if rows else None
+
+    def set_meta_if_absent(self, name: str, value: str) -> str:
+        with self.transaction():
+            current = self.meta(name)
+            if current is None:
+                self._execute("INSERT INTO meta (name, value) VALUES (?, ?)", (name, value))
+                return value
+            return current
+
+    def _serial(self) -> int:
+        value = self.meta("action_list_serial")
+        return int(value) if value is not None else 0
+
+    def _bump_serial(self) -> int:
+        serial = self._serial() + 1
+        self._execute("DELETE FROM meta WHERE name = 'action_list_serial'")
+        self._execute("INSERT INTO meta (name, value) VALUES ('action_list_serial', ?)",
+                      (str(serial),))
+        return serial

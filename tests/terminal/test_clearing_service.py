@@ -36,7 +36,7 @@ def rig(tmp_path):
 
 
 def send(receiver, settlement, batch, **changes):
-    return receiver.ingest({**upload_payload(settlement, batch), **changes}, "now")
+    return receiver.ingest({**upload_payload(settlement, batch), **changes}, "2026-11-22T16:00:00Z")
 
 
 def test_batches_in_order_are_stored_once_and_acknowledged_by_name(rig):
@@ -90,7 +90,7 @@ def test_out_of_order_unknown_tampered_and_replayed_batches_are_refused(rig):
 def test_malformed_uploads_are_400(rig, upload):
     receiver = rig[0]
     with pytest.raises(Refused) as refused:
-        receiver.ingest(upload, "now")
+        receiver.ingest(upload, "2026-11-22T16:00:00Z")
     assert refused.value.status == 400
 
 
