@@ -195,3 +195,214 @@ def test_the_daemon_uploads_its_batches_in_the_background(farebox, receiver):
     assert len(out.splitlines()) == 2
     listing = farebox("batch", "list", "--state", farebox.state, "--json").json()
     assert [b["acked"] for b in listing["batches"]] == [True, True]
+
+
+# -- action lists ---------------------------------------------------------------------------
+
+
+def trusting(farebox, db, url, name="trust.toml"):
+    key = farebox("clearing", "key", "--db", db, "--json").json()["public_key"]
+    config = farebox.path(name)
+    config.write_text(f'[terminal]\nclearing_url = "{url}"\nclearing_public_key = "{key}"\n')
+    return config
+
+
+def fetch(farebox, config, url=None):
+    argv = ["actions", "fetch", "--state", farebox.state, "--config", config, "--json"]
+    return farebox(*argv, *(["--url", url] if url else []))
+
+
+def test_a_card_reported_lost_is_refused_after_the_next_fetch_from_three_hours(farebox,
+                                                                                receiver):
+    url, db = receiver
+    config = trusting(farebox, db, url)
+    card = farebox.card(number="12345678")
+    listed = farebox("clearing", "action", "--db", db, "--card", "12345678", "--reason", "lost",
+                     "--at", "2026-11-22T05:00:00+08:00", "--json").json()
+    assert listed["serial"] == 1
+
+    def tap(at):
+        return farebox("tap", card, "--fare", "1.00", "--at", at, "--state", farebox.state,
+                       "--config", config, "--json").json()
+
+    assert tap("2026-11-22T07:00:00+08:00")["outcome"] == "approved"  # not fetched yet
+    fetched = fetch(farebox, config).json()
+    assert fetched == {**fetched, "serial": 1, "entries": 1, "changed": True}
+    assert tap("2026-11-22T07:59:00+08:00")["outcome"] == "approved"  # before report + 3 h
+    refused = tap("2026-11-22T08:00:00+08:00")
+    assert refused["outcome"] == "declined" and refused["reason"] == "blocked"
+    assert fetch(farebox, config).json()["changed"] is False
+
+
+def test_old_expired_tampered_and_unverifiable_lists_are_refused(farebox, receiver, hostile,
+                                                                 monkeypatch):
+    url, db = receiver
+    config = trusting(farebox, db, url)
+    import httpx
+
+    old = httpx.get(url + "/v1/actions").json()  # serial 0, empty
+    farebox("clearing", "action", "--db", db, "--card", "12345678", "--reason", "cancelled",
+            "--at", "2026-11-22T05:00:00+08:00").code == 0
+    assert fetch(farebox, config).json()["serial"] == 1
+    held = (farebox.state / "actions.json").read_bytes()
+
+    def serve(document):
+        class Lists(Hostile):
+            def do_GET(self):  # noqa: N802
+                body = json.dumps(document).encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+        return Lists
+
+    import http.server as _  # noqa: F401 - Hostile's server class is reused below
+    server = ThreadingHTTPServer(("127.0.0.1", 0), serve(old))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    fake = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        refused = fetch(farebox, config, fake)
+        refused.assert_bad_input()
+        assert "older than the list held" in refused.err
+        # an expired list, signed with the house's real key
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from farebox.terminal.signedlist import publish
+        with sqlite3.connect(db) as house:
+            raw = house.execute("SELECT value FROM meta WHERE name = 'list_signing_key'"
+                                ).fetchone()[0]
+        from datetime import datetime, timedelta, timezone
+        stale = publish([], 9, datetime.now(timezone.utc) - timedelta(days=2),
+                        Ed25519PrivateKey.from_private_bytes(bytes.fromhex(raw)))
+        server.RequestHandlerClass = serve(stale)
+        assert "expired" in fetch(farebox, config, fake).err
+        tampered = {**stale, "list": stale["list"].replace('"serial":9', '"serial":99')}
+        server.RequestHandlerClass = serve(tampered)
+        assert "does not verify" in fetch(farebox, config, fake).err
+        server.RequestHandlerClass = serve({"list": 5})
+        fetch(farebox, config, fake).assert_bad_input()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (farebox.state / "actions.json").read_bytes() == held  # nothing changed
+
+
+def test_a_card_counter_spent_twice_is_listed_cancelled(farebox, receiver):
+    """The same card image tapped at two terminals (a copy restored between them): the clearing
+    house sees one counter spent twice and lists the card; a terminal that fetches refuses it."""
+    import shutil
+
+    url, db = receiver
+    card = farebox.card(number="12345678", balance="10.00")
+    copy = farebox.path("copy.json")
+    shutil.copy(card, copy)
+    for state, name in ((farebox.state, "T-A"), (farebox.path("b"), "T-B")):
+        made = farebox("terminal", "init", "--state", state, "--id", name, "--json").json()
+        farebox("clearing", "enroll", "--db", db, "--terminal", name, "--pubkey",
+                made["public_key"]).code == 0
+    farebox("tap", card, "--fare", "1.00", "--at", AT, "--state", farebox.state, "--json").json()
+    farebox("tap", copy, "--fare", "1.00", "--at", AT, "--state", farebox.path("b"),
+            "--json").json()
+    for state in (farebox.state, farebox.path("b")):
+        farebox("batch", "close", "--state", state, "--json").json()
+        farebox("upload", "--state", state, "--url", url, "--json").json()
+    report = farebox("clearing", "report", "--db", db, "--json").json()
+    assert report["counter_forks"] == [{"card": 12345678, "counter": 1, "writes": 2}]
+    config = trusting(farebox, db, url)
+    assert fetch(farebox, config).json()["entries"] == 1
+    from datetime import datetime, timedelta, timezone
+
+    listed_from = datetime.now(timezone.utc) + timedelta(minutes=1)  # the fork was seen now
+    refused = farebox("tap", card, "--fare", "1.00", "--at", listed_from.isoformat(),
+                      "--state", farebox.state, "--config", config, "--json").json()
+    assert refused["outcome"] == "declined" and refused["reason"] == "cancelled"
+
+
+def test_the_daemon_fetches_the_action_list_and_puts_it_in_force(farebox, receiver):
+    from .test_e2e_udp import Served
+
+    url, db = receiver
+    made = farebox("terminal", "init", "--state", farebox.state, "--id", "BUS-8",
+                   "--json").json()
+    farebox("clearing", "enroll", "--db", db, "--terminal", "BUS-8", "--pubkey",
+            made["public_key"]).code == 0
+    farebox("clearing", "action", "--db", db, "--card", "12345678", "--reason", "lost",
+            "--at", "2026-11-01T08:00:00+08:00").code == 0
+    config = trusting(farebox, db, url)
+    config.write_text(config.read_text() + "upload_interval_s = 1\n")
+    card = farebox.card(number="12345678", balance="10.00")
+    served = None
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # a port no card is on
+        probe.bind(("127.0.0.1", 0))
+        idle_port = probe.getsockname()[1]
+    run = subprocess.Popen([str(CONSOLE_SCRIPT), "run", "--reader", f"udp:127.0.0.1:{idle_port}",
+                            "--fare",
+                            "1.00", "--state", str(farebox.state), "--config", str(config),
+                            "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (farebox.state / "actions.json").exists():
+            time.sleep(0.2)
+        assert (farebox.state / "actions.json").exists()
+        run.send_signal(signal.SIGTERM)
+        run.communicate(timeout=10)
+        # the list is held now: the next daemon (and every tap) applies it from the start
+        served = Served(card, "--taps", 1)
+        again = subprocess.run([str(CONSOLE_SCRIPT), "run", "--reader", served.address, "--fare",
+                                "1.00", "--state", str(farebox.state), "--config", str(config),
+                                "--json", "--max-taps", "1"], capture_output=True, text=True,
+                               timeout=30)
+        event = json.loads(again.stdout.splitlines()[0])
+        assert event["outcome"] == "declined" and event["reason"] == "blocked"
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+        if served is not None:
+            served.kill()
+
+
+def test_a_week_offline_then_one_upload_settles_every_tap_once(farebox, receiver):
+    """3,000 taps over six and a half Hong Kong days on 30 cards, nothing uploaded; then one
+    upload: every batch acknowledged, every record stored once, the totals what the cards lost."""
+    from datetime import date, datetime, timedelta, timezone
+
+    from farebox.protocol.session import LiteSSession
+    from farebox.protocol.simcard import SimulatedLiteS
+    from farebox.protocol.transports.inprocess import InProcessTransport
+    from farebox.terminal.issue import IssueRequest, issue, new_idm
+    from farebox.terminal.journal import Journal
+    from farebox.terminal.keys import published_test_keys
+    from farebox.terminal.rules import Tariff
+    from farebox.terminal.tap import Terminal
+
+    url, db = receiver
+    made = farebox("terminal", "init", "--state", farebox.state, "--id", "BUS-9",
+                   "--json").json()
+    farebox("clearing", "enroll", "--db", db, "--terminal", "BUS-9", "--pubkey",
+            made["public_key"]).code == 0
+    keys, start = published_test_keys(), datetime(2026, 11, 22, 6, 0, tzinfo=timezone.utc)
+    cards = []
+    for number in range(30):
+        _, _, blocks = issue(IssueRequest(issued=date(2026, 1, 15), number=20_000_000 + number,
+                                          balance_cents=50_000), keys, idm := new_idm())
+        cards.append(SimulatedLiteS(idm, blocks=blocks))
+    with Journal(farebox.state / "journal.sqlite3", durable=False) as journal:
+        terminal = Terminal(journal, keys)
+        for tap in range(3000):
+            card = cards[tap % 30]
+            result = terminal.pay(LiteSSession(InProcessTransport(card)), Tariff.flat(100),
+                                  start + timedelta(minutes=3 * tap))
+            assert result.approved
+        terminal.idle()
+    closed = farebox("batch", "close", "--state", farebox.state, "--json").json()
+    assert [b["records"] for b in closed["closed"]] == [1000, 1000, 1000]
+    sent = farebox("upload", "--state", farebox.state, "--url", url, "--json").json()
+    assert sent["acknowledged"] == [1, 2, 3] and sent["pending"] == 0
+    report = farebox("clearing", "report", "--db", db, "--json").json()
+    assert report["totals"] == {"committed": {"payment": {"count": 3000, "amount": "3000.00"}}}
+    assert report["terminals"][0]["last_seq"] == 3000 and report["terminals"][0]["gaps"] == []
+    assert report["duplicates_ignored"] == 0
