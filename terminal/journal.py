@@ -34,7 +34,7 @@ from .clock import parse_utc, utc_fixed, utc_iso
 from .rules import Record, RecordType
 from .writestate import WriteState, check_transition
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GENESIS_HASH = "0" * 64
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 _WAL_AUTOCHECKPOINT_PAGES = 10_000  # a backstop only: checkpoints normally run in idle()
@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS card_writes (
     outcome TEXT,
     log_block INTEGER,
     log_data TEXT,
-    log_confirmed INTEGER NOT NULL DEFAULT 1
+    log_confirmed INTEGER NOT NULL DEFAULT 1,
+    observed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY,
@@ -94,6 +95,12 @@ ALTER TABLE card_writes ADD COLUMN log_block INTEGER;
 ALTER TABLE card_writes ADD COLUMN log_data TEXT;
 ALTER TABLE card_writes ADD COLUMN log_confirmed INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE records ADD COLUMN clock_trusted INTEGER NOT NULL DEFAULT 1;
+"""
+#: ``observed``: committed because its bytes were seen on the card later, not by the write's
+#: own answers (another terminal may have written the very same bytes: clearing counts that
+#: change once).
+_MIGRATE_2_TO_3 = """
+ALTER TABLE card_writes ADD COLUMN observed INTEGER NOT NULL DEFAULT 0;
 """
 
 _WRITE_COLUMNS = ("tap_id, card_number, idm, kind, counter_before, counter_after, expected_slot, "
@@ -183,6 +190,7 @@ class _Mark:
     state: WriteState | None
     at_utc: str | None
     log_confirmed: bool
+    observed: bool = False
 
 
 @dataclass(frozen=True)
@@ -244,8 +252,9 @@ class Journal:
             if "card_writes" in existing and "meta" in existing:
                 version = self._db.execute(
                     "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if version is not None and version[0] == "1":
-                    for statement in filter(str.strip, _MIGRATE_1_TO_2.split(";")):
+                steps = {"1": _MIGRATE_1_TO_2 + _MIGRATE_2_TO_3, "2": _MIGRATE_2_TO_3}
+                if version is not None and version[0] in steps:
+                    for statement in filter(str.strip, steps[version[0]].split(";")):
                         self._db.execute(statement)
                     self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                                      (str(SCHEMA_VERSION),))
@@ -527,18 +536,20 @@ class Journal:
                          log_block=log_block, log_data=log_data, log_confirmed=False)
 
     def resolve_write(self, write: CardWrite, state: WriteState, at: datetime, *,
-                      log_confirmed: bool = False, sync: bool = True) -> CardWrite:
+                      log_confirmed: bool = False, sync: bool = True,
+                      observed: bool = False) -> CardWrite:
         """Move a write through its life cycle (see ``writestate.py``): ``committed`` (its bytes
         are on the card), ``void`` (it never landed) or ``unresolved`` (the card no longer shows
         which; left for reconciliation). Returns the write in its new state.
 
         ``sync=False`` commits without waiting for the disk: the commit mark made while the card
-        is in the field; :meth:`sync` (after the card has left) makes it durable."""
+        is in the field; :meth:`sync` (after the card has left) makes it durable. ``observed``:
+        committed because the card shows its bytes, not by the write's own answers."""
         state = WriteState(state)
         check_transition(write.state, state)
         self._flush()
         with (self._transaction() if sync else self._quick()):
-            self._apply(_Mark(write, state, utc_iso(at), log_confirmed))
+            self._apply(_Mark(write, state, utc_iso(at), log_confirmed, observed))
         if sync:
             self._unsynced = False
         return CardWrite(**{**write.__dict__, "state": state, "resolved_utc": utc_iso(at),
@@ -571,9 +582,9 @@ class Journal:
             return
         changed = self._db.execute(
             "UPDATE card_writes SET state = ?, resolved_utc = ?, "
-            "log_confirmed = log_confirmed OR ? WHERE tap_id = ? AND state = ?",
-            (mark.state.value, mark.at_utc, int(mark.log_confirmed), write.tap_id,
-             write.state.value)).rowcount
+            "log_confirmed = log_confirmed OR ?, observed = ? WHERE tap_id = ? AND state = ?",
+            (mark.state.value, mark.at_utc, int(mark.log_confirmed), int(mark.observed),
+             write.tap_id, write.state.value)).rowcount
         if changed != 1:
             raise JournalError(f"card write {write.tap_id} is no longer {write.state.value}")
         if mark.state is WriteState.COMMITTED:

@@ -65,7 +65,7 @@ CREATE TABLE IF NOT EXISTS batch_items (
 _READY = """
 SELECT r.seq, r.terminal_id, r.tap_id, r.card_number, r.counter_before, r.counter_after, r.type,
        r.amount_cents, r.balance_before_cents, r.balance_after_cents, r.at_utc, r.prev_hash,
-       r.hash, r.clock_trusted, w.state
+       r.hash, r.clock_trusted, w.state, w.observed
 FROM records r JOIN card_writes w USING (tap_id)
 WHERE w.state IN ('committed', 'void', 'unresolved')
   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.seq = r.seq AND i.state = w.state)
@@ -272,7 +272,10 @@ class Settlement:
             for row in rows:
                 record = dict(zip(_RECORD_FIELDS, row[:14]))
                 record["clock_trusted"] = bool(record["clock_trusted"])
-                items.append({"state": row[14], "record": record})
+                item = {"state": row[14], "record": record}
+                if row[14] == "committed" and row[15]:
+                    item["observed"] = True  # committed by seeing its bytes on the card later
+                items.append(item)
             body = canonical({
                 "format": BATCH_FORMAT, "terminal_id": self.identity.terminal_id,
                 "incarnation": self.identity.incarnation, "batch": number,

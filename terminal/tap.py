@@ -266,7 +266,8 @@ class Terminal:
             if state is WriteState.COMMITTED:
                 committed_up_to = write.counter_after
             if state is not None and state is not write.state:
-                changed.append((write, self.journal.resolve_write(write, state, at, sync=False)))
+                changed.append((write, self.journal.resolve_write(
+                    write, state, at, sync=False, observed=state is WriteState.COMMITTED)))
         return changed
 
     def _complete(self, session: LiteSSession, card: CardImage,

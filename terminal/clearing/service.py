@@ -125,10 +125,12 @@ class Receiver:
                 if body["prev_hash"] != expected:
                     raise Refused(409, f"batch {number} does not link to batch {number - 1}")
                 records = [{**item["record"], "state": item["state"], "incarnation": incarnation,
-                            "batch_number": number} for item in body["items"]]
+                            "batch_number": number, "observed": int(item.get("observed") is True)}
+                           for item in body["items"]]
                 duplicates = self.store.store_batch(
                     StoredBatch(terminal_id, incarnation, number, upload["hash"],
                                 body["prev_hash"]), records, received_utc)
+                self.store.reconcile([r["card_number"] for r in records])
                 forks = self.store.forked_cards([r["card_number"] for r in records])
                 self.store.add_actions_if_absent(
                     [(card, FORK_REASON, received_utc) for card in forks], received_utc)

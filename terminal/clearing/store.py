@@ -46,6 +46,8 @@ SCHEMA = (
         balance_after_cents BIGINT NOT NULL,
         at_utc TEXT NOT NULL,
         hash TEXT NOT NULL,
+        observed BIGINT NOT NULL,
+        reconciled BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (terminal_id, incarnation, seq, state))""",
     "CREATE INDEX IF NOT EXISTS records_card ON records (card_number, counter_before)",
     """CREATE TABLE IF NOT EXISTS actions (
@@ -60,7 +62,12 @@ SCHEMA = (
 
 RECORD_COLUMNS = ("terminal_id", "incarnation", "seq", "state", "batch_number", "card_number",
                   "counter_before", "counter_after", "type", "amount_cents",
-                  "balance_before_cents", "balance_after_cents", "at_utc", "hash")
+                  "balance_before_cents", "balance_after_cents", "at_utc", "hash", "observed")
+
+
+#: The state a committed record is stored in when the same card change is already settled from
+#: another terminal's write (see ``Store._same_change_stored``): kept, never counted.
+SAME_CHANGE = "same_change"
 
 
 class StoreError(Exception):
@@ -159,11 +166,15 @@ class Store:
         count of those is returned). Call inside :meth:`transaction`."""
         duplicates = 0
         for record in records:
-            key = (record["terminal_id"], record["incarnation"], record["seq"], record["state"])
-            if self._all("SELECT 1 FROM records WHERE terminal_id = ? AND incarnation = ? "
-                         "AND seq = ? AND state = ?", key):
+            key = (record["terminal_id"], record["incarnation"], record["seq"])
+            states = ([record["state"], SAME_CHANGE] if record["state"] == "committed"
+                      else [record["state"]])
+            if any(self._all("SELECT 1 FROM records WHERE terminal_id = ? AND incarnation = ? "
+                             "AND seq = ? AND state = ?", (*key, state)) for state in states):
                 duplicates += 1
                 continue
+            if record["state"] == "committed" and self._same_change_stored(record):
+                record = {**record, "state": SAME_CHANGE}
             self._execute(f"INSERT INTO records ({', '.join(RECORD_COLUMNS)}) VALUES "
                           f"({', '.join('?' * len(RECORD_COLUMNS))})",
                           [record[column] for column in RECORD_COLUMNS])
@@ -172,6 +183,53 @@ class Store:
                       (batch.terminal_id, batch.incarnation, batch.number, batch.hash,
                        batch.prev_hash, len(records), duplicates, received_utc))
         return duplicates
+
+    def _same_change_stored(self, record: dict) -> bool:
+        """Another write's committed record of the very same card change (same card, counters,
+        type, amount and balance after), where either was committed by observation: a write in
+        doubt at one terminal resolved by the bytes another terminal wrote. It is one change."""
+        rows = self._all(
+            "SELECT observed FROM records WHERE card_number = ? AND counter_before = ? "
+            "AND counter_after = ? AND type = ? AND amount_cents = ? AND balance_after_cents = ? "
+            "AND state = 'committed' AND NOT (terminal_id = ? AND incarnation = ? "
+            "AND at_utc = ?)",
+            (record["card_number"], record["counter_before"], record["counter_after"],
+             record["type"], record["amount_cents"], record["balance_after_cents"],
+             record["terminal_id"], record["incarnation"], record["at_utc"]))
+        return any(observed or record["observed"] for (observed,) in rows)
+
+    def reconcile(self, card_numbers: Sequence[int]) -> int:
+        """Settle unresolved writes the card's own history proves landed (inside a transaction):
+        a write left unresolved at one terminal (the card had moved on before it was seen again)
+        landed if the card's next change, committed anywhere, starts from the counter and the
+        balance that write left, and no other committed write reached that counter. Its records
+        become committed (``reconciled`` = 1). How many records changed."""
+        changed = 0
+        for card in sorted(set(card_numbers)):
+            rows = self._all(
+                "SELECT terminal_id, incarnation, seq, state, counter_before, counter_after, "
+                "balance_before_cents, balance_after_cents, at_utc FROM records "
+                "WHERE card_number = ? AND state IN ('committed', 'same_change', 'unresolved') "
+                "ORDER BY terminal_id, incarnation, seq", (card,))
+            writes: dict[tuple, list[tuple]] = {}
+            for row in rows:
+                writes.setdefault((row[0], row[1], row[8], row[4], row[5], row[3]), []).append(row)
+            settled = [w for key, w in writes.items() if key[5] != "unresolved"]
+            for key, records in writes.items():
+                if key[5] != "unresolved":
+                    continue
+                counter_after, final_balance = key[4], records[-1][7]
+                if any(w[0][5] == counter_after for w in settled):
+                    continue  # another write reached that counter
+                if not any(w[0][4] == counter_after and w[0][6] == final_balance
+                           for w in settled):
+                    continue
+                for record in records:
+                    self._execute("UPDATE records SET state = 'committed', reconciled = 1 "
+                                  "WHERE terminal_id = ? AND incarnation = ? AND seq = ? "
+                                  "AND state = 'unresolved'", record[:3])
+                    changed += 1
+        return changed
 
     # -- report --
 
