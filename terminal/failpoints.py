@@ -22,6 +22,8 @@ FAILPOINTS: dict[str, str] = {
     "before-durable-mark": "the result was shown; the card has left; the mark not yet durable",
     "batch-before-commit": "a batch's rows are written inside its transaction, not committed",
     "batch-after-commit": "a batch is durable; the command has not reported it",
+    "upload-before-send": "a batch is about to be sent",
+    "upload-after-ack": "the clearing house stored and acknowledged a batch; not yet marked here",
 }
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from . import failpoints
 from .settlement import Batch, Settlement
 
 if TYPE_CHECKING:  # httpx is imported when an upload runs, not by every command
@@ -84,6 +85,7 @@ def upload(settlement: Settlement, url: str, now: Callable[[], datetime], *,
             if should_stop():
                 result.stopped_at, result.reason = batch.number, "stopped"
                 break
+            failpoints.hit("upload-before-send")
             try:
                 _send(client, batches_url(url), upload_payload(settlement, batch), settlement,
                       attempts, sleep, should_stop)
@@ -92,6 +94,7 @@ def upload(settlement: Settlement, url: str, now: Callable[[], datetime], *,
                 LOG.info("upload stopped at batch %d: %s", batch.number, error)
                 on_batch(batch, False)
                 break
+            failpoints.hit("upload-after-ack")
             if settlement.acknowledge(batch.number, batch.hash, now()):
                 result.acknowledged.append(batch.number)
             on_batch(batch, True)

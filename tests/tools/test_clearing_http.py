@@ -4,6 +4,7 @@ batch is marked acknowledged only by an answer that names exactly it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -21,22 +22,31 @@ SOON = "2026-11-22T08:00:20+08:00"
 LATER = "2026-11-22T08:10:00+08:00"
 
 
+@contextlib.contextmanager
+def start_receiver(db):
+    """``farebox clearing serve --db DB --port 0`` in the background; yields its URL."""
+    process = subprocess.Popen([str(CONSOLE_SCRIPT), "clearing", "serve", "--db", str(db),
+                                "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line, process.communicate(timeout=10)
+        url = json.loads(line)["url"]
+        assert url.startswith("http://127.0.0.1:")
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
 @pytest.fixture
 def receiver(tmp_path):
-    process = subprocess.Popen([str(CONSOLE_SCRIPT), "clearing", "serve", "--db",
-                                str(tmp_path / "clearing.sqlite3"), "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    assert line, process.communicate(timeout=10)
-    url = json.loads(line)["url"]
-    assert url.startswith("http://127.0.0.1:")
-    yield url, str(tmp_path / "clearing.sqlite3")
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
+    with start_receiver(tmp_path / "clearing.sqlite3") as url:
+        yield url, str(tmp_path / "clearing.sqlite3")
 
 
 def terminal_with_batches(farebox, terminal_id="T-0001"):

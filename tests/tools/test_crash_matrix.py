@@ -14,8 +14,9 @@ from farebox.terminal.failpoints import FAILPOINT_EXIT, FAILPOINTS
 AT = "2026-11-22T08:00:00+08:00"
 RETAP = "2026-11-22T08:00:20+08:00"  # inside the re-tap window
 LATER = "2026-11-22T08:10:00+08:00"
-TAP_FAILPOINTS = [name for name in FAILPOINTS if not name.startswith("batch-")]
+TAP_FAILPOINTS = [name for name in FAILPOINTS if not name.startswith(("batch-", "upload-"))]
 BATCH_FAILPOINTS = [name for name in FAILPOINTS if name.startswith("batch-")]
+UPLOAD_FAILPOINTS = [name for name in FAILPOINTS if name.startswith("upload-")]
 
 
 def settled_cents(farebox) -> tuple[int, list[tuple[int, str]]]:
@@ -98,3 +99,43 @@ def test_a_batch_close_killed_at_each_failpoint_settles_each_record_once(farebox
     assert sorted(keys) == [(1, "committed"), (2, "committed")]
     assert moved == cents("10.00") - cents(farebox.show(card)["balance"]) == cents("2.00")
     assert farebox("batch", "verify", "--state", farebox.state, "--json").json()["ok"]
+
+
+@pytest.mark.parametrize("failpoint", TAP_FAILPOINTS + BATCH_FAILPOINTS + UPLOAD_FAILPOINTS)
+def test_any_crash_then_upload_settles_each_value_movement_at_the_receiver_once(farebox,
+                                                                                failpoint):
+    """The whole path: a tap, a batch close or an upload killed at the failpoint, then everything
+    run again and uploaded to a real receiver (uvicorn): its committed totals are exactly what
+    the card lost, every record once."""
+    from .test_clearing_http import CONSOLE_SCRIPT, start_receiver
+
+    made = farebox("terminal", "init", "--state", farebox.state, "--id", "T-0001",
+                   "--json").json()
+    with start_receiver(farebox.path("clearing.sqlite3")) as url:
+        db = str(farebox.path("clearing.sqlite3"))
+        assert farebox("clearing", "enroll", "--db", db, "--terminal", "T-0001", "--pubkey",
+                       made["public_key"]).code == 0
+        card = farebox.card(balance="10.00")
+        env = {"FAREBOX_FAILPOINT": failpoint}
+        tap = ["tap", card, "--fare", "1.00", "--state", farebox.state, "--json"]
+        first = farebox.script(*tap, "--at", AT, env=env if failpoint in TAP_FAILPOINTS else {})
+        assert first.code == (FAILPOINT_EXIT if failpoint in TAP_FAILPOINTS else 0), first
+        farebox.tap(card, "--fare", "1.00", at=RETAP).json()
+        close = farebox.script("batch", "close", "--state", farebox.state, "--max-records", "1",
+                               env=env if failpoint in BATCH_FAILPOINTS else {})
+        assert close.code == (FAILPOINT_EXIT if failpoint in BATCH_FAILPOINTS else 0), close
+        sent = farebox.script("upload", "--state", farebox.state, "--url", url,
+                              env=env if failpoint in UPLOAD_FAILPOINTS else {})
+        assert sent.code == (FAILPOINT_EXIT if failpoint in UPLOAD_FAILPOINTS else 0), sent
+        # everything again, cleanly: the card once more, close, upload
+        farebox.tap(card, "--fare", "1.00", at=LATER).json()
+        farebox("batch", "close", "--state", farebox.state, "--json").json()
+        done = farebox("upload", "--state", farebox.state, "--url", url, "--json").json()
+        assert done["pending"] == 0
+        report = farebox("clearing", "report", "--db", db, "--json").json()
+    lost = cents("10.00") - cents(farebox.show(card)["balance"])
+    paid = report["totals"]["committed"]["payment"]
+    assert cents(paid["amount"]) == lost
+    assert report["terminals"][0]["gaps"] == [] and report["open"] == []
+    assert report["counter_forks"] == []
+    assert CONSOLE_SCRIPT.is_file()
