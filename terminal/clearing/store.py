@@ -235,7 +235,9 @@ class Store:
 
     def totals_by_type(self) -> list[tuple[str, str, int, int]]:
         """(state, type, count, amount_cents), every state and type."""
-        return self._all("SELECT state, type, count(*), sum(amount_cents) FROM records "
+        # CAST: PostgreSQL's sum() of BIGINT is NUMERIC (a Decimal to the driver)
+        return self._all("SELECT state, type, count(*), CAST(sum(amount_cents) AS BIGINT) "
+                         "FROM records "
                          "GROUP BY state, type ORDER BY state, type")
 
     def terminal_sequences(self) -> list[tuple[str, str, int, int, int]]:
@@ -250,7 +252,8 @@ class Store:
             "ORDER BY seq", (terminal_id, incarnation))]
 
     def duplicates_ignored(self) -> int:
-        return self._all("SELECT coalesce(sum(duplicates), 0) FROM batches")[0][0]
+        return self._all("SELECT CAST(coalesce(sum(duplicates), 0) AS BIGINT) FROM batches"
+                         )[0][0]
 
     def open_unresolved(self) -> list[tuple]:
         """Records settled as unresolved (the card no longer showed whether the write landed)
