@@ -14,6 +14,7 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
     retap_window_s = 60
     batch_max_records = 1000        # settlement: close a batch at this many records,
     batch_max_age_s = 900           # when the oldest is this old, and at Hong Kong midnight
+    batch_retention_days = 90       # acknowledged batches' bodies are dropped after this
     clearing_url = "https://clearing.example"  # the daemon uploads batches there (none: it does not)
     upload_interval_s = 60          # and tries at least this often
     clearing_public_key = "64 hex digits"  # verifies the action lists it fetches there
@@ -63,6 +64,7 @@ class TerminalConfig:
     retap_window_s: float = DEFAULT_RETAP_WINDOW_S
     batch_max_records: int = DEFAULT_MAX_ITEMS
     batch_max_age_s: float = DEFAULT_MAX_AGE_S
+    batch_retention_days: int = 90
     clearing_url: str | None = None
     upload_interval_s: float = 60.0
     clearing_public_key: bytes | None = None
@@ -126,6 +128,7 @@ def _from_toml(path: Path) -> dict:
         "retap_window_s": ("retap_window_s", _window),
         "batch_max_records": ("batch_max_records", _batch_records),
         "batch_max_age_s": ("batch_max_age_s", _batch_age),
+        "batch_retention_days": ("batch_retention_days", _retention_days),
         "clearing_url": ("clearing_url", _url),
         "upload_interval_s": ("upload_interval_s", _batch_age),
         "clearing_public_key": ("clearing_public_key", _public_key),
@@ -195,6 +198,12 @@ def _window(value: object, key: str) -> float:
             or not 0 <= value <= _MAX_RETAP_WINDOW_S:
         raise ValueError(f"expected a number of seconds from 0 to {_MAX_RETAP_WINDOW_S}")
     return float(value)
+
+
+def _retention_days(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 3650:
+        raise ValueError("expected a whole number of days from 1 to 3650")
+    return value
 
 
 def _public_key(value: object, key: str) -> bytes:

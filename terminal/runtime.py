@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import platformdirs
@@ -183,8 +183,12 @@ def batch_closer(config: TerminalConfig, terminal: Terminal, clock: Callable[[],
     except (IdentityError, SettlementError) as error:
         LOG.warning("batches are not closed: %s", error)
         return None
-    return BatchCloser(settlement, BatchPolicy(config.batch_max_records, config.batch_max_age_s),
-                       clock, on_closed=on_closed)
+    return BatchCloser(settlement, batch_policy(config), clock, on_closed=on_closed)
+
+
+def batch_policy(config: TerminalConfig) -> BatchPolicy:
+    return BatchPolicy(config.batch_max_records, config.batch_max_age_s,
+                       timedelta(days=config.batch_retention_days))
 
 
 def start_uploader(config: TerminalConfig, clock: Callable[[], datetime]

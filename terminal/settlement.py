@@ -28,7 +28,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from . import failpoints
 from .clock import hk_date, parse_utc, utc_iso
@@ -40,6 +40,7 @@ LOG = logging.getLogger("farebox.terminal.settlement")
 BATCH_FORMAT = 1
 DEFAULT_MAX_ITEMS = 1000
 DEFAULT_MAX_AGE_S = 900.0
+DEFAULT_RETENTION = timedelta(days=90)
 SETTLED_STATES = ("committed", "void", "unresolved")
 
 _SCHEMA = """
@@ -52,7 +53,9 @@ CREATE TABLE IF NOT EXISTS batches (
     body TEXT NOT NULL,
     hash TEXT NOT NULL,
     signature TEXT NOT NULL,
-    acked_utc TEXT
+    acked_utc TEXT,
+    prev_hash TEXT NOT NULL,
+    totals TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS batch_items (
     seq INTEGER NOT NULL,
@@ -72,6 +75,8 @@ WHERE w.state IN ('committed', 'void', 'unresolved')
 ORDER BY r.seq
 LIMIT ?
 """
+_BATCH_COLUMNS = ("number, closed_utc, items, first_seq, last_seq, body, hash, signature, "
+                  "acked_utc, prev_hash, totals")
 _RECORD_FIELDS = ("seq", "terminal_id", "tap_id", "card_number", "counter_before",
                   "counter_after", "type", "amount_cents", "balance_before_cents",
                   "balance_after_cents", "at_utc", "prev_hash", "hash", "clock_trusted")
@@ -84,6 +89,7 @@ class BatchPolicy:
 
     max_records: int = DEFAULT_MAX_ITEMS
     max_age_s: float = DEFAULT_MAX_AGE_S
+    retention: timedelta = DEFAULT_RETENTION  # acknowledged batches' bodies kept this long
 
 
 class SettlementError(Exception):
@@ -101,10 +107,18 @@ class Batch:
     hash: str
     signature: str
     acked_utc: str | None
+    prev_hash: str
+    totals_json: str
 
     @property
     def totals(self) -> dict:
-        return json.loads(self.body)["totals"]
+        return json.loads(self.totals_json)
+
+    @property
+    def pruned(self) -> bool:
+        """Acknowledged long enough ago that its body was dropped (hash, chain and totals kept;
+        the journal keeps every record)."""
+        return self.body == ""
 
 
 @dataclass(frozen=True)
@@ -191,8 +205,7 @@ class Settlement:
     # -- reading --
 
     def batches(self) -> list[Batch]:
-        return list(self._rows("SELECT number, closed_utc, items, first_seq, last_seq, body, "
-                               "hash, signature, acked_utc FROM batches ORDER BY number"))
+        return list(self._rows(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY number"))
 
     def pending_items(self) -> int:
         """Records ready to be batched (their writes resolved, not yet in a batch)."""
@@ -223,13 +236,21 @@ class Settlement:
             if batch is None:
                 break
             closed.append(batch)
+        self.prune(now, policy.retention)
         return closed
 
     def unacknowledged(self) -> list[Batch]:
         """Batches the clearing house has not acknowledged, oldest first (the upload order)."""
-        return list(self._rows("SELECT number, closed_utc, items, first_seq, last_seq, body, "
-                               "hash, signature, acked_utc FROM batches WHERE acked_utc IS NULL "
-                               "ORDER BY number"))
+        return list(self._rows(f"SELECT {_BATCH_COLUMNS} FROM batches "
+                               "WHERE acked_utc IS NULL ORDER BY number"))
+
+    def prune(self, now: datetime, retention: timedelta) -> int:
+        """Drop the bodies of batches acknowledged before ``now - retention`` (never one not
+        acknowledged); how many. Their hash, link and totals stay, so the chain still verifies."""
+        with self.journal.transaction():
+            return self._db.execute(
+                "UPDATE batches SET body = '', signature = '' WHERE acked_utc IS NOT NULL "
+                "AND acked_utc < ? AND body != ''", (utc_iso(now - retention),)).rowcount
 
     def acknowledge(self, number: int, digest: str, at: datetime) -> bool:
         """Mark batch ``number`` acknowledged, only if its hash is ``digest`` (the ack must name
@@ -283,13 +304,14 @@ class Settlement:
                 "totals": totals(items)})
             digest = hashlib.sha256(body.encode()).hexdigest()
             signature = self.identity.sign(body.encode()).hex()
+            totals_json = canonical(totals(items))
             batch = Batch(number, utc_iso(now), len(items), rows[0][0], rows[-1][0], body, digest,
-                          signature, None)
+                          signature, None, previous, totals_json)
             self._db.execute(
                 "INSERT INTO batches (number, closed_utc, items, first_seq, last_seq, body, hash, "
-                "signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "signature, prev_hash, totals) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (batch.number, batch.closed_utc, batch.items, batch.first_seq, batch.last_seq,
-                 body, digest, signature))
+                 body, digest, signature, previous, totals_json))
             self._db.executemany("INSERT INTO batch_items (seq, state, batch) VALUES (?, ?, ?)",
                                  [(item["record"]["seq"], item["state"], number) for item in items])
             failpoints.hit("batch-before-commit")
@@ -316,6 +338,12 @@ class Settlement:
                seen: set) -> str | None:
         if batch.number != expected:
             return f"batch numbers jump from {expected - 1} to {batch.number}"
+        if batch.prev_hash != previous:
+            return "it does not link to the batch before it"
+        if batch.pruned:
+            if batch.acked_utc is None:
+                return "its body is gone but it was never acknowledged"
+            return None  # verified when closed and when acknowledged; its hash still links
         try:
             body = check_batch(batch.body, batch.hash, batch.signature, self.identity.public_key)
         except BatchRejected as rejected:
@@ -333,6 +361,8 @@ class Settlement:
             seen.add(key)
             if journal_hashes.get(record["seq"], record["hash"]) != record["hash"]:
                 return f"record {record['seq']} differs from the journal's"
+        if canonical(body["totals"]) != batch.totals_json:
+            return "its totals differ from the ones it was closed with"
         return None
 
 class BatchCloser:

@@ -6,7 +6,7 @@ import click
 
 from farebox.cardimage.money import format_cents as fmt
 from farebox.terminal.clock import now_utc
-from farebox.terminal.runtime import open_settlement
+from farebox.terminal.runtime import batch_policy, open_settlement
 from farebox.terminal.settlement import DEFAULT_MAX_ITEMS, Batch
 
 from . import output
@@ -36,11 +36,16 @@ def close(state_dir, config_file, max_records, as_json) -> None:
         while (made := settlement.close_batch(now_utc(), max_records)) is not None:
             closed.append(made)
         held_back = settlement.held_back()
-    obj = {"closed": [_batch_json(b) for b in closed], "held_back": held_back}
+        pruned = settlement.prune(now_utc(), batch_policy(config).retention)
+    obj = {"closed": [_batch_json(b) for b in closed], "held_back": held_back,
+           "pruned": pruned}
     lines = [f"closed batch {b.number}: {b.items} records (#{b.first_seq}-#{b.last_seq})"
              for b in closed] or ["nothing to close"]
     if held_back:
         lines.append(f"{held_back} records wait for their card write to be resolved")
+    if pruned:
+        lines.append(f"dropped the bodies of {pruned} batches acknowledged over "
+                     f"{config.batch_retention_days} days ago")
     output.emit(obj, as_json, "\n".join(lines))
 
 
@@ -89,7 +94,7 @@ def _batch_json(batch: Batch) -> dict:
     return {
         "number": batch.number, "closed": batch.closed_utc, "records": batch.items,
         "first_seq": batch.first_seq, "last_seq": batch.last_seq, "hash": batch.hash,
-        "acked": batch.acked_utc is not None,
+        "acked": batch.acked_utc is not None, "pruned": batch.pruned,
         "totals": {state: {kind: {"count": t["count"], "amount": fmt(t["amount_cents"])}
                            for kind, t in by_type.items()}
                    for state, by_type in batch.totals.items()},

@@ -298,3 +298,21 @@ def test_the_daemon_hook_closes_when_records_arrive_and_not_on_every_idle(state)
     _paid(journal, 2)
     assert [b.items for b in closer()] == [1, 1] and len(checks) == 2
     assert closer() == [] and len(checks) == 2
+
+
+def test_acknowledged_batches_are_pruned_after_retention_and_still_verify(state):
+    _, identity, journal = state
+    _paid(journal, 3)
+    settlement = Settlement(journal, identity)
+    first, second, third = (settlement.close_batch(NOW, 1) for _ in range(3))
+    assert settlement.acknowledge(first.number, first.hash, NOW)
+    assert not settlement.acknowledge(second.number, "0" * 64, NOW)  # an ack must name it
+    assert settlement.acknowledge(second.number, second.hash, NOW + timedelta(days=80))
+    assert settlement.prune(NOW + timedelta(days=91), timedelta(days=90)) == 1
+    batches = settlement.batches()
+    assert [b.pruned for b in batches] == [True, False, False]  # the unacked third is kept
+    assert batches[0].totals == first.totals and batches[0].hash == first.hash
+    assert settlement.verify().ok
+    assert settlement.close_batch(NOW, 1) is None  # its records are not batched again
+    journal.connection.execute("UPDATE batches SET prev_hash = 'x' WHERE number = 1")
+    assert "does not link" in settlement.verify().problem

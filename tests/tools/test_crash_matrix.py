@@ -139,3 +139,32 @@ def test_any_crash_then_upload_settles_each_value_movement_at_the_receiver_once(
     assert report["terminals"][0]["gaps"] == [] and report["open"] == []
     assert report["counter_forks"] == []
     assert CONSOLE_SCRIPT.is_file()
+
+
+@pytest.mark.parametrize("tear", [("--leave-after", n) for n in range(0, 7)]
+                         + [("--torn-write", n) for n in (1, 2, 3)])
+def test_every_tear_then_upload_settles_what_the_card_lost_once(farebox, tear):
+    """The tear matrix, through to a real receiver: a card pulled away after every number of
+    commands, and every block write landing torn; then presented again, closed and uploaded."""
+    from .test_clearing_http import start_receiver
+
+    made = farebox("terminal", "init", "--state", farebox.state, "--id", "T-0001",
+                   "--json").json()
+    db = farebox.path("clearing.sqlite3")
+    with start_receiver(db) as url:
+        farebox("clearing", "enroll", "--db", db, "--terminal", "T-0001", "--pubkey",
+                made["public_key"]).code == 0
+        card = farebox.card(balance="10.00")
+        cut = farebox("tap", card, "--fare", "1.00", "--at", AT, "--state", farebox.state,
+                      *tear, "--json")
+        assert cut.code in (0, 1), cut
+        for at in (RETAP, LATER):
+            farebox.tap(card, "--fare", "1.00", at=at).json()
+        farebox("batch", "close", "--state", farebox.state, "--json").json()
+        assert farebox("upload", "--state", farebox.state, "--url", url,
+                       "--json").json()["pending"] == 0
+        report = farebox("clearing", "report", "--db", db, "--json").json()
+    lost = cents("10.00") - cents(farebox.show(card)["balance"])
+    assert cents(report["totals"]["committed"]["payment"]["amount"]) == lost
+    assert lost in (cents("2.00"), cents("3.00"))
+    assert report["open"] == [] and report["counter_forks"] == []
