@@ -5,10 +5,12 @@ with any ``action_list`` file of its configuration."""
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 
+from farebox.protocol.transports.files import UntrustedFileError, load_json, parse_json
+
+from .identity import write_atomically
 from .signedlist import MAX_LIST_BYTES, SignedList, SignedListError, verify
 
 FETCHED_FILE = "actions.json"
@@ -18,19 +20,12 @@ def held_list(directory: Path, public_key: bytes) -> SignedList | None:
     """The list fetched last (None before the first fetch); SignedListError if the file no
     longer verifies. An expired list is still applied: its entries stay true."""
     path = directory / FETCHED_FILE
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_LIST_BYTES + 1)
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except OSError as error:
-        raise SignedListError(f"{path}: {error.strerror}") from None
-    if len(raw) > MAX_LIST_BYTES:
-        raise SignedListError(f"{path}: larger than {MAX_LIST_BYTES} bytes")
     try:
-        document = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise SignedListError(f"{path}: not JSON") from None
+        document = load_json(path, MAX_LIST_BYTES)
+    except UntrustedFileError as error:
+        raise SignedListError(str(error)) from None
     try:
         return verify(document, public_key)
     except SignedListError as error:
@@ -55,21 +50,13 @@ def fetch(url: str, directory: Path, public_key: bytes, now: datetime,
             if len(body) > MAX_LIST_BYTES:
                 raise SignedListError(f"the list is larger than {MAX_LIST_BYTES} bytes")
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise SignedListError("the clearing house's answer is not JSON") from None
+        document = parse_json(bytes(body), Path(url))
+    except UntrustedFileError:
+        raise SignedListError("the clearing house's answer is not usable JSON") from None
     fetched = verify(document, public_key, now, held.serial if held else None)
     # kept every time (a fresh copy of the same serial carries a later expiry); "changed" means
     # new entries, a new serial
-    _write_atomically(directory / FETCHED_FILE, json.dumps(fetched.document))
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(directory / FETCHED_FILE, json.dumps(fetched.document))
     return fetched, held is None or held.serial != fetched.serial
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -22,6 +22,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from farebox.protocol.transports.files import UntrustedFileError, load_json, read_limited
+
 from .clock import utc_iso
 
 IDENTITY_FILE = "identity.json"
@@ -90,7 +92,7 @@ def init_identity(directory: Path, terminal_id: str, now: datetime) -> TerminalI
                                                        serialization.PublicFormat.Raw)
     identity = TerminalIdentity(terminal_id, secrets.token_hex(8), public_key, utc_iso(now),
                                 private_key)
-    _write_atomically(identity_path, json.dumps({
+    write_atomically(identity_path, json.dumps({
         "terminal_id": identity.terminal_id, "incarnation": identity.incarnation,
         "public_key": public_key.hex(), "created_utc": identity.created_utc}, indent=1) + "\n")
     return identity
@@ -99,18 +101,14 @@ def init_identity(directory: Path, terminal_id: str, now: datetime) -> TerminalI
 def load_identity(directory: Path, *, with_private_key: bool = True) -> TerminalIdentity:
     """The identity in ``directory``; IdentityError when there is none or it is damaged."""
     identity_path, key_path = directory / IDENTITY_FILE, directory / KEY_FILE
-    try:
-        with open(identity_path, "rb") as handle:
-            raw = handle.read(_MAX_IDENTITY_BYTES + 1)
-    except FileNotFoundError:
+    if not identity_path.exists():
         raise IdentityError(f"{directory} has no terminal identity: run "
-                            "`farebox terminal init --state DIR --id ID` first") from None
-    except OSError as error:
-        raise IdentityError(f"{identity_path}: {error.strerror}") from None
+                            "`farebox terminal init --state DIR --id ID` first")
+    try:  # regular files only, bounded, deep nesting refused (a FIFO does not block)
+        data = load_json(identity_path, _MAX_IDENTITY_BYTES)
+    except UntrustedFileError as error:
+        raise IdentityError(f"damaged terminal identity: {error}") from None
     try:
-        if len(raw) > _MAX_IDENTITY_BYTES:
-            raise ValueError("too large")
-        data = json.loads(raw)
         terminal_id = check_terminal_id(str(data["terminal_id"]))
         incarnation = str(data["incarnation"])
         public_key = bytes.fromhex(str(data["public_key"]))
@@ -121,11 +119,12 @@ def load_identity(directory: Path, *, with_private_key: bool = True) -> Terminal
         raise IdentityError(f"{identity_path} is damaged ({error})") from None
     private_key = None
     if with_private_key:
+        if not key_path.exists():
+            raise IdentityError(f"{key_path} is missing")
         try:
-            loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        except FileNotFoundError:
-            raise IdentityError(f"{key_path} is missing") from None
-        except (ValueError, TypeError, OSError):
+            pem = read_limited(key_path, _MAX_IDENTITY_BYTES)
+            loaded = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError, OSError):  # UntrustedFileError is a ValueError
             raise IdentityError(f"{key_path} is not a readable private key") from None
         if not isinstance(loaded, Ed25519PrivateKey):
             raise IdentityError(f"{key_path} is not an Ed25519 key")
@@ -137,7 +136,9 @@ def load_identity(directory: Path, *, with_private_key: bool = True) -> Terminal
     return TerminalIdentity(terminal_id, incarnation, public_key, created, private_key)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves the old file or the new one, both
+    whole (temporary file, fsync, rename, fsync of the directory)."""
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text)

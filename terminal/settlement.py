@@ -183,7 +183,7 @@ def check_batch(body: str, digest: str, signature_hex: str, public_key: bytes) -
                 raise BatchRejected(f"record {record['seq']} names another terminal")
             if _record_hash(record) != record["hash"]:
                 raise BatchRejected(f"record {record['seq']} does not match its hash")
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         if isinstance(error, BatchRejected):
             raise
         raise BatchRejected(f"its body is not a batch ({type(error).__name__})") from None

@@ -72,7 +72,7 @@ def verify(document: object, public_key: bytes, now: datetime | None = None,
         raise
     except ActionListError as error:
         raise SignedListError(f"its entries: {error}") from None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise SignedListError("not an action list of this format") from None
     if now is not None and expires <= now:
         raise SignedListError(f"the list expired at {body['expires_utc']}")

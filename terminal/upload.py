@@ -148,7 +148,7 @@ def _post(client: httpx.Client, url: str, payload: dict) -> tuple[int, object]:
                 return response.status_code, None
         try:
             return response.status_code, json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return response.status_code, None
 
 

@@ -44,7 +44,7 @@ def create_app(receiver: Receiver) -> Starlette:
             raw = await _read_limited(request)
             try:
                 upload = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise Refused(400, "an upload is a JSON object") from None
             ack = await run_in_threadpool(receiver.ingest, upload, utc_iso(now_utc()))
         except Refused as refused:

@@ -64,3 +64,18 @@ def test_verify_refuses_older_expired_and_bad_lists():
                   KEY)
     with pytest.raises(SignedListError, match="entries"):
         verify(bad, PUBLIC)
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000, '{"list": 1}', "\xff"])
+def test_a_hostile_held_list_is_one_error(tmp_path, content):
+    import os
+
+    path = tmp_path / FETCHED_FILE
+    if content == "\xff":
+        os.mkfifo(path)
+    else:
+        path.write_text(content)
+    config = TerminalConfig(state_dir=tmp_path, clearing_public_key=PUBLIC)
+    with pytest.raises(RuntimeSetupError, match="action list"):
+        with open_terminal(config):
+            pass

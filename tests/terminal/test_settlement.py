@@ -316,3 +316,18 @@ def test_acknowledged_batches_are_pruned_after_retention_and_still_verify(state)
     assert settlement.close_batch(NOW, 1) is None  # its records are not batched again
     journal.connection.execute("UPDATE batches SET prev_hash = 'x' WHERE number = 1")
     assert "does not link" in settlement.verify().problem
+
+
+@pytest.mark.parametrize("hostile", ["fifo", "deep", "list"])
+def test_hostile_identity_files_are_one_error_and_never_block(tmp_path, hostile):
+    init_identity(tmp_path, "T-0001", NOW)
+    path = tmp_path / IDENTITY_FILE
+    path.unlink()
+    if hostile == "fifo":
+        os.mkfifo(path)  # opening a FIFO for reading would block for ever
+    elif hostile == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        path.write_text("[1, 2]")
+    with pytest.raises(IdentityError):
+        load_identity(tmp_path)
