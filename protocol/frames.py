@@ -389,3 +389,226 @@ def parse_command(frame: bytes) -> Command:
     if command is None:
         raise ProtocolError(f"unknown command code 0x{frame[1]:02X}")
     return command.from_frame(frame)
+
+
+# ---- FeliCa Standard commands an operator tool needs (not used by the Lite-S tap) ------------
+
+SYSTEM_CODE_WILDCARD = 0xFFFF
+SYSTEM_CODE_OCTOPUS = 0x8008
+SERVICE_OCTOPUS_BALANCE = 0x0117
+SYSTEM_CODE_SHENZHEN_TONG = 0x8005
+SERVICE_SHENZHEN_TONG_BALANCE = 0x0118
+KEY_VERSION_ABSENT = 0xFFFF  # Request Service's answer for a node the card does not have
+SEARCH_END = 0xFFFF  # Search Service Code's answer past the last node
+
+
+def service_readable_without_key(service_code: int) -> bool:
+    """A service whose attribute (low 6 bits) has bit 0 set needs no authentication
+    (FeliCa's odd attributes: 0x09, 0x0B, 0x0D, 0x0F, 0x11, 0x13, 0x15, 0x17)."""
+    attribute = service_code & 0x3F
+    return attribute & 0x01 == 1 and attribute >= 0x08
+
+
+def node_is_area(code: int) -> bool:
+    """Area codes carry attribute 0x00 (may have children) or 0x01 (may not)."""
+    return code & 0x3F in (0x00, 0x01)
+
+
+@dataclass(frozen=True)
+class RequestService:
+    """Request Service: ``LEN 02 IDm n node_codes(2n, LE)``."""
+
+    CODE: ClassVar[int] = 0x02
+
+    idm: bytes
+    node_codes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _freeze_bytes(self, "idm", IDM_SIZE)
+        codes = tuple(self.node_codes)
+        if not 1 <= len(codes) <= 32:
+            raise ValueError(f"1 to 32 node codes, got {len(codes)}")
+        for code in codes:
+            _check_int("node code", code, 0xFFFF)
+        object.__setattr__(self, "node_codes", codes)
+
+    def to_frame(self) -> bytes:
+        return _build(self.CODE, self.idm + bytes([len(self.node_codes)])
+                      + b"".join(code.to_bytes(2, "little") for code in self.node_codes))
+
+    @classmethod
+    def from_frame(cls, frame: bytes) -> RequestService:
+        reader = _open(frame, cls.CODE)
+        idm = reader.take(IDM_SIZE, "IDm")
+        count = reader.byte("number of nodes")
+        codes = tuple(int.from_bytes(reader.take(2, "node code list"), "little")
+                      for _ in range(count))
+        reader.finish()
+        try:
+            return cls(idm, codes)
+        except ValueError as error:
+            raise ProtocolError(str(error)) from None
+
+
+@dataclass(frozen=True)
+class RequestServiceResponse:
+    """``LEN 03 IDm n key_versions(2n, LE)``; FFFF for a node the card does not have."""
+
+    CODE: ClassVar[int] = 0x03
+
+    idm: bytes
+    key_versions: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _freeze_bytes(self, "idm", IDM_SIZE)
+        versions = tuple(self.key_versions)
+        for version in versions:
+            _check_int("key version", version, 0xFFFF)
+        object.__setattr__(self, "key_versions", versions)
+
+    def to_frame(self) -> bytes:
+        return _build(self.CODE, self.idm + bytes([len(self.key_versions)])
+                      + b"".join(v.to_bytes(2, "little") for v in self.key_versions))
+
+    @classmethod
+    def from_frame(cls, frame: bytes) -> RequestServiceResponse:
+        reader = _open(frame, cls.CODE)
+        idm = reader.take(IDM_SIZE, "IDm")
+        count = reader.byte("number of nodes")
+        versions = tuple(int.from_bytes(reader.take(2, "key version list"), "little")
+                         for _ in range(count))
+        reader.finish()
+        return cls(idm, versions)
+
+
+@dataclass(frozen=True)
+class RequestSystemCode:
+    """Request System Code: ``0A 0C IDm``."""
+
+    CODE: ClassVar[int] = 0x0C
+
+    idm: bytes
+
+    def __post_init__(self) -> None:
+        _freeze_bytes(self, "idm", IDM_SIZE)
+
+    def to_frame(self) -> bytes:
+        return _build(self.CODE, self.idm)
+
+    @classmethod
+    def from_frame(cls, frame: bytes) -> RequestSystemCode:
+        reader = _open(frame, cls.CODE)
+        idm = reader.take(IDM_SIZE, "IDm")
+        reader.finish()
+        return cls(idm)
+
+
+@dataclass(frozen=True)
+class RequestSystemCodeResponse:
+    """``LEN 0D IDm n system_codes(2n, big-endian)``."""
+
+    CODE: ClassVar[int] = 0x0D
+
+    idm: bytes
+    system_codes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _freeze_bytes(self, "idm", IDM_SIZE)
+        codes = tuple(self.system_codes)
+        for code in codes:
+            _check_int("system code", code, 0xFFFF)
+        object.__setattr__(self, "system_codes", codes)
+
+    def to_frame(self) -> bytes:
+        return _build(self.CODE, self.idm + bytes([len(self.system_codes)])
+                      + b"".join(code.to_bytes(2, "big") for code in self.system_codes))
+
+    @classmethod
+    def from_frame(cls, frame: bytes) -> RequestSystemCodeResponse:
+        reader = _open(frame, cls.CODE)
+        idm = reader.take(IDM_SIZE, "IDm")
+        count = reader.byte("number of system codes")
+        codes = tuple(int.from_bytes(reader.take(2, "system code list"), "big")
+                      for _ in range(count))
+        reader.finish()
+        return cls(idm, codes)
+
+
+@dataclass(frozen=True)
+class SearchServiceCode:
+    """Search Service Code: ``0C 0A IDm index(2, LE)``: the index-th node of the system."""
+
+    CODE: ClassVar[int] = 0x0A
+
+    idm: bytes
+    index: int
+
+    def __post_init__(self) -> None:
+        _freeze_bytes(self, "idm", IDM_SIZE)
+        _check_int("index", self.index, 0xFFFF)
+
+    def to_frame(self) -> bytes:
+        return _build(self.CODE, self.idm + self.index.to_bytes(2, "little"))
+
+    @classmethod
+    def from_frame(cls, frame: bytes) -> SearchServiceCode:
+        reader = _open(frame, cls.CODE)
+        idm = reader.take(IDM_SIZE, "IDm")
+        index = int.from_bytes(reader.take(2, "index"), "little")
+        reader.finish()
+        return cls(idm, index)
+
+
+@dataclass(frozen=True)
+class SearchServiceCodeResponse:
+    """``LEN 0B IDm code(2, LE) [end(2, LE)]``: a service code, or an area code with its end
+    code; ``code`` FFFF past the last node."""
+
+    CODE: ClassVar[int] = 0x0B
+
+    idm: bytes
+    code: int
+    area_end: int | None = None
+
+    def __post_init__(self) -> None:
+        _freeze_bytes(self, "idm", IDM_SIZE)
+        _check_int("code", self.code, 0xFFFF)
+        if self.area_end is not None:
+            _check_int("area end", self.area_end, 0xFFFF)
+
+    def to_frame(self) -> bytes:
+        body = self.idm + self.code.to_bytes(2, "little")
+        if self.area_end is not None:
+            body += self.area_end.to_bytes(2, "little")
+        return _build(self.CODE, body)
+
+    @classmethod
+    def from_frame(cls, frame: bytes) -> SearchServiceCodeResponse:
+        reader = _open(frame, cls.CODE)
+        idm = reader.take(IDM_SIZE, "IDm")
+        code = int.from_bytes(reader.take(2, "node code"), "little")
+        area_end = None
+        if not reader.at_end():
+            area_end = int.from_bytes(reader.take(2, "area end code"), "little")
+        reader.finish()
+        return cls(idm, code, area_end)
+
+
+StandardCommand = Command | RequestService | RequestSystemCode | SearchServiceCode
+
+_STANDARD_COMMANDS: dict[int, type[StandardCommand]] = {
+    **_COMMANDS,
+    **{command.CODE: command for command in (RequestService, RequestSystemCode,
+                                             SearchServiceCode)},
+}
+
+
+def parse_standard_command(frame: bytes) -> StandardCommand:
+    """Like :func:`parse_command`, also knowing the FeliCa Standard discovery commands
+    (Request Service, Request System Code, Search Service Code)."""
+    if len(frame) < 2:
+        raise ProtocolError(f"frame of {len(frame)} bytes is too short")
+    command = _STANDARD_COMMANDS.get(frame[1])
+    if command is None:
+        raise ProtocolError(f"unknown command code 0x{frame[1]:02X}")
+    return command.from_frame(frame)

@@ -123,3 +123,100 @@ def _check(
         raise ProtocolError(f"answer from IDm {response.idm.hex()}, expected {idm.hex()}")
     if response.status_flag1 != SF1_SUCCESS:
         raise CardStatusError(response.status_flag1, response.status_flag2)
+
+
+PMM_REQUEST_SERVICE_INDEX = 2
+PMM_FIXED_INDEX = 3  # Request System Code, Search Service Code: "fixed response time" commands
+
+
+class FelicaSession:
+    """Talks to any FeliCa card (Standard or Lite-S) to look at it: poll a system, ask which
+    systems and services it has, read key-less blocks. Nothing here writes."""
+
+    def __init__(self, transport: Transport, margin_s: float = 0.05) -> None:
+        self.transport = transport
+        self.margin_s = margin_s
+        self.idm: bytes | None = None
+        self.pmm: bytes | None = None
+        self.commands = 0
+
+    def __repr__(self) -> str:
+        idm = self.idm.hex() if self.idm else None
+        return f"FelicaSession(idm={idm}, commands={self.commands})"
+
+    def poll(self, system_code: int, timeout_s: float = 0.02,
+             request_code: int = 0) -> PollingResponse:
+        """The card's answer for ``system_code`` (each system answers with its own IDm)."""
+        self.idm = self.pmm = None
+        response = PollingResponse.from_frame(
+            self._exchange(Polling(system_code, request_code), timeout_s))
+        self.idm, self.pmm = response.idm, response.pmm
+        return response
+
+    def activate(self, response: PollingResponse) -> None:
+        self.idm, self.pmm = response.idm, response.pmm
+        self.commands += 1
+
+    def request_system_codes(self) -> tuple[int, ...]:
+        from .frames import RequestSystemCode, RequestSystemCodeResponse
+
+        idm, pmm = self._card()
+        answer = RequestSystemCodeResponse.from_frame(
+            self._exchange(RequestSystemCode(idm), self._timeout(pmm, PMM_FIXED_INDEX, 0)))
+        _same_card(idm, answer.idm)
+        return answer.system_codes
+
+    def search_service_code(self, index: int) -> tuple[int, int | None]:
+        """The index-th node of the polled system: ``(code, area_end)`` (area_end None for a
+        service; code FFFF past the last node)."""
+        from .frames import SearchServiceCode, SearchServiceCodeResponse
+
+        idm, pmm = self._card()
+        answer = SearchServiceCodeResponse.from_frame(
+            self._exchange(SearchServiceCode(idm, index), self._timeout(pmm, PMM_FIXED_INDEX, 0)))
+        _same_card(idm, answer.idm)
+        return answer.code, answer.area_end
+
+    def request_service(self, node_codes: Sequence[int]) -> tuple[int, ...]:
+        """Key versions of the nodes (FFFF: the card does not have it)."""
+        from .frames import RequestService, RequestServiceResponse
+
+        idm, pmm = self._card()
+        answer = RequestServiceResponse.from_frame(self._exchange(
+            RequestService(idm, tuple(node_codes)),
+            self._timeout(pmm, PMM_REQUEST_SERVICE_INDEX, len(node_codes))))
+        _same_card(idm, answer.idm)
+        if len(answer.key_versions) != len(node_codes):
+            raise ProtocolError(f"asked about {len(node_codes)} nodes, card answered "
+                                f"{len(answer.key_versions)}")
+        return answer.key_versions
+
+    def read(self, service_code: int, block_numbers: Sequence[int]) -> list[bytes]:
+        """Blocks of one key-less service, in one Read Without Encryption command."""
+        idm, pmm = self._card()
+        command = ReadWithoutEncryption(
+            idm, (service_code,), tuple(BlockListElement(number) for number in block_numbers))
+        response = ReadWithoutEncryptionResponse.from_frame(
+            self._exchange(command, self._timeout(pmm, PMM_READ_INDEX, len(block_numbers))))
+        _check(idm, response)
+        if len(response.block_data) != len(block_numbers):
+            raise ProtocolError(f"asked for {len(block_numbers)} blocks, card sent "
+                                f"{len(response.block_data)}")
+        return list(response.block_data)
+
+    def _timeout(self, pmm: bytes, index: int, blocks: int) -> float:
+        return response_timeout_s(pmm[index], blocks) + self.margin_s
+
+    def _card(self) -> tuple[bytes, bytes]:
+        if self.idm is None or self.pmm is None:
+            raise RuntimeError("no card: call poll() first")
+        return self.idm, self.pmm
+
+    def _exchange(self, command, timeout_s: float) -> bytes:
+        self.commands += 1
+        return self.transport.exchange(command.to_frame(), timeout_s)
+
+
+def _same_card(idm: bytes, answered: bytes) -> None:
+    if answered != idm:
+        raise ProtocolError(f"answer from IDm {answered.hex()}, expected {idm.hex()}")

@@ -5,6 +5,11 @@ The card answers Polling, Read Without Encryption (1 service, 1-4 blocks: user b
 block, read/write service only). It stays silent when out of the field, for malformed frames,
 for another card's IDm and for polls of another system code. A card file is JSON:
 ``{"idm", "pmm", "system_code", "blocks"}``, all hex.
+
+:class:`SimulatedFelicaStandard` is a read-only FeliCa Standard card (systems, key-less services
+and their blocks: what a dump of a real card such as an Octopus card holds); its card file has
+``systems`` instead of ``blocks``: ``{"idm", "pmm", "system_code", "systems": {"8008": {"idm",
+"services": {"0117": [blocks]}}}}``. :func:`card_from_json` picks the model by those keys.
 """
 
 from __future__ import annotations
@@ -277,3 +282,242 @@ def _parse_hex(name: str, value: object, size: int) -> bytes:
             f"'{name}' must be {size} bytes ({2 * size} hex digits), got {len(data)}"
         )
     return data
+
+
+# ---- a read-only FeliCa Standard card (e.g. an Octopus card's public data) -------------------
+
+MAX_READ_BLOCKS_STANDARD = 15  # block list elements a Standard card takes per Read (PMm-bound)
+MAX_SYSTEMS = 16
+MAX_SERVICES = 256
+MAX_BLOCKS_PER_SERVICE = 256
+ROOT_AREA_END = 0xFFFE
+
+
+@dataclass(frozen=True)
+class SimulatedSystem:
+    """One system of a FeliCa Standard card: its code, the IDm it answers a Polling with, and
+    the blocks of each service readable without a key (service code -> blocks in order)."""
+
+    system_code: int
+    idm: bytes
+    services: dict[int, tuple[bytes, ...]]
+
+
+class SimulatedFelicaStandard:
+    """A FeliCa Standard card with only its key-less data: what a dump of a real card (an
+    Octopus card, a transit card) can hold. It answers Polling (each system with its own IDm,
+    FF wildcards), Request Service, Request System Code, Search Service Code and Read Without
+    Encryption of the services it holds; it refuses every write (01 A6: no writable service),
+    as a real card refuses writes without mutual authentication. Services needing a key are not
+    modelled: a dump cannot hold their data. Same interface as :class:`SimulatedLiteS` for the
+    transports (``idm``, ``pmm``, ``system_code``, ``respond``, ``in_field``, ``faults``)."""
+
+    def __init__(self, systems: list[SimulatedSystem], pmm: bytes = DEFAULT_PMM,
+                 faults: Faults | None = None) -> None:
+        if not 1 <= len(systems) <= MAX_SYSTEMS:
+            raise ValueError(f"1 to {MAX_SYSTEMS} systems, got {len(systems)}")
+        _check_size("pmm", pmm, PMM_SIZE)
+        codes = [system.system_code for system in systems]
+        if len(set(codes)) != len(codes):
+            raise ValueError("a system code appears twice")
+        for system in systems:
+            _check_size(f"idm of system {system.system_code:04x}", system.idm, IDM_SIZE)
+            if not 0 <= system.system_code <= 0xFFFE:
+                raise ValueError(f"system code {system.system_code!r} out of range")
+            if len(system.services) > MAX_SERVICES:
+                raise ValueError(f"more than {MAX_SERVICES} services")
+            for code, blocks in system.services.items():
+                if not 0 <= code <= 0xFFFE:
+                    raise ValueError(f"service code {code!r} out of range")
+                if len(blocks) > MAX_BLOCKS_PER_SERVICE:
+                    raise ValueError(f"more than {MAX_BLOCKS_PER_SERVICE} blocks in a service")
+                for block in blocks:
+                    _check_size(f"a block of service {code:04x}", block, BLOCK_SIZE)
+        self.systems = list(systems)
+        self.pmm = bytes(pmm)
+        self.in_field = True
+        self.commands_handled = 0
+        self.on_write = None  # never called: nothing is ever written
+        self.faults = faults or Faults()
+
+    # The primary system: what the udp link's own Polling answer and the card file show first.
+    @property
+    def idm(self) -> bytes:
+        return self.systems[0].idm
+
+    @property
+    def system_code(self) -> int:
+        return self.systems[0].system_code
+
+    def __repr__(self) -> str:
+        codes = ",".join(f"{s.system_code:04x}" for s in self.systems)
+        return f"SimulatedFelicaStandard(idm={self.idm.hex()}, systems={codes}, in_field={self.in_field})"
+
+    @property
+    def faults(self) -> Faults:
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: Faults) -> None:
+        self._faults = faults
+        self._answers_left = faults.leave_after_commands
+        if self._answers_left == 0:
+            self.in_field = False
+
+    def respond(self, frame: bytes) -> bytes | None:
+        from .frames import (
+            RequestService, RequestServiceResponse, RequestSystemCode, RequestSystemCodeResponse,
+            SearchServiceCode, parse_standard_command,
+        )
+
+        if not self.in_field:
+            return None
+        self.commands_handled += 1
+        try:
+            command = parse_standard_command(frame)
+        except ProtocolError:
+            return None
+        if isinstance(command, Polling):
+            answer = self._poll(command)
+        else:
+            system = self._system_of(command.idm)
+            if system is None:
+                answer = None
+            elif isinstance(command, ReadWithoutEncryption):
+                answer = self._read(system, command).to_frame()
+            elif isinstance(command, WriteWithoutEncryption):
+                answer = WriteWithoutEncryptionResponse(
+                    command.idm, _SF1_SERVICE_CODE_ERROR, SF2_ILLEGAL_SERVICE_CODE).to_frame()
+            elif isinstance(command, RequestService):
+                versions = tuple(0 if self._has_node(system, code) else 0xFFFF
+                                 for code in command.node_codes)
+                answer = RequestServiceResponse(command.idm, versions).to_frame()
+            elif isinstance(command, RequestSystemCode):
+                answer = RequestSystemCodeResponse(
+                    command.idm, tuple(s.system_code for s in self.systems)).to_frame()
+            elif isinstance(command, SearchServiceCode):
+                answer = self._search(system, command.index).to_frame()
+            else:  # pragma: no cover - parse_standard_command knows no other command
+                answer = None
+        if answer is not None and self._answers_left is not None:
+            self._answers_left -= 1
+            if self._answers_left == 0:
+                self.in_field = False
+        return answer
+
+    def _system_of(self, idm: bytes) -> SimulatedSystem | None:
+        return next((s for s in self.systems if s.idm == idm), None)
+
+    @staticmethod
+    def _has_node(system: SimulatedSystem, code: int) -> bool:
+        return code == 0x0000 or code in system.services
+
+    def _poll(self, command: Polling) -> bytes | None:
+        requested = command.system_code.to_bytes(2, "big")
+        for system in self.systems:
+            own = system.system_code.to_bytes(2, "big")
+            if all(want in (_WILDCARD, have) for want, have in zip(requested, own)):
+                request_data = own if command.request_code == REQUEST_CODE_SYSTEM_CODE else b""
+                return PollingResponse(system.idm, self.pmm, request_data).to_frame()
+        return None
+
+    def _read(self, system: SimulatedSystem,
+              command: ReadWithoutEncryption) -> ReadWithoutEncryptionResponse:
+        if not 1 <= len(command.service_codes) <= 16:
+            return ReadWithoutEncryptionResponse(command.idm, SF1_NOT_BLOCK_SPECIFIC,
+                                                 SF2_ILLEGAL_NUMBER_OF_SERVICE)
+        if not 1 <= len(command.block_list) <= MAX_READ_BLOCKS_STANDARD:
+            return ReadWithoutEncryptionResponse(command.idm, SF1_NOT_BLOCK_SPECIFIC,
+                                                 SF2_ILLEGAL_NUMBER_OF_BLOCK)
+        for code in command.service_codes:
+            if code not in system.services:
+                return ReadWithoutEncryptionResponse(command.idm, _SF1_SERVICE_CODE_ERROR,
+                                                     SF2_ILLEGAL_SERVICE_CODE)
+        data = []
+        for index, element in enumerate(command.block_list):
+            if element.service_index >= len(command.service_codes):
+                return ReadWithoutEncryptionResponse(command.idm, sf1_for_element(min(index, 7)),
+                                                     SF2_ILLEGAL_BLOCK_LIST_SERVICE_ORDER)
+            if element.access_mode != 0:
+                return ReadWithoutEncryptionResponse(command.idm, sf1_for_element(min(index, 7)),
+                                                     SF2_ILLEGAL_BLOCK_LIST_ACCESS_MODE)
+            blocks = system.services[command.service_codes[element.service_index]]
+            if element.block_number >= len(blocks):
+                return ReadWithoutEncryptionResponse(command.idm, sf1_for_element(min(index, 7)),
+                                                     SF2_ILLEGAL_BLOCK_NUMBER)
+            data.append(blocks[element.block_number])
+        return ReadWithoutEncryptionResponse(command.idm, SF1_SUCCESS, SF2_SUCCESS, tuple(data))
+
+    def _search(self, system: SimulatedSystem, index: int):
+        from .frames import SEARCH_END, SearchServiceCodeResponse
+
+        if index == 0:  # the root area comes first
+            return SearchServiceCodeResponse(system.idm, 0x0000, ROOT_AREA_END)
+        services = sorted(system.services)
+        if index - 1 < len(services):
+            return SearchServiceCodeResponse(system.idm, services[index - 1])
+        return SearchServiceCodeResponse(system.idm, SEARCH_END)
+
+    def to_json(self) -> dict[str, object]:
+        first = self.systems[0]
+        return {
+            "idm": first.idm.hex(),
+            "pmm": self.pmm.hex(),
+            "system_code": f"{first.system_code:04x}",
+            "systems": {
+                f"{system.system_code:04x}": {
+                    "idm": system.idm.hex(),
+                    "services": {f"{code:04x}": [block.hex() for block in blocks]
+                                 for code, blocks in sorted(system.services.items())},
+                } for system in self.systems
+            },
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> SimulatedFelicaStandard:
+        if not isinstance(obj, dict):
+            raise CardFileError(f"expected a JSON object, got {type(obj).__name__}")
+        pmm = _hex_field(obj, "pmm", PMM_SIZE)
+        primary = int.from_bytes(_hex_field(obj, "system_code", 2), "big")
+        raw_systems = obj.get("systems")
+        if not isinstance(raw_systems, dict) or not 1 <= len(raw_systems) <= MAX_SYSTEMS:
+            raise CardFileError(f"'systems' must be an object of 1 to {MAX_SYSTEMS} systems")
+        systems = []
+        for key, raw in raw_systems.items():
+            code = int.from_bytes(_parse_hex(f"systems key {key!r}", key, 2), "big")
+            if not isinstance(raw, dict):
+                raise CardFileError(f"systems[{key}] must be an object")
+            idm = _hex_field(raw, "idm", IDM_SIZE)
+            services_raw = raw.get("services", {})
+            if not isinstance(services_raw, dict) or len(services_raw) > MAX_SERVICES:
+                raise CardFileError(f"systems[{key}].services must be an object of at most "
+                                    f"{MAX_SERVICES} services")
+            services = {}
+            for service_key, blocks in services_raw.items():
+                service = int.from_bytes(
+                    _parse_hex(f"systems[{key}] service {service_key!r}", service_key, 2), "big")
+                if not isinstance(blocks, list) or len(blocks) > MAX_BLOCKS_PER_SERVICE:
+                    raise CardFileError(f"systems[{key}].services[{service_key}] must be a list "
+                                        f"of at most {MAX_BLOCKS_PER_SERVICE} hex blocks")
+                services[service] = tuple(
+                    _parse_hex(f"systems[{key}].services[{service_key}][{n}]", block, BLOCK_SIZE)
+                    for n, block in enumerate(blocks))
+            systems.append(SimulatedSystem(code, idm, services))
+        systems.sort(key=lambda s: s.system_code != primary)  # the primary system first
+        if systems[0].system_code != primary:
+            raise CardFileError(f"system_code {primary:04x} is not among 'systems'")
+        try:
+            return cls(systems, pmm)
+        except ValueError as error:
+            raise CardFileError(str(error)) from None
+
+
+SimulatedCard = SimulatedLiteS | SimulatedFelicaStandard
+
+
+def card_from_json(obj: object) -> SimulatedCard:
+    """A card from card-file JSON: a FeliCa Standard card when it has ``systems``, else a
+    Lite-S (``blocks``)."""
+    if isinstance(obj, dict) and "systems" in obj:
+        return SimulatedFelicaStandard.from_json(obj)
+    return SimulatedLiteS.from_json(obj)

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import click
 
-from farebox.cardimage.errors import InvalidCard
 from farebox.cardimage.model import Category, Concession, Kind
 from farebox.protocol.errors import FelicaError
-from farebox.protocol.session import LiteSSession
 from farebox.terminal.clock import hk_date, now_utc
-from farebox.terminal.inspect import read_card
 from farebox.terminal.issue import IssueError, IssueRequest, issue_card_file
 from farebox.terminal.keys import published_test_keys
 
 from . import output
-from .common import InputError, json_option, open_reader
+from .common import (
+    InputError, config_option, json_option, open_reader, reader_timeout_option, settings,
+    setup_errors,
+)
 from .params import CARD_NUMBER, DATE, POSITIVE_AMOUNT, SIGNED_AMOUNT
 
 _KINDS = {k.label: k for k in Kind}
@@ -26,7 +26,7 @@ _CONCESSIONS = {c.label: c for c in Concession}
 
 @click.group()
 def card() -> None:
-    """Make and inspect simulated card files."""
+    """Make, inspect, dump, import and compare cards."""
 
 
 @card.command("new")
@@ -55,28 +55,167 @@ def new(card_file: Path, number, kind, category, concession, concession_expiry, 
         issue_card_file(card_file, request, published_test_keys(), force=force)
     except IssueError as error:
         raise InputError(str(error)) from None
-    _show(card_file, as_json)
+    _show(f"sim:{card_file}", published_test_keys(), as_json)
 
 
 @card.command("show")
-@click.argument("card_file", metavar="CARD", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("card_file", metavar="CARD", required=False,
+                type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--reader", metavar="SPEC", help="read the card presented to this reader instead "
+              "(udp:HOST:PORT, usb[:VID:PID], tty:..., pcsc[:NAME])")
+@reader_timeout_option
+@config_option
 @json_option
-def show(card_file: Path, as_json: bool) -> None:
-    """Read, verify and print the card in CARD (balance, limits, status, history)."""
-    _show(card_file, as_json)
+def show(card_file: Path | None, reader: str | None, timeout_s: float, config_file,
+         as_json: bool) -> None:
+    """Read, verify and print the card in CARD or on a reader: fields, both purse slots with
+    their counters and MAC status, which slot is current and why, the log ring as history."""
+    if (card_file is None) == (reader is None):
+        raise InputError("give a card file CARD or --reader SPEC (one of them)")
+    keys = _keys(config_file) if reader is not None else published_test_keys()
+    _show(f"sim:{card_file}" if card_file is not None else reader, keys, as_json, timeout_s)
 
 
-def _show(card_file: Path, as_json: bool) -> None:
-    keys = published_test_keys()
-    reader = open_reader(f"sim:{card_file}", writable=False)
+def _keys(config_file):
+    from farebox.terminal.runtime import load_keys
+
+    with setup_errors():
+        return load_keys(settings(config_file))
+
+
+def _read_blocks(spec: str, timeout_s: float) -> tuple[bytes, list[bytes], str]:
+    from farebox.terminal.operator import NoCard, read_card_blocks
+
+    reader = open_reader(spec, writable=False)
     try:
-        image = read_card(LiteSSession(reader), keys)
+        idm, _pmm, blocks = read_card_blocks(reader, timeout_s)
+    except NoCard as error:
+        if spec.startswith("sim:"):
+            raise InputError("the card does not work with this terminal (not a FeliCa Lite-S "
+                             "card; for an Octopus dump try farebox octopus balance)") from None
+        raise InputError(str(error)) from None
     except FelicaError as error:
         raise InputError(f"the card does not work with this terminal ({error})") from None
-    except InvalidCard as error:
-        raise InputError(f"invalid card: {error}") from None
     finally:
         reader.close()
+    return idm, blocks, reader.name
+
+
+def _show(spec: str, keys, as_json: bool, timeout_s: float = 0.0) -> None:
+    from farebox.terminal.operator import examine
+
+    idm, blocks, source = _read_blocks(spec, timeout_s)
+    report = examine(idm, blocks, keys)
+    if report.image is None:
+        raise InputError(f"invalid card: {report.problem}")
+    image = report.image
     obj = output.card_json(image, test_key=keys.is_test_version(image.identity.key_version),
                            today=hk_date(now_utc()))
-    output.emit(obj, as_json, output.card_human(obj))
+    obj.update(output.card_report_json(report))
+    obj["source"] = source
+    output.emit(obj, as_json, output.card_report_human(obj) if not as_json else "")
+
+
+@card.command("dump")
+@click.option("--reader", required=True, metavar="SPEC",
+              help="the reader the card is on (udp:HOST:PORT, usb[:VID:PID], pcsc[:NAME], ...)")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the card file here (servable by `farebox sim serve`)")
+@click.option("--force", is_flag=True, help="replace an existing --out file")
+@reader_timeout_option
+@json_option
+def dump(reader: str, out: Path | None, force: bool, timeout_s: float, as_json: bool) -> None:
+    """Read a presented card into a simulated-card file: a scheme (Lite-S) card's 14 blocks;
+    another FeliCa card's system codes, services and every key-less block."""
+    from farebox.terminal.dumps import DumpError, dump_from_reader, dump_json, save_card_json
+    from farebox.terminal.dumps import to_card_json
+
+    device = open_reader(reader, writable=False)
+    try:
+        dumped = dump_from_reader(device, now_utc(), timeout_s=timeout_s)
+    except DumpError as error:
+        raise InputError(str(error)) from None
+    except FelicaError as error:
+        raise InputError(f"the card stopped answering ({error}); hold it still and retry"
+                         ) from None
+    finally:
+        device.close()
+    try:
+        card_obj = to_card_json(dumped)
+        if out is not None:
+            save_card_json(card_obj, out, force=force)
+    except DumpError as error:
+        raise InputError(str(error)) from None
+    obj = {**dump_json(dumped), "out": None if out is None else str(out), "card": card_obj}
+    output.emit(obj, as_json, "" if as_json else output.dump_human(obj))
+
+
+@card.command("import")
+@click.argument("dump_file", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="the card file to write")
+@click.option("--force", is_flag=True, help="replace an existing --out file")
+@json_option
+def import_dump(dump_file: Path, out: Path, force: bool, as_json: bool) -> None:
+    """Turn a shared dump (Flipper Zero .nfc FeliCa, Metrodroid or FareBot JSON) into a card
+    file that `farebox sim serve` can present. A FeliCa Lite-S dump becomes a writable Lite-S
+    card; anything else (an Octopus card) a read-only FeliCa Standard card holding the dump's
+    key-less blocks: `farebox octopus balance` reads it, a tap cannot (it has no scheme data)."""
+    from farebox.terminal.dumps import DumpError, dump_json, load_dump, save_card_json
+    from farebox.terminal.dumps import to_card_json
+
+    try:
+        dumped = load_dump(dump_file)
+        card_obj = to_card_json(dumped)
+        save_card_json(card_obj, out, force=force)
+    except DumpError as error:
+        raise InputError(str(error)) from None
+    kind = "lite-s" if "blocks" in card_obj else "felica-standard"
+    obj = {**dump_json(dumped), "out": str(out), "card_kind": kind}
+    output.emit(obj, as_json, "" if as_json else output.dump_human(obj))
+
+
+@card.command("diff")
+@click.argument("card_a", metavar="A", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("card_b", metavar="B", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def diff(card_a: Path, card_b: Path, as_json: bool) -> None:
+    """Field-level and block-level differences between two card files (exit 0 either way;
+    ``same`` says whether they differ)."""
+    from farebox.protocol.simcard import SimulatedLiteS
+    from farebox.protocol.transports.cardfile import load_card
+    from farebox.protocol.simcard import CardFileError
+    from farebox.terminal.operator import block_diffs, examine, field_diffs
+
+    keys = published_test_keys()
+    cards, decoded = [], []
+    for path in (card_a, card_b):
+        try:
+            card_model = load_card(path)
+        except CardFileError as error:
+            raise InputError(str(error)) from None
+        if not isinstance(card_model, SimulatedLiteS):
+            raise InputError(f"{path}: a FeliCa Standard dump, not a scheme card (compare "
+                             "their `octopus balance` instead)")
+        cards.append(card_model)
+        report = examine(card_model.idm, card_model.blocks, keys)
+        if report.image is None:
+            decoded.append({"invalid": report.problem})
+        else:
+            obj = output.card_json(report.image, test_key=keys.is_test_version(
+                report.image.identity.key_version), today=hk_date(now_utc()))
+            obj.update(output.card_report_json(report))
+            obj.pop("blocks")
+            decoded.append(obj)
+    a, b = cards
+    fields = field_diffs(decoded[0], decoded[1])
+    blocks = block_diffs(a.blocks, b.blocks)
+    obj = {
+        "a": str(card_a), "b": str(card_b),
+        "same": not fields and not blocks and a.idm == b.idm,
+        "idm": None if a.idm == b.idm else {"a": a.idm.hex(), "b": b.idm.hex()},
+        "fields": [{"field": f.field, "a": f.a, "b": f.b} for f in fields],
+        "blocks": [{"block": d.block, "area": d.area, "a": d.a.hex(), "b": d.b.hex(),
+                    "bytes": d.changed_bytes} for d in blocks],
+    }
+    output.emit(obj, as_json, "" if as_json else output.diff_human(obj))

@@ -15,7 +15,7 @@ import click
 
 #: name -> (module, attribute, one-line help shown by ``farebox --help``)
 COMMANDS = {
-    "card": ("farebox.tools.card_cmd", "card", "Make and inspect simulated card files."),
+    "card": ("farebox.tools.card_cmd", "card", "Make, inspect, dump, import and compare cards."),
     "tap": ("farebox.tools.tap_cmd", "tap", "Pay a fare with the card in CARD."),
     "add-value": ("farebox.tools.tap_cmd", "add_value", "Add cash value to the card in CARD."),
     "journal": ("farebox.tools.journal_cmd", "journal", "Inspect the terminal's journal."),

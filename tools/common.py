@@ -32,6 +32,9 @@ config_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help="terminal configuration (TOML) [env FAREBOX_CONFIG]")
 json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+reader_timeout_option = click.option(
+    "--timeout", "timeout_s", type=click.FloatRange(min=0, max=600), default=5.0,
+    show_default=True, help="seconds to wait for a card on --reader")
 
 
 def settings(config_file: Path | None, **flags) -> TerminalConfig:
@@ -68,5 +71,5 @@ def state_notice(config: TerminalConfig) -> None:
                    "(choose with --state DIR or FAREBOX_STATE)", err=True)
 
 
-__all__ = ["InputError", "config_option", "json_option", "open_reader", "settings", "setup_errors",
+__all__ = ["InputError", "config_option", "json_option", "reader_timeout_option", "open_reader", "settings", "setup_errors",
            "state_dir", "state_notice", "state_option", "terminal"]

@@ -159,3 +159,109 @@ def card_human(obj: dict) -> str:
     if obj["unreadable_log_blocks"]:
         lines.append(f"    ({obj['unreadable_log_blocks']} log block(s) do not verify)")
     return "\n".join(lines)
+
+
+# ---- the operator commands (card show's block-level report, dump, diff) -----------------------
+
+def card_report_json(report) -> dict:
+    """Keys ``card show --json`` adds to the contract's: both slots with their MAC status, the
+    current slot and why, each log block's MAC status, the raw blocks."""
+    return {
+        "identity_mac": report.identity_state,
+        "slots": [{
+            "slot": s.slot, "blocks": list(s.blocks), "mac": s.state,
+            "counter": None if s.purse is None else s.purse.counter,
+            "balance": None if s.purse is None else fmt(s.purse.balance_cents),
+            "status": None if s.purse is None else s.purse.status.label,
+            "problem": s.problem, "current": s.slot == report.current_slot,
+        } for s in report.slots],
+        "current_slot_reason": report.current_slot_reason,
+        "log_blocks": [{"block": b.block, "mac": b.state} for b in report.log_blocks],
+        "blocks": [block.hex() for block in report.blocks],
+    }
+
+
+def card_report_human(obj: dict) -> str:
+    from farebox.terminal.operator import BLOCK_AREAS
+
+    from .render import hexdump, render, table
+
+    head = card_human({**obj, "history": [], "unreadable_log_blocks": 0}).rsplit("\n", 1)[0]
+    head += f"\n  read from {obj['source']}"
+    slots = table("Purse slots", ("slot", "blocks", "MAC", "counter", "balance", "status",
+                                  "current"),
+                  [(s["slot"], " ".join(f"{b:02X}" for b in s["blocks"]), s["mac"], s["counter"],
+                    s["balance"], s["status"] or s["problem"], "yes" if s["current"] else "")
+                   for s in obj["slots"]], right=("counter", "balance"))
+    reason = f"Current slot {obj['purse_slot']}: {obj['current_slot_reason']}"
+    history = table("History (log ring, newest first)",
+                    ("counter", "date", "type", "amount", "auto add value", "status",
+                     "balance after"),
+                    [(h["counter"], h["date"], h["type"], h["amount"], h["aavs_reload"],
+                      h["status"], h["balance_after"] or "?") for h in obj["history"]],
+                    right=("amount", "balance after"))
+    log_state = {b["block"]: b["mac"] for b in obj["log_blocks"]}
+    dump = hexdump("Blocks", [(f"{n:02X}", bytes.fromhex(h),
+                               BLOCK_AREAS.get(n, "") + _log_note(log_state.get(n)))
+                              for n, h in enumerate(obj["blocks"])])
+    items = [head, slots, reason, history]
+    if obj["unreadable_log_blocks"]:
+        items.append(f"({obj['unreadable_log_blocks']} log block(s) do not verify)")
+    items.append(dump)
+    return render(*items)
+
+
+def _log_note(state: str | None) -> str:
+    return "" if state is None else " (empty)" if state == "empty" else f" (MAC {state})"
+
+
+def dump_human(obj: dict) -> str:
+    from .render import hexdump, render, table
+
+    lines = [f"FeliCa card IDm {obj['idm']}  PMm {obj['pmm']}  ({obj['format']}"
+             + (f", scanned {obj['scanned_at']}" if obj["scanned_at"] else "") + ")"]
+    rows = []
+    for system in obj["systems"]:
+        for service, count in system["services"].items() or [("-", 0)]:
+            rows.append((system["system_code"], system["idm"], service, count))
+    items = [lines[0], table("Systems and services", ("system", "IDm", "service", "blocks"), rows,
+                             right=("blocks",))]
+    card = obj.get("card")
+    if card and "blocks" in card:
+        items.append(hexdump("Blocks", [(f"{n:02X}", bytes.fromhex(h), "")
+                                        for n, h in enumerate(card["blocks"])]))
+    elif card:
+        blocks = []
+        for code, system in card["systems"].items():
+            for service, data in system["services"].items():
+                blocks += [(f"{code}/{service}/{n:02X}", bytes.fromhex(h), "")
+                           for n, h in enumerate(data)]
+        items.append(hexdump("Blocks (system/service/block)", blocks))
+    for note in obj["notes"]:
+        items.append(f"note: {note}")
+    if obj.get("out"):
+        items.append(f"card file written: {obj['out']}"
+                     + (f" ({obj['card_kind']})" if obj.get("card_kind") else ""))
+    return render(*items)
+
+
+def diff_human(obj: dict) -> str:
+    from .render import hex_line, render, table
+
+    if obj["same"]:
+        return f"{obj['a']} and {obj['b']} hold the same card image"
+    items = [f"{obj['a']} (a) -> {obj['b']} (b)"]
+    if obj["idm"]:
+        items.append(f"IDm differs: {obj['idm']['a']} -> {obj['idm']['b']}")
+    if obj["fields"]:
+        items.append(table("Fields", ("field", "a", "b"),
+                           [(f["field"], json.dumps(f["a"]), json.dumps(f["b"]))
+                            for f in obj["fields"]]))
+    if obj["blocks"]:
+        rows = []
+        for d in obj["blocks"]:
+            a, b = bytes.fromhex(d["a"]), bytes.fromhex(d["b"])
+            rows.append((f"{d['block']:02X}", d["area"], "a " + hex_line(a, d["bytes"])))
+            rows.append(("", "", "b " + hex_line(b, d["bytes"])))
+        items.append(table("Blocks ([..] = changed bytes)", ("block", "area", "data"), rows))
+    return render(*items)

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..simcard import CardFileError, SimulatedLiteS
+from ..simcard import CardFileError, SimulatedCard, card_from_json
 from .files import UntrustedFileError, open_regular, parse_json, read_fd_limited
 
 DEFAULT_LOCK_TIMEOUT_S = 2.0
@@ -32,16 +32,16 @@ class CardBusy(CardFileError):
     """Another process holds the card file."""
 
 
-def card_from_bytes(data: bytes, path: Path) -> SimulatedLiteS:
+def card_from_bytes(data: bytes, path: Path) -> SimulatedCard:
     try:
-        return SimulatedLiteS.from_json(parse_json(data, path))
+        return card_from_json(parse_json(data, path))
     except UntrustedFileError as error:
         raise CardFileError(str(error)) from None
     except CardFileError as error:
         raise CardFileError(f"{path}: {error}") from None
 
 
-def load_card(path: str | os.PathLike[str]) -> SimulatedLiteS:
+def load_card(path: str | os.PathLike[str]) -> SimulatedCard:
     """Read a card file without locking it (for looking, not for transacting)."""
     path = Path(path)
     try:
@@ -54,7 +54,7 @@ def load_card(path: str | os.PathLike[str]) -> SimulatedLiteS:
         os.close(fd)
 
 
-def save_card(card: SimulatedLiteS, path: str | os.PathLike[str]) -> None:
+def save_card(card: SimulatedCard, path: str | os.PathLike[str]) -> None:
     """Write a card file atomically (no lock: for a file nobody else is using, e.g. a new card)."""
     os.close(_replace(card, Path(path)))
 
@@ -146,7 +146,7 @@ def _check_directory_writable(path: Path) -> None:
     os.unlink(name)
 
 
-def _replace(card: SimulatedLiteS, path: Path) -> int:
+def _replace(card: SimulatedCard, path: Path) -> int:
     """Write ``card`` to a locked temporary file, rename it over ``path``; return its fd, locked."""
     text = json.dumps(card.to_json(), indent=2) + "\n"
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
