@@ -339,6 +339,8 @@ class SimulatedFelicaStandard:
         self.commands_handled = 0
         self.on_write = None  # never called: nothing is ever written
         self.faults = faults or Faults()
+        #: where the card's data came from (kept through saves): ``source``, ``scanned_at``
+        self.metadata: dict[str, str] = {}
 
     # The primary system: what the udp link's own Polling answer and the card file show first.
     @property
@@ -471,6 +473,7 @@ class SimulatedFelicaStandard:
                                  for code, blocks in sorted(system.services.items())},
                 } for system in self.systems
             },
+            **self.metadata,
         }
 
     @classmethod
@@ -507,10 +510,15 @@ class SimulatedFelicaStandard:
         if systems[0].system_code != primary:
             raise CardFileError(f"system_code {primary:04x} is not among 'systems'")
         try:
-            return cls(systems, pmm)
+            card = cls(systems, pmm)
         except ValueError as error:
             raise CardFileError(str(error)) from None
+        card.metadata = {key: obj[key] for key in _METADATA_KEYS
+                         if isinstance(obj.get(key), str) and len(obj[key]) <= 200}
+        return card
 
+
+_METADATA_KEYS = ("source", "scanned_at")
 
 SimulatedCard = SimulatedLiteS | SimulatedFelicaStandard
 

@@ -33,6 +33,11 @@ COMMANDS = {
                  "The reference clearing receiver: serve, enroll terminals, report."),
     "failpoints": ("farebox.tools.failpoints_cmd", "failpoints",
                    "List the places FAREBOX_FAILPOINT can make the process die."),
+    "readers": ("farebox.tools.readers_cmd", "readers",
+                "List the nfcpy and PC/SC readers found, and whether each is usable."),
+    "doctor": ("farebox.tools.doctor_cmd", "doctor",
+               "Check the usual reasons a terminal does not work; print the fixes."),
+    "octopus": ("farebox.tools.octopus_cmd", "octopus", "Read real Octopus cards (read-only)."),
     "demo": ("farebox.tools.demo_cmd", "demo",
              "Run a scripted day on a simulated card (test keys), with its own state."),
 }

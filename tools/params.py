@@ -55,12 +55,16 @@ class Date(click.ParamType):
 class Time(click.ParamType):
     name = "TIME"
 
+    def __init__(self, *, card_range: bool = True) -> None:
+        self.card_range = card_range
+
     def convert(self, value, param, ctx) -> datetime:
         if isinstance(value, datetime):
             return value
         try:
             at = parse_time(value)
-            days.to_day(hk_date(at))  # the card can only record dates in its range
+            if self.card_range:
+                days.to_day(hk_date(at))  # the card can only record dates in its range
         except ValueError as error:
             self.fail(str(error), param, ctx)
         return at
@@ -108,5 +112,6 @@ POSITIVE_AMOUNT = Amount(allow_zero=False)
 SIGNED_AMOUNT = Amount(allow_negative=True)
 DATE = Date()
 TIME = Time()
+ANY_TIME = Time(card_range=False)  # a time outside our cards' date range (an old Octopus scan)
 CARD_NUMBER = CardNumber()
 FARES = Fares()

@@ -1,0 +1,47 @@
+"""``farebox doctor``: what is wrong and the exact command that fixes it."""
+
+from __future__ import annotations
+
+import click
+
+from farebox.terminal.clock import now_utc
+
+from . import output
+from .common import config_option, json_option, settings, state_option
+
+#: exit status when a check fails (0: none fails, warnings allowed; 2: bad input)
+EXIT_CHECK_FAILED = 3
+
+
+@click.command()
+@click.option("--reader", metavar="SPEC", help="also open this reader and look for a card")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, max=60), default=2.0,
+              show_default=True, help="seconds to wait for a card on --reader")
+@state_option
+@config_option
+@json_option
+def doctor(reader, timeout_s, state_dir, config_file, as_json) -> None:
+    """Check USB permissions, kernel modules holding the reader, pcscd, the state directory,
+    the clock, the keys and (with --reader) a card in the field. Each check says ok, warn or
+    fail, what it found and the fix to type. Exit 3 when a check fails, else 0."""
+    from farebox.terminal.doctor import FAIL, DoctorOptions, run_checks, worst
+
+    config = settings(config_file, state_dir=state_dir)
+    findings = run_checks(DoctorOptions(config, reader=reader, card_timeout_s=timeout_s),
+                          now_utc())
+    overall = worst(findings)
+    obj = {"status": overall,
+           "checks": [{"check": f.check, "status": f.status, "found": f.found, "fix": f.fix}
+                      for f in findings]}
+    output.emit(obj, as_json, "" if as_json else _human(obj))
+    if overall == FAIL:
+        raise click.exceptions.Exit(EXIT_CHECK_FAILED)
+
+
+def _human(obj: dict) -> str:
+    from .render import render, table
+
+    rows = [(c["status"].upper(), c["check"], c["found"], c["fix"] or "")
+            for c in obj["checks"]]
+    return render(table(None, ("", "check", "found", "fix"), rows),
+                  f"overall: {obj['status']}")

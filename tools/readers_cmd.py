@@ -1,0 +1,58 @@
+"""``farebox readers``: every nfcpy USB reader and PC/SC reader found, and whether it is usable."""
+
+from __future__ import annotations
+
+import click
+
+from . import output
+from .common import json_option
+
+
+@click.command()
+@click.option("--no-card-check", "skip_cards", is_flag=True,
+              help="do not connect to PC/SC readers to see whether a card is present")
+@json_option
+def readers(skip_cards: bool, as_json: bool) -> None:
+    """List nfcpy USB readers (by vendor/product id in sysfs) and PC/SC readers (through pcscd;
+    PCSCLITE_CSOCK_NAME is honoured), each with the --reader spec to use and whether it is
+    usable. pcscd not running is reported, not an error."""
+    from farebox.terminal.readers import pcsc_readers, pcscd_holds, usb_readers
+
+    usb = usb_readers()
+    pcsc = pcsc_readers(probe_cards=not skip_cards)
+    entries = []
+    for device in usb:
+        problems = device.problems
+        held = pcscd_holds(device, pcsc)
+        if held:
+            problems.append(f"pcscd holds it as {held!r}")
+        entries.append({
+            "kind": "nfcpy", "spec": device.id_path, "path": device.path,
+            "name": device.product or device.driver, "driver": device.driver,
+            "device": str(device.devnode), "usable": not problems, "problems": problems,
+            "card_present": None,
+        })
+    for reader in pcsc.readers:
+        entries.append({
+            "kind": "pcsc", "spec": reader.path, "path": reader.path, "name": reader.name,
+            "driver": "pcscd", "device": pcsc.socket, "usable": reader.problem is None,
+            "problems": [] if reader.problem is None else [reader.problem],
+            "card_present": reader.card_present,
+        })
+    obj = {"readers": entries,
+           "pcscd": {"running": pcsc.available, "socket": pcsc.socket, "problem": pcsc.problem}}
+    output.emit(obj, as_json, "" if as_json else _human(obj))
+
+
+def _human(obj: dict) -> str:
+    from .render import render, table
+
+    rows = [(r["kind"], r["spec"], r["name"], "yes" if r["usable"] else "NO",
+             {True: "yes", False: "no", None: ""}[r["card_present"]], "; ".join(r["problems"]))
+            for r in obj["readers"]]
+    items = [table("Readers", ("kind", "--reader", "name", "usable", "card", "problems"), rows)
+             if rows else "No readers found."]
+    pcscd = obj["pcscd"]
+    items.append(f"pcscd: running on {pcscd['socket']}" if pcscd["running"]
+                 else f"pcscd: {pcscd['problem']}")
+    return render(*items)
