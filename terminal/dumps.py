@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from farebox.cardimage.layout import USER_BLOCKS
-from farebox.protocol.errors import CardStatusError, FelicaError, TransportTimeout
+from farebox.protocol.errors import CardStatusError, TransportTimeout
 from farebox.protocol.frames import (
     BLOCK_SIZE, IDM_SIZE, PMM_SIZE, SEARCH_END, SERVICE_LITE_S_RO, SERVICE_LITE_S_RW,
     SYSTEM_CODE_LITE_S, SYSTEM_CODE_WILDCARD, node_is_area, service_readable_without_key,
@@ -506,7 +506,7 @@ def dump_json(dump: FelicaDump) -> dict:
 
 
 __all__ = ["DumpError", "DumpSystem", "FelicaDump", "dump_from_reader", "dump_json",
-           "from_card_json", "load_dump", "save_card_json", "to_card_json", "FelicaError"]
+           "from_card_json", "load_dump", "save_card_json", "to_card_json"]
 
 
 def save_card_json(obj: dict, path: str | Path, *, force: bool = False) -> None:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
-from datetime import datetime
 
-from farebox.cardimage import schemas
 from farebox.cardimage.errors import CardImageError, InvalidCard
 from farebox.cardimage.image import decode_identity, decode_image, decode_purse
 from farebox.cardimage.layout import (
@@ -214,10 +212,6 @@ def find_record(records: list[JournalRecord], key: str) -> JournalRecord | None:
     return next((r for r in records if r.tap_id == key), None)
 
 
-def parse_iso(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 __all__ = ["BLOCK_AREAS", "BatchMembership", "BlockDiff", "CardReport", "FieldDiff",
            "NoCard", "batch_memberships", "block_diffs", "examine", "field_diffs", "find_record",
-           "read_card_blocks", "upload_state", "schemas"]
+           "read_card_blocks", "upload_state"]
