@@ -72,7 +72,8 @@ def show(card_file: Path | None, reader: str | None, timeout_s: float, config_fi
     their counters and MAC status, which slot is current and why, the log ring as history."""
     if (card_file is None) == (reader is None):
         raise InputError("give a card file CARD or --reader SPEC (one of them)")
-    keys = _keys(config_file) if reader is not None else published_test_keys()
+    # a card file is a simulated card (test keys) unless a configuration names the keys
+    keys = _keys(config_file) if reader is not None or config_file else published_test_keys()
     _show(f"sim:{card_file}" if card_file is not None else reader, keys, as_json, timeout_s)
 
 

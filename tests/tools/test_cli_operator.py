@@ -308,6 +308,32 @@ def test_readers_lists_a_real_pcscd_reader_with_its_card(farebox, pcscd):
         server.kill()
 
 
+def test_octopus_balance_and_dump_through_a_real_pcscd(farebox, tmp_path, pcscd):
+    """The imported Octopus card presented to a real pcscd (vpcd) and read through pyscard."""
+    daemon = pcscd()
+    source, block_hex, scanned_at, cents = PUBLISHED_VECTORS[1]
+    card_file = tmp_path / "octopus.json"
+    farebox("card", "import", write_farebot(tmp_path / "f.json", block_hex, scanned_at),
+            "--out", card_file)
+    server = VpcdServed(card_file, daemon.info["port"], daemon.env, "--dwell-ms", "8000",
+                        "--taps", 1)
+    try:
+        reader = f"pcsc:{daemon.info['reader']}"
+        run = subprocess.run([FAREBOX, "octopus", "balance", "--reader", reader, "--at",
+                              scanned_at.isoformat(), "--timeout", "10", "--json"],
+                             capture_output=True, text=True, env=daemon.env, timeout=60)
+        assert run.returncode == 0, run.stderr
+        result = json.loads(run.stdout)
+        assert (result["balance"], result["offset"]) == ("-1.20", 350)
+        run = subprocess.run([FAREBOX, "card", "dump", "--reader", reader, "--timeout", "10",
+                              "--out", str(tmp_path / "redump.json"), "--json"],
+                             capture_output=True, text=True, env=daemon.env, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["systems"][0]["services"] == {"0117": 1}
+    finally:
+        server.kill()
+
+
 def test_doctor_exit_status_follows_its_worst_finding(farebox, tmp_path):
     card = farebox.card()
     run = farebox("doctor", "--state", farebox.state, "--reader", f"sim:{card}", "--json")
