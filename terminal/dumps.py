@@ -201,7 +201,7 @@ def _lenient_json(data: bytes, path: Path) -> object:
         return parse_json(data, path)
     except UntrustedFileError as error:
         # Metrodroid writes maps with integer keys unquoted ({3: {...}}): quote them and retry.
-        if b'"' not in data[:1] and _BARE_INT_KEY.search(data):
+        if _BARE_INT_KEY.search(data):
             try:
                 return parse_json(_BARE_INT_KEY.sub(rb'\1"\2"\3', data), path)
             except UntrustedFileError:

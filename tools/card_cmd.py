@@ -55,7 +55,7 @@ def new(card_file: Path, number, kind, category, concession, concession_expiry, 
         issue_card_file(card_file, request, published_test_keys(), force=force)
     except IssueError as error:
         raise InputError(str(error)) from None
-    _show(f"sim:{card_file}", published_test_keys(), as_json)
+    _show(f"sim:{card_file}", published_test_keys(), as_json, detailed=False)
 
 
 @card.command("show")
@@ -102,7 +102,8 @@ def _read_blocks(spec: str, timeout_s: float) -> tuple[bytes, list[bytes], str]:
     return idm, blocks, reader.name
 
 
-def _show(spec: str, keys, as_json: bool, timeout_s: float = 0.0) -> None:
+def _show(spec: str, keys, as_json: bool, timeout_s: float = 0.0, *,
+          detailed: bool = True) -> None:
     from farebox.terminal.operator import examine
 
     idm, blocks, source = _read_blocks(spec, timeout_s)
@@ -114,7 +115,9 @@ def _show(spec: str, keys, as_json: bool, timeout_s: float = 0.0) -> None:
                            today=hk_date(now_utc()))
     obj.update(output.card_report_json(report))
     obj["source"] = source
-    output.emit(obj, as_json, output.card_report_human(obj) if not as_json else "")
+    human = "" if as_json else (output.card_report_human(obj) if detailed
+                                else output.card_human(obj))
+    output.emit(obj, as_json, human)
 
 
 @card.command("dump")

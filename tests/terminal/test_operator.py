@@ -312,3 +312,62 @@ def test_doctor_with_a_card_on_a_simulated_reader(tmp_path):
                                    roots=roots(tmp_path), card_timeout_s=0.1)
     missing = _by_check(doctor.run_checks(options, NOW, pcsc=no_pcscd))["reader"]
     assert missing.status == "fail" and "no such card file" in missing.found
+
+
+# ---- untrusted dumps: anything parses or is a DumpError ----------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=40)
+    | st.sampled_from(["0117", "8008", IDM.hex(), "00" * 16, "AAAAAAAAAAAAAAAAAAAAAA=="]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["felica", "systems", "services", "blocks", "data", "address", "code",
+                         "serviceCode", "tagId", "pMm", "scannedAt", "skipped", "cards",
+                         "cardType", "32776", "279", "idm", "pmm", "system_code"]) | st.text(
+            max_size=5), inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_json, wrapper=st.sampled_from(["metrodroid", "farebot", "cards", "card", "raw"]))
+def test_any_json_dump_loads_or_is_a_dump_error(tmp_path, body, wrapper):
+    obj = {"metrodroid": {"tagId": IDM.hex(), "felica": body},
+           "farebot": {"cardType": "FeliCa", "tagId": "AQIDBAUGBwg=", "systems": body},
+           "cards": {"cards": [body]},
+           "card": {"idm": IDM.hex(), "pmm": PMM.hex(), "system_code": "8008", "systems": body},
+           "raw": body}[wrapper]
+    path = tmp_path / "dump.json"
+    path.write_text(json.dumps(obj))
+    try:
+        dumped = load_dump(path)
+    except DumpError as error:
+        assert "\n" not in str(error)
+        return
+    try:
+        to_card_json(dumped)
+    except DumpError:
+        pass
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.sampled_from([
+    "Device type: FeliCa", "Manufacture id: 01 02 03 04 05 06 07 08", "System found: 1",
+    "System 00: 8008", "System 01: zz", "Manufacture parameter: 00 F1", "Data format version: x",
+    "Block 0000: | Service code 0117 | Block index 00 | Data: " + "00 " * 16 + "|",
+    "Block 0001: | Service code 0117 | Block index 01 | Data: 00 |", "Block 3: 00 00 " + "11 " * 16,
+    "Block 4: 00", "Blocks total: 28", ":", "::::", "Block 0002:"]) | st.text(max_size=30),
+    max_size=12))
+def test_any_flipper_text_loads_or_is_a_dump_error(tmp_path, lines):
+    path = tmp_path / "dump.nfc"
+    path.write_text("Filetype: Flipper NFC device\n" + "\n".join(lines) + "\n")
+    try:
+        dumped = load_dump(path)
+    except DumpError as error:
+        assert "\n" not in str(error)
+        return
+    try:
+        to_card_json(dumped)
+    except DumpError:
+        pass
