@@ -109,6 +109,32 @@ def usb_readers(roots: Roots = Roots()) -> list[UsbReader]:
     return found
 
 
+#: serial devices an nfcpy tty reader (PN532 board or HAT, Arygon) may sit on
+TTY_PATTERNS = ("ttyUSB*", "ttyACM*", "ttyAMA*", "serial0")  # serial0: the Pi's UART alias
+
+
+@dataclass
+class TtyDevice:
+    device: Path
+    accessible: bool
+
+    @property
+    def path(self) -> str:
+        """nfcpy's tty path with the PN532 driver (``tty:USB0:pn532``): the usual Pi board."""
+        return f"tty:{self.device.name.removeprefix('tty')}:pn532"
+
+
+def tty_devices(roots: Roots = Roots()) -> list[TtyDevice]:
+    """Serial devices an nfcpy tty reader may be on. Not probed: probing writes to the port,
+    and only the operator knows what is attached there."""
+    found: dict[Path, TtyDevice] = {}
+    for pattern in TTY_PATTERNS:
+        for device in sorted(roots.dev.glob(pattern)):
+            real = device.resolve() if device.is_symlink() else device  # serial0 -> ttyS0
+            found.setdefault(real, TtyDevice(real, os.access(real, os.R_OK | os.W_OK)))
+    return list(found.values())
+
+
 @dataclass
 class PcscReader:
     name: str

@@ -13,10 +13,11 @@ from .common import json_option
               help="do not connect to PC/SC readers to see whether a card is present")
 @json_option
 def readers(skip_cards: bool, as_json: bool) -> None:
-    """List nfcpy USB readers (by vendor/product id in sysfs) and PC/SC readers (through pcscd;
-    PCSCLITE_CSOCK_NAME is honoured), each with the --reader spec to use and whether it is
-    usable. pcscd not running is reported, not an error."""
-    from farebox.terminal.readers import pcsc_readers, pcscd_holds, usb_readers
+    """List nfcpy USB readers (by vendor/product id in sysfs), the serial ports an nfcpy tty
+    reader may be on (not probed) and PC/SC readers (through pcscd; PCSCLITE_CSOCK_NAME is
+    honoured), each with the --reader spec to use and whether it is usable. pcscd not running
+    is reported, not an error."""
+    from farebox.terminal.readers import pcsc_readers, pcscd_holds, tty_devices, usb_readers
 
     usb = usb_readers()
     pcsc = pcsc_readers(probe_cards=not skip_cards)
@@ -30,6 +31,14 @@ def readers(skip_cards: bool, as_json: bool) -> None:
             "kind": "nfcpy", "spec": device.id_path, "path": device.path,
             "name": device.product or device.driver, "driver": device.driver,
             "device": str(device.devnode), "usable": not problems, "problems": problems,
+            "card_present": None,
+        })
+    for tty in tty_devices():
+        entries.append({
+            "kind": "tty", "spec": tty.path, "path": tty.path, "name": tty.device.name,
+            "driver": "pn532 or arygon (not probed)", "device": str(tty.device),
+            "usable": tty.accessible,
+            "problems": [] if tty.accessible else [f"no read/write permission on {tty.device}"],
             "card_present": None,
         })
     for reader in pcsc.readers:

@@ -23,7 +23,7 @@ from farebox.terminal.dumps import DumpError, dump_from_reader, load_dump, to_ca
 from farebox.terminal.issue import IssueRequest, issue_card_file
 from farebox.terminal.keys import published_test_keys
 from farebox.terminal.operator import block_diffs, examine, field_diffs
-from farebox.terminal.readers import PcscReader, PcscStatus, Roots, usb_readers
+from farebox.terminal.readers import PcscReader, PcscStatus, Roots, tty_devices, usb_readers
 
 from .test_octopus import IDM, PMM, octopus_card, write_flipper, write_metrodroid
 
@@ -199,6 +199,17 @@ def test_usb_readers_found_by_id_with_their_problems(tmp_path):
     assert found[0].kernel_driver == "port100" and "kernel module port100" in found[0].problems[0]
     assert found[1].kernel_driver is None and found[1].accessible  # mode 0666
     assert found[1].problems == []
+
+
+def test_serial_ports_a_tty_reader_may_use(tmp_path):
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name in ("ttyUSB0", "ttyAMA0", "ttyS0", "tty1", "null"):
+        (dev / name).write_bytes(b"")
+    (dev / "serial0").symlink_to(dev / "ttyS0")  # a Pi's configured UART
+    found = tty_devices(roots(tmp_path))
+    assert [(t.device.name, t.path) for t in found] == [
+        ("ttyUSB0", "tty:USB0:pn532"), ("ttyAMA0", "tty:AMA0:pn532"), ("ttyS0", "tty:S0:pn532")]
 
 
 def _config(tmp_path: Path, **values) -> TerminalConfig:
