@@ -1,4 +1,6 @@
-"""``farebox card new`` and ``farebox card show``."""
+"""``farebox card new|show|dump|import|diff``: make a simulated card, look at a card (file or
+reader) slot by slot, read a presented card into a card file, turn a shared dump into one, and
+compare two. The work is in ``farebox.terminal`` (issue, operator, dumps)."""
 
 from __future__ import annotations
 
@@ -182,16 +184,17 @@ def import_dump(dump_file: Path, out: Path, force: bool, as_json: bool) -> None:
 @card.command("diff")
 @click.argument("card_a", metavar="A", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("card_b", metavar="B", type=click.Path(dir_okay=False, path_type=Path))
+@config_option
 @json_option
-def diff(card_a: Path, card_b: Path, as_json: bool) -> None:
-    """Field-level and block-level differences between two card files (exit 0 either way;
-    ``same`` says whether they differ)."""
-    from farebox.protocol.simcard import SimulatedLiteS
+def diff(card_a: Path, card_b: Path, config_file, as_json: bool) -> None:
+    """Field-level (decoded) and block-level (hex) differences between two card files, e.g. a
+    dump before and after a disputed tap (exit 0 either way; ``same`` says whether they
+    differ). Test keys unless --config names a key file."""
+    from farebox.protocol.simcard import CardFileError, SimulatedLiteS
     from farebox.protocol.transports.cardfile import load_card
-    from farebox.protocol.simcard import CardFileError
     from farebox.terminal.operator import block_diffs, examine, field_diffs
 
-    keys = published_test_keys()
+    keys = _keys(config_file) if config_file else published_test_keys()
     cards, decoded = [], []
     for path in (card_a, card_b):
         try:
