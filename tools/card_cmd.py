@@ -111,7 +111,11 @@ def _show(spec: str, keys, as_json: bool, timeout_s: float = 0.0, *,
     idm, blocks, source = _read_blocks(spec, timeout_s)
     report = examine(idm, blocks, keys)
     if report.image is None:
-        raise InputError(f"invalid card: {report.problem}")
+        slots = "; ".join(f"slot {s.slot} MAC {s.state}"
+                          + (f" counter {s.purse.counter}" if s.purse else "")
+                          for s in report.slots)
+        raise InputError(f"invalid card: {report.problem}"
+                         + (f" (identity MAC {report.identity_state}; {slots})" if slots else ""))
     image = report.image
     obj = output.card_json(image, test_key=keys.is_test_version(image.identity.key_version),
                            today=hk_date(now_utc()))

@@ -78,6 +78,20 @@ def test_a_torn_slot_shows_as_a_failing_mac(farebox):
     assert shown["current_slot_reason"] == "the only slot that verifies (slot 1 is fails)"
 
 
+def test_an_invalid_card_says_what_each_slot_holds_in_its_one_line(farebox):
+    card = farebox.card(balance="20.00")
+    farebox.tap(card, "--fare", "1.50", at=AT)
+    obj = json.loads(card.read_text())
+    for block in (2, 3, 4, 5):  # both slots' MACs broken
+        data = bytearray.fromhex(obj["blocks"][block])
+        data[15] ^= 0x01
+        obj["blocks"][block] = data.hex()
+    card.write_text(json.dumps(obj))
+    run = farebox("card", "show", card)
+    run.assert_bad_input()
+    assert "no valid purse" in run.err and "slot 0 MAC fails; slot 1 MAC fails" in run.err
+
+
 @pytest.mark.parametrize("argv", [["card", "show"], ["card", "show", "{card}", "--reader",
                                                      "udp:127.0.0.1:9"]])
 def test_card_show_needs_exactly_one_source(farebox, argv):
