@@ -18,7 +18,7 @@ from pathlib import Path
 from farebox.protocol.errors import FelicaError
 from farebox.protocol.frames import SYSTEM_CODE_WILDCARD
 
-from .config import TerminalConfig
+from .config import ConfigError, TerminalConfig, load_config
 from .identity import IDENTITY_FILE, IdentityError, load_identity
 from .journal import Journal, JournalError
 from .keys import KeyFileError, load_key_file
@@ -44,6 +44,22 @@ class DoctorOptions:
     roots: Roots = Roots()
     card_timeout_s: float = 2.0
     user: str | None = None  # for the fixes' text (default: $USER)
+
+
+def load_checked_config(config_file: Path | None, **flags) -> tuple[TerminalConfig, Finding]:
+    """The configuration, and a finding about it: a configuration that does not load is a
+    failed check (the other checks then run on the defaults and the flags)."""
+    try:
+        config = load_config(config_file).with_flags(**flags)
+    except ConfigError as error:
+        given = {name: value for name, value in flags.items() if value is not None}
+        return (TerminalConfig(**given),
+                Finding("config", FAIL, str(error), "fix the key named above "
+                        "(the README's Configuration section lists them)"))
+    from_file = sorted(name for name, source in config.sources.items() if source == "file")
+    where = (f"{len(from_file)} settings from the file ({', '.join(from_file)})" if from_file
+             else "no configuration file (defaults and flags)")
+    return config, Finding("config", OK, where)
 
 
 def run_checks(options: DoctorOptions, now: datetime,

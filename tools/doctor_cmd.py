@@ -7,7 +7,7 @@ import click
 from farebox.terminal.clock import now_utc
 
 from . import output
-from .common import config_option, json_option, settings, state_option
+from .common import config_option, json_option, state_option
 
 #: exit status when a check fails (0: none fails, warnings allowed; 2: bad input)
 EXIT_CHECK_FAILED = 3
@@ -21,14 +21,17 @@ EXIT_CHECK_FAILED = 3
 @config_option
 @json_option
 def doctor(reader, timeout_s, state_dir, config_file, as_json) -> None:
-    """Check USB permissions, kernel modules holding the reader, pcscd, the state directory,
-    the clock, the keys and (with --reader) a card in the field. Each check says ok, warn or
+    """Check the configuration, USB permissions, kernel modules holding the reader, pcscd, the
+    state directory, the clock, the keys and (with --reader, or the configured reader) a card
+    in the field. Each check says ok, warn or
     fail, what it found and the fix to type. Exit 3 when a check fails, else 0."""
-    from farebox.terminal.doctor import FAIL, DoctorOptions, run_checks, worst
+    from farebox.terminal.doctor import (
+        FAIL, DoctorOptions, load_checked_config, run_checks, worst,
+    )
 
-    config = settings(config_file, state_dir=state_dir)
-    findings = run_checks(DoctorOptions(config, reader=reader, card_timeout_s=timeout_s),
-                          now_utc())
+    config, config_finding = load_checked_config(config_file, state_dir=state_dir, reader=reader)
+    findings = [config_finding] + run_checks(
+        DoctorOptions(config, reader=config.reader, card_timeout_s=timeout_s), now_utc())
     overall = worst(findings)
     obj = {"status": overall,
            "checks": [{"check": f.check, "status": f.status, "found": f.found, "fix": f.fix}

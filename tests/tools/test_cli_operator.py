@@ -358,6 +358,22 @@ def test_doctor_exit_status_follows_its_worst_finding(farebox, tmp_path):
     assert all(c["fix"] for c in obj["checks"] if c["status"] == "fail")
 
 
+def test_doctor_uses_the_configured_reader_and_reports_a_broken_configuration(farebox, tmp_path):
+    card = farebox.card()
+    config = tmp_path / "terminal.toml"
+    config.write_text(f'[terminal]\nreader = "sim:{card}"\nkeys = "test"\n')
+    run = farebox("doctor", "--config", config, "--state", farebox.state, "--json")
+    checks = {c["check"]: c for c in json.loads(run.out)["checks"]}
+    assert checks["config"]["status"] == "ok" and "reader" in checks["config"]["found"]
+    assert checks["card in field"]["status"] == "ok"
+    config.write_text('[terminal]\nretap_window_s = "soon"\n')
+    run = farebox("doctor", "--config", config, "--state", farebox.state, "--json")
+    checks = {c["check"]: c for c in json.loads(run.out)["checks"]}
+    assert checks["config"]["status"] == "fail" and "retap_window_s" in checks["config"]["found"]
+    assert checks["state dir"]["status"] == "ok"  # the other checks still ran
+    assert run.code == 3
+
+
 def test_doctor_fails_when_the_clock_went_back_behind_the_journal(farebox):
     card = farebox.card(balance="20.00")
     tomorrow = (datetime.now(timezone.utc) + timedelta(days=2)).isoformat()
