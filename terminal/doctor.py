@@ -215,7 +215,7 @@ def _keys(config: TerminalConfig) -> list[Finding]:
 def _card_in_field(options: DoctorOptions) -> Finding:
     try:
         spec = ReaderSpec.parse(options.reader)
-        reader = open_transport(spec, writable=False)
+        reader = open_transport(spec, writable=False, pcsc_mode=options.config.pcsc_mode)
     except RuntimeSetupError as error:
         return Finding("reader", FAIL, str(error), "farebox readers (lists what is usable)")
     try:
