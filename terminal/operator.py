@@ -158,16 +158,42 @@ def block_diffs(a: list[bytes], b: list[bytes]) -> list[BlockDiff]:
             for n in range(min(len(a), len(b))) if a[n] != b[n]]
 
 
-def field_diffs(a: dict, b: dict, prefix: str = "") -> list[FieldDiff]:
-    """Leaf-by-leaf differences between two decoded cards (``card show --json`` objects)."""
+_LIST_KEYS = ("slot", "block", "counter")  # what identifies an item of a list in a card report
+
+
+def _keyed(items: list) -> dict | None:
+    """A list of objects as {key: item} by the first field every item has (history entries by
+    counter, slots by slot, log blocks by block), or None."""
+    for key in _LIST_KEYS:
+        if items and all(isinstance(i, dict) and key in i for i in items):
+            return {f"{key} {i[key]}": i for i in items}
+    return None
+
+
+def field_diffs(a: object, b: object, prefix: str = "") -> list[FieldDiff]:
+    """Leaf-by-leaf differences between two decoded cards (``card show --json`` objects):
+    nested objects by key, lists of entries by their counter/slot/block (``history[counter
+    3].amount``)."""
+    if isinstance(a, list) and isinstance(b, list):
+        keyed_a, keyed_b = _keyed(a), _keyed(b)
+        if keyed_a is not None and keyed_b is not None:
+            a, b = keyed_a, keyed_b
+            return _dict_diffs(a, b, prefix, lambda key: f"{prefix.rstrip('.')}[{key}].")
+    if isinstance(a, dict) and isinstance(b, dict):
+        return _dict_diffs(a, b, prefix, lambda key: f"{prefix}{key}.")
+    return [] if a == b else [FieldDiff(prefix.rstrip("."), a, b)]
+
+
+def _dict_diffs(a: dict, b: dict, prefix: str, child) -> list[FieldDiff]:
     diffs: list[FieldDiff] = []
     for key in list(a) + [k for k in b if k not in a]:
-        name = f"{prefix}{key}"
         left, right = a.get(key), b.get(key)
-        if isinstance(left, dict) and isinstance(right, dict):
-            diffs += field_diffs(left, right, name + ".")
-        elif left != right:
-            diffs.append(FieldDiff(name, left, right))
+        if left is None or right is None or type(left) is not type(right) \
+                or not isinstance(left, (dict, list)):
+            if left != right:
+                diffs.append(FieldDiff(child(key).rstrip("."), left, right))
+        else:
+            diffs += field_diffs(left, right, child(key))
     return diffs
 
 

@@ -26,12 +26,15 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[obj
           right: Sequence[str] = ()):
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
-    result = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False)
+    # Cells are Text, never markup: "[0a]" in a hex dump must print as it is.
+    result = Table(title=None if title is None else Text(title), box=box.SIMPLE_HEAD,
+                   title_justify="left", show_edge=False)
     for column in columns:
-        result.add_column(column, justify="right" if column in right else "left")
+        result.add_column(Text(column), justify="right" if column in right else "left")
     for row in rows:
-        result.add_row(*("" if cell is None else str(cell) for cell in row))
+        result.add_row(*(Text("" if cell is None else str(cell)) for cell in row))
     return result
 
 

@@ -161,6 +161,14 @@ def test_field_diffs_walk_nested_objects():
     assert [(d.field, d.a, d.b) for d in field_diffs(a, b)] == [
         ("balance", "1.00", "2.00"), ("aavs.enabled", False, True), ("x", [1], None),
         ("y", None, 3)]
+    history_a = {"history": [{"counter": 2, "amount": "1.00"}, {"counter": 1, "amount": "5.00"}],
+                 "slots": [{"slot": 0, "counter": 1}, {"slot": 1, "counter": 2}]}
+    history_b = {"history": [{"counter": 3, "amount": "2.00"}, {"counter": 2, "amount": "1.00"},
+                             {"counter": 1, "amount": "5.00"}],
+                 "slots": [{"slot": 0, "counter": 3}, {"slot": 1, "counter": 2}]}
+    assert [(d.field, d.a, d.b) for d in field_diffs(history_a, history_b)] == [
+        ("history[counter 3]", None, {"counter": 3, "amount": "2.00"}),
+        ("slots[slot 0].counter", 1, 3)]
 
 
 # ---- readers and doctor over fake trees (a mock of the hardware, see the module doc) -------

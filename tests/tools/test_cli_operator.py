@@ -6,6 +6,7 @@ serve``) and ``readers`` against a real pcscd with vpcd (``farebox sim pcscd``).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from datetime import datetime, timedelta, timezone
 
@@ -115,8 +116,11 @@ def test_card_diff_before_and_after_a_tap(farebox, tmp_path):
     assert fields["purse_slot"] == (0, 1) and fields["payment_count"] == (0, 1)
     assert [(b["block"], b["area"]) for b in diff["blocks"]] == [
         (4, "purse slot 1"), (5, "purse slot 1"), (8, "log 2")]
+    assert {"field": "slots[slot 1].counter", "a": None, "b": 2} in diff["fields"]
     human = farebox("card", "diff", before, card)
     assert human.code == 0 and "balance" in human.out and "purse slot 1" in human.out
+    changed = re.findall(r"\[([0-9a-f]{2})\]", human.out)  # changed bytes, printed literally
+    assert len(changed) >= 2 * len(diff["blocks"][0]["bytes"])
 
 
 def test_card_diff_refuses_a_felica_standard_card(farebox, tmp_path):
