@@ -123,7 +123,8 @@ def reading(block: bytes, scanned_at: datetime, source: str, *, forced_offset: i
 
 
 def read_from_reader(reader: Reader, now: datetime, *, timeout_s: float,
-                     forced_offset: int | None = None) -> OctopusReading:
+                     forced_offset: int | None = None,
+                     source: str = SCAN_TIME_READ_NOW) -> OctopusReading:
     """Poll system 0x8008 directly (older cards may not answer Request System Code) and read
     service 0x0117 block 0 with Read Without Encryption. Raises OctopusError when no Octopus
     card answers, FelicaError when it stops answering."""
@@ -140,5 +141,5 @@ def read_from_reader(reader: Reader, now: datetime, *, timeout_s: float,
         shenzhen = session.read(SERVICE_SHENZHEN_TONG_BALANCE, [0])[0]
     except FelicaError:
         pass
-    return reading(block, now, SCAN_TIME_READ_NOW, forced_offset=forced_offset, idm=found.idm,
+    return reading(block, now, source, forced_offset=forced_offset, idm=found.idm,
                    shenzhen_block=shenzhen)

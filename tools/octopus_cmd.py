@@ -45,8 +45,9 @@ def balance(dump_file: Path | None, reader: str | None, at, forced_offset, timeo
         if reader is not None:
             device = open_reader(reader, writable=False)
             try:
-                result = octo.read_from_reader(device, at or now_utc(), timeout_s=timeout_s,
-                                               forced_offset=forced_offset)
+                result = octo.read_from_reader(
+                    device, at or now_utc(), timeout_s=timeout_s, forced_offset=forced_offset,
+                    source=octo.SCAN_TIME_READ_NOW if at is None else octo.SCAN_TIME_FROM_FLAG)
             except FelicaError as error:
                 raise InputError(f"the card stopped answering ({error}); hold it still and "
                                  "retry") from None

@@ -208,7 +208,7 @@ def test_an_imported_octopus_dump_served_over_udp_reads_the_same(farebox, tmp_pa
     read = farebox.script("octopus", "balance", "--reader", server.address, "--at", at, "--json")
     assert read.code == 0, read.err
     result = json.loads(read.out)
-    assert result["balance"] == "-14.40" and result["scan_time_source"] == "read now"
+    assert result["balance"] == "-14.40" and result["scan_time_source"] == "--at"
     assert result["idm"] == "0110f3c2a5b6c7d8"
     dumped = farebox.script("card", "dump", "--reader", server.address, "--out",
                             tmp_path / "redump.json", "--json")
