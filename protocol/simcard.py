@@ -313,7 +313,9 @@ class SimulatedFelicaStandard:
     transports (``idm``, ``pmm``, ``system_code``, ``respond``, ``in_field``, ``faults``)."""
 
     def __init__(self, systems: list[SimulatedSystem], pmm: bytes = DEFAULT_PMM,
-                 faults: Faults | None = None) -> None:
+                 faults: Faults | None = None, *, answers_discovery: bool = True) -> None:
+        """``answers_discovery=False``: an older card that stays silent to Request System Code
+        and Search Service Code (it must be polled by system code, its services known)."""
         if not 1 <= len(systems) <= MAX_SYSTEMS:
             raise ValueError(f"1 to {MAX_SYSTEMS} systems, got {len(systems)}")
         _check_size("pmm", pmm, PMM_SIZE)
@@ -335,6 +337,7 @@ class SimulatedFelicaStandard:
                     _check_size(f"a block of service {code:04x}", block, BLOCK_SIZE)
         self.systems = list(systems)
         self.pmm = bytes(pmm)
+        self.answers_discovery = answers_discovery
         self.in_field = True
         self.commands_handled = 0
         self.on_write = None  # never called: nothing is ever written
@@ -394,6 +397,9 @@ class SimulatedFelicaStandard:
                 versions = tuple(0 if self._has_node(system, code) else 0xFFFF
                                  for code in command.node_codes)
                 answer = RequestServiceResponse(command.idm, versions).to_frame()
+            elif isinstance(command, (RequestSystemCode, SearchServiceCode)) \
+                    and not self.answers_discovery:
+                answer = None
             elif isinstance(command, RequestSystemCode):
                 answer = RequestSystemCodeResponse(
                     command.idm, tuple(s.system_code for s in self.systems)).to_frame()

@@ -45,6 +45,9 @@ MAX_DUMP_BYTES = 4 << 20  # a Flipper dump of a large FeliCa Standard card is a 
 MAX_NODES_SEARCHED = 1024
 #: probed with Request Service when a card does not answer Search Service Code
 WELL_KNOWN_SERVICES = (0x0117, 0x0118, 0x100B, 0x008B, 0x090F, 0x000B, 0x0009)
+#: polled one by one when a card does not answer Request System Code (older Octopus cards):
+#: Octopus, Shenzhen Tong, the common area (Suica etc.), FeliCa Networks' common system
+WELL_KNOWN_SYSTEMS = (0x8008, 0x8005, 0x0003, 0xFE00)
 
 FORMAT_CARD_FILE = "farebox card file"
 FORMAT_FLIPPER = "Flipper Zero .nfc"
@@ -448,8 +451,12 @@ def dump_from_reader(reader: Reader, now: datetime, *, timeout_s: float) -> Feli
                                            {SERVICE_LITE_S_RO: dict(enumerate(blocks))}))
             return dump
         if not system_codes:
-            raise DumpError("the card answers neither Request System Code nor a Lite-S Polling: "
-                            "nothing to dump")
+            system_codes = tuple(code for code in WELL_KNOWN_SYSTEMS if _answers(session, code))
+            if not system_codes:
+                raise DumpError("the card answers neither Request System Code nor a Polling "
+                                "for a Lite-S or a well-known system: nothing to dump")
+            dump.notes.append("systems found by polling well-known system codes: "
+                              + ", ".join(f"{code:04X}" for code in system_codes))
     for code in system_codes[:MAX_SYSTEMS]:
         answer = session.poll(code)
         system = DumpSystem(code, answer.idm)
@@ -460,6 +467,14 @@ def dump_from_reader(reader: Reader, now: datetime, *, timeout_s: float) -> Feli
                     system.services[service] = blocks
         dump.systems.append(system)
     return dump
+
+
+def _answers(session: FelicaSession, system_code: int) -> bool:
+    try:
+        session.poll(system_code)
+    except TransportTimeout:
+        return False
+    return True
 
 
 def _services(session: FelicaSession, dump: FelicaDump) -> list[int]:

@@ -192,6 +192,14 @@ def test_vectors_read_from_a_simulated_card(source, block_hex, scanned_at, cents
     assert result.shenzhen_tong_cents is None
 
 
+def test_an_older_card_that_ignores_request_system_code_is_read():
+    card = octopus_card("00000152" + "00" * 12)
+    card.answers_discovery = False  # polled for 0x8008 directly, as the decoders advise
+    result = octopus.read_from_reader(InProcessTransport(card),
+                                      datetime(2016, 1, 1, tzinfo=UTC), timeout_s=0.1)
+    assert result.balance_cents == -120
+
+
 def test_a_dual_card_also_gives_its_shenzhen_tong_purse():
     transport = InProcessTransport(octopus_card("00000164" + "00" * 12, dual=True))
     result = octopus.read_from_reader(transport, datetime(2026, 1, 1, tzinfo=UTC), timeout_s=0.1)

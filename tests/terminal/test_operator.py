@@ -86,6 +86,19 @@ def test_an_octopus_dump_becomes_a_servable_read_only_card(tmp_path):
     assert again.block(0x8008, 0x100B, 0) == bytes(16)
 
 
+def test_an_older_card_without_discovery_commands_is_still_dumped():
+    """Older Octopus cards answer neither Request System Code nor Search Service Code: the
+    dump polls well-known system codes and probes well-known services with Request Service."""
+    card = octopus_card("00000164" + "00" * 12)
+    card.answers_discovery = False
+    dumped = dump_from_reader(InProcessTransport(card), NOW, timeout_s=0.1)
+    assert [s.system_code for s in dumped.systems] == [0x8008]
+    assert dumped.block(0x8008, 0x0117, 0) == bytes.fromhex("00000164" + "00" * 12)
+    assert dumped.block(0x8008, 0x100B, 0) == bytes(16)
+    assert any("polling well-known system codes" in note for note in dumped.notes)
+    assert any("Search Service Code" in note for note in dumped.notes)
+
+
 def test_a_gap_in_a_services_blocks_is_noted(tmp_path):
     path = tmp_path / "gap.json"
     path.write_text('{"tagId": "%s", "felica": {"systems": {"32776": {"services": {"279": '
