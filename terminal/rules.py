@@ -68,6 +68,25 @@ class RecordType(Enum):
     BLOCK = "block"
     SUSPEND = "suspend"
     CANCEL = "cancel"
+    # the service terminal (RULES §6, §8; terminal/service.py): amounts are what moved or was
+    # charged, balance_after the card's balance
+    DEPOSIT = "deposit"  # collected at issue
+    INITIAL_VALUE = "initial_value"  # loaded at issue
+    ADMIN_FEE = "admin_fee"  # Personalised card issue
+    DEPOSIT_REFUND = "deposit_refund"  # a return: the deposit given back ...
+    HANDLING_FEE = "handling_fee"  # ... less the fees
+    DAMAGE_FEE = "damage_fee"
+    PERSONALISATION_FEE = "personalisation_fee"
+    NEGATIVE_OFFSET = "negative_offset"  # a negative value set off against the deposit
+    REFUND = "refund"  # the cash paid out
+    WAIVED = "waived"  # a fee due that was not collected (the refund or balance stops at 0)
+    INACTIVITY_FEE = "inactivity_fee"  # deducted from the card at reactivation
+    AAVS_REACTIVATION_FEE = "aavs_reactivation_fee"  # charged to the bank account, not the card
+    REACTIVATE = "reactivate"
+    AAVS_ENABLE = "aavs_enable"
+    AAVS_CANCEL = "aavs_cancel"
+    STUDENT_RENEWAL = "student_renewal"
+    LIMIT_UPGRADE = "limit_upgrade"
 
 
 class ListReason(Enum):
