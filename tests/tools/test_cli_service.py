@@ -1,0 +1,304 @@
+"""``farebox service`` (RULES.md §6, §8) through the CLI: the boundaries of every fee, bad input
+(exit 2, one line, nothing changed), a torn return, and one return over nfcpy's UDP link.
+
+Expected amounts are literals worked out from the seeds. Times with ``Z`` put the Hong Kong date
+on the next day where a rule counts days (``2020-09-30T16:00:00Z`` is 2020-10-01 in Hong Kong)."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import pytest
+
+from farebox.terminal.journal import Journal
+from farebox.terminal.writestate import WriteState
+
+RETURN_KEYS = {"card", "refund", "deposit", "remaining_value", "handling_fee", "damage_fee",
+               "personalisation_fee", "negative_offset", "waived", "records", "status"}
+ISSUE_KEYS = {"card", "deposit", "initial_value", "fee", "collected"}
+
+
+def at(day: date, time: str = "10:00:00") -> str:
+    return f"{day.isoformat()}T{time}+08:00"
+
+
+def returned(farebox, *cards, when: str, damaged: bool = False) -> dict:
+    argv = ["service", "return", *cards, "--at", when, "--state", farebox.state, "--json"]
+    if damaged:
+        argv.append("--damaged")
+    return farebox(*argv).json()
+
+
+def one_return(farebox, card, when: str, **options) -> dict:
+    result = returned(farebox, card, when=when, **options)
+    [only] = result["cards"]
+    assert RETURN_KEYS <= set(only)
+    assert result["refund"] == only["refund"]
+    return only
+
+
+def journal_records(farebox):
+    with Journal(farebox.state / "journal.sqlite3") as journal:
+        return journal.records()
+
+
+# ---- issue ----------------------------------------------------------------------------------
+
+def test_issue_writes_cards_and_says_what_to_collect(farebox):
+    a, b = farebox.path("a.json"), farebox.path("p.json")
+    run = farebox("service", "issue", a, "--category", "adult", "--at", at(date(2026, 1, 15)),
+                  "--state", farebox.state, "--json")
+    [adult] = run.json()["cards"]
+    assert ISSUE_KEYS <= set(adult)
+    assert (adult["deposit"], adult["initial_value"], adult["fee"], adult["collected"]) == (
+        "50.00", "150.00", "0.00", "200.00")
+    shown = farebox.show(a)
+    assert (shown["balance"], shown["issued"], shown["number"]) == ("150.00", "2026-01-15",
+                                                                    adult["card"])
+    run = farebox("service", "issue", b, "--category", "personalised", "--concession", "student",
+                  "--concession-expiry", "2027-08-31", "--at", at(date(2026, 1, 15), "10:05:00"),
+                  "--state", farebox.state, "--json")
+    [personal] = run.json()["cards"]
+    assert (personal["initial_value"], personal["fee"], personal["collected"]) == (
+        "130.00", "20.00", "200.00")
+    assert farebox.show(b)["concession"] == "student"
+    types = [(r.type.value, r.amount_cents, r.write_state) for r in journal_records(farebox)]
+    assert types == [("deposit", 5000, WriteState.COMMITTED),
+                     ("initial_value", 15000, WriteState.COMMITTED),
+                     ("deposit", 5000, WriteState.COMMITTED),
+                     ("initial_value", 13000, WriteState.COMMITTED),
+                     ("admin_fee", 2000, WriteState.COMMITTED)]
+
+
+def test_five_cards_in_one_issue_but_never_six(farebox):
+    five = [farebox.path(f"c{n}.json") for n in range(5)]
+    result = farebox("service", "issue", *five, "--category", "child", "--at",
+                     at(date(2026, 1, 15)), "--state", farebox.state, "--json").json()
+    assert len(result["cards"]) == 5 and result["collected"] == "500.00"
+    six = [farebox.path(f"d{n}.json") for n in range(6)]
+    farebox("service", "issue", *six, "--category", "child", "--at", at(date(2026, 1, 15)),
+            "--state", farebox.state, "--json").assert_bad_input()
+    assert not any(p.exists() for p in six)
+    assert len(journal_records(farebox)) == 10
+
+
+@pytest.mark.parametrize("argv", [
+    ["--category", "adult", "--concession", "student", "--concession-expiry", "2027-01-01"],
+    ["--category", "adult", "--aavs", "300"],
+    ["--category", "nobody"],
+    ["--category", "adult", "--reader", "udp:127.0.0.1:9"],
+])
+def test_issue_refuses_bad_requests_writing_nothing(farebox, argv):
+    card = farebox.path("x.json")
+    farebox("service", "issue", card, *argv, "--at", at(date(2026, 1, 15)), "--state",
+            farebox.state).assert_bad_input()
+    assert not card.exists()
+
+
+# ---- return: boundaries ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("balance, handling, refund", [
+    ("1000.00", "0.00", "1050.00"), ("1000.01", "11.00", "1039.01"),
+    ("1150.50", "11.51", "1188.99"),  # 1 % = 11.505 -> 11.51, halves up
+])
+def test_return_value_over_1000(farebox, balance, handling, refund):
+    # issued 2020-01-01 (HK$3,000 limit), returned 2020-06-01: over 90 days, before the
+    # payments criterion began (2020-10-01): only the value counts
+    card = farebox.card(issued="2020-01-01", balance=balance)
+    result = one_return(farebox, card, at(date(2020, 6, 1)))
+    assert (result["handling_fee"], result["refund"], result["deposit"],
+            result["remaining_value"]) == (handling, refund, "50.00", balance)
+
+
+@pytest.mark.parametrize("days, handling, refund", [(89, "11.00", "189.00"),
+                                                    (90, "11.00", "189.00"),
+                                                    (91, "0.00", "200.00")])
+def test_return_within_90_days(farebox, days, handling, refund):
+    card = farebox.card(issued="2020-01-01")
+    result = one_return(farebox, card, at(date(2020, 1, 1) + timedelta(days=days)))
+    assert (result["handling_fee"], result["refund"]) == (handling, refund)
+
+
+@pytest.mark.parametrize("payments, handling, refund", [(5, "11.00", "184.00"),
+                                                        (6, "0.00", "194.00")])
+def test_return_five_or_six_payments(farebox, payments, handling, refund):
+    card = farebox.card(issued="2026-01-15")
+    for n in range(payments):
+        farebox.tap(card, "--fare", "1.00", at=at(date(2026, 2, 1) + timedelta(days=n))).json()
+    result = one_return(farebox, card, at(date(2026, 6, 1)))
+    assert result["remaining_value"] == f"{150 - payments}.00"
+    assert (result["handling_fee"], result["refund"]) == (handling, refund)
+
+
+@pytest.mark.parametrize("when, handling", [("2020-09-30T15:59:59Z", "0.00"),  # 23:59:59 HKT
+                                            ("2020-09-30T16:00:00Z", "11.00")])  # 10-01 HKT
+def test_return_payments_criterion_from_2020_10_01(farebox, when, handling):
+    card = farebox.card(issued="2020-01-01")  # no payments at all
+    assert one_return(farebox, card, when)["handling_fee"] == handling
+
+
+@pytest.mark.parametrize("issued, fee, refund", [("2004-10-31", "0.00", "180.00"),
+                                                 ("2004-11-01", "10.00", "170.00")])
+def test_return_personalisation_fee(farebox, issued, fee, refund):
+    card = farebox.card(issued=issued, category="personalised")
+    result = one_return(farebox, card, at(date(2026, 6, 1)))
+    assert (result["personalisation_fee"], result["handling_fee"], result["refund"]) == (
+        fee, "0.00", refund)
+
+
+def test_return_damaged(farebox):
+    card = farebox.card(issued="2020-01-01")
+    result = one_return(farebox, card, at(date(2020, 6, 1)), damaged=True)
+    assert (result["damage_fee"], result["refund"]) == ("30.00", "170.00")
+
+
+@pytest.mark.parametrize("balance, refund, offset, waived, damaged", [
+    ("-35.00", "15.00", "35.00", "0.00", False),
+    ("-50.00", "0.00", "50.00", "0.00", False),
+    ("-35.00", "0.00", "35.00", "15.00", True),  # 50 - 35 - 30 = -15: waived
+])
+def test_return_negative_value(farebox, balance, refund, offset, waived, damaged):
+    card = farebox.card(issued="2020-01-01", balance=balance)
+    result = one_return(farebox, card, at(date(2020, 6, 1)), damaged=damaged)
+    assert (result["refund"], result["negative_offset"], result["waived"]) == (
+        refund, offset, waived)
+
+
+def test_a_returned_card_is_cancelled_and_cannot_be_returned_or_used_again(farebox):
+    card = farebox.card(issued="2020-01-01")
+    one_return(farebox, card, at(date(2020, 6, 1)))
+    shown = farebox.show(card)
+    assert (shown["status"], shown["balance"]) == ("cancelled", "0.00")
+    assert shown["history"][0]["operation"] == "return"
+    before = card.read_bytes()
+    farebox("service", "return", card, "--at", at(date(2020, 6, 2)), "--state",
+            farebox.state).assert_bad_input()
+    assert card.read_bytes() == before
+    declined = farebox.tap(card, "--fare", "1.00", at=at(date(2020, 6, 3))).json()
+    assert declined["reason"] == "cancelled"
+
+
+def test_return_is_all_or_nothing_and_at_most_five(farebox):
+    good = farebox.card("good.json", issued="2020-01-01")
+    sold = farebox.card("sold.json", issued="2020-01-01", kind="sold")
+    mobile = farebox.card("mobile.json", issued="2020-01-01", kind="mobile")
+    before = good.read_bytes()
+    for other in (sold, mobile):
+        farebox("service", "return", good, other, "--at", at(date(2020, 6, 1)), "--state",
+                farebox.state).assert_bad_input()
+    assert good.read_bytes() == before
+    six = [farebox.card(f"c{n}.json", issued="2020-01-01") for n in range(6)]
+    images = [p.read_bytes() for p in six]
+    farebox("service", "return", *six, "--at", at(date(2020, 6, 1)), "--state",
+            farebox.state).assert_bad_input()
+    assert [p.read_bytes() for p in six] == images
+    result = returned(farebox, *six[:5], when=at(date(2020, 6, 1)))
+    assert len(result["cards"]) == 5 and result["refund"] == f"{5 * 200}.00"
+
+
+def test_a_return_dated_before_the_issue_is_refused(farebox):
+    card = farebox.card(issued="2026-01-15")
+    farebox("service", "return", card, "--at", "2026-01-14T15:59:59Z", "--state",
+            farebox.state).assert_bad_input()
+    assert farebox.show(card)["status"] == "active"
+
+
+def test_a_torn_return_is_completed_on_the_next_attempt_never_refunded_twice(farebox):
+    card = farebox.card(issued="2020-01-01")
+    torn = farebox("service", "return", card, "--torn-write", "2", "--at",
+                   at(date(2020, 6, 1)), "--state", farebox.state, "--json")
+    assert torn.code == 1 and "again" in torn.err
+    result = one_return(farebox, card, at(date(2020, 6, 1), "10:00:20"))
+    assert result["refund"] == "200.00"
+    refunds = [r for r in journal_records(farebox)
+               if r.type.value == "refund" and r.write_state is WriteState.COMMITTED]
+    assert [r.amount_cents for r in refunds] == [20000]
+    assert farebox.show(card)["status"] == "cancelled"
+
+
+# ---- reactivate, inactivity fee, AAVS, student status, limit --------------------------------
+
+def test_inactivity_fee_and_reactivation(farebox):
+    card = farebox.card(issued="2018-01-01")  # last add value = issue day, HK$150.00
+    fee = farebox("service", "inactivity-fee", card, "--at", at(date(2023, 6, 1)), "--json").json()
+    assert fee["periods"] == [{"start": "2021-01-01", "fee": "15.00"},
+                              {"start": "2022-01-01", "fee": "15.00"},
+                              {"start": "2023-01-01", "fee": "15.00"}]
+    assert (fee["due"], fee["exempt"], fee["inactive"]) == ("45.00", None, True)
+    declined = farebox.tap(card, "--fare", "1.00", at=at(date(2023, 6, 1))).json()
+    assert declined["reason"] == "inactive"
+    result = farebox("service", "reactivate", card, "--at", at(date(2023, 6, 1), "11:00:00"),
+                     "--state", farebox.state, "--json").json()
+    assert (result["inactivity_fee"], result["waived"], result["balance_after"]) == (
+        "45.00", "0.00", "105.00")
+    approved = farebox.tap(card, "--fare", "1.00", at=at(date(2023, 6, 1), "12:00:00")).json()
+    assert approved["outcome"] == "approved" and approved["balance_after"] == "104.00"
+    farebox("service", "reactivate", card, "--at", at(date(2023, 6, 2)), "--state",
+            farebox.state).assert_bad_input()  # active: nothing to reactivate
+
+
+def test_reactivation_waives_fees_beyond_the_balance(farebox):
+    card = farebox.card(issued="2018-01-01", balance="20.00")
+    result = farebox("service", "reactivate", card, "--at", at(date(2023, 6, 1)), "--state",
+                     farebox.state, "--json").json()
+    assert (result["inactivity_fee"], result["waived"], result["balance_after"]) == (
+        "20.00", "25.00", "0.00")
+
+
+@pytest.mark.parametrize("options, exempt", [({"category": "child"}, "child_card"),
+                                             ({"category": "personalised"}, "personalised"),
+                                             ({"issued": "2017-09-30"}, "issued_before_2017_10_01")])
+def test_cards_exempt_from_the_inactivity_fee(farebox, options, exempt):
+    options = {"issued": "2018-01-01", **options}
+    card = farebox.card(**options)
+    fee = farebox("service", "inactivity-fee", card, "--at", at(date(2025, 1, 1)), "--json").json()
+    assert (fee["exempt"], fee["due"], fee["periods"]) == (exempt, "0.00", [])
+
+
+def test_aavs_enable_cancel_and_re_enable(farebox):
+    card = farebox.card(issued="2026-01-15")
+
+    def aavs(*argv, minute):
+        return farebox("service", "aavs", card, *argv, "--at",
+                       at(date(2026, 2, 1), f"10:{minute:02d}:00"), "--state", farebox.state,
+                       "--json")
+
+    assert aavs("--amount", "250", minute=0).json()["fee"] == "0.00"
+    assert farebox.show(card)["aavs"]["amount"] == "250.00"
+    assert aavs("--cancel", minute=1).json()["aavs"] is None
+    assert farebox.show(card)["aavs"]["enabled"] is False
+    again = aavs("--amount", "500", minute=2).json()
+    assert (again["fee"], again["fee_charged_to"], again["balance_after"]) == (
+        "20.00", "bank_account", "150.00")
+    before = card.read_bytes()
+    for argv in (("--amount", "300"), ("--amount", "500", "--cancel"), ()):
+        aavs(*argv, minute=3).assert_bad_input()
+    assert card.read_bytes() == before
+
+
+def test_renew_student_and_upgrade_limit(farebox):
+    student = farebox.card("s.json", issued="2026-01-15", category="personalised",
+                           concession="student", concession_expiry="2026-08-31")
+    result = farebox("service", "renew-student", student, "--expiry", "2027-08-31", "--at",
+                     at(date(2026, 8, 1)), "--state", farebox.state, "--json").json()
+    assert result["concession_expiry"] == "2027-08-31"
+    assert farebox.show(student)["concession_expiry"] == "2027-08-31"
+    farebox("service", "renew-student", student, "--expiry", "2026-07-01", "--at",
+            at(date(2026, 8, 1), "10:01:00"), "--state", farebox.state).assert_bad_input()
+    old = farebox.card("old.json", issued="2019-11-30")
+    assert farebox.show(old)["stored_value_limit"] == "1000.00"
+    farebox("service", "upgrade-limit", old, "--at", at(date(2026, 8, 1), "10:02:00"),
+            "--state", farebox.state, "--json").json()
+    assert farebox.show(old)["stored_value_limit"] == "3000.00"
+    farebox("service", "upgrade-limit", old, "--at", at(date(2026, 8, 1), "10:03:00"),
+            "--state", farebox.state).assert_bad_input()
+
+
+@pytest.mark.parametrize("command", [["reactivate"], ["aavs", "--amount", "150"],
+                                     ["upgrade-limit"], ["inactivity-fee"], ["return"]])
+def test_a_card_or_a_reader_but_not_both_and_not_neither(farebox, command):
+    card = farebox.card(issued="2026-01-15")
+    state = [] if command == ["inactivity-fee"] else ["--state", farebox.state]
+    farebox("service", *command, "--at", at(date(2026, 2, 1)), *state).assert_bad_input()
+    farebox("service", *command, card, "--reader", "udp:127.0.0.1:9", "--at",
+            at(date(2026, 2, 1)), *state).assert_bad_input()
