@@ -13,6 +13,8 @@ import pytest
 from farebox.terminal.journal import Journal
 from farebox.terminal.writestate import WriteState
 
+from .test_e2e_udp import served  # noqa: F401  (the fixture: `farebox sim serve` over UDP)
+
 RETURN_KEYS = {"card", "refund", "deposit", "remaining_value", "handling_fee", "damage_fee",
                "personalisation_fee", "negative_offset", "waived", "records", "status"}
 ISSUE_KEYS = {"card", "deposit", "initial_value", "fee", "collected"}
@@ -302,3 +304,32 @@ def test_a_card_or_a_reader_but_not_both_and_not_neither(farebox, command):
     farebox("service", *command, "--at", at(date(2026, 2, 1)), *state).assert_bad_input()
     farebox("service", *command, card, "--reader", "udp:127.0.0.1:9", "--at",
             at(date(2026, 2, 1)), *state).assert_bad_input()
+
+
+# ---- over a real stack: nfcpy's UDP link ----------------------------------------------------
+
+def test_service_operations_over_nfcpy_udp(farebox, served):
+    """``farebox sim serve`` presents the card over nfcpy's UDP driver, once per command (a
+    hand holding it to the reader for 3 s); the service commands (the installed console script)
+    take it with ``--reader udp:127.0.0.1:PORT``."""
+    card = farebox.card(issued="2018-01-01")
+
+    def present(*argv):
+        server = served(card, "--taps", 1, "--dwell-ms", 3000)
+        run = farebox.script("service", *argv, "--reader", server.address, "--json", timeout=60)
+        assert len(server.finish()) == 1
+        return run.json()
+
+    fee = present("inactivity-fee", "--at", at(date(2023, 6, 1)))
+    assert fee["due"] == "45.00"
+    reactivated = present("reactivate", "--at", at(date(2023, 6, 1), "10:01:00"),
+                          "--state", farebox.state)
+    assert (reactivated["inactivity_fee"], reactivated["balance_after"]) == ("45.00", "105.00")
+    result = present("return", "--at", at(date(2023, 6, 1), "10:02:00"), "--state",
+                     farebox.state)
+    [only] = result["cards"]
+    # 50 + 105 - 11 (no payments since issue)
+    assert (only["remaining_value"], only["handling_fee"], only["refund"]) == (
+        "105.00", "11.00", "144.00")
+    shown = farebox.show(card)  # the card file is what the card said over the link
+    assert (shown["status"], shown["balance"]) == ("cancelled", "0.00")
