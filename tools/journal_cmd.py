@@ -83,7 +83,7 @@ def _human(obj: dict) -> str:
              f"{obj['in_doubt']} in doubt"]
     for r in obj["records"]:
         flag = "" if r["clock_trusted"] else "  [clock untrusted]"
-        lines.append(f"  #{r['seq']:<6} {r['at']}  {r['card']}  {r['type']:<14} {r['amount']:>9}  "
+        lines.append(f"  #{r['seq']:<6} {r['at']}  {r['card']}  {r['type']:<21} {r['amount']:>9}  "
                      f"{r['balance_before']:>9} -> {r['balance_after']:<9} {r['write_state']}{flag}")
     return "\n".join(lines)
 

@@ -124,6 +124,7 @@ def card_json(card: CardImage, *, test_key: bool, today) -> dict:
         "deposit": fmt(identity.deposit_cents),
         "last_payment": _day(purse.last_payment),
         "payment_count": purse.payment_count,
+        "aavs_ever_enabled": purse.aavs_ever_enabled,
         "idm": card.idm.hex(),
         "key_version": identity.key_version,
         "test_key": test_key,
