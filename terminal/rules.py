@@ -242,6 +242,24 @@ def _gate(identity: Identity, purse: Purse, at: datetime, today: date,
     return None
 
 
+def list_ordered_change(identity: Identity, purse: Purse, at: datetime,
+                        action_list: Iterable[ListEntry]) -> Decision | None:
+    """For a service terminal: the decline that writes the status an action list orders, when
+    it is more severe than the card's own (a card reported lost is never refunded or changed);
+    None otherwise. Unlike a payment, a status the card already carries is left to the service
+    rules (a suspended card is reactivated there)."""
+    today = hk_date(require_aware(at))
+    status = ordered_status(action_list, identity.card_number, at)
+    if status <= purse.status:
+        return None
+    new_purse = _next(purse, status=status)
+    return _decline(
+        purse, _STATUS_REASON[status], 0,
+        records=(Record(_STATUS_RECORD[status], 0, purse.balance_cents),),
+        new_purse=new_purse,
+        log_entry=LogEntry(new_purse.counter, LogType.STATUS, today, 0, new_status=status))
+
+
 def decide_payment(identity: Identity, purse: Purse, tariff: Tariff, at: datetime,
                    action_list: Iterable[ListEntry] = (), *, aavs_allowed: bool = True) -> Decision:
     """RULES.md §3-4: AAVS, negative value, fare classes. ``aavs_allowed=False`` (the terminal's

@@ -23,10 +23,20 @@ from .clock import hk_date, require_aware
 from .issue import IssueError, IssueRequest, issue, new_idm
 from .journal import Journal
 from .keys import SoftwareKeyStore
+from .rules import Record, RecordType
 from .service import IssueCharges, ServiceRefused, check_request_size, issue_charges
 from .writestate import WriteState
 
 ISSUE = "issue"
+
+
+def _records(charges: IssueCharges, aavs_reload_cents: int) -> tuple[Record, ...]:
+    """The money collected, and AAVS when the card is issued with it (the first enablement:
+    free)."""
+    records = charges.records()
+    if aavs_reload_cents:
+        records += (Record(RecordType.AAVS_ENABLE, 0, charges.initial_value_cents),)
+    return records
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
             counter_before=0, slot_before=b"", counter_after=1,
             expected_slot=b"".join(blocks[b] for b in PURSE_SLOT_BLOCKS[0]),
             log_block=log_block, log_data=blocks[log_block], balance_before_cents=0,
-            records=charges.records(), outcome=None, at=at, remember_before=False)
+            records=_records(charges, purse.aavs_reload_cents), outcome=None, at=at, remember_before=False)
         try:
             save_card(SimulatedLiteS(idm, blocks=blocks), path)
         except OSError as error:

@@ -28,7 +28,7 @@ from .journal import CardWrite, Journal
 from .keys import SoftwareKeyStore
 from .rules import (
     DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, Reason, Record, RecordType,
-    Tariff, balance_in_range, decide_add_value, decide_payment,
+    Tariff, balance_in_range, decide_add_value, decide_payment, list_ordered_change,
 )
 from .service import ServiceRefused
 from .writestate import WriteState
@@ -134,13 +134,17 @@ class Terminal:
         AAVS, student status, limit upgrade), made as safely as a payment: journal intent, the
         two-block purse write, in-doubt resolution and completion, rollback checks. ``decide``
         gets the verified card and the Hong Kong date; a ServiceRefused from it becomes
-        RequestRefused (nothing written). A service change needs a trusted clock (it may restart
+        RequestRefused (nothing written). A card the action list orders blocked, suspended or
+        cancelled beyond what it carries is declined and marked, as a payment terminal does. A service change needs a trusted clock (it may restart
         the inactivity clock or cancel the card): a time behind the card or this terminal is
         refused."""
         def run(card: CardImage, rules_at: datetime, trusted: bool) -> Decision:
             if not trusted:
                 raise RequestRefused(f"{at.isoformat()} is behind this card's last use or this "
                                      "terminal's latest transaction: check the clock")
+            listed = list_ordered_change(card.identity, card.purse, rules_at, self.action_list)
+            if listed is not None:
+                return listed
             try:
                 return decide(card, hk_date(rules_at))
             except ServiceRefused as error:

@@ -22,7 +22,7 @@ from farebox.terminal.cardnumber import format_number
 from farebox.terminal.clock import hk_date, now_utc
 from farebox.terminal.inspect import read_card
 from farebox.terminal.issue import IssueRequest
-from farebox.terminal.rules import Reason, RecordType, is_inactive
+from farebox.terminal.rules import Reason, RecordType, is_inactive, ordered_status
 from farebox.terminal.service import (
     ServiceRefused, check_request_size, decide_aavs, decide_reactivate, decide_renew_student,
     decide_return, decide_upgrade_limit, inactivity_fees, refund_breakdown,
@@ -37,7 +37,7 @@ from .common import (
     state_option, terminal,
 )
 from .params import DATE, POSITIVE_AMOUNT, TIME
-from .tap_cmd import _faults, leave_after_option, torn_write_option
+from .tap_cmd import _faults, hotlist_option, leave_after_option, torn_write_option
 
 _KINDS = {k.label: k for k in Kind}
 _CATEGORIES = {c.label: c for c in Category}
@@ -127,16 +127,17 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
 @at_option
 @state_option
 @config_option
+@hotlist_option
 @leave_after_option
 @torn_write_option
 @json_option
-def return_(card_files, damaged, reader_spec, wait_s, at, state_dir, config_file, leave_after,
-            torn_write, as_json) -> None:
+def return_(card_files, damaged, reader_spec, wait_s, at, state_dir, config_file, hotlist,
+            leave_after, torn_write, as_json) -> None:
     """Return On-Loan cards (at most five): refund the deposit and the value less the fees; each
     card is cancelled. Every card is checked before any is changed."""
     specs = _specs(card_files, reader_spec, many=True)
     at = at or now_utc()
-    config = settings(config_file, state_dir=state_dir)
+    config = settings(config_file, state_dir=state_dir, action_list=hotlist)
     today = hk_date(at)
     faults = _faults(leave_after, torn_write)
     results = []
@@ -152,15 +153,35 @@ def return_(card_files, damaged, reader_spec, wait_s, at, state_dir, config_file
                     refund_breakdown(image.identity, image.purse, today, damaged=damaged)
                 except ServiceRefused as error:
                     raise InputError(f"{_label(spec)}: {error}; nothing was done") from None
-        for spec in specs:
-            result = _change(term, spec, faults, wait_s, at, "return",
-                             lambda card, day: decide_return(card.identity, card.purse, day,
-                                                             damaged=damaged)[0])
+                listed = ordered_status(term.action_list, image.identity.card_number, at)
+                if listed > image.purse.status:  # marks the card (as a payment would) and stops
+                    _change(term, spec, None, wait_s, at, "return",
+                            lambda card, day: decide_return(card.identity, card.purse, day,
+                                                            damaged=damaged)[0])
+                    raise AssertionError("the action list's decline was not made")
+        for number, spec in enumerate(specs, 1):
+            try:
+                result = _change(term, spec, faults, wait_s, at, "return",
+                                 lambda card, day: decide_return(card.identity, card.purse, day,
+                                                                 damaged=damaged)[0])
+            except click.ClickException as error:
+                if not results:
+                    raise
+                # some cards are already returned: say so, then the error (exit 1: not "nothing
+                # changed")
+                _emit_returns(results, as_json)
+                raise click.ClickException(f"card {number} of {len(specs)}: "
+                                           f"{error.format_message()} (the {len(results)} "
+                                           "card(s) before it were returned)") from None
             results.append(_return_json(result))
             term.idle()
+    _emit_returns(results, as_json)
+    state_notice(config)
+
+
+def _emit_returns(results: list[dict], as_json: bool) -> None:
     total = sum(r["_refund_cents"] for r in results)
-    for r in results:
-        del r["_refund_cents"]
+    results = [{k: v for k, v in r.items() if k != "_refund_cents"} for r in results]
     human = "\n".join(
         f"RETURNED card {r['card']}  deposit {r['deposit']} + value {r['remaining_value']} "
         f"- handling {r['handling_fee']} - damage {r['damage_fee']} - personalisation "
@@ -170,7 +191,6 @@ def return_(card_files, damaged, reader_spec, wait_s, at, state_dir, config_file
         for r in results)
     output.emit({"cards": results, "refund": fmt(total)}, as_json,
                 f"{human}\npay out {fmt(total)}")
-    state_notice(config)
 
 
 def _return_json(result: TapResult) -> dict:
@@ -198,8 +218,8 @@ def _single_card_command(name: str, help_text: str):
     """The options every one-card service change takes."""
     def wrap(function):
         for option in reversed((card_argument, reader_option, wait_option, at_option,
-                                state_option, config_option, leave_after_option,
-                                torn_write_option, json_option)):
+                                state_option, config_option, hotlist_option,
+                                leave_after_option, torn_write_option, json_option)):
             function = option(function)
         return service.command(name, help=help_text)(function)
     return wrap
@@ -208,8 +228,8 @@ def _single_card_command(name: str, help_text: str):
 @_single_card_command("reactivate", "Reactivate an inactive card (free, less any inactivity "
                       "fees due) or an AAVS-suspended one once its outstanding amount is paid "
                       "(HK$20 to the bank account).")
-def reactivate(card_file, reader_spec, wait_s, at, state_dir, config_file, leave_after,
-               torn_write, as_json) -> None:
+def reactivate(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist,
+               leave_after, torn_write, as_json) -> None:
     def decide(card, day):
         return decide_reactivate(card.identity, card.purse, day)[0]
 
@@ -220,7 +240,8 @@ def reactivate(card_file, reader_spec, wait_s, at, state_dir, config_file, leave
                 "reactivation_fee": fmt(amounts.get(RecordType.AAVS_REACTIVATION_FEE, 0)),
                 "status": "active"}
 
-    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, leave_after, torn_write,
+    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write,
          as_json, "reactivate", decide, shape, "REACTIVATED")
 
 
@@ -229,8 +250,8 @@ def reactivate(card_file, reader_spec, wait_s, at, state_dir, config_file, leave
                       "costs HK$20, charged to the bank account.")
 @click.option("--amount", type=click.Choice(_AAVS_CHOICES), help="reload amount (HK$)")
 @click.option("--cancel", is_flag=True, help="cancel AAVS (the card stays usable)")
-def aavs(card_file, reader_spec, wait_s, at, state_dir, config_file, leave_after, torn_write,
-         as_json, amount, cancel) -> None:
+def aavs(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write, as_json, amount, cancel) -> None:
     if (amount is None) == (not cancel):
         raise click.UsageError("give exactly one of --amount and --cancel")
     cents = None if cancel else int(amount) * 100
@@ -245,19 +266,21 @@ def aavs(card_file, reader_spec, wait_s, at, state_dir, config_file, leave_after
                 "fee": fmt(amounts.get(RecordType.AAVS_REACTIVATION_FEE, 0)),
                 "fee_charged_to": "bank_account"}
 
-    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, leave_after, torn_write,
+    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write,
          as_json, "aavs", decide, shape, "AAVS CANCELLED" if cancel else "AAVS SET")
 
 
 @_single_card_command("renew-student", "Renew a Personalised card's Student status until "
                       "--expiry (inclusive).")
 @click.option("--expiry", type=DATE, required=True, help="last day the status is valid")
-def renew_student(card_file, reader_spec, wait_s, at, state_dir, config_file, leave_after,
-                  torn_write, as_json, expiry) -> None:
+def renew_student(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist,
+                  leave_after, torn_write, as_json, expiry) -> None:
     def decide(card, day):
         return decide_renew_student(card.identity, card.purse, day, expiry)
 
-    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, leave_after, torn_write,
+    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write,
          as_json, "renew_student", decide,
          lambda result: {"concession": "student", "concession_expiry": expiry.isoformat()},
          "STUDENT STATUS RENEWED")
@@ -265,12 +288,13 @@ def renew_student(card_file, reader_spec, wait_s, at, state_dir, config_file, le
 
 @_single_card_command("upgrade-limit", "Move a card issued before 2019-12-01 to the HK$3,000 "
                       "stored value limit.")
-def upgrade_limit(card_file, reader_spec, wait_s, at, state_dir, config_file, leave_after,
-                  torn_write, as_json) -> None:
+def upgrade_limit(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist,
+                  leave_after, torn_write, as_json) -> None:
     def decide(card, day):
         return decide_upgrade_limit(card.identity, card.purse, day)
 
-    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, leave_after, torn_write,
+    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write,
          as_json, "upgrade_limit", decide,
          lambda result: {"stored_value_limit": "3000.00"}, "LIMIT UPGRADED")
 
@@ -390,16 +414,19 @@ def _change(term, spec: str, faults, wait_s: float, at, kind: str, decide) -> Ta
         reader.close()
     if not result.approved:
         reason = result.reason.value if result.reason else "declined"
+        if result.records:  # the action list's status, written to the card as a payment would
+            raise InputError(f"{_label(spec)}: card refused: the action list orders it {reason}; "
+                             "that status was written to the card, nothing else was done")
         hint = " (an older copy of the card)" if result.reason is Reason.ROLLBACK else ""
         raise InputError(f"{_label(spec)}: card refused: {reason}{hint}; nothing was done")
     return result
 
 
-def _one(card_file, reader_spec, wait_s, at, state_dir, config_file, leave_after, torn_write,
-         as_json, kind, decide, shape, head) -> None:
+def _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write, as_json, kind, decide, shape, head) -> None:
     spec = _specs((card_file,) if card_file else (), reader_spec, many=False)[0]
     at = at or now_utc()
-    config = settings(config_file, state_dir=state_dir)
+    config = settings(config_file, state_dir=state_dir, action_list=hotlist)
     with terminal(config) as term:
         result = _change(term, spec, _faults(leave_after, torn_write), wait_s, at, kind, decide)
         obj = {"card": format_number(result.card_number), **shape(result),

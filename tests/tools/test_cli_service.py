@@ -218,6 +218,48 @@ def test_a_torn_return_is_completed_on_the_next_attempt_never_refunded_twice(far
     assert farebox.show(card)["status"] == "cancelled"
 
 
+def test_a_card_reported_lost_is_never_refunded_and_is_marked_blocked(farebox):
+    lost = farebox.card("lost.json", issued="2020-01-01", number="12345678")
+    good = farebox.card("good.json", issued="2020-01-01", number="22345678")
+    hotlist = farebox.hotlist([{"card": "12345678", "reason": "lost",
+                                "at": "2020-06-01T06:00:00+08:00"}])
+    before = good.read_bytes()
+
+    def return_(*cards, when):
+        return farebox("service", "return", *cards, "--hotlist", hotlist, "--at", when,
+                       "--state", farebox.state, "--json")
+
+    refused = return_(good, lost, when=at(date(2020, 6, 1)))  # 10:00, lost at 06:00 + 3 h
+    refused.assert_bad_input()  # every card is checked before any is returned
+    assert "blocked" in refused.err and "lost.json" in refused.err
+    assert good.read_bytes() == before
+    assert farebox.show(lost)["status"] == "blocked"  # marked, as a payment terminal would
+    assert [r.type.value for r in journal_records(farebox)] == ["block"]
+    return_(lost, when=at(date(2020, 6, 1), "10:01:00")).assert_bad_input()
+    assert [r.type.value for r in journal_records(farebox)] == ["block"]
+    # before the three hours are up the card still works, and may be returned
+    early = farebox.card("early.json", issued="2020-01-01", number="32345678")
+    soon = farebox.hotlist([{"card": "32345678", "reason": "lost",
+                             "at": "2020-06-01T09:00:00+08:00"}], name="soon.json")
+    result = farebox("service", "return", early, "--hotlist", soon, "--at",
+                     at(date(2020, 6, 1), "11:00:00"), "--state", farebox.state, "--json")
+    assert result.json()["cards"][0]["refund"] == "200.00"
+
+
+def test_issue_with_aavs_counts_as_the_first_enablement(farebox):
+    card = farebox.path("aavs.json")
+    farebox("service", "issue", card, "--category", "adult", "--aavs", "250", "--at",
+            at(date(2026, 1, 15)), "--state", farebox.state, "--json").json()
+    shown = farebox.show(card)
+    assert (shown["aavs"]["amount"], shown["aavs_ever_enabled"]) == ("250.00", True)
+    assert "aavs_enable" in [r.type.value for r in journal_records(farebox)]
+    farebox("service", "aavs", card, "--cancel", "--at", at(date(2026, 2, 1)), "--state",
+            farebox.state).json
+    again = farebox("service", "aavs", card, "--amount", "150", "--at",
+                    at(date(2026, 2, 1), "10:01:00"), "--state", farebox.state, "--json").json()
+    assert again["fee"] == "20.00"
+
+
 # ---- reactivate, inactivity fee, AAVS, student status, limit --------------------------------
 
 def test_inactivity_fee_and_reactivation(farebox):
