@@ -17,6 +17,9 @@ from farebox.cardimage.model import (
 from farebox.protocol.session import LiteSSession
 from farebox.protocol.simcard import Faults, SimulatedLiteS
 from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.terminal.clearing.report import build
+from farebox.terminal.clearing.service import Receiver
+from farebox.terminal.clearing.store import Store
 from farebox.terminal.identity import init_identity
 from farebox.terminal.inspect import history, read_card
 from farebox.terminal.issue import IssueRequest, issue, new_idm
@@ -31,6 +34,7 @@ from farebox.terminal.service import (
 from farebox.terminal.servicedesk import issue_cards
 from farebox.terminal.settlement import Settlement
 from farebox.terminal.tap import RequestRefused, TapInterrupted, Terminal
+from farebox.terminal.upload import upload_payload
 from farebox.terminal.writestate import WriteState
 
 KEYS = published_test_keys()
@@ -501,6 +505,17 @@ def test_issue_journals_the_money_and_service_records_settle_in_verified_batches
         assert totals["personalisation_fee"]["amount_cents"] == 1_000
         assert settlement.verify().ok and journal.verify_chain()
         assert json.loads(batch.body)["items"][0]["record"]["type"] == "deposit"
+        # the reference clearing receiver takes the batch and reports the new types
+        with Store(str(tmp_path / "clearing.sqlite3")) as store:
+            store.enroll("T-0001", identity.public_key.hex(), "2026-03-01T00:00:00Z")
+            ack = Receiver(store).ingest(upload_payload(settlement, batch),
+                                         "2026-03-01T05:00:00Z")
+            assert ack.number == 1 and ack.records == batch.items
+            report = build(store)["totals"]["committed"]
+            assert report["refund"] == {"count": 1, "amount": "140.00"}
+            assert report["damage_fee"] == {"count": 1, "amount": "30.00"}
+            assert report["initial_value"] == {"count": 2, "amount": "260.00"}
+            assert store.counter_forks() == []
 
 
 def test_a_sixth_card_or_an_existing_file_issues_nothing(tmp_path, journal):
