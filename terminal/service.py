@@ -314,7 +314,8 @@ class Reactivation:
     reactivation_fee_cents: int  # to the bank account (AAVS suspension), not the card
 
 
-def decide_reactivate(identity: Identity, purse: Purse, today: date) -> tuple[Decision, Reactivation]:
+def decide_reactivate(identity: Identity, purse: Purse,
+                      today: date) -> tuple[Decision, Reactivation]:
     """An inactive card: free, less the inactivity fees due (never below zero; the rest waived).
     An AAVS-suspended card (its outstanding amount paid at the counter): HK$20 to the bank."""
     _not_before_issue(identity, today)

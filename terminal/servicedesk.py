@@ -88,7 +88,8 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
             counter_before=0, slot_before=b"", counter_after=1,
             expected_slot=b"".join(blocks[b] for b in PURSE_SLOT_BLOCKS[0]),
             log_block=log_block, log_data=blocks[log_block], balance_before_cents=0,
-            records=_records(charges, purse.aavs_reload_cents), outcome=None, at=at, remember_before=False)
+            records=_records(charges, purse.aavs_reload_cents), outcome=None, at=at,
+            remember_before=False)
         try:
             save_card(SimulatedLiteS(idm, blocks=blocks), path)
         except OSError as error:

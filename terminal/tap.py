@@ -135,9 +135,9 @@ class Terminal:
         two-block purse write, in-doubt resolution and completion, rollback checks. ``decide``
         gets the verified card and the Hong Kong date; a ServiceRefused from it becomes
         RequestRefused (nothing written). A card the action list orders blocked, suspended or
-        cancelled beyond what it carries is declined and marked, as a payment terminal does. A service change needs a trusted clock (it may restart
-        the inactivity clock or cancel the card): a time behind the card or this terminal is
-        refused."""
+        cancelled beyond what it carries is declined and marked, as a payment terminal does.
+        A service change needs a trusted clock (it may restart the inactivity clock or cancel
+        the card): a time behind the card or this terminal is refused."""
         def run(card: CardImage, rules_at: datetime, trusted: bool) -> Decision:
             if not trusted:
                 raise RequestRefused(f"{at.isoformat()} is behind this card's last use or this "

@@ -146,7 +146,7 @@ def return_(card_files, damaged, reader_spec, wait_s, at, state_dir, config_file
         for spec in specs:
             if spec.startswith("sim:"):
                 image = _look(spec, term.keys)
-                if any(w.state is WriteState.INTENT
+                if any(w.state is WriteState.INTENT and w.kind == "return"
                        for w in term.journal.unresolved_writes(image.identity.card_number)):
                     continue  # an interrupted return: the write below completes or voids it
                 try:

@@ -289,9 +289,9 @@ def test_reactivation_waives_fees_beyond_the_balance(farebox):
         "20.00", "25.00", "0.00")
 
 
-@pytest.mark.parametrize("options, exempt", [({"category": "child"}, "child_card"),
-                                             ({"category": "personalised"}, "personalised"),
-                                             ({"issued": "2017-09-30"}, "issued_before_2017_10_01")])
+@pytest.mark.parametrize("options, exempt", [
+    ({"category": "child"}, "child_card"), ({"category": "personalised"}, "personalised"),
+    ({"issued": "2017-09-30"}, "issued_before_2017_10_01")])
 def test_cards_exempt_from_the_inactivity_fee(farebox, options, exempt):
     options = {"issued": "2018-01-01", **options}
     card = farebox.card(**options)
