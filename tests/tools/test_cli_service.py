@@ -218,6 +218,31 @@ def test_a_torn_return_is_completed_on_the_next_attempt_never_refunded_twice(far
     assert farebox.show(card)["status"] == "cancelled"
 
 
+@pytest.mark.parametrize("failpoint", ["after-intent", "after-purse-write", "after-log-write"])
+def test_a_return_cut_off_by_a_crash_is_completed_or_voided_by_the_next_attempt(
+        farebox, failpoint):
+    """The process dies (FAREBOX_FAILPOINT, the installed script) with the return's intent
+    durable: before the card is touched, after the purse landed, after the log block landed. The
+    next attempt reports the one refund (completing the landed write) or makes it afresh."""
+    card = farebox.card(issued="2020-01-01")
+    died = farebox.script("service", "return", card, "--at", at(date(2020, 6, 1)), "--state",
+                          farebox.state, "--json", env={"FAREBOX_FAILPOINT": failpoint})
+    assert died.code == 86 and died.out == ""
+    landed = failpoint != "after-intent"
+    assert (farebox.show(card)["status"] == "cancelled") is landed
+    result = one_return(farebox, card, at(date(2020, 6, 1), "10:00:30"))
+    assert result["refund"] == "200.00" and result["remaining_value"] == "150.00"
+    assert (result["completed_from"] is not None) is landed
+    refunds = [(r.amount_cents, r.write_state) for r in journal_records(farebox)
+               if r.type.value == "refund"]
+    if landed:
+        assert refunds == [(20000, WriteState.COMMITTED)]
+    else:
+        assert refunds == [(20000, WriteState.VOID), (20000, WriteState.COMMITTED)]
+    farebox("service", "return", card, "--at", at(date(2020, 6, 1), "10:01:00"), "--state",
+            farebox.state).assert_bad_input()
+
+
 def test_a_card_reported_lost_is_never_refunded_and_is_marked_blocked(farebox):
     lost = farebox.card("lost.json", issued="2020-01-01", number="12345678")
     good = farebox.card("good.json", issued="2020-01-01", number="22345678")
