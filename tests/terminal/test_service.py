@@ -10,6 +10,8 @@ from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from farebox.cardimage.model import (
     Category, Concession, Identity, Kind, LogType, Purse, ServiceOp, Status,
@@ -548,3 +550,76 @@ def test_old_purses_read_aavs_as_never_enabled():
     with pytest.raises(Exception):
         schemas.parse(schemas.Purse, data[:-2] + b"\x02\x00")
     assert replace(purse, aavs_ever_enabled=True) != purse
+
+
+# ---- properties -----------------------------------------------------------------------------
+
+days_ = st.dates(date(2000, 1, 1), date(2040, 12, 31))
+
+
+@st.composite
+def cards(draw):
+    kind = draw(st.sampled_from(Kind))
+    category = draw(st.sampled_from(Category))
+    issued = draw(days_)
+    last_add_value = issued + timedelta(days=draw(st.integers(0, 3000)))
+    last_payment = draw(st.none() | st.integers(0, 3000).map(lambda n: issued + timedelta(n)))
+    concession = (draw(st.sampled_from(Concession)) if category is Category.PERSONALISED
+                  else Concession.NONE)
+    identity, purse = card(kind, category, issued, balance=draw(st.integers(-5_000, 300_000)),
+                           payments=draw(st.integers(0, 20)), last_add_value=last_add_value,
+                           last_payment=last_payment, concession=concession)
+    today = max(last_add_value, last_payment or issued) + timedelta(
+        days=draw(st.integers(0, 6000)))
+    return identity, purse, today
+
+
+@given(cards(), st.booleans())
+def test_a_refund_never_goes_below_zero_and_accounts_for_every_cent(case, damaged):
+    identity, purse, today = case
+    try:
+        decision, refund = decide_return(identity, purse, today, damaged=damaged)
+    except ServiceRefused:
+        assert identity.kind is not Kind.ON_LOAN
+        return
+    fees = refund.handling_fee_cents + refund.damage_fee_cents + refund.personalisation_fee_cents
+    assert refund.refund_cents >= 0 and refund.waived_cents >= 0
+    assert refund.refund_cents - refund.waived_cents == 5_000 + purse.balance_cents - fees
+    assert refund.refund_cents == 0 or refund.waived_cents == 0
+    assert decision.new_purse.balance_cents == 0
+    assert decision.new_purse.status is Status.CANCELLED
+    if refund.handling_fee_cents:
+        assert refund.handling_fee_cents >= 1_100
+        assert refund.handling_fee_cents * 100 >= purse.balance_cents  # at least 1 %
+
+
+@given(cards())
+def test_inactivity_periods_are_12_months_apart_from_the_first_and_none_is_in_the_future(case):
+    identity, purse, today = case
+    fees = inactivity_fees(identity, purse, today)
+    if fees.exempt is not None:
+        assert fees.periods == ()
+        return
+    assert fees.first_period >= date(2020, 10, 1)
+    assert fees.first_period >= add_years(max(purse.last_add_value,
+                                              purse.last_payment or purse.last_add_value), 3)
+    starts = [p.start for p in fees.periods]
+    assert starts == [add_months(fees.first_period, 12 * n) for n in range(len(starts))]
+    assert all(start <= today for start in starts)
+    assert add_months(fees.first_period, 12 * len(starts)) > today
+    assert fees.due_cents == 1_500 * len(starts)
+
+
+@given(cards())
+def test_reactivation_never_takes_the_balance_below_zero_or_makes_a_negative_one_worse(case):
+    identity, purse, today = case
+    try:
+        decision, outcome = decide_reactivate(identity, purse, today)
+    except ServiceRefused:
+        assert (today - purse.last_add_value).days < 1000
+        return
+    after = decision.new_purse.balance_cents
+    assert after == purse.balance_cents - outcome.inactivity_fee_cents
+    assert after >= min(purse.balance_cents, 0)
+    assert outcome.inactivity_fee_cents + outcome.waived_cents == outcome.fees.due_cents
+    assert decision.new_purse.last_add_value == today
