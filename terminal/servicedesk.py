@@ -60,6 +60,10 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
         raise ServiceRefused("the same card file is named twice")
     if request.number is not None and len(paths) > 1:
         raise ServiceRefused("a card number can only be given for a single card")
+    high_water = journal.time_high_water()
+    if high_water is not None and at < high_water:
+        raise ServiceRefused(f"{at.isoformat()} is behind this terminal's latest transaction "
+                             f"({high_water.isoformat()}): check the clock")
     request = replace(request, issued=hk_date(at), balance_cents=None, last_add_value=None)
     prepared = []
     for path in paths:

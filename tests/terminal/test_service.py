@@ -529,6 +529,10 @@ def test_a_sixth_card_or_an_existing_file_issues_nothing(tmp_path, journal):
     with pytest.raises(ServiceRefused, match="already exists"):
         issue_cards(journal, KEYS, [tmp_path / "new.json", tmp_path / "taken.json"], request, at)
     assert not (tmp_path / "new.json").exists() and journal.records() == []
+    issue_cards(journal, KEYS, [tmp_path / "new.json"], request, at)
+    with pytest.raises(ServiceRefused, match="clock"):  # behind the terminal's latest record
+        issue_cards(journal, KEYS, [tmp_path / "old.json"], request, at - timedelta(seconds=1))
+    assert not (tmp_path / "old.json").exists() and len(journal.records()) == 2
 
 
 def test_an_untrusted_clock_is_refused_for_a_service_change(journal):
