@@ -2,9 +2,11 @@
 one journal the money collected (deposit, initial value, fee), write the card, and commit.
 
 The journal's intent comes before the card file exists: a card written but never committed
-(the process died in between) is an ``intent`` the next terminal to see the card resolves (its
-purse slot is the one the intent expects), like an interrupted tap; a card file that could not be
-written voids its intent, so nothing is settled for it.
+(the process died in between) is an ``intent`` this terminal resolves when it next sees the card
+(its purse slot is the one the intent expects), like an interrupted tap; a card file that could
+not be written voids its intent, so nothing is settled for it. An intent whose card file never
+came to be (the process died before writing it) stays in doubt (`journal list` shows it) and
+its records are never settled.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from farebox.cardimage.model import Identity
 from farebox.protocol.simcard import SimulatedLiteS
 from farebox.protocol.transports.cardfile import save_card
 
+from . import failpoints
 from .clock import hk_date, require_aware
 from .issue import IssueError, IssueRequest, issue, new_idm
 from .journal import Journal
@@ -94,12 +97,14 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
             log_block=log_block, log_data=blocks[log_block], balance_before_cents=0,
             records=_records(charges, purse.aavs_reload_cents), outcome=None, at=at,
             remember_before=False)
+        failpoints.hit("after-intent")
         try:
             save_card(SimulatedLiteS(idm, blocks=blocks), path)
         except OSError as error:
             journal.resolve_write(write, WriteState.VOID, at)
             raise OSError(f"{path}: cannot write the card file ({error.strerror}); "
                           f"{len(issued)} card(s) issued before it") from None
+        failpoints.hit("after-purse-write")
         journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
         issued.append(IssuedCard(path, identity, charges, purse.aavs_reload_cents, tap_id))
     return issued

@@ -84,6 +84,21 @@ def test_five_cards_in_one_issue_but_never_six(farebox):
     assert len(journal_records(farebox)) == 10
 
 
+def test_an_issue_cut_off_after_writing_the_card_is_committed_once_the_card_is_seen(farebox):
+    """The process dies (FAREBOX_FAILPOINT) after writing the card file, before the commit mark:
+    the issue's records wait in doubt until this terminal sees the card, which proves them."""
+    card = farebox.path("new.json")
+    died = farebox.script("service", "issue", card, "--category", "adult", "--at",
+                          at(date(2026, 1, 15)), "--state", farebox.state, "--json",
+                          env={"FAREBOX_FAILPOINT": "after-purse-write"})
+    assert died.code == 86 and card.exists()
+    assert {r.write_state for r in journal_records(farebox)} == {WriteState.INTENT}
+    farebox.tap(card, "--fare", "1.00", at=at(date(2026, 1, 16))).json()
+    assert [(r.type.value, r.write_state) for r in journal_records(farebox)] == [
+        ("deposit", WriteState.COMMITTED), ("initial_value", WriteState.COMMITTED),
+        ("payment", WriteState.COMMITTED)]
+
+
 @pytest.mark.parametrize("argv", [
     ["--category", "adult", "--concession", "student", "--concession-expiry", "2027-01-01"],
     ["--category", "adult", "--aavs", "300"],
