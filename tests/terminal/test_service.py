@@ -317,6 +317,17 @@ def test_a_suspended_card_is_reactivated_with_the_bank_fee_recorded_not_deducted
         (RecordType.AAVS_REACTIVATION_FEE, 2_000), (RecordType.REACTIVATE, 0)]
 
 
+def test_a_card_both_suspended_and_inactive_pays_both_ways():
+    identity, purse = card(issued=date(2018, 1, 1), status=Status.SUSPENDED)
+    decision, outcome = decide_reactivate(identity, purse, date(2022, 1, 1))  # 2 periods
+    assert outcome.was_suspended and outcome.was_inactive
+    assert [(r.type, r.amount_cents) for r in decision.records] == [
+        (RecordType.INACTIVITY_FEE, 3_000), (RecordType.AAVS_REACTIVATION_FEE, 2_000),
+        (RecordType.REACTIVATE, 0)]
+    assert decision.new_purse.status is Status.ACTIVE
+    assert decision.new_purse.balance_cents == 7_000
+
+
 @pytest.mark.parametrize("status", [Status.CANCELLED, Status.BLOCKED])
 def test_cancelled_and_blocked_cards_are_never_reactivated(status):
     identity, purse = card(status=status)
@@ -533,6 +544,32 @@ def test_a_sixth_card_or_an_existing_file_issues_nothing(tmp_path, journal):
     with pytest.raises(ServiceRefused, match="clock"):  # behind the terminal's latest record
         issue_cards(journal, KEYS, [tmp_path / "old.json"], request, at - timedelta(seconds=1))
     assert not (tmp_path / "old.json").exists() and len(journal.records()) == 2
+
+
+def test_the_service_terminal_obeys_the_action_list(journal):
+    """A card listed lost is marked blocked and never refunded; a card the list still shows as
+    AAVS-suspended, and suspended on the card, is reactivated once the customer has paid."""
+    from farebox.terminal.rules import ListEntry, ListReason
+
+    listed_at = AT - timedelta(hours=4)
+    terminal = Terminal(journal, KEYS, action_list=[
+        ListEntry(12345678, ListReason.LOST, listed_at),
+        ListEntry(22345678, ListReason.AAVS_SUSPENDED, listed_at)])
+    lost = sim_card()
+    declined = do_return(terminal, lost)
+    assert not declined.approved and declined.reason.value == "blocked"
+    assert read_card(session(lost), KEYS).purse.status is Status.BLOCKED
+    assert [r.type.value for r in journal.records(12345678)] == ["block"]
+    idm = new_idm()
+    _, _, blocks = issue(IssueRequest(issued=date(2026, 1, 15), number=22345678), KEYS, idm)
+    suspended = SimulatedLiteS(idm, blocks=blocks)
+    marked = terminal.pay(session(suspended), Tariff.flat(100), AT)
+    assert marked.reason.value == "suspended"
+    result = terminal.service(session(suspended), AT + timedelta(minutes=1), "reactivate",
+                              lambda c, day: decide_reactivate(c.identity, c.purse, day)[0])
+    assert result.approved
+    assert [r.type.value for r in result.records] == ["aavs_reactivation_fee", "reactivate"]
+    assert read_card(session(suspended), KEYS).purse.status is Status.ACTIVE
 
 
 def test_an_untrusted_clock_is_refused_for_a_service_change(journal):
