@@ -257,6 +257,11 @@ class Terminal:
             return False
         return True
 
+    def clock_trusted(self, card: CardImage, at: datetime) -> bool:
+        """Whether this terminal would believe ``at`` for this card (see :meth:`_trusted_time`):
+        a service request checks every card with it before changing any."""
+        return self._trusted_time(card, at)[0]
+
     def _trusted_time(self, card: CardImage, at: datetime) -> tuple[bool, datetime]:
         """Whether ``at`` can be believed, and the time the rules are applied at.
 

@@ -149,6 +149,10 @@ def return_(card_files, damaged, reader_spec, wait_s, at, state_dir, config_file
                 if any(w.state is WriteState.INTENT and w.kind == "return"
                        for w in term.journal.unresolved_writes(image.identity.card_number)):
                     continue  # an interrupted return: the write below completes or voids it
+                if not term.clock_trusted(image, at):
+                    raise InputError(f"{_label(spec)}: {at.isoformat()} is behind this card's "
+                                     "last use or this terminal's latest transaction: check the "
+                                     "clock; nothing was done")
                 try:
                     refund_breakdown(image.identity, image.purse, today, damaged=damaged)
                 except ServiceRefused as error:

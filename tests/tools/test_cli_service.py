@@ -213,6 +213,20 @@ def test_return_is_all_or_nothing_and_at_most_five(farebox):
     assert len(result["cards"]) == 5 and result["refund"] == f"{5 * 200}.00"
 
 
+def test_a_return_behind_a_card_s_last_use_changes_no_card(farebox):
+    first = farebox.card("first.json", issued="2020-01-01")
+    second = farebox.card("second.json", issued="2020-01-01")
+    # used at another terminal: only the card itself says this time is behind it
+    farebox.tap(second, "--fare", "1.00", at=at(date(2020, 7, 1)),
+                state=farebox.path("elsewhere")).json()
+    before = first.read_bytes(), second.read_bytes()
+    refused = farebox("service", "return", first, second, "--at", at(date(2020, 6, 1)),
+                      "--state", farebox.state)
+    refused.assert_bad_input()
+    assert "clock" in refused.err and "second.json" in refused.err
+    assert (first.read_bytes(), second.read_bytes()) == before
+
+
 def test_a_return_dated_before_the_issue_is_refused(farebox):
     card = farebox.card(issued="2026-01-15")
     farebox("service", "return", card, "--at", "2026-01-14T15:59:59Z", "--state",
