@@ -22,6 +22,7 @@ from farebox.terminal.cardnumber import format_number
 from farebox.terminal.clock import hk_date, now_utc
 from farebox.terminal.inspect import read_card
 from farebox.terminal.issue import IssueRequest
+from farebox.terminal.runtime import load_keys
 from farebox.terminal.rules import Reason, RecordType, is_inactive, ordered_status
 from farebox.terminal.service import (
     ServiceRefused, check_request_size, decide_aavs, decide_reactivate, decide_renew_student,
@@ -245,8 +246,7 @@ def reactivate(card_file, reader_spec, wait_s, at, state_dir, config_file, hotli
                 "status": "active"}
 
     _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
-         torn_write,
-         as_json, "reactivate", decide, shape, "REACTIVATED")
+         torn_write, as_json, "reactivate", decide, shape, "REACTIVATED")
 
 
 @_single_card_command("aavs", "Enable, change (--amount) or cancel (--cancel) the card's "
@@ -271,8 +271,9 @@ def aavs(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, le
                 "fee_charged_to": "bank_account"}
 
     _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
-         torn_write,
-         as_json, "aavs", decide, shape, "AAVS CANCELLED" if cancel else "AAVS SET")
+         torn_write, as_json, "aavs_cancel" if cancel else f"aavs_{amount}", decide, shape,
+         "AAVS CANCELLED" if cancel else "AAVS SET")  # the kind names the amount: a retry
+    # completes an interrupted change only when it asks for the same one
 
 
 @_single_card_command("renew-student", "Renew a Personalised card's Student status until "
@@ -284,8 +285,7 @@ def renew_student(card_file, reader_spec, wait_s, at, state_dir, config_file, ho
         return decide_renew_student(card.identity, card.purse, day, expiry)
 
     _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
-         torn_write,
-         as_json, "renew_student", decide,
+         torn_write, as_json, "renew_student", decide,
          lambda result: {"concession": "student", "concession_expiry": expiry.isoformat()},
          "STUDENT STATUS RENEWED")
 
@@ -298,8 +298,7 @@ def upgrade_limit(card_file, reader_spec, wait_s, at, state_dir, config_file, ho
         return decide_upgrade_limit(card.identity, card.purse, day)
 
     _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
-         torn_write,
-         as_json, "upgrade_limit", decide,
+         torn_write, as_json, "upgrade_limit", decide,
          lambda result: {"stored_value_limit": "3000.00"}, "LIMIT UPGRADED")
 
 
@@ -318,8 +317,6 @@ def inactivity_fee(card_file, reader_spec, wait_s, at, config_file, as_json) -> 
     spec = _specs((card_file,) if card_file else (), reader_spec, many=False)[0]
     at = at or now_utc()
     config = settings(config_file)
-    from farebox.terminal.runtime import load_keys
-
     with setup_errors():
         keys = load_keys(config)
     image = _look(spec, keys, wait_s)
