@@ -270,10 +270,10 @@ def aavs(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, le
                 "fee": fmt(amounts.get(RecordType.AAVS_REACTIVATION_FEE, 0)),
                 "fee_charged_to": "bank_account"}
 
+    # the kind names the amount: a retry completes an interrupted change only if it is the same
+    kind = "aavs_cancel" if cancel else f"aavs_{amount}"
     _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
-         torn_write, as_json, "aavs_cancel" if cancel else f"aavs_{amount}", decide, shape,
-         "AAVS CANCELLED" if cancel else "AAVS SET")  # the kind names the amount: a retry
-    # completes an interrupted change only when it asks for the same one
+         torn_write, as_json, kind, decide, shape, "AAVS CANCELLED" if cancel else "AAVS SET")
 
 
 @_single_card_command("renew-student", "Renew a Personalised card's Student status until "
