@@ -14,7 +14,7 @@ from .layout import (
 from .mac import area_mac, verify_area_mac
 from .model import (
     AAVS_BY_CODE, AAVS_CODE_BY_CENTS, CARD_NUMBER_MAX, COUNTER_MAX, FORMAT_VERSION, CardImage, Identity,
-    LogEntry, LogType, Purse, Status,
+    LogEntry, LogType, Purse, ServiceOp, Status,
 )
 
 #: key version -> this card's diversified key; raises KeyError for a version the terminal lacks.
@@ -120,6 +120,10 @@ def encode_log_entry(entry: LogEntry, idm: bytes, card_key: bytes, key_version: 
             raise CardImageError(f"{entry.aavs_reload_cents} cents is not an AAVS reload amount")
     elif entry.type is LogType.STATUS:
         detail = int(entry.new_status)
+    elif entry.type is LogType.SERVICE:
+        if entry.operation is None:
+            raise CardImageError("a service log entry needs its operation")
+        detail = int(entry.operation)
     else:
         detail = 0
     data = schemas.build(schemas.LogEntry, {
@@ -163,7 +167,7 @@ def _log_entry(fields, counter: int) -> LogEntry | None:
     if fields.day is None:
         raise CardImageError("log entry has no date")
     aavs = 0
-    status = None
+    status = operation = None
     if fields.type is LogType.PAYMENT:
         if fields.detail not in AAVS_BY_CODE:
             raise CardImageError(f"no AAVS reload amount with code {fields.detail}")
@@ -173,8 +177,14 @@ def _log_entry(fields, counter: int) -> LogEntry | None:
             status = Status(fields.detail)
         except ValueError:
             raise CardImageError(f"no status {fields.detail}") from None
+    elif fields.type is LogType.SERVICE:
+        try:
+            operation = ServiceOp(fields.detail)
+        except ValueError:
+            raise CardImageError(f"no service operation {fields.detail}") from None
     return LogEntry(counter=counter, type=fields.type, day=fields.day,
-                    amount_cents=fields.amount_cents, aavs_reload_cents=aavs, new_status=status)
+                    amount_cents=fields.amount_cents, aavs_reload_cents=aavs, new_status=status,
+                    operation=operation)
 
 
 # ---- whole image ----------------------------------------------------------------------------

@@ -56,10 +56,25 @@ class LogType(IntEnum):
     PAYMENT = 2
     ADD_VALUE = 3
     STATUS = 4
+    SERVICE = 5  # a service terminal's change; amount: the balance change (signed)
 
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+class ServiceOp(IntEnum):
+    """What a service terminal did (the detail byte of a SERVICE log entry)."""
+
+    RETURN = 1
+    REACTIVATE = 2
+    AAVS = 3
+    RENEW_STUDENT = 4
+    UPGRADE_LIMIT = 5
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
 
 
 class AavsAmount(Enum):
@@ -115,6 +130,8 @@ class Purse:
     concession: Concession = Concession.NONE
     concession_expiry: date | None = None
     svl_upgraded: bool = False
+    #: AAVS was enabled on this card at some time (re-enabling it costs a fee, RULES §8).
+    aavs_ever_enabled: bool = False
 
     @property
     def aavs_enabled(self) -> bool:
@@ -131,6 +148,7 @@ class LogEntry:
     amount_cents: int = 0
     aavs_reload_cents: int = 0  # PAYMENT: the auto add value made in the same tap
     new_status: Status | None = None  # STATUS: the status written
+    operation: ServiceOp | None = None  # SERVICE: what the service terminal did
 
 
 @dataclass(frozen=True)

@@ -98,13 +98,14 @@ Purse = c.Struct(
     "concession" / EnumAdapter(c.Int8ub, Concession),
     "concession_expiry" / DayAdapter(c.Int16ub),
     "svl_upgraded" / StrictFlag(c.Int8ub),
-    "reserved" / c.Const(bytes(2)),
+    "aavs_ever_enabled" / StrictFlag(c.Int8ub),  # was a reserved zero byte: old cards read False
+    "reserved" / c.Const(bytes(1)),
 )
 
 LogEntry = c.Struct(
     "counter_low" / c.Int8ub,  # the purse counter this entry belongs to, modulo 256
     "type" / EnumAdapter(c.Int8ub, LogType),
-    "detail" / c.Int8ub,  # PAYMENT: AAVS code of a reload made in the same tap; STATUS: new status
+    "detail" / c.Int8ub,  # PAYMENT: AAVS code of a same-tap reload; STATUS: new status; SERVICE: op
     "amount_cents" / c.Int24sb,
     "day" / DayAdapter(c.Int16ub),
 )

@@ -40,8 +40,8 @@ def history(card: CardImage) -> list[HistoryLine]:
         if known:
             if entry.type is LogType.PAYMENT:
                 balance += entry.amount_cents - entry.aavs_reload_cents
-            elif entry.type is LogType.ADD_VALUE:
-                balance -= entry.amount_cents
+            elif entry.type in (LogType.ADD_VALUE, LogType.SERVICE):
+                balance -= entry.amount_cents  # a service entry carries the signed change
             expected -= 1
     return lines
 

@@ -97,7 +97,8 @@ def issue(request: IssueRequest, keys: SoftwareKeyStore, idm: bytes) -> tuple[Id
         balance = INITIAL_VALUE_CENTS[request.category] if request.kind is Kind.ON_LOAN else 0
     purse = Purse(
         counter=1, balance_cents=balance, last_add_value=last_add_value,
-        aavs_reload_cents=request.aavs_reload_cents, concession=request.concession,
+        aavs_reload_cents=request.aavs_reload_cents,
+        aavs_ever_enabled=bool(request.aavs_reload_cents), concession=request.concession,
         concession_expiry=request.concession_expiry,
     )
     negative, limit = negative_limit_cents(identity), stored_value_limit_cents(identity, purse)

@@ -68,6 +68,25 @@ class RecordType(Enum):
     BLOCK = "block"
     SUSPEND = "suspend"
     CANCEL = "cancel"
+    # the service terminal (RULES §6, §8; terminal/service.py): amounts are what moved or was
+    # charged, balance_after the card's balance
+    DEPOSIT = "deposit"  # collected at issue
+    INITIAL_VALUE = "initial_value"  # loaded at issue
+    ADMIN_FEE = "admin_fee"  # Personalised card issue
+    DEPOSIT_REFUND = "deposit_refund"  # a return: the deposit given back ...
+    HANDLING_FEE = "handling_fee"  # ... less the fees
+    DAMAGE_FEE = "damage_fee"
+    PERSONALISATION_FEE = "personalisation_fee"
+    NEGATIVE_OFFSET = "negative_offset"  # a negative value set off against the deposit
+    REFUND = "refund"  # the cash paid out
+    WAIVED = "waived"  # a fee due that was not collected (the refund or balance stops at 0)
+    INACTIVITY_FEE = "inactivity_fee"  # deducted from the card at reactivation
+    AAVS_REACTIVATION_FEE = "aavs_reactivation_fee"  # charged to the bank account, not the card
+    REACTIVATE = "reactivate"
+    AAVS_ENABLE = "aavs_enable"
+    AAVS_CANCEL = "aavs_cancel"
+    STUDENT_RENEWAL = "student_renewal"
+    LIMIT_UPGRADE = "limit_upgrade"
 
 
 class ListReason(Enum):
@@ -221,6 +240,24 @@ def _gate(identity: Identity, purse: Purse, at: datetime, today: date,
     if is_inactive(purse, today):
         return _decline(purse, Reason.INACTIVE, amount, **extra)
     return None
+
+
+def list_ordered_change(identity: Identity, purse: Purse, at: datetime,
+                        action_list: Iterable[ListEntry]) -> Decision | None:
+    """For a service terminal: the decline that writes the status an action list orders, when
+    it is more severe than the card's own (a card reported lost is never refunded or changed);
+    None otherwise. Unlike a payment, a status the card already carries is left to the service
+    rules (a suspended card is reactivated there)."""
+    today = hk_date(require_aware(at))
+    status = ordered_status(action_list, identity.card_number, at)
+    if status <= purse.status:
+        return None
+    new_purse = _next(purse, status=status)
+    return _decline(
+        purse, _STATUS_REASON[status], 0,
+        records=(Record(_STATUS_RECORD[status], 0, purse.balance_cents),),
+        new_purse=new_purse,
+        log_entry=LogEntry(new_purse.counter, LogType.STATUS, today, 0, new_status=status))
 
 
 def decide_payment(identity: Identity, purse: Purse, tariff: Tariff, at: datetime,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from farebox.cardimage.errors import InvalidCard
 from farebox.cardimage.image import change_blocks, decode_image
@@ -28,8 +28,9 @@ from .journal import CardWrite, Journal
 from .keys import SoftwareKeyStore
 from .rules import (
     DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, Reason, Record, RecordType,
-    Tariff, balance_in_range, decide_add_value, decide_payment,
+    Tariff, balance_in_range, decide_add_value, decide_payment, list_ordered_change,
 )
+from .service import ServiceRefused
 from .writestate import WriteState
 
 DEFAULT_RETAP_WINDOW_S = 60.0
@@ -127,6 +128,30 @@ class Terminal:
                 card.identity, card.purse, amount_cents, rules_at, self.action_list,
                 self.minimum_add_value_cents, restart_inactivity=trusted)))
 
+    def service(self, session: LiteSSession, at: datetime, kind: str,
+                decide: Callable[[CardImage, date], Decision]) -> TapResult:
+        """A service terminal's change to the card (terminal/service.py: return, reactivate,
+        AAVS, student status, limit upgrade), made as safely as a payment: journal intent, the
+        two-block purse write, in-doubt resolution and completion, rollback checks. ``decide``
+        gets the verified card and the Hong Kong date; a ServiceRefused from it becomes
+        RequestRefused (nothing written). A card the action list orders blocked, suspended or
+        cancelled beyond what it carries is declined and marked, as a payment terminal does.
+        A service change needs a trusted clock (it may restart the inactivity clock or cancel
+        the card): a time behind the card or this terminal is refused."""
+        def run(card: CardImage, rules_at: datetime, trusted: bool) -> Decision:
+            if not trusted:
+                raise RequestRefused(f"{at.isoformat()} is behind this card's last use or this "
+                                     "terminal's latest transaction: check the clock")
+            listed = list_ordered_change(card.identity, card.purse, rules_at, self.action_list)
+            if listed is not None:
+                return listed
+            try:
+                return decide(card, hk_date(rules_at))
+            except ServiceRefused as error:
+                raise RequestRefused(str(error)) from None
+
+        return self._tap(session, at, _Request(kind, 0, run))
+
     def idle(self) -> None:
         """Call once the card has left the field: makes the last tap's commit marks durable and
         checkpoints the journal, off the in-field path."""
@@ -153,8 +178,9 @@ class Terminal:
         if counter >= COUNTER_MAX or not balance_in_range(card.identity, card.purse):
             return TapResult(False, Reason.INVALID_CARD, number, request.amount_cents, None, None,
                              counter=counter, commands=session.commands, idm=idm)
-        if request.kind == ADD_VALUE and hk_date(at) < card.identity.issued:
-            raise RequestRefused(f"an add value at {at.isoformat()} is before the card was issued "
+        if request.kind != PAYMENT and hk_date(at) < card.identity.issued:
+            what = "an add value" if request.kind == ADD_VALUE else request.kind.replace("_", " ")
+            raise RequestRefused(f"{what} at {at.isoformat()} is before the card was issued "
                                  f"({card.identity.issued.isoformat()})")
         slot_bytes = _slot_bytes(card, raw)
         trusted, rules_at = self._trusted_time(card, at)
@@ -230,6 +256,11 @@ class Terminal:
         except FelicaError:
             return False
         return True
+
+    def clock_trusted(self, card: CardImage, at: datetime) -> bool:
+        """Whether this terminal would believe ``at`` for this card (see :meth:`_trusted_time`):
+        a service request checks every card with it before changing any."""
+        return self._trusted_time(card, at)[0]
 
     def _trusted_time(self, card: CardImage, at: datetime) -> tuple[bool, datetime]:
         """Whether ``at`` can be believed, and the time the rules are applied at.

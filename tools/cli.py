@@ -18,6 +18,8 @@ COMMANDS = {
     "card": ("farebox.tools.card_cmd", "card", "Make, inspect, dump, import and compare cards."),
     "tap": ("farebox.tools.tap_cmd", "tap", "Pay a fare with the card in CARD."),
     "add-value": ("farebox.tools.tap_cmd", "add_value", "Add cash value to the card in CARD."),
+    "service": ("farebox.tools.service_cmd", "service",
+                "Service centre: issue, return, reactivate, AAVS, student status, limits."),
     "journal": ("farebox.tools.journal_cmd", "journal", "Inspect the terminal's journal."),
     "run": ("farebox.tools.run_cmd", "run",
             "Wait for cards and charge each presentation once (the terminal daemon)."),

@@ -95,6 +95,7 @@ def _history(card: CardImage) -> list[dict]:
         "date": line.entry.day.isoformat(), "amount": fmt(line.entry.amount_cents),
         "aavs_reload": fmt(line.entry.aavs_reload_cents) if line.entry.aavs_reload_cents else None,
         "status": line.entry.new_status.label if line.entry.new_status is not None else None,
+        "operation": line.entry.operation.label if line.entry.operation is not None else None,
         "balance_after": _money(line.balance_after_cents),
     } for line in history(card)]
 
@@ -123,6 +124,7 @@ def card_json(card: CardImage, *, test_key: bool, today) -> dict:
         "deposit": fmt(identity.deposit_cents),
         "last_payment": _day(purse.last_payment),
         "payment_count": purse.payment_count,
+        "aavs_ever_enabled": purse.aavs_ever_enabled,
         "idm": card.idm.hex(),
         "key_version": identity.key_version,
         "test_key": test_key,
@@ -153,6 +155,8 @@ def card_human(obj: dict) -> str:
             extra = f" (with auto add value {entry['aavs_reload']})"
         elif entry["status"]:
             extra = f" -> {entry['status']}"
+        elif entry["operation"]:
+            extra = f" ({entry['operation']})"
         after = f"  balance {entry['balance_after']}" if entry["balance_after"] else ""
         lines.append(f"    #{entry['counter']:<4} {entry['date']}  {entry['type']:<9} "
                      f"{entry['amount']:>9}{extra}{after}")

@@ -18,7 +18,8 @@ from farebox.cardimage.layout import (
 )
 from farebox.cardimage.mac import area_mac, diversify_key
 from farebox.cardimage.model import (
-    AAVS_RELOAD_CENTS, COUNTER_MAX, Category, Concession, Identity, Kind, LogEntry, LogType, Purse, Status,
+    AAVS_RELOAD_CENTS, COUNTER_MAX, Category, Concession, Identity, Kind, LogEntry, LogType, Purse,
+    ServiceOp, Status,
 )
 from farebox.cardimage.money import format_cents, parse_amount
 
@@ -68,7 +69,8 @@ purses = st.builds(
     last_add_value=days_, last_auto_reload=st.none() | days_, last_payment=st.none() | days_,
     aavs_reload_cents=st.sampled_from((0,) + AAVS_RELOAD_CENTS), status=st.sampled_from(Status),
     payment_count=st.integers(0, 0xFFFF), concession=st.sampled_from(Concession),
-    concession_expiry=st.none() | days_, svl_upgraded=st.booleans())
+    concession_expiry=st.none() | days_, svl_upgraded=st.booleans(),
+    aavs_ever_enabled=st.booleans())
 
 
 @st.composite
@@ -78,7 +80,8 @@ def log_entries(draw):
         counter=draw(st.integers(1, 2**32 - 1)), type=kind, day=draw(days_),
         amount_cents=draw(st.integers(-(2**23), 2**23 - 1)),
         aavs_reload_cents=draw(st.sampled_from((0,) + AAVS_RELOAD_CENTS)) if kind is LogType.PAYMENT else 0,
-        new_status=draw(st.sampled_from(Status)) if kind is LogType.STATUS else None)
+        new_status=draw(st.sampled_from(Status)) if kind is LogType.STATUS else None,
+        operation=draw(st.sampled_from(ServiceOp)) if kind is LogType.SERVICE else None)
 
 
 # ---- round trips --------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""The service terminal's shell for issuing cards: check every card of a request, then for each
+one journal the money collected (deposit, initial value, fee), write the card, and commit.
+
+The journal's intent comes before the card file exists: a card written but never committed
+(the process died in between) is an ``intent`` this terminal resolves when it next sees the card
+(its purse slot is the one the intent expects), like an interrupted tap; a card file that could
+not be written voids its intent, so nothing is settled for it. An intent whose card file never
+came to be (the process died before writing it) stays in doubt (`journal list` shows it) and
+its records are never settled.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+from farebox.cardimage.layout import PURSE_SLOT_BLOCKS, log_block_for
+from farebox.cardimage.model import Identity
+from farebox.protocol.simcard import SimulatedLiteS
+from farebox.protocol.transports.cardfile import save_card
+
+from . import failpoints
+from .clock import hk_date, require_aware
+from .issue import IssueError, IssueRequest, issue, new_idm
+from .journal import Journal
+from .keys import SoftwareKeyStore
+from .rules import Record, RecordType
+from .service import IssueCharges, ServiceRefused, check_request_size, issue_charges
+from .writestate import WriteState
+
+ISSUE = "issue"
+
+
+def _records(charges: IssueCharges, aavs_reload_cents: int) -> tuple[Record, ...]:
+    """The money collected, and AAVS when the card is issued with it (the first enablement:
+    free)."""
+    records = charges.records()
+    if aavs_reload_cents:
+        records += (Record(RecordType.AAVS_ENABLE, 0, charges.initial_value_cents),)
+    return records
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    path: Path
+    identity: Identity
+    charges: IssueCharges
+    aavs_reload_cents: int
+    tap_id: str
+
+
+def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
+                request: IssueRequest, at: datetime) -> list[IssuedCard]:
+    """Issue one card per path (at most five, none may exist yet), each with ``request``'s kind,
+    category, concession and AAVS, issued on the Hong Kong date of ``at``. Raises
+    ServiceRefused before anything is written if any card cannot be issued."""
+    require_aware(at)
+    check_request_size(len(paths))
+    resolved = [Path(p).absolute() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise ServiceRefused("the same card file is named twice")
+    if request.number is not None and len(paths) > 1:
+        raise ServiceRefused("a card number can only be given for a single card")
+    high_water = journal.time_high_water()
+    if high_water is not None and at < high_water:
+        raise ServiceRefused(f"{at.isoformat()} is behind this terminal's latest transaction "
+                             f"({high_water.isoformat()}): check the clock")
+    request = replace(request, issued=hk_date(at), balance_cents=None, last_add_value=None)
+    prepared = []
+    for path in paths:
+        path = Path(path)
+        if path.exists():
+            raise ServiceRefused(f"{path}: already exists (a new card needs a new file)")
+        if not path.parent.is_dir():
+            raise ServiceRefused(f"{path.parent}: no such directory")
+        idm = new_idm()
+        number = request.number if request.number is not None else secrets.randbelow(10**8)
+        try:
+            identity, purse, blocks = issue(replace(request, number=number), keys, idm)
+        except IssueError as error:
+            raise ServiceRefused(str(error)) from None
+        charges = issue_charges(identity.kind, identity.category)
+        if purse.balance_cents != charges.initial_value_cents:
+            raise AssertionError("issue() and issue_charges() disagree on the initial value")
+        prepared.append((path, idm, identity, purse, blocks, charges))
+
+    issued = []
+    for path, idm, identity, purse, blocks, charges in prepared:
+        tap_id = secrets.token_hex(8)
+        log_block = log_block_for(1)
+        write = journal.record_intent(
+            tap_id=tap_id, card_number=identity.card_number, idm=idm, kind=ISSUE,
+            counter_before=0, slot_before=b"", counter_after=1,
+            expected_slot=b"".join(blocks[b] for b in PURSE_SLOT_BLOCKS[0]),
+            log_block=log_block, log_data=blocks[log_block], balance_before_cents=0,
+            records=_records(charges, purse.aavs_reload_cents), outcome=None, at=at,
+            remember_before=False)
+        failpoints.hit("after-intent")
+        try:
+            save_card(SimulatedLiteS(idm, blocks=blocks), path)
+        except OSError as error:
+            journal.resolve_write(write, WriteState.VOID, at)
+            raise OSError(f"{path}: cannot write the card file ({error.strerror}); "
+                          f"{len(issued)} card(s) issued before it") from None
+        failpoints.hit("after-purse-write")
+        journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
+        issued.append(IssuedCard(path, identity, charges, purse.aavs_reload_cents, tap_id))
+    return issued

@@ -1,0 +1,457 @@
+"""``farebox service``: the customer service centre's operations (RULES.md §6, §8).
+
+Each command parses, calls ``farebox.terminal`` (the pure rules in ``service.py``, the card write
+in ``tap.Terminal.service``) and prints. A CARD is a simulated card file; ``--reader SPEC`` takes
+the card presented to a reader instead (``udp:HOST:PORT``, ``usb``, ``pcsc``...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from farebox.cardimage.errors import InvalidCard
+from farebox.cardimage.model import AAVS_RELOAD_CENTS, Category, Concession, Kind
+from farebox.cardimage.money import format_cents as fmt
+from farebox.protocol.errors import FelicaError
+from farebox.protocol.frames import SYSTEM_CODE_LITE_S
+from farebox.protocol.reader import Reader
+from farebox.protocol.session import LiteSSession
+from farebox.terminal.cardnumber import format_number
+from farebox.terminal.clock import hk_date, now_utc
+from farebox.terminal.inspect import read_card
+from farebox.terminal.issue import IssueRequest
+from farebox.terminal.runtime import load_keys
+from farebox.terminal.rules import Reason, RecordType, is_inactive, ordered_status
+from farebox.terminal.service import (
+    ServiceRefused, check_request_size, decide_aavs, decide_reactivate, decide_renew_student,
+    decide_return, decide_upgrade_limit, inactivity_fees, refund_breakdown,
+)
+from farebox.terminal.servicedesk import issue_cards
+from farebox.terminal.tap import RequestRefused, TapInterrupted, TapResult
+from farebox.terminal.writestate import WriteState
+
+from . import output
+from .common import (
+    InputError, config_option, json_option, open_reader, settings, setup_errors, state_notice,
+    state_option, terminal,
+)
+from .params import DATE, POSITIVE_AMOUNT, TIME
+from .tap_cmd import _faults, hotlist_option, leave_after_option, torn_write_option
+
+_KINDS = {k.label: k for k in Kind}
+_CATEGORIES = {c.label: c for c in Category}
+_CONCESSIONS = {c.label: c for c in Concession}
+_AAVS_CHOICES = [str(c // 100) for c in AAVS_RELOAD_CENTS]
+DEFAULT_WAIT_S = 10.0
+
+cards_argument = click.argument("card_files", metavar="CARD...", nargs=-1,
+                                type=click.Path(dir_okay=False, path_type=Path))
+card_argument = click.argument("card_file", metavar="[CARD]", required=False,
+                               type=click.Path(dir_okay=False, path_type=Path))
+at_option = click.option("--at", type=TIME, help="time of the operation, ISO 8601 with offset "
+                         "[default: now]")
+reader_option = click.option("--reader", "reader_spec", metavar="SPEC",
+                             help="the card presented to this reader (udp:HOST:PORT, usb, pcsc...) "
+                                  "instead of a CARD file")
+wait_option = click.option("--wait", "wait_s", type=click.FloatRange(min=0.1, max=600),
+                           default=DEFAULT_WAIT_S, show_default=True,
+                           help="with --reader: seconds to wait for the card")
+
+
+@click.group()
+def service() -> None:
+    """Service centre: issue, return, reactivate, AAVS, student status, limits, inactivity fee."""
+
+
+# ---- issue ----------------------------------------------------------------------------------
+
+@service.command("issue")
+@cards_argument
+@click.option("--category", type=click.Choice(list(_CATEGORIES)), required=True)
+@click.option("--kind", type=click.Choice(list(_KINDS)), default="on-loan", show_default=True)
+@click.option("--concession", type=click.Choice(list(_CONCESSIONS)), default="none",
+              show_default=True, help="Personalised cards only")
+@click.option("--concession-expiry", type=DATE, help="last day a student concession is valid")
+@click.option("--aavs", type=POSITIVE_AMOUNT, help="AAVS reload amount: 150, 250, 500 or 1000")
+@reader_option
+@at_option
+@state_option
+@config_option
+@json_option
+def issue(card_files, category, kind, concession, concession_expiry, aavs, reader_spec, at,
+          state_dir, config_file, as_json) -> None:
+    """Issue new cards into the files CARD... (at most five): deposit, initial value and, for a
+    Personalised card, the HK$20 administrative fee are collected and journalled."""
+    if reader_spec is not None:
+        raise InputError("service issue writes new card files; issuing onto a blank card held "
+                         "to a reader is not supported")
+    at = at or now_utc()
+    config = settings(config_file, state_dir=state_dir)
+    request = IssueRequest(issued=hk_date(at), kind=_KINDS[kind], category=_CATEGORIES[category],
+                           concession=_CONCESSIONS[concession],
+                           concession_expiry=concession_expiry, aavs_reload_cents=aavs or 0)
+    with terminal(config) as term:
+        try:
+            issued = issue_cards(term.journal, term.keys, list(card_files), request, at)
+        except ServiceRefused as error:
+            raise InputError(str(error)) from None
+        except OSError as error:
+            raise click.ClickException(str(error)) from None
+        term.idle()
+    cards = [{
+        "card": format_number(card.identity.card_number), "file": str(card.path),
+        "kind": card.identity.kind.label, "category": card.identity.category.label,
+        "issued": card.identity.issued.isoformat(),
+        "deposit": fmt(card.charges.deposit_cents),
+        "initial_value": fmt(card.charges.initial_value_cents),
+        "fee": fmt(card.charges.fee_cents), "collected": fmt(card.charges.collected_cents),
+        "aavs": fmt(card.aavs_reload_cents) if card.aavs_reload_cents else None,
+    } for card in issued]
+    total = sum(card.charges.collected_cents for card in issued)
+    human = "\n".join(f"ISSUED card {c['card']} ({c['kind']} {c['category']}) -> {c['file']}  "
+                      f"deposit {c['deposit']} + value {c['initial_value']} + fee {c['fee']} "
+                      f"= {c['collected']}" for c in cards)
+    output.emit({"cards": cards, "collected": fmt(total)}, as_json,
+                f"{human}\ncollect {fmt(total)}")
+    state_notice(config)
+
+
+# ---- return ---------------------------------------------------------------------------------
+
+@service.command("return")
+@cards_argument
+@click.option("--damaged", is_flag=True, help="the cards are returned damaged (HK$30 each)")
+@reader_option
+@wait_option
+@at_option
+@state_option
+@config_option
+@hotlist_option
+@leave_after_option
+@torn_write_option
+@json_option
+def return_(card_files, damaged, reader_spec, wait_s, at, state_dir, config_file, hotlist,
+            leave_after, torn_write, as_json) -> None:
+    """Return On-Loan cards (at most five): refund the deposit and the value less the fees; each
+    card is cancelled. Every card is checked before any is changed."""
+    specs = _specs(card_files, reader_spec, many=True)
+    at = at or now_utc()
+    config = settings(config_file, state_dir=state_dir, action_list=hotlist)
+    today = hk_date(at)
+    faults = _faults(leave_after, torn_write)
+    results = []
+    with terminal(config) as term:
+        # all or nothing: every card is checked before the first one is changed
+        for spec in specs:
+            if spec.startswith("sim:"):
+                image = _look(spec, term.keys)
+                if any(w.state is WriteState.INTENT and w.kind == "return"
+                       for w in term.journal.unresolved_writes(image.identity.card_number)):
+                    continue  # an interrupted return: the write below completes or voids it
+                if not term.clock_trusted(image, at):
+                    raise InputError(f"{_label(spec)}: {at.isoformat()} is behind this card's "
+                                     "last use or this terminal's latest transaction: check the "
+                                     "clock; nothing was done")
+                try:
+                    refund_breakdown(image.identity, image.purse, today, damaged=damaged)
+                except ServiceRefused as error:
+                    raise InputError(f"{_label(spec)}: {error}; nothing was done") from None
+                listed = ordered_status(term.action_list, image.identity.card_number, at)
+                if listed > image.purse.status:  # marks the card (as a payment would) and stops
+                    _change(term, spec, None, wait_s, at, "return",
+                            lambda card, day: decide_return(card.identity, card.purse, day,
+                                                            damaged=damaged)[0])
+                    raise AssertionError("the action list's decline was not made")
+        for number, spec in enumerate(specs, 1):
+            try:
+                result = _change(term, spec, faults, wait_s, at, "return",
+                                 lambda card, day: decide_return(card.identity, card.purse, day,
+                                                                 damaged=damaged)[0])
+            except click.ClickException as error:
+                if not results:
+                    raise
+                # some cards are already returned: say so, then the error (exit 1: not "nothing
+                # changed")
+                _emit_returns(results, as_json)
+                raise click.ClickException(f"card {number} of {len(specs)}: "
+                                           f"{error.format_message()} (the {len(results)} "
+                                           "card(s) before it were returned)") from None
+            results.append(_return_json(result))
+            term.idle()
+    _emit_returns(results, as_json)
+    state_notice(config)
+
+
+def _emit_returns(results: list[dict], as_json: bool) -> None:
+    total = sum(r["_refund_cents"] for r in results)
+    results = [{k: v for k, v in r.items() if k != "_refund_cents"} for r in results]
+    human = "\n".join(
+        f"RETURNED card {r['card']}  deposit {r['deposit']} + value {r['remaining_value']} "
+        f"- handling {r['handling_fee']} - damage {r['damage_fee']} - personalisation "
+        f"{r['personalisation_fee']} = refund {r['refund']}"
+        + (f" (waived {r['waived']})" if r["waived"] != "0.00" else "")
+        + ("  (completes the interrupted return)" if r["completed_from"] else "")
+        for r in results)
+    output.emit({"cards": results, "refund": fmt(total)}, as_json,
+                f"{human}\npay out {fmt(total)}")
+
+
+def _return_json(result: TapResult) -> dict:
+    amounts = _by_type(result)
+    refund = amounts.get(RecordType.REFUND, 0)
+    return {
+        "card": format_number(result.card_number),
+        "refund": fmt(refund),
+        "deposit": fmt(amounts.get(RecordType.DEPOSIT_REFUND, 0)),
+        "remaining_value": fmt(result.balance_before_cents),
+        "handling_fee": fmt(amounts.get(RecordType.HANDLING_FEE, 0)),
+        "damage_fee": fmt(amounts.get(RecordType.DAMAGE_FEE, 0)),
+        "personalisation_fee": fmt(amounts.get(RecordType.PERSONALISATION_FEE, 0)),
+        "negative_offset": fmt(amounts.get(RecordType.NEGATIVE_OFFSET, 0)),
+        "waived": fmt(amounts.get(RecordType.WAIVED, 0)),
+        "status": "cancelled",
+        **_common(result),
+        "_refund_cents": refund,
+    }
+
+
+# ---- reactivate, aavs, renew-student, upgrade-limit -----------------------------------------
+
+def _single_card_command(name: str, help_text: str):
+    """The options every one-card service change takes."""
+    def wrap(function):
+        for option in reversed((card_argument, reader_option, wait_option, at_option,
+                                state_option, config_option, hotlist_option,
+                                leave_after_option, torn_write_option, json_option)):
+            function = option(function)
+        return service.command(name, help=help_text)(function)
+    return wrap
+
+
+@_single_card_command("reactivate", "Reactivate an inactive card (free, less any inactivity "
+                      "fees due) or an AAVS-suspended one once its outstanding amount is paid "
+                      "(HK$20 to the bank account).")
+def reactivate(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist,
+               leave_after, torn_write, as_json) -> None:
+    def decide(card, day):
+        return decide_reactivate(card.identity, card.purse, day)[0]
+
+    def shape(result: TapResult) -> dict:
+        amounts = _by_type(result)
+        return {"inactivity_fee": fmt(amounts.get(RecordType.INACTIVITY_FEE, 0)),
+                "waived": fmt(amounts.get(RecordType.WAIVED, 0)),
+                "reactivation_fee": fmt(amounts.get(RecordType.AAVS_REACTIVATION_FEE, 0)),
+                "status": "active"}
+
+    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write, as_json, "reactivate", decide, shape, "REACTIVATED")
+
+
+@_single_card_command("aavs", "Enable, change (--amount) or cancel (--cancel) the card's "
+                      "Automatic Add Value Service. Enabling it again after a cancellation "
+                      "costs HK$20, charged to the bank account.")
+@click.option("--amount", type=click.Choice(_AAVS_CHOICES), help="reload amount (HK$)")
+@click.option("--cancel", is_flag=True, help="cancel AAVS (the card stays usable)")
+def aavs(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write, as_json, amount, cancel) -> None:
+    if (amount is None) == (not cancel):
+        raise click.UsageError("give exactly one of --amount and --cancel")
+    cents = None if cancel else int(amount) * 100
+
+    def decide(card, day):
+        return decide_aavs(card.identity, card.purse, day, cents)[0]
+
+    def shape(result: TapResult) -> dict:
+        amounts = _by_type(result)
+        return {"action": "cancel" if cancel else "set",
+                "aavs": None if cancel else fmt(cents),
+                "fee": fmt(amounts.get(RecordType.AAVS_REACTIVATION_FEE, 0)),
+                "fee_charged_to": "bank_account"}
+
+    # the kind names the amount: a retry completes an interrupted change only if it is the same
+    kind = "aavs_cancel" if cancel else f"aavs_{amount}"
+    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write, as_json, kind, decide, shape, "AAVS CANCELLED" if cancel else "AAVS SET")
+
+
+@_single_card_command("renew-student", "Renew a Personalised card's Student status until "
+                      "--expiry (inclusive).")
+@click.option("--expiry", type=DATE, required=True, help="last day the status is valid")
+def renew_student(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist,
+                  leave_after, torn_write, as_json, expiry) -> None:
+    def decide(card, day):
+        return decide_renew_student(card.identity, card.purse, day, expiry)
+
+    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write, as_json, "renew_student", decide,
+         lambda result: {"concession": "student", "concession_expiry": expiry.isoformat()},
+         "STUDENT STATUS RENEWED")
+
+
+@_single_card_command("upgrade-limit", "Move a card issued before 2019-12-01 to the HK$3,000 "
+                      "stored value limit.")
+def upgrade_limit(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist,
+                  leave_after, torn_write, as_json) -> None:
+    def decide(card, day):
+        return decide_upgrade_limit(card.identity, card.purse, day)
+
+    _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write, as_json, "upgrade_limit", decide,
+         lambda result: {"stored_value_limit": "3000.00"}, "LIMIT UPGRADED")
+
+
+# ---- inactivity fee (looks only) ------------------------------------------------------------
+
+@service.command("inactivity-fee")
+@card_argument
+@reader_option
+@wait_option
+@at_option
+@config_option
+@json_option
+def inactivity_fee(card_file, reader_spec, wait_s, at, config_file, as_json) -> None:
+    """The Inactive Octopus Administrative Fee the card owes at --at (RULES §6): each period's
+    start and fee, or why it owes none. Reads the card; changes nothing."""
+    spec = _specs((card_file,) if card_file else (), reader_spec, many=False)[0]
+    at = at or now_utc()
+    config = settings(config_file)
+    with setup_errors():
+        keys = load_keys(config)
+    image = _look(spec, keys, wait_s)
+    today = hk_date(at)
+    if today < image.identity.issued:
+        raise InputError(f"{today.isoformat()} is before the card was issued "
+                         f"({image.identity.issued.isoformat()})")
+    fees = inactivity_fees(image.identity, image.purse, today)
+    obj = {
+        "card": format_number(image.identity.card_number),
+        "date": today.isoformat(),
+        "exempt": fees.exempt,
+        "first_period": fees.first_period and fees.first_period.isoformat(),
+        "periods": [{"start": p.start.isoformat(), "fee": fmt(p.fee_cents)} for p in fees.periods],
+        "due": fmt(fees.due_cents),
+        "balance": fmt(image.purse.balance_cents),
+        "inactive": is_inactive(image.purse, today),
+    }
+    if fees.exempt:
+        human = f"card {obj['card']}: no inactivity fee ({fees.exempt})"
+    else:
+        lines = [f"  period from {p['start']}: {p['fee']}" for p in obj["periods"]]
+        human = "\n".join([f"card {obj['card']} on {obj['date']}: due {obj['due']} "
+                           f"(first period {obj['first_period']})", *lines])
+    output.emit(obj, as_json, human)
+
+
+# ---- plumbing -------------------------------------------------------------------------------
+
+def _specs(card_files, reader_spec: str | None, *, many: bool) -> list[str]:
+    if reader_spec is not None and card_files:
+        raise click.UsageError("give CARD files or --reader, not both")
+    if reader_spec is not None:
+        return [reader_spec]
+    if not card_files:
+        raise click.UsageError("give a CARD file or --reader SPEC")
+    if many:
+        try:
+            check_request_size(len(card_files))
+        except ServiceRefused as error:
+            raise InputError(str(error)) from None
+        if len({Path(p).absolute() for p in card_files}) != len(card_files):
+            raise InputError("the same card file is named twice")
+    return [f"sim:{path}" for path in card_files]
+
+
+def _label(spec: str) -> str:
+    return spec.removeprefix("sim:")
+
+
+def _present(reader: Reader, spec: str, wait_s: float) -> LiteSSession:
+    """A session with the card found on ``reader`` (a card file is always there)."""
+    session = LiteSSession(reader)
+    found = reader.wait_for_card(SYSTEM_CODE_LITE_S, wait_s)
+    if found is None:
+        raise InputError(f"{_label(spec)}: no card answered within {wait_s:g} s")
+    session.activate(found)
+    return session
+
+
+def _look(spec: str, keys, wait_s: float = DEFAULT_WAIT_S):
+    """Read and verify the whole card (nothing written)."""
+    reader = open_reader(spec, writable=False)
+    try:
+        return read_card(_present(reader, spec, wait_s), keys)
+    except FelicaError as error:
+        raise InputError(f"{_label(spec)}: the card does not work with this terminal "
+                         f"({error})") from None
+    except InvalidCard as error:
+        raise InputError(f"{_label(spec)}: invalid card: {error}") from None
+    finally:
+        reader.close()
+
+
+def _change(term, spec: str, faults, wait_s: float, at, kind: str, decide) -> TapResult:
+    """One service change through the terminal's transaction; refusals are bad input."""
+    reader = open_reader(spec, faults=faults if spec.startswith("sim:") else None)
+    if faults is not None and not spec.startswith("sim:"):
+        reader.close()
+        raise InputError("--leave-after and --torn-write need a CARD file")
+    try:
+        try:
+            session = _present(reader, spec, wait_s)
+            result = term.service(session, at, kind, decide)
+        except TapInterrupted as error:  # the journal holds the write in doubt: exit 1
+            raise click.ClickException(str(error)) from None
+        except RequestRefused as error:
+            raise InputError(f"{_label(spec)}: {error}; nothing was done") from None
+        except FelicaError as error:  # before anything was written
+            if faults is not None:
+                raise click.ClickException(f"the card left the field ({error}); nothing was "
+                                           "written; present the card again") from None
+            raise InputError(f"{_label(spec)}: the card does not work with this terminal "
+                             f"({error})") from None
+    finally:
+        reader.close()
+    if not result.approved:
+        reason = result.reason.value if result.reason else "declined"
+        if result.records:  # the action list's status, written to the card as a payment would
+            raise InputError(f"{_label(spec)}: card refused: the action list orders it {reason}; "
+                             "that status was written to the card, nothing else was done")
+        hint = " (an older copy of the card)" if result.reason is Reason.ROLLBACK else ""
+        raise InputError(f"{_label(spec)}: card refused: {reason}{hint}; nothing was done")
+    return result
+
+
+def _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
+         torn_write, as_json, kind, decide, shape, head) -> None:
+    spec = _specs((card_file,) if card_file else (), reader_spec, many=False)[0]
+    at = at or now_utc()
+    config = settings(config_file, state_dir=state_dir, action_list=hotlist)
+    with terminal(config) as term:
+        result = _change(term, spec, _faults(leave_after, torn_write), wait_s, at, kind, decide)
+        obj = {"card": format_number(result.card_number), **shape(result),
+               "balance_before": fmt(result.balance_before_cents),
+               "balance_after": fmt(result.balance_after_cents), **_common(result)}
+        term.idle()
+    extra = "  ".join(f"{k} {v}" for k, v in obj.items()
+                      if k not in ("card", "records", "counter", "completed_from",
+                                   "clock_trusted") and v is not None)
+    output.emit(obj, as_json, f"{head}  card {obj['card']}  {extra}")
+    state_notice(config)
+
+
+def _by_type(result: TapResult) -> dict[RecordType, int]:
+    amounts: dict[RecordType, int] = {}
+    for record in result.records:
+        amounts[record.type] = amounts.get(record.type, 0) + record.amount_cents
+    return amounts
+
+
+def _common(result: TapResult) -> dict:
+    return {
+        "records": [{"type": r.type.value, "amount": fmt(r.amount_cents),
+                     "balance_after": fmt(r.balance_after_cents)} for r in result.records],
+        "counter": result.counter,
+        "completed_from": result.completed_from,
+    }
