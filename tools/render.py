@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 from collections.abc import Iterable, Sequence
 
 
@@ -14,7 +15,10 @@ def render(*items: object) -> str:
     from rich.console import Console
 
     buffer = io.StringIO()
-    width = max(100, shutil.get_terminal_size((120, 24)).columns)
+    # On a terminal: its width. In a pipe or a log: wide enough that no cell is cut short (tables
+    # are only as wide as their content).
+    width = (max(100, shutil.get_terminal_size((120, 24)).columns) if sys.stdout.isatty()
+             else 400)
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False,
                       highlight=False, emoji=False)
     for item in items:
