@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -11,6 +12,8 @@ import click
 
 from farebox.terminal.clock import now_utc
 from farebox.terminal.daemon import Daemon, TapEvent
+from farebox.terminal.jsonlog import JsonFormatter, event_fields
+from farebox.terminal.sdnotify import Notifier
 from farebox.terminal.runtime import (
     ActionListReloader, ReaderSpec, RuntimeSetupError, batch_closer, open_transport,
     start_uploader,
@@ -33,16 +36,31 @@ from .params import FARES, POSITIVE_AMOUNT
 @click.option("--hotlist", type=click.Path(dir_okay=False), help="action list JSON")
 @click.option("--max-taps", type=click.IntRange(min=1), help="stop after N taps")
 @click.option("-v", "--verbose", count=True, help="-v: log on stderr; -vv: every frame too")
+@click.option("--log-format", type=click.Choice(["text", "json"]),
+              help="json: one JSON event per line on stdout (taps, reader up/down, start/stop, "
+              "log messages), for journald [config log_format; default text]")
+@click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
+              help="serve Prometheus metrics there (loopback only; port 0: a free port) "
+              "[config metrics_listen; default: none]")
 @json_option
 def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, max_taps, verbose,
-        as_json) -> None:
-    """Wait for cards and charge each presentation once (SIGTERM/SIGINT stop it cleanly)."""
+        log_format, metrics_listen, as_json) -> None:
+    """Wait for cards and charge each presentation once (SIGTERM/SIGINT stop it cleanly).
+
+    Under systemd (Type=notify) it says READY=1 once the reader answers, WATCHDOG=1 while the
+    loop runs, STATUS= lines and STOPPING=1."""
     if fare is not None and fares is not None:
         raise click.UsageError("give at most one of --fare and --fares")
+    from farebox.terminal.metrics import MetricsError, parse_listen
     from farebox.terminal.rules import Tariff
 
+    if metrics_listen is not None:
+        try:
+            parse_listen(metrics_listen)
+        except MetricsError as error:
+            raise InputError(f"--metrics: {error}") from None
     config = settings(config_file, state_dir=state_dir, reader=reader_spec, action_list=hotlist,
-                      pcsc_mode=pcsc_mode,
+                      pcsc_mode=pcsc_mode, log_format=log_format, metrics_listen=metrics_listen,
                       tariff=fares if fares is not None else fare and Tariff.flat(fare))
     if config.reader is None:
         raise click.UsageError("give --reader SPEC (or reader in --config)")
@@ -52,14 +70,46 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
         spec = ReaderSpec.parse(config.reader)
     except RuntimeSetupError as error:
         raise InputError(str(error)) from None
-    logging.basicConfig(stream=sys.stderr, format="farebox: %(name)s: %(message)s",
-                        level=logging.WARNING if verbose == 0 else
-                        logging.INFO if verbose == 1 else logging.DEBUG)
+    json_log = config.log_format == "json"
+    if json_log:  # journald takes stdout; every line one JSON object
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(handlers=[handler],
+                            level=logging.INFO if verbose < 2 else logging.DEBUG)
+        logging.raiseExceptions = False  # a closed stdout must not fill stderr with tracebacks
+    else:
+        logging.basicConfig(stream=sys.stderr, format="farebox: %(name)s: %(message)s",
+                            level=logging.WARNING if verbose == 0 else
+                            logging.INFO if verbose == 1 else logging.DEBUG)
     with contextlib.suppress(ImportError):
         import nfc  # noqa: F401 - importing nfc sets its logger to INFO; set it after that
     for name in ("nfc", "smartcard"):  # the libraries' own chatter only with -vv
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
+    events = logging.getLogger("farebox.run")
+    notifier = Notifier()
+    notifier.set_status(f"waiting for the reader {spec}")
+    metrics = metrics_url = None
+    if config.metrics_listen is not None:
+        from farebox.terminal.metrics import TerminalMetrics
+
+        metrics = TerminalMetrics()
+        try:
+            metrics_url = metrics.serve(*parse_listen(config.metrics_listen))
+        except MetricsError as error:
+            raise InputError(str(error)) from None
+        if not json_log:
+            click.echo(f"farebox: metrics on {metrics_url}", err=True)
+    try:
+        _serve(config, spec, max_taps, as_json, json_log, events, notifier, metrics, metrics_url)
+    finally:
+        notifier.close()
+        if metrics is not None:
+            metrics.close()
+
+
+def _serve(config, spec, max_taps, as_json, json_log, events, notifier, metrics,
+           metrics_url) -> None:
     first = None
     try:
         first = open_transport(spec, pcsc_mode=config.pcsc_mode)
@@ -85,30 +135,70 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
                    "tap_id": event.interrupted, "error": event.error}
             human = f"NOT COMPLETED  {event.error}"
         obj.update({"reader": event.reader, "idm": event.idm.hex(), "tap_ms": event.tap_ms})
-        output.emit(obj, as_json, f"{human}  ({event.tap_ms:.0f} ms)")
+        if metrics is not None:
+            metrics.tap(obj["outcome"], obj.get("reason"), event.tap_ms)
+        if json_log:
+            events.info("%s", human, extra=event_fields("tap", obj))
+        else:
+            output.emit(obj, as_json, f"{human}  ({event.tap_ms:.0f} ms)")
 
-    uploader = start_uploader(config, now_utc)
+    def on_reader(state: str, detail: str) -> None:
+        if state == "up":
+            notifier.ready(f"ready: reader {detail} answers")
+            if json_log:
+                events.info("reader %s answers", detail,
+                            extra=event_fields("reader_up", {"reader": detail}))
+        else:
+            notifier.set_status(f"waiting for the reader: {detail}")
+            if json_log:
+                events.warning("%s", detail, extra=event_fields("reader_down", {"error": detail}))
+        if metrics is not None:
+            metrics.reader(state == "up")
+
+    uploader = start_uploader(config, now_utc,
+                              on_synced=metrics.uploaded if metrics else lambda: None,
+                              on_fetched=metrics.fetched if metrics else lambda: None)
     with terminal(config) as term:
         closer = batch_closer(config, term, now_utc,
                               on_closed=uploader.wake if uploader else lambda: None)
         reload_list = ActionListReloader(config, term)
 
+        unacknowledged = closer.settlement.unacknowledged_count if closer else lambda: 0
+
         def on_idle() -> None:
             if closer is not None:
                 closer()
             reload_list()
+            if metrics is not None:
+                metrics.refresh(term.journal.in_doubt_count, unacknowledged)
+
+        def on_pass() -> None:
+            notifier.watchdog()
+            if metrics is not None:
+                metrics.reopens(daemon.stats.reader_reopens)
 
         daemon = Daemon(term, open_reader, config.tariff, on_event=emit, max_taps=max_taps,
-                        on_idle=on_idle)
+                        on_idle=on_idle, on_pass=on_pass, on_reader=on_reader)
+        if metrics is not None:
+            metrics.refresh(term.journal.in_doubt_count, unacknowledged, force=True)
+        if json_log:
+            events.info("farebox started on reader %s", spec, extra=event_fields("start", {
+                "reader": str(spec), "terminal_id": term.journal.terminal_id,
+                "metrics": metrics_url, "pid": os.getpid()}))
         previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             daemon.run()
         finally:
+            notifier.stopping(f"stopping after {daemon.stats.taps} taps")
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if uploader is not None:
                 uploader.stop()
-    if not as_json:
+    if json_log:
+        events.info("farebox stopped after %d taps", daemon.stats.taps,
+                    extra=event_fields("stop", {"taps": daemon.stats.taps,
+                                                "reader_reopens": daemon.stats.reader_reopens}))
+    elif not as_json:
         click.echo(f"farebox: stopped after {daemon.stats.taps} taps", err=True)
 
 
