@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import sys
 
@@ -12,8 +11,9 @@ import click
 
 from farebox.terminal.clock import now_utc
 from farebox.terminal.daemon import Daemon, TapEvent
-from farebox.terminal.jsonlog import JsonFormatter, event_fields
+from farebox.terminal.jsonlog import JsonFormatter
 from farebox.terminal.sdnotify import Notifier
+from farebox.terminal.supervise import Supervision
 from farebox.terminal.runtime import (
     ActionListReloader, ReaderSpec, RuntimeSetupError, batch_closer, open_transport,
     start_uploader,
@@ -86,9 +86,7 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
     for name in ("nfc", "smartcard"):  # the libraries' own chatter only with -vv
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
-    events = logging.getLogger("farebox.run")
     notifier = Notifier()
-    notifier.set_status(f"waiting for the reader {spec}")
     metrics = metrics_url = None
     if config.metrics_listen is not None:
         from farebox.terminal.metrics import TerminalMetrics
@@ -100,16 +98,17 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
             raise InputError(str(error)) from None
         if not json_log:
             click.echo(f"farebox: metrics on {metrics_url}", err=True)
+    watch = Supervision(notifier, metrics, log_events=json_log)
+    watch.waiting(str(spec))
     try:
-        _serve(config, spec, max_taps, as_json, json_log, events, notifier, metrics, metrics_url)
+        _serve(config, spec, max_taps, as_json, watch, metrics_url)
     finally:
         notifier.close()
         if metrics is not None:
             metrics.close()
 
 
-def _serve(config, spec, max_taps, as_json, json_log, events, notifier, metrics,
-           metrics_url) -> None:
+def _serve(config, spec, max_taps, as_json, watch: Supervision, metrics_url) -> None:
     first = None
     try:
         first = open_transport(spec, pcsc_mode=config.pcsc_mode)
@@ -135,26 +134,10 @@ def _serve(config, spec, max_taps, as_json, json_log, events, notifier, metrics,
                    "tap_id": event.interrupted, "error": event.error}
             human = f"NOT COMPLETED  {event.error}"
         obj.update({"reader": event.reader, "idm": event.idm.hex(), "tap_ms": event.tap_ms})
-        if metrics is not None:
-            metrics.tap(obj["outcome"], obj.get("reason"), event.tap_ms)
-        if json_log:
-            events.info("%s", human, extra=event_fields("tap", obj))
-        else:
+        if not watch.tap(obj, human):
             output.emit(obj, as_json, f"{human}  ({event.tap_ms:.0f} ms)")
 
-    def on_reader(state: str, detail: str) -> None:
-        if state == "up":
-            notifier.ready(f"ready: reader {detail} answers")
-            if json_log:
-                events.info("reader %s answers", detail,
-                            extra=event_fields("reader_up", {"reader": detail}))
-        else:
-            notifier.set_status(f"waiting for the reader: {detail}")
-            if json_log:
-                events.warning("%s", detail, extra=event_fields("reader_down", {"error": detail}))
-        if metrics is not None:
-            metrics.reader(state == "up")
-
+    metrics = watch.metrics
     uploader = start_uploader(config, now_utc,
                               on_synced=metrics.uploaded if metrics else lambda: None,
                               on_fetched=metrics.fetched if metrics else lambda: None)
@@ -169,36 +152,21 @@ def _serve(config, spec, max_taps, as_json, json_log, events, notifier, metrics,
             if closer is not None:
                 closer()
             reload_list()
-            if metrics is not None:
-                metrics.refresh(term.journal.in_doubt_count, unacknowledged)
-
-        def on_pass() -> None:
-            notifier.watchdog()
-            if metrics is not None:
-                metrics.reopens(daemon.stats.reader_reopens)
+            watch.idle(term.journal.in_doubt_count, unacknowledged)
 
         daemon = Daemon(term, open_reader, config.tariff, on_event=emit, max_taps=max_taps,
-                        on_idle=on_idle, on_pass=on_pass, on_reader=on_reader)
-        if metrics is not None:
-            metrics.refresh(term.journal.in_doubt_count, unacknowledged, force=True)
-        if json_log:
-            events.info("farebox started on reader %s", spec, extra=event_fields("start", {
-                "reader": str(spec), "terminal_id": term.journal.terminal_id,
-                "metrics": metrics_url, "pid": os.getpid()}))
+                        on_idle=on_idle, on_reader=watch.reader,
+                        on_pass=lambda: watch.heartbeat(daemon.stats.reader_reopens))
+        watch.idle(term.journal.in_doubt_count, unacknowledged, force=True)
+        watch.started(str(spec), term.journal.terminal_id, metrics_url)
         previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             daemon.run()
         finally:
-            notifier.stopping(f"stopping after {daemon.stats.taps} taps")
+            watch.stopping(daemon.stats.taps, daemon.stats.reader_reopens)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if uploader is not None:
                 uploader.stop()
-    if json_log:
-        events.info("farebox stopped after %d taps", daemon.stats.taps,
-                    extra=event_fields("stop", {"taps": daemon.stats.taps,
-                                                "reader_reopens": daemon.stats.reader_reopens}))
-    elif not as_json:
+    if not as_json and not watch.log_events:
         click.echo(f"farebox: stopped after {daemon.stats.taps} taps", err=True)
-
-
