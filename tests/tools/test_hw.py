@@ -116,6 +116,7 @@ def test_the_unit_is_a_notify_service_with_watchdog_user_and_closed_devices():
     assert service["DevicePolicy"] == "closed"
     assert "char-usb_device rw" in unit_value(entries, "Service", "DeviceAllow")
     assert service["ProtectSystem"] == "strict" and service["NoNewPrivileges"] == "yes"
+    assert service["MemoryDenyWriteExecute"] == "yes"  # checked below under PR_SET_MDWE
     assert set(service["RestrictAddressFamilies"].split()) == {
         "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
     assert unit_value(entries, "Unit", "StartLimitBurst") and unit_value(
@@ -394,3 +395,72 @@ def test_the_installed_farebox_started_as_the_unit_does_reaches_a_tap(installed,
     assert notify.receive_until(lambda m: m.get("READY") == "1")
     notify.close()
     assert farebox.show(card)["balance"] == "4.20"
+
+
+# ---- MemoryDenyWriteExecute=yes, checked with the kernel's own equivalent ------------------------
+
+#: exec the rest of argv with PR_SET_MDWE(PR_MDWE_REFUSE_EXEC_GAIN) set: no mapping may be made
+#: both writable and executable, as systemd's MemoryDenyWriteExecute (inherited across exec)
+MDWE_EXEC = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit(77)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+#: what the daemon may need that could want writable+executable memory
+MDWE_PROBE = """
+import ctypes, mmap
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    raise SystemExit("a writable+executable mapping was allowed: MDWE is not in force")
+except PermissionError:
+    pass
+callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x * 2)
+assert callback(21) == 42
+import usb1
+with usb1.USBContext() as context:
+    context.getDeviceList(skip_on_error=True)
+import nfc, smartcard.System
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.cmac import CMAC
+assert len(Ed25519PrivateKey.generate().sign(b"batch")) == 64
+mac = CMAC(algorithms.AES(bytes(16)))
+mac.update(b"block")
+mac.finalize()
+print("ok")
+"""
+
+
+def under_mdwe(*argv: str, **options) -> subprocess.CompletedProcess:
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MDWE_EXEC, *argv], capture_output=True,
+                          text=True, **options)
+    if done.returncode == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    return done
+
+
+def test_libusb_ctypes_pyscard_and_cryptography_work_without_writable_executable_memory():
+    import sys
+
+    done = under_mdwe(sys.executable, "-c", MDWE_PROBE, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+def test_the_daemon_takes_taps_without_writable_executable_memory(farebox, tmp_path):
+    card = farebox.card(balance="10.00")
+    server = Served(card, "--taps", 2)
+    try:
+        done = under_mdwe(str(CONSOLE_SCRIPT), "run", "--reader", server.address, "--fare",
+                          "1.00", "--state", str(farebox.state), "--max-taps", "2",
+                          "--log-format", "json", "--metrics", "127.0.0.1:0", timeout=120)
+        assert done.returncode == 0, done.stderr
+        server.finish()
+    finally:
+        server.kill()
+    taps = [e for e in map(json.loads, done.stdout.splitlines()) if e["event"] == "tap"]
+    assert [t["balance_after"] for t in taps] == ["9.00", "8.00"]
