@@ -373,15 +373,21 @@ def test_the_installed_farebox_started_as_the_unit_does_reaches_a_tap(installed,
     argv = [arg.replace("/opt/farebox/", f"{root}/opt/farebox/")
                .replace("/etc/farebox/", f"{root}/etc/farebox/")
             for arg in shlex.split(service["ExecStart"])]
+    environment = dict(pair.split("=", 1) for pair in shlex.split(service["Environment"]))
     card = farebox.card(balance="10.00")
     server = Served(card, "--taps", 1)
     notify = NotifySocket(tmp_path / "notify")
+    state = root / "var/lib/farebox"
+    # ProtectSystem=strict: nothing but the StateDirectory may change (no bytecode in /opt...)
+    outside = {path: seen for path, seen in snapshot(root).items()
+               if not path.startswith("var/lib/farebox")}
     try:
         done = subprocess.run(
-            [*argv, "--reader", server.address, "--state", str(root / "var/lib/farebox"),
+            [*argv, "--reader", server.address, "--state", str(state),
              "--metrics", "127.0.0.1:0", "--max-taps", "1"],
             capture_output=True, text=True, timeout=120,
-            env={**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "30000000"})
+            env={**os.environ, **environment, "NOTIFY_SOCKET": notify.path,
+                 "WATCHDOG_USEC": "30000000"})
         assert done.returncode == 0, done.stderr
         server.finish()
     finally:
@@ -395,6 +401,8 @@ def test_the_installed_farebox_started_as_the_unit_does_reaches_a_tap(installed,
     assert notify.receive_until(lambda m: m.get("READY") == "1")
     notify.close()
     assert farebox.show(card)["balance"] == "4.20"
+    assert {path: seen for path, seen in snapshot(root).items()
+            if not path.startswith("var/lib/farebox")} == outside
 
 
 # ---- MemoryDenyWriteExecute=yes, checked with the kernel's own equivalent ------------------------
