@@ -214,5 +214,5 @@ if [ "$LIVE" = 1 ]; then
 fi
 
 say "done. Next: plug in the reader, then"
-say "  farebox readers && sudo farebox doctor --config /etc/farebox/terminal.toml"
+say "  farebox readers && sudo -u farebox farebox doctor --config /etc/farebox/terminal.toml"
 say "  sudo systemctl enable --now farebox && journalctl -u farebox -f"
