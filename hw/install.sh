@@ -30,7 +30,7 @@ APT=1
 TERMINAL_ID=""
 PYTHON=${PYTHON:-python3}
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "install: error: $*" >&2; exit 2; }
 say() { echo "install: $*"; }
 
@@ -45,6 +45,9 @@ while (($#)); do
   esac
 done
 
+if [ -n "$TERMINAL_ID" ] && ! [[ $TERMINAL_ID =~ ^[A-Za-z0-9._-]{1,32}$ ]]; then
+  die "--terminal-id: 1-32 letters, digits, '.', '_' or '-', got '$TERMINAL_ID'"
+fi
 [ -f "$CHECKOUT/pyproject.toml" ] && [ -d "$CHECKOUT/terminal" ] \
   || die "run me from a farebox checkout (hw/install.sh next to pyproject.toml)"
 if [ "$ROOT" = / ]; then

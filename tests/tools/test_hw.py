@@ -344,9 +344,12 @@ def test_install_sh_keeps_an_edited_config_and_refuses_another_id(installed):
         config.write_text(original)
 
 
-def test_install_sh_options():
+def test_install_sh_options(tmp_path):
     done = subprocess.run(["bash", str(INSTALL), "--help"], capture_output=True, text=True)
-    assert done.returncode == 0 and "--root DIR" in done.stdout
+    assert done.returncode == 0 and "--root DIR" in done.stdout and "set -e" not in done.stdout
+    bad_id = install(tmp_path / "root", "--terminal-id", "BUS/42")
+    assert bad_id.returncode == 2 and "--terminal-id" in bad_id.stderr
+    assert not (tmp_path / "root").exists()
     bad = subprocess.run(["bash", str(INSTALL), "--frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--frobnicate" in bad.stderr
 
