@@ -21,6 +21,7 @@ from farebox.terminal.daemon import Daemon
 from farebox.terminal.issue import IssueRequest, issue, new_idm
 from farebox.terminal.journal import Journal
 from farebox.terminal.keys import published_test_keys
+from farebox.terminal.metrics import TerminalMetrics
 from farebox.terminal.rules import Tariff
 from farebox.terminal.sdnotify import Notifier, socket_address, watchdog_interval_s
 from farebox.terminal.supervise import Supervision
@@ -216,7 +217,8 @@ def test_a_reader_that_opens_but_does_not_answer_is_not_ready(tmp_path, listener
     reader = DeadAtFirst(new_card(), failures=3)
     opened = []
     notifier = Notifier({"NOTIFY_SOCKET": name})
-    watch = Supervision(notifier)
+    metrics = TerminalMetrics()
+    watch = Supervision(notifier, metrics)
     with Journal(tmp_path / "j.sqlite3") as journal:
         daemon = Daemon(Terminal(journal, KEYS), lambda: reader, Tariff.flat(100),
                         on_event=lambda e: None, max_taps=1, clock=lambda: AT,
@@ -227,5 +229,7 @@ def test_a_reader_that_opens_but_does_not_answer_is_not_ready(tmp_path, listener
     messages = server.close()
     ready_at = next(i for i, m in enumerate(messages) if "READY" in m)
     assert len(opened) == 4 and daemon.stats.reader_reopens == 3  # opened 4 times, READY once
+    assert metrics.registry.get_sample_value("farebox_reader_reopens_total") == 3
+    assert metrics.registry.get_sample_value("farebox_reader_up") == 1
     assert [m["STATUS"] for m in messages[:ready_at]] == [
         "waiting for the reader: reader failed (cannot reach pcscd: Service not available)"]
