@@ -245,7 +245,8 @@ class Settlement:
                                "WHERE acked_utc IS NULL ORDER BY number"))
 
     def unacknowledged_count(self) -> int:
-        return self._db.execute("SELECT count(*) FROM batches WHERE acked_utc IS NULL").fetchone()[0]
+        return self._db.execute("SELECT count(*) FROM batches WHERE acked_utc IS NULL"
+                                ).fetchone()[0]
 
     def prune(self, now: datetime, retention: timedelta) -> int:
         """Drop the bodies of batches acknowledged before ``now - retention`` (never one not

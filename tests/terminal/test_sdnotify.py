@@ -73,7 +73,8 @@ def listener(tmp_path):
     opened = []
 
     def make(abstract: bool = False):
-        name = f"@farebox-test-{os.getpid()}-{len(opened)}" if abstract else str(tmp_path / "notify")
+        name = (f"@farebox-test-{os.getpid()}-{len(opened)}" if abstract
+                else str(tmp_path / "notify"))
         opened.append(Listener(socket_address(name)))
         return name, opened[-1]
 
@@ -109,7 +110,8 @@ def test_without_notify_socket_nothing_is_sent_and_nothing_fails():
 
 def test_the_watchdog_interval_is_systemds_and_meant_for_this_process():
     assert watchdog_interval_s({"WATCHDOG_USEC": "30000000"}) == 30.0
-    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}) == 30.0
+    mine = {"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}
+    assert watchdog_interval_s(mine) == 30.0
     assert watchdog_interval_s({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval_s({"WATCHDOG_USEC": "0"}) is None
     assert watchdog_interval_s({"WATCHDOG_USEC": "soon"}) is None
