@@ -225,3 +225,29 @@ def test_metrics_and_log_format_are_checked_before_anything_runs(farebox, tmp_pa
         busy = farebox(*base, "--metrics", f"127.0.0.1:{taken.getsockname()[1]}")
     busy.assert_bad_input()
     assert "cannot listen" in busy.err
+
+
+def test_metrics_count_a_write_in_doubt_and_batches_not_acknowledged(farebox, running, tmp_path):
+    """A batch closed and never uploaded (no clearing house), then a tap torn mid-write over
+    udp: the endpoint says 1 batch unacknowledged and 1 write in doubt while the daemon runs."""
+    farebox("terminal", "init", "--state", farebox.state, "--id", "T-0002", "--json").json()
+    card = farebox.card(balance="10.00")
+    farebox.tap(card, "--fare", "1.00", at="2026-11-22T08:00:00+08:00").json()
+    closed = farebox("batch", "close", "--state", farebox.state, "--json").json()
+    assert closed
+    other = farebox.card("other.json", balance="10.00")
+    server = running(Served, other, "--taps", 1, "--torn-write", 2)
+    daemon = running(Daemon, "--reader", server.address, "--fare", "1.00", "--state",
+                     farebox.state, "--metrics", "127.0.0.1:0")
+    url = daemon.read_until(lambda e: e["event"] == "start")["metrics"]
+    cut = daemon.read_until(lambda e: e["event"] == "tap")
+    assert cut["outcome"] == "interrupted" and cut["tap_id"]
+    samples = wait_for_scrape(url, lambda s: s[("farebox_journal_in_doubt", ())] == 1)
+    daemon.stop()
+    server.finish()
+    assert samples[("farebox_journal_in_doubt", ())] == 1
+    assert samples[("farebox_batches_unacknowledged", ())] == 1
+    assert samples[("farebox_taps_total", (("outcome", "interrupted"), ("reason", "")))] == 1
+    assert math.isinf(samples[("farebox_seconds_since_last_upload", ())])
+    listing = farebox("journal", "list", "--state", farebox.state, "--json").json()
+    assert listing["in_doubt"] == 1
