@@ -14,7 +14,8 @@ so detection there is bounded by pcscd, not by us).
 peak RSS: ``farebox run --reader udp:...`` as a child process serving ``-n`` taps from
 ``farebox sim serve`` (both real processes), its ``VmHWM``; baseline: a bare
 ``python -c "import nfc"`` measured the same way in the same run. Goal: <= 50 MB. Run with
-``-n`` 10 and 40 to see whether it grows per tap.
+``-n`` 10 and 40 to see whether it grows per tap; and once more with ``--log-format json
+--metrics 127.0.0.1:0`` (prometheus-client and its HTTP thread loaded).
 """
 
 from __future__ import annotations
@@ -151,9 +152,9 @@ def peak_rss(argv: list[str], **popen) -> tuple[int, int]:
     return child.returncode, peak
 
 
-def daemon_rss(taps: int, folder: Path) -> int:
+def daemon_rss(taps: int, folder: Path, *options: str, tag: str = "") -> int:
     farebox = str(BIN / "farebox")
-    card = folder / f"rss-{taps}.json"
+    card = folder / f"rss-{taps}{tag}.json"
     subprocess.run([farebox, "card", "new", str(card), "--balance", "500.00"], check=True,
                    capture_output=True)
     server = subprocess.Popen([farebox, "sim", "serve", str(card), "--via", "udp:127.0.0.1:0",
@@ -164,8 +165,8 @@ def daemon_rss(taps: int, folder: Path) -> int:
 
         first = json.loads(server.stderr.readline())  # {"serving": "udp:127.0.0.1:PORT"}
         status, rss = peak_rss([farebox, "run", "--reader", first["serving"], "--fare", "1.00",
-                                "--max-taps", str(taps), "--state", str(folder / f"st{taps}"),
-                                "--json"])
+                                "--max-taps", str(taps), "--state",
+                                str(folder / f"st{taps}{tag}"), "--json", *options])
         if status != 0:
             raise RuntimeError(f"farebox run exited {status}")
         server.wait(30)
@@ -210,6 +211,10 @@ def main() -> None:
             print(f"peak RSS, farebox run, {taps:3d} taps over udp    {value / MB:6.1f} MB"
                   f"   {value / bare:.2f}x baseline   goal <= 50 MB")
         print(f"  growth {small} -> {large} taps: {(rss[large] - rss[small]) / 1024:+.0f} KiB")
+        ops = daemon_rss(large, folder, "--log-format", "json", "--metrics", "127.0.0.1:0",
+                         tag="-ops")
+        print(f"peak RSS, farebox run, {large:3d} taps, JSON logs + metrics endpoint "
+              f"{ops / MB:6.1f} MB   {(ops - rss[large]) / MB:+.1f} MB   goal <= 50 MB")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
     clearing_url = "https://clearing.example"  # the daemon uploads batches there (none: it does not)
     upload_interval_s = 60          # and tries at least this often
     clearing_public_key = "64 hex digits"  # verifies the action lists it fetches there
+    log_format = "text"             # the daemon's log: "text" (stderr) or "json" (stdout, journald)
+    metrics_listen = "127.0.0.1:9108"  # a Prometheus endpoint, loopback only (left out: none)
 
     [fares]                         # adult required; a class left out pays the adult fare
     adult = "5.80"
@@ -68,6 +70,8 @@ class TerminalConfig:
     clearing_url: str | None = None
     upload_interval_s: float = 60.0
     clearing_public_key: bytes | None = None
+    log_format: str = "text"
+    metrics_listen: str | None = None
     #: where each setting came from ("default", "file", "env", "flag"), for `doctor` and notices
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -132,6 +136,8 @@ def _from_toml(path: Path) -> dict:
         "clearing_url": ("clearing_url", _url),
         "upload_interval_s": ("upload_interval_s", _batch_age),
         "clearing_public_key": ("clearing_public_key", _public_key),
+        "log_format": ("log_format", _log_format),
+        "metrics_listen": ("metrics_listen", _metrics_listen),
     }
     for key, value in terminal.items():
         if key not in readers:
@@ -177,6 +183,24 @@ def _pcsc_mode(value: object, key: str) -> str:
     text = _string(value, key)
     if text not in PCSC_MODES:
         raise ValueError(f"expected one of {', '.join(PCSC_MODES)}, got {text!r}")
+    return text
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def _log_format(value: object, key: str) -> str:
+    text = _string(value, key)
+    if text not in LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}, got {text!r}")
+    return text
+
+
+def _metrics_listen(value: object, key: str) -> str:
+    from .metrics import parse_listen
+
+    text = _string(value, key)
+    parse_listen(text)  # MetricsError is a ValueError naming what is wrong
     return text
 
 

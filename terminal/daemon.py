@@ -12,6 +12,13 @@ in the loop is short, so a stop takes effect within about a second. A reader tha
 cannot be opened) is closed and opened again with backoff, from 0.1 s doubling up to 1 s, so a
 reader that comes back is in use again within about a second; the daemon does not crash for it.
 An outage is logged once when it starts (and again if its cause changes) and once when it ends.
+
+Hooks for a supervisor (``farebox run`` wires them to sd_notify, JSON logs and metrics):
+``on_pass`` runs on every pass of the loop, during every backoff pause and while waiting for a
+card to leave, at least every POLL_WINDOW_S (plus the time a tap takes), so a watchdog fed from it
+stays fed with no card and with no reader; ``on_reader("up", name)`` when an opened reader first
+answers a poll (and when it answers again after an outage), ``on_reader("down", why)`` when an
+outage starts or its cause changes.
 """
 
 from __future__ import annotations
@@ -68,13 +75,17 @@ class Daemon:
                  on_event: Callable[[TapEvent], None], max_taps: int | None = None,
                  clock: Callable[[], datetime] = now_utc,
                  on_ready: Callable[[Reader], None] = lambda reader: None,
-                 on_idle: Callable[[], None] = lambda: None) -> None:
+                 on_idle: Callable[[], None] = lambda: None,
+                 on_pass: Callable[[], None] = lambda: None,
+                 on_reader: Callable[[str, str], None] = lambda state, detail: None) -> None:
         self.terminal = terminal
         self.open_reader = open_reader
         self.tariff = tariff
         self.on_event = on_event
         self.on_ready = on_ready
         self.on_idle = on_idle
+        self.on_pass = on_pass
+        self.on_reader = on_reader
         self.max_taps = max_taps
         self.clock = clock
         self.stop_requested = False
@@ -82,6 +93,7 @@ class Daemon:
         self._reader: Reader | None = None
         self._backoff_s = BACKOFF_FIRST_S
         self._outage: str | None = None  # the error of the reader outage in progress
+        self._answering = False  # the reader in use has answered a poll since it was opened
         self._last_card: tuple[bytes, float] | None = None  # (IDm, when its tap was seen to end)
 
     def stop(self, *_args) -> None:
@@ -91,6 +103,7 @@ class Daemon:
     def run(self) -> DaemonStats:
         try:
             while not self._done():
+                self.on_pass()
                 reader = self._ensure_reader()
                 if reader is None:
                     break
@@ -156,6 +169,7 @@ class Daemon:
 
     def _await_removal(self, reader: Reader) -> None:
         while not self.stop_requested:
+            self.on_pass()
             try:
                 if reader.wait_for_removal(REMOVAL_WINDOW_S):
                     return
@@ -171,6 +185,7 @@ class Daemon:
                 self._report_outage(f"reader not available ({error})")
                 self._back_off()
                 continue
+            self._answering = False
             self.on_ready(self._reader)
         return self._reader
 
@@ -183,6 +198,7 @@ class Daemon:
             except Exception:  # a reader that is gone may fail to close too
                 LOG.debug("closing the failed reader", exc_info=True)
         self._reader = None
+        self._answering = False
         self.stats.reader_reopens += 1
         self._back_off()
 
@@ -190,6 +206,7 @@ class Daemon:
         if what != self._outage:
             LOG.warning("%s; trying again with backoff up to %.0f s", what, BACKOFF_MAX_S)
             self._outage = what
+            self.on_reader("down", what)
         else:
             LOG.debug("%s; trying again in %.1f s", what, self._backoff_s)
 
@@ -198,12 +215,17 @@ class Daemon:
         self._backoff_s = min(self._backoff_s * 2, BACKOFF_MAX_S)
 
     def _reader_works(self) -> None:
+        name = self._reader.name if self._reader else "?"
         if self._outage is not None:
-            LOG.warning("reader %s works again", self._reader.name if self._reader else "?")
+            LOG.warning("reader %s works again", name)
             self._outage = None
+        if not self._answering:
+            self._answering = True
+            self.on_reader("up", name)
         self._backoff_s = BACKOFF_FIRST_S
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while not self.stop_requested and time.monotonic() < deadline:
-            time.sleep(min(0.05, deadline - time.monotonic()))
+            self.on_pass()
+            time.sleep(max(0.0, min(0.05, deadline - time.monotonic())))

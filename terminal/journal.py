@@ -418,6 +418,11 @@ class Journal:
                                (tap_id,)).fetchone()
         return None if row is None else CardWrite._from_row(row)
 
+    def in_doubt_count(self) -> int:
+        """Writes whose landing on the card is not yet known (state intent; a partial index)."""
+        return self._db.execute("SELECT count(*) FROM card_writes WHERE state = 'intent'"
+                                ).fetchone()[0]
+
     def write_state(self, tap_id: str) -> WriteState | None:
         write = self.write(tap_id)
         return None if write is None else write.state

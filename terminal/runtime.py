@@ -191,10 +191,13 @@ def batch_policy(config: TerminalConfig) -> BatchPolicy:
                        timedelta(days=config.batch_retention_days))
 
 
-def start_uploader(config: TerminalConfig, clock: Callable[[], datetime]
-                   ) -> BackgroundUploader | None:
+def start_uploader(config: TerminalConfig, clock: Callable[[], datetime], *,
+                   on_synced: Callable[[], None] = lambda: None,
+                   on_fetched: Callable[[], None] = lambda: None) -> BackgroundUploader | None:
     """The daemon's background uploads to ``config.clearing_url`` (None when there is none, or
-    no identity to upload as: said once on the log)."""
+    no identity to upload as: said once on the log). ``on_synced`` after a round that leaves
+    nothing unacknowledged, ``on_fetched`` after each action list fetched and verified (both on
+    the uploader's thread)."""
     if config.clearing_url is None:
         return None
     try:
@@ -208,11 +211,13 @@ def start_uploader(config: TerminalConfig, clock: Callable[[], datetime]
 
     def fetch_list() -> None:
         _, changed = fetch_action_list(config, None, clock())
+        on_fetched()
         if changed:
             LOG.info("fetched a new action list")
 
     return BackgroundUploader(open_own, config.clearing_url, clock, config.upload_interval_s,
-                              also=fetch_list if config.clearing_public_key else None).start()
+                              also=fetch_list if config.clearing_public_key else None,
+                              on_synced=on_synced).start()
 
 
 def load_action_lists(config: TerminalConfig) -> tuple[ListEntry, ...]:

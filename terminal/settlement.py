@@ -244,6 +244,10 @@ class Settlement:
         return list(self._rows(f"SELECT {_BATCH_COLUMNS} FROM batches "
                                "WHERE acked_utc IS NULL ORDER BY number"))
 
+    def unacknowledged_count(self) -> int:
+        return self._db.execute("SELECT count(*) FROM batches WHERE acked_utc IS NULL"
+                                ).fetchone()[0]
+
     def prune(self, now: datetime, retention: timedelta) -> int:
         """Drop the bodies of batches acknowledged before ``now - retention`` (never one not
         acknowledged); how many. Their hash, link and totals stay, so the chain still verifies."""

@@ -166,11 +166,14 @@ class BackgroundUploader:
 
     def __init__(self, open_settlement: Callable[[], Settlement], url: str,
                  now: Callable[[], datetime], interval_s: float = 60.0,
-                 also: Callable[[], None] | None = None) -> None:
+                 also: Callable[[], None] | None = None,
+                 on_synced: Callable[[], None] = lambda: None) -> None:
         """``also``: more work each round (fetching the action list); what it raises is
-        logged."""
+        logged. ``on_synced``: called (on this thread) after each round that leaves no batch
+        unacknowledged, whether it sent some or found none to send."""
         self._open = open_settlement
         self._also = also
+        self._on_synced = on_synced
         self.url = url
         self.now = now
         self.interval_s = interval_s
@@ -215,6 +218,7 @@ class BackgroundUploader:
     def _upload_once(self, settlement: Settlement) -> None:
         try:
             if not settlement.unacknowledged():
+                self._on_synced()
                 return
             result = upload(settlement, self.url, self.now, attempts=3,
                             sleep=lambda s: self._stopping.wait(s),
@@ -223,6 +227,8 @@ class BackgroundUploader:
             LOG.warning("upload failed (%s); trying again later", error)
             return
         self.uploads += 1
+        if result.pending == 0:
+            self._on_synced()
         if result.acknowledged:
             LOG.info("uploaded batches %s", result.acknowledged)
         if not result.complete and result.reason != "stopped":

@@ -11,6 +11,9 @@ import click
 
 from farebox.terminal.clock import now_utc
 from farebox.terminal.daemon import Daemon, TapEvent
+from farebox.terminal.jsonlog import JsonFormatter
+from farebox.terminal.sdnotify import Notifier
+from farebox.terminal.supervise import Supervision
 from farebox.terminal.runtime import (
     ActionListReloader, ReaderSpec, RuntimeSetupError, batch_closer, open_transport,
     start_uploader,
@@ -33,16 +36,31 @@ from .params import FARES, POSITIVE_AMOUNT
 @click.option("--hotlist", type=click.Path(dir_okay=False), help="action list JSON")
 @click.option("--max-taps", type=click.IntRange(min=1), help="stop after N taps")
 @click.option("-v", "--verbose", count=True, help="-v: log on stderr; -vv: every frame too")
+@click.option("--log-format", type=click.Choice(["text", "json"]),
+              help="json: one JSON event per line on stdout (taps, reader up/down, start/stop, "
+              "log messages), for journald [config log_format; default text]")
+@click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
+              help="serve Prometheus metrics there (loopback only; port 0: a free port) "
+              "[config metrics_listen; default: none]")
 @json_option
 def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, max_taps, verbose,
-        as_json) -> None:
-    """Wait for cards and charge each presentation once (SIGTERM/SIGINT stop it cleanly)."""
+        log_format, metrics_listen, as_json) -> None:
+    """Wait for cards and charge each presentation once (SIGTERM/SIGINT stop it cleanly).
+
+    Under systemd (Type=notify) it says READY=1 once the reader answers, WATCHDOG=1 while the
+    loop runs, STATUS= lines and STOPPING=1."""
     if fare is not None and fares is not None:
         raise click.UsageError("give at most one of --fare and --fares")
+    from farebox.terminal.metrics import MetricsError, parse_listen
     from farebox.terminal.rules import Tariff
 
+    if metrics_listen is not None:
+        try:
+            parse_listen(metrics_listen)
+        except MetricsError as error:
+            raise InputError(f"--metrics: {error}") from None
     config = settings(config_file, state_dir=state_dir, reader=reader_spec, action_list=hotlist,
-                      pcsc_mode=pcsc_mode,
+                      pcsc_mode=pcsc_mode, log_format=log_format, metrics_listen=metrics_listen,
                       tariff=fares if fares is not None else fare and Tariff.flat(fare))
     if config.reader is None:
         raise click.UsageError("give --reader SPEC (or reader in --config)")
@@ -52,14 +70,45 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
         spec = ReaderSpec.parse(config.reader)
     except RuntimeSetupError as error:
         raise InputError(str(error)) from None
-    logging.basicConfig(stream=sys.stderr, format="farebox: %(name)s: %(message)s",
-                        level=logging.WARNING if verbose == 0 else
-                        logging.INFO if verbose == 1 else logging.DEBUG)
+    json_log = config.log_format == "json"
+    if json_log:  # journald takes stdout; every line one JSON object
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(handlers=[handler],
+                            level=logging.INFO if verbose < 2 else logging.DEBUG)
+        logging.raiseExceptions = False  # a closed stdout must not fill stderr with tracebacks
+    else:
+        logging.basicConfig(stream=sys.stderr, format="farebox: %(name)s: %(message)s",
+                            level=logging.WARNING if verbose == 0 else
+                            logging.INFO if verbose == 1 else logging.DEBUG)
     with contextlib.suppress(ImportError):
         import nfc  # noqa: F401 - importing nfc sets its logger to INFO; set it after that
     for name in ("nfc", "smartcard"):  # the libraries' own chatter only with -vv
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
+    notifier = Notifier()
+    metrics = metrics_url = None
+    if config.metrics_listen is not None:
+        from farebox.terminal.metrics import TerminalMetrics
+
+        metrics = TerminalMetrics()
+        try:
+            metrics_url = metrics.serve(*parse_listen(config.metrics_listen))
+        except MetricsError as error:
+            raise InputError(str(error)) from None
+        if not json_log:
+            click.echo(f"farebox: metrics on {metrics_url}", err=True)
+    watch = Supervision(notifier, metrics, log_events=json_log)
+    watch.waiting(str(spec))
+    try:
+        _serve(config, spec, max_taps, as_json, watch, metrics_url)
+    finally:
+        notifier.close()
+        if metrics is not None:
+            metrics.close()
+
+
+def _serve(config, spec, max_taps, as_json, watch: Supervision, metrics_url) -> None:
     first = None
     try:
         first = open_transport(spec, pcsc_mode=config.pcsc_mode)
@@ -85,30 +134,39 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
                    "tap_id": event.interrupted, "error": event.error}
             human = f"NOT COMPLETED  {event.error}"
         obj.update({"reader": event.reader, "idm": event.idm.hex(), "tap_ms": event.tap_ms})
-        output.emit(obj, as_json, f"{human}  ({event.tap_ms:.0f} ms)")
+        if not watch.tap(obj, human):
+            output.emit(obj, as_json, f"{human}  ({event.tap_ms:.0f} ms)")
 
-    uploader = start_uploader(config, now_utc)
+    metrics = watch.metrics
+    uploader = start_uploader(config, now_utc,
+                              on_synced=metrics.uploaded if metrics else lambda: None,
+                              on_fetched=metrics.fetched if metrics else lambda: None)
     with terminal(config) as term:
         closer = batch_closer(config, term, now_utc,
                               on_closed=uploader.wake if uploader else lambda: None)
         reload_list = ActionListReloader(config, term)
 
+        unacknowledged = closer.settlement.unacknowledged_count if closer else lambda: 0
+
         def on_idle() -> None:
             if closer is not None:
                 closer()
             reload_list()
+            watch.idle(term.journal.in_doubt_count, unacknowledged)
 
         daemon = Daemon(term, open_reader, config.tariff, on_event=emit, max_taps=max_taps,
-                        on_idle=on_idle)
+                        on_idle=on_idle, on_reader=watch.reader,
+                        on_pass=lambda: watch.heartbeat(daemon.stats.reader_reopens))
+        watch.idle(term.journal.in_doubt_count, unacknowledged, force=True)
+        watch.started(str(spec), term.journal.terminal_id, metrics_url)
         previous = {sig: signal.signal(sig, daemon.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             daemon.run()
         finally:
+            watch.stopping(daemon.stats.taps, daemon.stats.reader_reopens)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             if uploader is not None:
                 uploader.stop()
-    if not as_json:
+    if not as_json and not watch.log_events:
         click.echo(f"farebox: stopped after {daemon.stats.taps} taps", err=True)
-
-

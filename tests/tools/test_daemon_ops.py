@@ -1,0 +1,253 @@
+"""Daemon operations through real stacks: ``farebox run`` on nfcpy's UDP driver against
+``farebox sim serve``, its sd_notify messages received on a real Unix datagram socket, its JSON
+event log read line by line from stdout, its metrics endpoint scraped over HTTP and parsed with
+prometheus-client's own parser, uploads to a real ``farebox clearing serve``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import CONSOLE_SCRIPT
+from .test_clearing_http import start_receiver
+from .test_e2e_udp import Served
+
+FAREBOX = str(CONSOLE_SCRIPT)
+
+
+class NotifySocket:
+    """The service manager's end of sd_notify: a bound datagram socket."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[dict[str, str]] = []
+
+    def receive_until(self, predicate, timeout_s: float = 30.0) -> bool:
+        """Collect messages until one satisfies ``predicate`` (False when none came in time)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(4096)
+            except (TimeoutError, socket.timeout):
+                return False
+            message = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append(message)
+            if predicate(message):
+                return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    """``farebox run ... --log-format json`` in the background, its stdout read as events."""
+
+    def __init__(self, *argv: object, env: dict | None = None) -> None:
+        self.process = subprocess.Popen(
+            [FAREBOX, "run", "--log-format", "json", *map(str, argv)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})})
+        self.events: list[dict] = []
+
+    def read_until(self, predicate) -> dict:
+        for line in self.process.stdout:
+            event = json.loads(line)  # every line is one JSON object
+            self.events.append(event)
+            if predicate(event):
+                return event
+        raise AssertionError(f"the daemon ended first: {self.process.communicate()[1]}")
+
+    def stop(self) -> list[dict]:
+        self.process.send_signal(signal.SIGTERM)
+        out, err = self.process.communicate(timeout=30)
+        assert self.process.returncode == 0, err
+        self.events += [json.loads(line) for line in out.splitlines()]
+        return self.events
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """The endpoint's samples as {(name, sorted labels): value}."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def wait_for_scrape(url: str, predicate, timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = scrape(url)
+        if predicate(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def running():
+    started = []
+
+    def start(kind, *argv, **options):
+        started.append(kind(*argv, **options))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.kill()
+
+
+def test_taps_over_udp_show_in_json_logs_metrics_and_sd_notify(farebox, running, tmp_path):
+    """Two presentations (one approved, one declined: the balance went negative), a batch
+    closed and uploaded to a real receiver, the action list fetched from it; then SIGTERM."""
+    made = farebox("terminal", "init", "--state", farebox.state, "--id", "T-0001",
+                   "--json").json()
+    with start_receiver(tmp_path / "clearing.sqlite3") as clearing_url:
+        db = tmp_path / "clearing.sqlite3"
+        farebox("clearing", "enroll", "--db", db, "--terminal", "T-0001", "--pubkey",
+                made["public_key"], "--json").json()
+        house_key = farebox("clearing", "key", "--db", db, "--json").json()["public_key"]
+        config = tmp_path / "terminal.toml"
+        config.write_text(f'[terminal]\nbatch_max_records = 1\nclearing_url = "{clearing_url}"\n'
+                          f'upload_interval_s = 1\nclearing_public_key = "{house_key}"\n'
+                          'metrics_listen = "127.0.0.1:0"\nlog_format = "json"\n')
+        card = farebox.card(balance="1.00")
+        server = running(Served, card, "--taps", 2)
+        notify = NotifySocket(tmp_path / "notify")
+        daemon = running(Daemon, "--reader", server.address, "--fare", "1.50", "--config", config,
+                         "--state", farebox.state,
+                         env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
+        start = daemon.read_until(lambda e: e["event"] == "start")
+        assert start["reader"] == server.address and start["terminal_id"] == "T-0001"
+        url = start["metrics"]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+        assert notify.receive_until(lambda m: m.get("READY") == "1")
+        daemon.read_until(lambda e: e["event"] == "tap" and e["outcome"] == "declined")
+        assert notify.receive_until(lambda m: m == {"WATCHDOG": "1"})
+
+        samples = wait_for_scrape(url, lambda s: s.get(
+            ("farebox_batches_unacknowledged", ())) == 0 and math.isfinite(
+            s[("farebox_seconds_since_last_upload", ())]) and math.isfinite(
+            s[("farebox_seconds_since_last_action_list_fetch", ())]))
+        events = daemon.stop()
+    server.finish()
+    taps = [e for e in events if e["event"] == "tap"]
+    assert [(t["outcome"], t["balance_after"]) for t in taps] == [("approved", "-0.50"),
+                                                                  ("declined", "-0.50")]
+    reason = taps[1]["reason"]
+    assert reason and taps[1]["reader"] == server.address and taps[1]["idm"]
+    assert samples[("farebox_taps_total", (("outcome", "approved"), ("reason", "")))] == 1
+    assert samples[("farebox_taps_total", (("outcome", "declined"), ("reason", reason)))] == 1
+    assert samples[("farebox_tap_duration_seconds_count", ())] == 2
+    assert samples[("farebox_tap_duration_seconds_sum", ())] == pytest.approx(
+        sum(t["tap_ms"] for t in taps) / 1000, abs=1e-6)
+    assert samples[("farebox_journal_in_doubt", ())] == 0
+    assert samples[("farebox_batches_unacknowledged", ())] == 0
+    assert samples[("farebox_reader_up", ())] == 1
+    assert samples[("farebox_reader_reopens_total", ())] == 0
+    assert 0 <= samples[("farebox_seconds_since_last_upload", ())] < 600
+    batches = farebox("batch", "list", "--state", farebox.state, "--json").json()["batches"]
+    assert [b["acked"] for b in batches] == [True]  # the approved tap's record, uploaded
+    # every line one JSON event, with its time and level; the stop event ends the log
+    assert all({"ts", "level", "logger", "event", "message"} <= set(e) for e in events)
+    assert events[-1]["event"] == "stop" and events[-1]["taps"] == 2
+    assert {"start", "reader_up", "tap", "stop"} <= {e["event"] for e in events}
+    assert notify.receive_until(lambda m: m.get("STOPPING") == "1")
+    ready = [m for m in notify.messages if m.get("READY") == "1"]
+    assert len(ready) == 1 and ready[0]["MAINPID"] == str(daemon.process.pid)
+    notify.close()
+
+
+def test_no_ready_while_the_reader_cannot_be_opened_but_the_watchdog_is_fed(
+        farebox, running, tmp_path):
+    """No such USB reader: the daemon waits with backoff, tells systemd why in STATUS and keeps
+    the watchdog fed, never READY; SIGTERM still stops it cleanly with STOPPING=1."""
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = running(Daemon, "--reader", "usb:ffff:fffe", "--fare", "1.00",
+                     "--state", farebox.state,
+                     env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"})
+    daemon.read_until(lambda e: e["event"] == "start")
+    pings = 0
+
+    def five_pings(message):
+        nonlocal pings
+        pings += message == {"WATCHDOG": "1"}
+        return pings >= 5
+
+    assert notify.receive_until(five_pings)  # 5 pings 0.1 s apart: through several retries
+    events = daemon.stop()
+    assert notify.receive_until(lambda m: m.get("STOPPING") == "1")
+    notify.close()
+    assert not any("READY" in m for m in notify.messages)
+    assert any(m.get("STATUS", "").startswith("waiting for the reader")
+               for m in notify.messages)
+    down = [e for e in events if e["event"] == "reader_down"]
+    assert len(down) == 1 and "usb:ffff:fffe" in down[0]["error"]  # said once, not per retry
+    assert events[-1]["event"] == "stop" and events[-1]["taps"] == 0
+
+
+def test_metrics_and_log_format_are_checked_before_anything_runs(farebox, tmp_path):
+    base = ["run", "--reader", "udp:127.0.0.1:9", "--fare", "1.00", "--state", farebox.state]
+    far = farebox(*base, "--metrics", "10.1.2.3:9108")
+    far.assert_bad_input()
+    assert "loopback" in far.err
+    farebox(*base, "--metrics", "127.0.0.1").assert_bad_input()
+    assert farebox(*base, "--log-format", "xml").code == 2
+    for line, key in (('metrics_listen = "0.0.0.0:9108"', "metrics_listen"),
+                      ('metrics_listen = "[::]:9108"', "metrics_listen"),
+                      ('log_format = "xml"', "log_format")):
+        config = tmp_path / "bad.toml"
+        config.write_text(f"[terminal]\n{line}\n")
+        bad = farebox(*base, "--config", config)
+        bad.assert_bad_input()
+        assert f"terminal.{key}" in bad.err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = farebox(*base, "--metrics", f"127.0.0.1:{taken.getsockname()[1]}")
+    busy.assert_bad_input()
+    assert "cannot listen" in busy.err
+
+
+def test_metrics_count_a_write_in_doubt_and_batches_not_acknowledged(farebox, running, tmp_path):
+    """A batch closed and never uploaded (no clearing house), then a tap torn mid-write over
+    udp: the endpoint says 1 batch unacknowledged and 1 write in doubt while the daemon runs."""
+    farebox("terminal", "init", "--state", farebox.state, "--id", "T-0002", "--json").json()
+    card = farebox.card(balance="10.00")
+    farebox.tap(card, "--fare", "1.00", at="2026-11-22T08:00:00+08:00").json()
+    closed = farebox("batch", "close", "--state", farebox.state, "--json").json()
+    assert closed
+    other = farebox.card("other.json", balance="10.00")
+    server = running(Served, other, "--taps", 1, "--torn-write", 2)
+    daemon = running(Daemon, "--reader", server.address, "--fare", "1.00", "--state",
+                     farebox.state, "--metrics", "127.0.0.1:0")
+    url = daemon.read_until(lambda e: e["event"] == "start")["metrics"]
+    cut = daemon.read_until(lambda e: e["event"] == "tap")
+    assert cut["outcome"] == "interrupted" and cut["tap_id"]
+    samples = wait_for_scrape(url, lambda s: s[("farebox_journal_in_doubt", ())] == 1)
+    daemon.stop()
+    server.finish()
+    assert samples[("farebox_journal_in_doubt", ())] == 1
+    assert samples[("farebox_batches_unacknowledged", ())] == 1
+    assert samples[("farebox_taps_total", (("outcome", "interrupted"), ("reason", "")))] == 1
+    assert math.isinf(samples[("farebox_seconds_since_last_upload", ())])
+    listing = farebox("journal", "list", "--state", farebox.state, "--json").json()
+    assert listing["in_doubt"] == 1
