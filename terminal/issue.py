@@ -61,6 +61,22 @@ def issue_card_file(path: Path, request: IssueRequest, keys: SoftwareKeyStore, *
     return identity
 
 
+def blank_card_file(path: Path, *, force: bool = False) -> bytes:
+    """A blank FeliCa Lite-S card (a new IDm, every user block zero), as a card out of the box
+    for ``farebox service issue --reader``; returns its IDm."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise IssueError(f"{path}: already exists (use --force to overwrite a card)")
+    if not path.parent.is_dir():
+        raise IssueError(f"{path.parent}: no such directory")
+    idm = new_idm()
+    try:
+        save_card(SimulatedLiteS(idm), path)
+    except OSError as error:
+        raise IssueError(f"{path}: cannot write the card file ({error.strerror})") from None
+    return idm
+
+
 def new_idm() -> bytes:
     return IDM_PREFIX + secrets.token_bytes(6)
 

@@ -435,6 +435,15 @@ class Journal:
             "ORDER BY state = 'intent' DESC, rowid DESC").fetchall()
         return [CardWrite._from_row(row) for row in rows]
 
+    def open_writes_for_idm(self, idm: bytes, kind: str) -> list[CardWrite]:
+        """Writes of ``kind`` still in doubt on the card with this IDm, newest first (an issue
+        onto a card held to a reader that was cut off: the card has no number yet to look by)."""
+        self._flush()
+        rows = self._db.execute(
+            f"SELECT {_WRITE_COLUMNS} FROM card_writes WHERE state = 'intent' AND idm = ? "
+            "AND kind = ? ORDER BY rowid DESC", (idm.hex(), kind)).fetchall()
+        return [CardWrite._from_row(row) for row in rows]
+
     def records(self, card_number: int | None = None) -> list[JournalRecord]:
         self._flush()
         query = ("SELECT r.seq, r.terminal_id, r.tap_id, r.card_number, r.counter_before, "

@@ -16,8 +16,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from farebox.cardimage.layout import PURSE_SLOT_BLOCKS, log_block_for
+from farebox.cardimage.errors import InvalidCard
+from farebox.cardimage.image import decode_image
+from farebox.cardimage.layout import (
+    IDENTITY_BLOCKS, JOURNEY_BLOCKS, LOG_BLOCKS, PURSE_SLOT_BLOCKS, USER_BLOCKS, log_block_for,
+)
 from farebox.cardimage.model import Identity
+from farebox.protocol.errors import FelicaError
+from farebox.protocol.session import LiteSSession
 from farebox.protocol.simcard import SimulatedLiteS
 from farebox.protocol.transports.cardfile import save_card
 
@@ -44,11 +50,23 @@ def _records(charges: IssueCharges, aavs_reload_cents: int) -> tuple[Record, ...
 
 @dataclass(frozen=True)
 class IssuedCard:
-    path: Path
+    path: Path | None  # None: the card held to a reader
     identity: Identity
     charges: IssueCharges
     aavs_reload_cents: int
     tap_id: str
+    completed_from: str | None = None  # an earlier cut-off issue onto this card, now completed
+
+
+class IssueInterrupted(Exception):
+    """The card left the reader while it was being issued: the journal holds the issue in doubt.
+    Present the same card again to ``issue_on_card`` (with the same request): the issue is
+    completed if it landed, or made again over what the cut-off write left."""
+
+    def __init__(self, tap_id: str, cause: Exception) -> None:
+        super().__init__(f"card write interrupted ({cause}); present the card again to issue it")
+        self.tap_id = tap_id
+        self.cause = cause
 
 
 def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
@@ -108,3 +126,81 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
         journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
         issued.append(IssuedCard(path, identity, charges, purse.aavs_reload_cents, tap_id))
     return issued
+
+
+def issue_on_card(journal: Journal, keys: SoftwareKeyStore, session: LiteSSession,
+                  request: IssueRequest, at: datetime) -> IssuedCard:
+    """Issue the blank FeliCa Lite-S card held to a reader (``session`` activated on it).
+
+    The card must be blank (every user block zero), or hold what an issue of this terminal that
+    was cut off left on it. Its blocks are written identity first and the purse slot last, so a
+    card that leaves mid-way never verifies (no valid purse: a payment terminal declines it
+    ``invalid_card``) until the issue is made again. A cut-off issue whose purse landed is
+    completed (committed, nothing collected twice); one that did not land is voided and the
+    card issued afresh."""
+    require_aware(at)
+    idm = session.idm
+    if idm is None:
+        raise ValueError("the session has no card: activate it first")
+    high_water = journal.time_high_water()
+    if high_water is not None and at < high_water:
+        raise ServiceRefused(f"{at.isoformat()} is behind this terminal's latest transaction "
+                             f"({high_water.isoformat()}): check the clock")
+    current = dict(zip(range(USER_BLOCKS), session.read_blocks(tuple(range(USER_BLOCKS)))))
+    earlier = journal.open_writes_for_idm(idm, ISSUE)
+    slot = b"".join(current[b] for b in PURSE_SLOT_BLOCKS[0])
+    card = _decoded(current, idm, keys)
+    if card is not None:
+        for write in earlier:
+            if slot == write.expected_slot:  # that issue landed: complete it, collect nothing
+                done = journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
+                charges = issue_charges(card.identity.kind, card.identity.category)
+                return IssuedCard(None, card.identity, charges, card.purse.aavs_reload_cents,
+                                  done.tap_id, completed_from=done.tap_id)
+        raise ServiceRefused(f"the card is already issued (card "
+                             f"{card.identity.card_number:08d}): only a blank card is issued")
+    if earlier:  # none of them landed: the card holds only what they left half-written
+        for write in earlier:
+            journal.resolve_write(write, WriteState.VOID, at)
+    elif any(data != bytes(len(data)) for data in current.values()):
+        raise ServiceRefused("the card is not blank (it holds data this terminal did not write): "
+                             "only a blank FeliCa Lite-S card is issued")
+    request = replace(request, issued=hk_date(at), balance_cents=None, last_add_value=None)
+    if request.number is None:
+        request = replace(request, number=secrets.randbelow(10**8))
+    try:
+        identity, purse, blocks = issue(request, keys, idm)
+    except IssueError as error:
+        raise ServiceRefused(str(error)) from None
+    charges = issue_charges(identity.kind, identity.category)
+    tap_id = secrets.token_hex(8)
+    log_block = log_block_for(1)
+    write = journal.record_intent(
+        tap_id=tap_id, card_number=identity.card_number, idm=idm, kind=ISSUE,
+        counter_before=0, slot_before=b"", counter_after=1,
+        expected_slot=b"".join(blocks[b] for b in PURSE_SLOT_BLOCKS[0]),
+        log_block=log_block, log_data=blocks[log_block], balance_before_cents=0,
+        records=_records(charges, purse.aavs_reload_cents), outcome=None, at=at,
+        remember_before=False)
+    failpoints.hit("after-intent")
+    # identity and log first, the other (empty) slot and the journey area only where they are
+    # not already what the new image holds, the purse slot last: it makes the card valid
+    order = (IDENTITY_BLOCKS + LOG_BLOCKS + PURSE_SLOT_BLOCKS[1] + JOURNEY_BLOCKS
+             + PURSE_SLOT_BLOCKS[0])
+    try:
+        for block in order:
+            if current[block] != blocks[block] or block in PURSE_SLOT_BLOCKS[0]:
+                session.write_block(block, blocks[block])
+    except FelicaError as error:
+        raise IssueInterrupted(tap_id, error) from error
+    failpoints.hit("after-purse-write")
+    journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
+    return IssuedCard(None, identity, charges, purse.aavs_reload_cents, tap_id)
+
+
+def _decoded(blocks: dict[int, bytes], idm: bytes, keys: SoftwareKeyStore):
+    """The card image if the blocks verify with this terminal's keys, else None."""
+    try:
+        return decode_image(blocks, idm, lambda version: keys.card_key(version, idm))
+    except (InvalidCard, KeyError):
+        return None

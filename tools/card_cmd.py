@@ -11,7 +11,7 @@ import click
 from farebox.cardimage.model import Category, Concession, Kind
 from farebox.protocol.errors import FelicaError
 from farebox.terminal.clock import hk_date, now_utc
-from farebox.terminal.issue import IssueError, IssueRequest, issue_card_file
+from farebox.terminal.issue import IssueError, IssueRequest, blank_card_file, issue_card_file
 from farebox.terminal.keys import published_test_keys
 
 from . import output
@@ -58,6 +58,21 @@ def new(card_file: Path, number, kind, category, concession, concession_expiry, 
     except IssueError as error:
         raise InputError(str(error)) from None
     _show(f"sim:{card_file}", published_test_keys(), as_json, detailed=False)
+
+
+@card.command("blank")
+@click.argument("card_file", metavar="CARD", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="overwrite an existing card file")
+@json_option
+def blank(card_file: Path, force: bool, as_json: bool) -> None:
+    """A blank FeliCa Lite-S card (new IDm, all blocks zero) into the file CARD: a card out of
+    the box, for `farebox service issue --reader` (serve it with `farebox sim serve`)."""
+    try:
+        idm = blank_card_file(card_file, force=force)
+    except IssueError as error:
+        raise InputError(str(error)) from None
+    output.emit({"file": str(card_file), "idm": idm.hex(), "blank": True}, as_json,
+                f"BLANK card {idm.hex()} -> {card_file}")
 
 
 @card.command("show")

@@ -28,7 +28,7 @@ from farebox.terminal.service import (
     ServiceRefused, check_request_size, decide_aavs, decide_reactivate, decide_renew_student,
     decide_return, decide_upgrade_limit, inactivity_fees, refund_breakdown,
 )
-from farebox.terminal.servicedesk import issue_cards
+from farebox.terminal.servicedesk import IssueInterrupted, issue_cards, issue_on_card
 from farebox.terminal.tap import RequestRefused, TapInterrupted, TapResult
 from farebox.terminal.writestate import WriteState
 
@@ -76,17 +76,20 @@ def service() -> None:
 @click.option("--concession-expiry", type=DATE, help="last day a student concession is valid")
 @click.option("--aavs", type=POSITIVE_AMOUNT, help="AAVS reload amount: 150, 250, 500 or 1000")
 @reader_option
+@wait_option
 @at_option
 @state_option
 @config_option
 @json_option
-def issue(card_files, category, kind, concession, concession_expiry, aavs, reader_spec, at,
-          state_dir, config_file, as_json) -> None:
-    """Issue new cards into the files CARD... (at most five): deposit, initial value and, for a
-    Personalised card, the HK$20 administrative fee are collected and journalled."""
-    if reader_spec is not None:
-        raise InputError("service issue writes new card files; issuing onto a blank card held "
-                         "to a reader is not supported")
+def issue(card_files, category, kind, concession, concession_expiry, aavs, reader_spec, wait_s,
+          at, state_dir, config_file, as_json) -> None:
+    """Issue new cards into the files CARD... (at most five), or the blank card held to
+    --reader: deposit, initial value and, for a Personalised card, the HK$20 administrative fee
+    are collected and journalled."""
+    if reader_spec is not None and card_files:
+        raise click.UsageError("give CARD files or --reader, not both")
+    if reader_spec is None and not card_files:
+        raise click.UsageError("give CARD files or --reader SPEC (a blank card held to it)")
     at = at or now_utc()
     config = settings(config_file, state_dir=state_dir)
     request = IssueRequest(issued=hk_date(at), kind=_KINDS[kind], category=_CATEGORIES[category],
@@ -94,14 +97,20 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
                            concession_expiry=concession_expiry, aavs_reload_cents=aavs or 0)
     with terminal(config) as term:
         try:
-            issued = issue_cards(term.journal, term.keys, list(card_files), request, at)
+            if reader_spec is None:
+                issued = issue_cards(term.journal, term.keys, list(card_files), request, at)
+            else:
+                issued = [_issue_on_reader(term, reader_spec, wait_s, request, at)]
         except ServiceRefused as error:
             raise InputError(str(error)) from None
         except OSError as error:
             raise click.ClickException(str(error)) from None
         term.idle()
     cards = [{
-        "card": format_number(card.identity.card_number), "file": str(card.path),
+        "card": format_number(card.identity.card_number),
+        "file": None if card.path is None else str(card.path),
+        "reader": reader_spec if card.path is None else None,
+        "completed_from": card.completed_from,
         "kind": card.identity.kind.label, "category": card.identity.category.label,
         "issued": card.identity.issued.isoformat(),
         "deposit": fmt(card.charges.deposit_cents),
@@ -110,12 +119,29 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
         "aavs": fmt(card.aavs_reload_cents) if card.aavs_reload_cents else None,
     } for card in issued]
     total = sum(card.charges.collected_cents for card in issued)
-    human = "\n".join(f"ISSUED card {c['card']} ({c['kind']} {c['category']}) -> {c['file']}  "
+    human = "\n".join(f"ISSUED card {c['card']} ({c['kind']} {c['category']}) -> "
+                      f"{c['file'] or c['reader']}  "
                       f"deposit {c['deposit']} + value {c['initial_value']} + fee {c['fee']} "
                       f"= {c['collected']}" for c in cards)
     output.emit({"cards": cards, "collected": fmt(total)}, as_json,
                 f"{human}\ncollect {fmt(total)}")
     state_notice(config)
+
+
+def _issue_on_reader(term, spec: str, wait_s: float, request: IssueRequest, at):
+    """Issue the blank card held to the reader ``spec`` (a cut-off issue: exit 1, present the
+    card again and the same command completes it)."""
+    reader = open_reader(spec)
+    try:
+        session = _present(reader, spec, wait_s)
+        return issue_on_card(term.journal, term.keys, session, request, at)
+    except IssueInterrupted as error:
+        raise click.ClickException(str(error)) from None
+    except FelicaError as error:  # before anything was written
+        raise InputError(f"{_label(spec)}: the card does not work with this terminal "
+                         f"({error})") from None
+    finally:
+        reader.close()
 
 
 # ---- return ---------------------------------------------------------------------------------

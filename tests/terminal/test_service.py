@@ -631,7 +631,8 @@ def test_a_refund_never_goes_below_zero_and_accounts_for_every_cent(case, damage
     assert decision.new_purse.status is Status.CANCELLED
     if refund.handling_fee_cents:
         assert refund.handling_fee_cents >= 1_100
-        assert refund.handling_fee_cents * 100 >= purse.balance_cents  # at least 1 %
+        # at least 1 % of the value, to the nearest cent (so within half a cent below it)
+        assert refund.handling_fee_cents * 100 >= purse.balance_cents - 50
 
 
 @given(cards())

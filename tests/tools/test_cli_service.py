@@ -429,3 +429,29 @@ def test_service_operations_over_nfcpy_udp(farebox, served):
         "105.00", "11.00", "144.00")
     shown = farebox.show(card)  # the card file is what the card said over the link
     assert (shown["status"], shown["balance"]) == ("cancelled", "0.00")
+
+
+def test_issue_onto_a_blank_card_over_nfcpy_udp(farebox, served):
+    """A blank card out of the box (``card blank``) held to a reader is issued there: written
+    over nfcpy's UDP link, then taps; a second issue of the same card is refused."""
+    blank = farebox.path("blank.json")
+    farebox("card", "blank", blank, "--json").json()
+
+    def present(*argv):
+        server = served(blank, "--taps", 1, "--dwell-ms", 3000)
+        run = farebox.script("service", "issue", *argv, "--reader", server.address,
+                             "--state", farebox.state, "--json", timeout=60)
+        assert len(server.finish()) == 1
+        return run
+
+    issued = present("--category", "elder", "--at", at(date(2026, 1, 15))).json()
+    [only] = issued["cards"]
+    assert (only["file"], only["collected"], only["completed_from"]) == (None, "100.00", None)
+    shown = farebox.show(blank)
+    assert (shown["number"], shown["category"], shown["balance"]) == (
+        only["card"], "elder", "50.00")
+    paid = farebox.tap(blank, "--fare", "2.00", at=at(date(2026, 1, 16))).json()
+    assert paid["outcome"] == "approved"
+    present("--category", "adult", "--at", at(date(2026, 1, 17))).assert_bad_input()
+    assert [(r.type.value, r.amount_cents) for r in journal_records(farebox)][:2] == [
+        ("deposit", 5_000), ("initial_value", 5_000)]
