@@ -14,9 +14,10 @@ fi
 # System packages: swig + libpcsclite-dev + a C compiler + Python headers build pyscard;
 # pcscd (the PC/SC daemon) and vsmartcard-vpcd (its virtual reader driver, which the tests and
 # `farebox sim serve --via vpcd:` use); postgresql (the clearing store's tests start a private
-# cluster; the receiver runs on SQLite by default); python3-venv provides venv/ensurepip.
+# cluster; the receiver runs on SQLite by default); kmod (modprobe: the tests check hw/'s module
+# blacklist with it; every Raspberry Pi OS has it); python3-venv provides venv/ensurepip.
 need=()
-for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd postgresql; do
+for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd postgresql kmod; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 command -v gcc >/dev/null || need+=(gcc)
