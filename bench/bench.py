@@ -11,7 +11,9 @@
    insert + fsync (what the intent record costs on this disk);
 4. the same tap after 100 and after 10,000 earlier taps (the cost must not grow with history);
 5. card commands per payment and per add value;
-6. ``farebox --help`` against ``python -c pass``.
+6. ``farebox --help`` against ``python -c pass``;
+7. a service return (RULES §8, through the same transaction) and issuing a blank card held to a
+   reader, against a payment on the same kind of fresh card.
 """
 
 from __future__ import annotations
@@ -186,6 +188,40 @@ def bench_tap(n: int) -> dict:
             "commands": commands, "add_value_commands": add_commands}
 
 
+# ---- 7. service terminal -------------------------------------------------------------------
+
+def bench_service(n: int) -> dict:
+    """Per-operation medians on fresh cards (a return cancels its card), fsync off: a payment,
+    a return, an issue onto a blank card (1 poll + 4 reads + 5 writes)."""
+    from farebox.terminal.service import decide_return
+    from farebox.terminal.servicedesk import issue_on_card
+
+    def decide(card, day):
+        return decide_return(card.identity, card.purse, day)[0]
+
+    with tempfile.TemporaryDirectory() as name:
+        journal, terminal = _terminal(Path(name), "service.sqlite3")
+        request = IssueRequest(issued=AT.date())
+        pay, ret, iss = [], [], []
+        for _ in range(n):  # interleaved, so that all see the same machine
+            for samples, run in (
+                    (pay, lambda s: terminal.pay(s, TARIFF, AT)),
+                    (ret, lambda s: terminal.service(s, AT, "return", decide))):
+                session = LiteSSession(InProcessTransport(make_card(10_000)))
+                start = time.perf_counter()
+                run(session)
+                samples.append((time.perf_counter() - start) * 1e6)
+                terminal.idle()
+            session = LiteSSession(InProcessTransport(SimulatedLiteS(new_idm())))
+            start = time.perf_counter()
+            session.poll()
+            issue_on_card(journal, KEYS, session, request, AT)
+            iss.append((time.perf_counter() - start) * 1e6)
+        journal.close()
+    return {"pay": statistics.median(pay), "return": statistics.median(ret),
+            "issue": statistics.median(iss)}
+
+
 # ---- 4. tap cost against journal size -------------------------------------------------------
 
 def bench_journal_size(small: int, large: int, n: int) -> dict:
@@ -237,6 +273,7 @@ def main() -> None:
     tap = bench_tap(n // 2)
     sizes = bench_journal_size(100, 1_000 if args.quick else 10_000, n // 4)
     startup = bench_startup(10 if args.quick else 30)
+    service = bench_service(50 if args.quick else 300)
     us = lambda s: f"{s * 1e6:9.1f} µs"  # noqa: E731
     u = lambda v: f"{v:9.1f} µs"  # noqa: E731
     print(f"{'measure':<56}{'time':>12}   ratio")
@@ -268,6 +305,11 @@ def main() -> None:
     print(f"{'farebox --help':<56}{startup['help'] / 1000:9.1f} ms"
           f"   {startup['help'] / startup['python']:.2f}x python -c pass "
           f"({startup['python'] / 1000:.1f} ms; goal < 2.5)")
+    print(f"{'service return, fresh card, fsync off (median)':<56}{u(service['return'])}"
+          f"   {service['return'] / service['pay']:.2f}x a payment")
+    print(f"{'service issue onto a blank card (10 card commands)':<56}{u(service['issue'])}"
+          f"   {service['issue'] / service['pay']:.2f}x a payment")
+    print(f"{'  baseline: payment on a fresh card, fsync off':<56}{u(service['pay'])}")
 
 
 if __name__ == "__main__":
