@@ -106,16 +106,7 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
 
     issued = []
     for path, idm, identity, purse, blocks, charges in prepared:
-        tap_id = secrets.token_hex(8)
-        log_block = log_block_for(1)
-        write = journal.record_intent(
-            tap_id=tap_id, card_number=identity.card_number, idm=idm, kind=ISSUE,
-            counter_before=0, slot_before=b"", counter_after=1,
-            expected_slot=b"".join(blocks[b] for b in PURSE_SLOT_BLOCKS[0]),
-            log_block=log_block, log_data=blocks[log_block], balance_before_cents=0,
-            records=_records(charges, purse.aavs_reload_cents), outcome=None, at=at,
-            remember_before=False)
-        failpoints.hit("after-intent")
+        write = _record_intent(journal, idm, identity, purse, blocks, charges, at)
         try:
             save_card(SimulatedLiteS(idm, blocks=blocks), path)
         except OSError as error:
@@ -124,7 +115,8 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
                           f"{len(issued)} card(s) issued before it") from None
         failpoints.hit("after-purse-write")
         journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
-        issued.append(IssuedCard(path, identity, charges, purse.aavs_reload_cents, tap_id))
+        issued.append(IssuedCard(path, identity, charges, purse.aavs_reload_cents,
+                                 write.tap_id))
     return issued
 
 
@@ -173,16 +165,7 @@ def issue_on_card(journal: Journal, keys: SoftwareKeyStore, session: LiteSSessio
     except IssueError as error:
         raise ServiceRefused(str(error)) from None
     charges = issue_charges(identity.kind, identity.category)
-    tap_id = secrets.token_hex(8)
-    log_block = log_block_for(1)
-    write = journal.record_intent(
-        tap_id=tap_id, card_number=identity.card_number, idm=idm, kind=ISSUE,
-        counter_before=0, slot_before=b"", counter_after=1,
-        expected_slot=b"".join(blocks[b] for b in PURSE_SLOT_BLOCKS[0]),
-        log_block=log_block, log_data=blocks[log_block], balance_before_cents=0,
-        records=_records(charges, purse.aavs_reload_cents), outcome=None, at=at,
-        remember_before=False)
-    failpoints.hit("after-intent")
+    write = _record_intent(journal, idm, identity, purse, blocks, charges, at)
     # identity and log first, the other (empty) slot and the journey area only where they are
     # not already what the new image holds, the purse slot last: it makes the card valid
     order = (IDENTITY_BLOCKS + LOG_BLOCKS + PURSE_SLOT_BLOCKS[1] + JOURNEY_BLOCKS
@@ -192,10 +175,26 @@ def issue_on_card(journal: Journal, keys: SoftwareKeyStore, session: LiteSSessio
             if current[block] != blocks[block] or block in PURSE_SLOT_BLOCKS[0]:
                 session.write_block(block, blocks[block])
     except FelicaError as error:
-        raise IssueInterrupted(tap_id, error) from error
+        raise IssueInterrupted(write.tap_id, error) from error
     failpoints.hit("after-purse-write")
     journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
-    return IssuedCard(None, identity, charges, purse.aavs_reload_cents, tap_id)
+    return IssuedCard(None, identity, charges, purse.aavs_reload_cents, write.tap_id)
+
+
+def _record_intent(journal: Journal, idm: bytes, identity: Identity, purse, blocks: list[bytes],
+                   charges: IssueCharges, at: datetime):
+    """The issue's durable intent (counter 0 -> 1: the money collected, the purse slot 0 the
+    card will show), made before the card (file or card on a reader) is written."""
+    log_block = log_block_for(1)
+    write = journal.record_intent(
+        tap_id=secrets.token_hex(8), card_number=identity.card_number, idm=idm, kind=ISSUE,
+        counter_before=0, slot_before=b"", counter_after=1,
+        expected_slot=b"".join(blocks[b] for b in PURSE_SLOT_BLOCKS[0]),
+        log_block=log_block, log_data=blocks[log_block], balance_before_cents=0,
+        records=_records(charges, purse.aavs_reload_cents), outcome=None, at=at,
+        remember_before=False)
+    failpoints.hit("after-intent")
+    return write
 
 
 def _decoded(blocks: dict[int, bytes], idm: bytes, keys: SoftwareKeyStore):
