@@ -33,13 +33,13 @@ from farebox.cardimage.image import decode_image
 from farebox.cardimage.layout import FULL_READ_BLOCKS, TAP_READ_BLOCKS
 from farebox.cardimage.mac import verify_area_mac
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal.issue import IssueRequest, issue, new_idm
-from farebox.terminal.journal import Journal
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.rules import Tariff, decide_payment
-from farebox.terminal.tap import Terminal
+from farebox.protocol.sim.card import SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.core.rules import Tariff, decide_payment
+from farebox.terminal.card.tap import Terminal
 
 KEYS = published_test_keys()
 AT = datetime(2026, 11, 22, 8, 0, tzinfo=timezone(timedelta(hours=8)))
@@ -193,8 +193,8 @@ def bench_tap(n: int) -> dict:
 def bench_service(n: int) -> dict:
     """Per-operation medians on fresh cards (a return cancels its card), fsync off: a payment,
     a return, an issue onto a blank card (1 poll + 4 reads + 5 writes)."""
-    from farebox.terminal.service import decide_return
-    from farebox.terminal.servicedesk import issue_on_card
+    from farebox.terminal.core.service import decide_return
+    from farebox.terminal.card.desk import issue_on_card
 
     def decide(card, day):
         return decide_return(card.identity, card.purse, day)[0]

@@ -5,7 +5,7 @@ transaction per batch, with no HTTP, no verification and no duplicate check.
     .venv/bin/python bench/bench_clearing.py [-n 20000] [--batch 1000]
 
 The receiver is ``farebox clearing serve`` (uvicorn) in its own process; the terminal side is
-``farebox.terminal.upload.upload`` over httpx, so the numbers include closing nothing but the
+``farebox.terminal.link.upload.upload`` over httpx, so the numbers include closing nothing but the
 upload itself (batches are closed before the clock starts).
 """
 
@@ -22,11 +22,11 @@ from pathlib import Path
 
 from bench_settlement import AT, fill
 
-from farebox.terminal.clearing.store import Store
-from farebox.terminal.identity import init_identity
-from farebox.terminal.journal import Journal
-from farebox.terminal.settlement import Settlement
-from farebox.terminal.upload import upload
+from farebox.clearing.store import Store
+from farebox.terminal.store.identity import init_identity
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.store.settlement import Settlement
+from farebox.terminal.link.upload import upload
 
 FAREBOX = str(Path(sys.executable).parent / "farebox")
 

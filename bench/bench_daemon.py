@@ -30,15 +30,15 @@ import time
 from datetime import date
 from pathlib import Path
 
-from farebox.protocol.simcard import SimulatedLiteS
-from farebox.protocol.transports.nfcpy_card import UdpCardServer
-from farebox.terminal.daemon import Daemon
-from farebox.terminal.issue import IssueRequest, issue, new_idm
-from farebox.terminal.journal import Journal
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.rules import Tariff
+from farebox.protocol.sim.card import SimulatedLiteS
+from farebox.protocol.sim.nfcpy_card import UdpCardServer
+from farebox.terminal.daemon.loop import Daemon
+from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.core.rules import Tariff
 from farebox.terminal.runtime import open_transport
-from farebox.terminal.tap import Terminal
+from farebox.terminal.card.tap import Terminal
 
 KEYS = published_test_keys()
 BIN = Path(sys.executable).parent
@@ -114,7 +114,7 @@ def udp_removal(n: int, folder: Path) -> dict[str, list[float]]:
 
 
 def pcsc_removal(n: int, folder: Path) -> dict[str, list[float]]:
-    from farebox.protocol.transports.vpcd_card import PrivatePcscd, VpcdCard
+    from farebox.protocol.sim.vpcd_card import PrivatePcscd, VpcdCard
 
     daemon = PrivatePcscd(folder / "pcscd")
     daemon.start()

@@ -32,8 +32,8 @@ from farebox.protocol.session import (
     LiteSSession,
     response_timeout_s,
 )
-from farebox.protocol.simcard import SimulatedLiteS
-from farebox.protocol.transports.nfcpy_card import UdpCardServer
+from farebox.protocol.sim.card import SimulatedLiteS
+from farebox.protocol.sim.nfcpy_card import UdpCardServer
 from farebox.protocol.transports.nfcpy_reader import NfcpyReader
 
 IDM = bytes.fromhex("012E4C0A11223344")

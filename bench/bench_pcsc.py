@@ -40,8 +40,8 @@ from farebox.protocol.session import (
     LiteSSession,
     response_timeout_s,
 )
-from farebox.protocol.simcard import SimulatedLiteS
-from farebox.protocol.transports.vpcd_card import PcscdError, PrivatePcscd, VpcdCard
+from farebox.protocol.sim.card import SimulatedLiteS
+from farebox.protocol.sim.vpcd_card import PcscdError, PrivatePcscd, VpcdCard
 
 IDM = bytes.fromhex("012E4C0A11223344")
 READ_BLOCKS = (0, 1, 2, 3, 4, 5)  # two Read Without Encryption commands: 4 + 2 blocks

@@ -17,11 +17,11 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from farebox.terminal.identity import init_identity, verify_signature
-from farebox.terminal.journal import Journal
-from farebox.terminal.rules import Record, RecordType
-from farebox.terminal.settlement import Settlement
-from farebox.terminal.writestate import WriteState
+from farebox.terminal.store.identity import init_identity, verify_signature
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.core.rules import Record, RecordType
+from farebox.terminal.store.settlement import Settlement
+from farebox.terminal.core.writecycle import WriteState
 
 AT = datetime(2026, 11, 22, 0, 0, tzinfo=timezone.utc)
 

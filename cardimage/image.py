@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from . import schemas
-from .errors import CardImageError, IntegrityError, InvalidCard
-from .layout import (
+from farebox.cardimage import schemas
+from farebox.cardimage.errors import CardImageError, IntegrityError, InvalidCard
+from farebox.cardimage.layout import (
     AREA_IDENTITY, AREA_LOG, AREA_PURSE, BLOCK_SIZE, IDENTITY_BLOCKS, LOG_BLOCKS, LOG_ENTRIES,
     MAC_SIZE, PURSE_SLOT_BLOCKS, USER_BLOCKS, log_block_for,
 )
-from .mac import area_mac, verify_area_mac
-from .model import (
+from farebox.cardimage.mac import area_mac, verify_area_mac
+from farebox.cardimage.model import (
     AAVS_BY_CODE, AAVS_CODE_BY_CENTS, CARD_NUMBER_MAX, COUNTER_MAX, FORMAT_VERSION, CardImage, Identity,
     LogEntry, LogType, Purse, ServiceOp, Status,
 )

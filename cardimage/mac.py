@@ -14,7 +14,7 @@ import hmac
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
-from .layout import MAC_SIZE
+from farebox.cardimage.layout import MAC_SIZE
 
 KEY_SIZE = 16
 _DIVERSIFY_LABEL = b"farebox card key v1\x00\x00"

@@ -9,10 +9,10 @@ from enum import IntEnum
 
 import construct as c
 
-from . import days
-from .errors import CardImageError
-from .layout import BLOCK_SIZE, MAC_SIZE
-from .model import AAVS_BY_CODE, AAVS_CODE_BY_CENTS, Category, Concession, Kind, LogType, Status
+from farebox.cardimage import days
+from farebox.cardimage.errors import CardImageError
+from farebox.cardimage.layout import BLOCK_SIZE, MAC_SIZE
+from farebox.cardimage.model import AAVS_BY_CODE, AAVS_CODE_BY_CENTS, Category, Concession, Kind, LogType, Status
 
 
 class DayAdapter(c.Adapter):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .errors import ProtocolError
+from farebox.protocol.errors import ProtocolError
 
 SYSTEM_CODE_LITE_S = 0x88B4
 SERVICE_LITE_S_RW = 0x0009

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .frames import PollingResponse
+from farebox.protocol.frames import PollingResponse
 
 
 class Reader(Protocol):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import CardStatusError, ProtocolError
-from .frames import (
+from farebox.protocol.errors import CardStatusError, ProtocolError
+from farebox.protocol.frames import (
     MAX_READ_BLOCKS_LITE_S,
     SERVICE_LITE_S_RO,
     SERVICE_LITE_S_RW,
@@ -20,7 +20,7 @@ from .frames import (
     WriteWithoutEncryption,
     WriteWithoutEncryptionResponse,
 )
-from .transport import Transport
+from farebox.protocol.transport import Transport
 
 PMM_READ_INDEX = 5
 PMM_WRITE_INDEX = 6
@@ -158,7 +158,7 @@ class FelicaSession:
         self.commands += 1
 
     def request_system_codes(self) -> tuple[int, ...]:
-        from .frames import RequestSystemCode, RequestSystemCodeResponse
+        from farebox.protocol.frames import RequestSystemCode, RequestSystemCodeResponse
 
         idm, pmm = self._card()
         answer = RequestSystemCodeResponse.from_frame(
@@ -169,7 +169,7 @@ class FelicaSession:
     def search_service_code(self, index: int) -> tuple[int, int | None]:
         """The index-th node of the polled system: ``(code, area_end)`` (area_end None for a
         service; code FFFF past the last node)."""
-        from .frames import SearchServiceCode, SearchServiceCodeResponse
+        from farebox.protocol.frames import SearchServiceCode, SearchServiceCodeResponse
 
         idm, pmm = self._card()
         answer = SearchServiceCodeResponse.from_frame(
@@ -179,7 +179,7 @@ class FelicaSession:
 
     def request_service(self, node_codes: Sequence[int]) -> tuple[int, ...]:
         """Key versions of the nodes (FFFF: the card does not have it)."""
-        from .frames import RequestService, RequestServiceResponse
+        from farebox.protocol.frames import RequestService, RequestServiceResponse
 
         idm, pmm = self._card()
         answer = RequestServiceResponse.from_frame(self._exchange(

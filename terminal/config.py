@@ -28,6 +28,7 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -36,12 +37,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from farebox.cardimage.money import parse_amount
-from farebox.protocol.transports.files import UntrustedFileError, read_limited
+from farebox.protocol.files import UntrustedFileError, read_limited
 
-from .rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, FareClass, Tariff
-from .identity import TERMINAL_ID_PATTERN
-from .settlement import DEFAULT_MAX_AGE_S, DEFAULT_MAX_ITEMS
-from .tap import DEFAULT_RETAP_WINDOW_S
+from farebox.terminal.core.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, FareClass, Tariff
+from farebox.terminal.store.identity import TERMINAL_ID_PATTERN
+from farebox.terminal.store.settlement import DEFAULT_MAX_AGE_S, DEFAULT_MAX_ITEMS
+from farebox.terminal.card.tap import DEFAULT_RETAP_WINDOW_S
 
 ENV_CONFIG = "FAREBOX_CONFIG"
 ENV_STATE = "FAREBOX_STATE"
@@ -196,9 +197,29 @@ def _log_format(value: object, key: str) -> str:
     return text
 
 
-def _metrics_listen(value: object, key: str) -> str:
-    from .metrics import parse_listen
+class MetricsError(ValueError):
+    """A listen address that cannot be used (one line)."""
 
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) on a loopback address; port 0 picks a free one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise MetricsError(f"expected HOST:PORT, got {value!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise MetricsError(f"{value!r} is not a loopback address (127.0.0.1 or ::1): "
+                           "the endpoint has no authentication")
+    return host, int(port)
+
+
+def _metrics_listen(value: object, key: str) -> str:
     text = _string(value, key)
     parse_listen(text)  # MetricsError is a ValueError naming what is wrong
     return text

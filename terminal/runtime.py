@@ -20,21 +20,21 @@ import platformdirs
 
 from farebox.protocol.errors import TransportError
 from farebox.protocol.reader import Reader
-from farebox.protocol.simcard import CardFileError, Faults
+from farebox.protocol.sim.card import CardFileError, Faults
 
-from .actionlist import ActionListError, load_action_list
-from .config import ConfigError, TerminalConfig
-from .identity import (
+from farebox.terminal.link.actionlist import ActionListError, load_action_list
+from farebox.terminal.config import ConfigError, TerminalConfig
+from farebox.terminal.store.identity import (
     IDENTITY_FILE, IdentityError, TerminalIdentity, check_terminal_id, init_identity, load_identity,
 )
-from .journal import Journal, JournalError
-from .keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
-from .actionfetch import FETCHED_FILE, fetch, held_list
-from .rules import ListEntry
-from .signedlist import SignedList, SignedListError
-from .settlement import BatchCloser, BatchPolicy, Settlement, SettlementError
-from .tap import Terminal
-from .upload import BackgroundUploader
+from farebox.terminal.store.journal import Journal, JournalError
+from farebox.terminal.card.keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
+from farebox.terminal.link.fetch import FETCHED_FILE, fetch, held_list
+from farebox.terminal.core.rules import ListEntry
+from farebox.terminal.link.signedlist import SignedList, SignedListError
+from farebox.terminal.store.settlement import BatchCloser, BatchPolicy, Settlement, SettlementError
+from farebox.terminal.card.tap import Terminal
+from farebox.terminal.link.upload import BackgroundUploader
 
 LOG = logging.getLogger("farebox.terminal.runtime")
 
@@ -86,11 +86,11 @@ def open_transport(spec: str | ReaderSpec, *, faults: Faults | None = None,
     "part3" transparent exchange; "auto" picks by reader name and ATR)."""
     spec = spec if isinstance(spec, ReaderSpec) else ReaderSpec.parse(spec)
     if spec.kind == "sim":
-        from farebox.protocol.transports.inprocess import CardFileReader, InProcessTransport
+        from farebox.protocol.sim.inprocess import CardFileReader, InProcessTransport
 
         try:
             if not writable:
-                from farebox.protocol.transports.cardfile import load_card
+                from farebox.protocol.sim.cardfile import load_card
 
                 reader = InProcessTransport(load_card(spec.target), name=str(spec))
                 if faults is not None:

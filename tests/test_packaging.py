@@ -1,9 +1,11 @@
-"""The distribution installs as ``farebox.*`` only, and imports point one way:
-``tools -> terminal -> {protocol, cardimage}`` (DESIGN.md §1)."""
+"""The distribution installs as ``farebox.*`` only, and imports point one way: the import-linter
+contracts in pyproject.toml (``tools -> {terminal, clearing} -> protocol -> cardimage``, the rooms
+inside terminal and protocol, a pure core) hold. Nothing here writes into the source tree."""
 
 from __future__ import annotations
 
-import ast
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("cardimage", "protocol", "terminal", "tools")
-#: what each package may import from the others
-ALLOWED = {
-    "cardimage": set(),
-    "protocol": set(),
-    "terminal": {"cardimage", "protocol"},
-    "tools": {"cardimage", "protocol", "terminal"},
-}
+#: the folders installed as farebox.<folder> (setup.py)
+PACKAGES = ("cardimage", "protocol", "terminal", "clearing", "tools")
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
 @pytest.mark.parametrize("name", PACKAGES)
@@ -32,46 +29,61 @@ def test_top_level_names_are_not_installed(name, tmp_path):
     assert done.returncode == 0, (done.stdout, done.stderr)
 
 
-def _imports(path: Path) -> set[str]:
-    """The farebox packages a module imports (absolute farebox.X, or relative beyond its own)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    own = path.relative_to(ROOT).parts[0]
-    found = set()
-    for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                names = [node.module or ""]
-            elif node.level > len(path.relative_to(ROOT).parts) - 1:
-                names = ["<outside>"]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] in PACKAGES:
-                found.add(f"bare {parts[0]}")  # a top-level import that only works in a checkout
-            elif parts[0] == "farebox" and len(parts) > 1 and parts[1] != own:
-                found.add(parts[1])
-            elif parts[0] == "<outside>":
-                found.add("<outside>")
-    return found
+def test_every_package_under_the_folders_is_installed(tmp_path):
+    """Package discovery: every folder with an __init__.py under an installed folder imports as
+    farebox.<its dotted path> from outside the checkout."""
+    found = sorted(".".join(init.parent.relative_to(ROOT).parts)
+                   for folder in PACKAGES for init in (ROOT / folder).rglob("__init__.py"))
+    code = ("import importlib, sys\n"
+            f"for name in {found!r}:\n"
+            "    importlib.import_module('farebox.' + name)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert {"terminal.core", "terminal.store", "protocol.sim", "clearing"} <= set(found)
 
 
-@pytest.mark.parametrize("package", PACKAGES)
-def test_imports_point_one_way(package):
-    wrong = {}
-    for path in sorted((ROOT / package).rglob("*.py")):
-        bad = _imports(path) - ALLOWED[package]
-        if bad:
-            wrong[str(path.relative_to(ROOT))] = sorted(bad)
-    assert wrong == {}
+def _lint_imports(tree: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache", "--no-logo"], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
-def test_the_import_checker_sees_a_wrong_import(tmp_path, monkeypatch):
-    """The checker above must be able to fail."""
-    module = ROOT / "cardimage" / "_probe_wrong_import.py"
-    module.write_text("from farebox.terminal.rules import Tariff\nimport tools\n")
-    try:
-        assert _imports(module) == {"terminal", "bare tools"}
-    finally:
-        module.unlink()
+def test_the_import_contracts_are_kept():
+    done = _lint_imports(ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Contracts: 4 kept, 0 broken." in done.stdout
+
+
+def _copy_of_the_tree(tmp_path: Path) -> Path:
+    """The installed folders as a plain farebox/ package tree beside a copy of pyproject.toml."""
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, tmp_path / "farebox" / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    return tmp_path
+
+
+@pytest.mark.parametrize("module, line, broken", [
+    ("cardimage/money.py", "from farebox.terminal.core import rules",
+     "farebox.cardimage is not allowed to import farebox.terminal"),
+    ("clearing/store.py", "from farebox.terminal.store import journal",
+     "farebox.clearing is not allowed to import farebox.terminal"),
+    ("terminal/core/rules.py", "import sqlite3",
+     "farebox.terminal.core is not allowed to import sqlite3"),
+    ("terminal/store/journal.py", "from farebox.terminal.card import tap",
+     "farebox.terminal.store is not allowed to import farebox.terminal.card"),
+    ("protocol/transports/pcsc.py", "from farebox.protocol.sim import card",
+     "farebox.protocol.transports is not allowed to import farebox.protocol.sim"),
+])
+def test_a_wrong_import_breaks_a_contract(tmp_path, module, line, broken):
+    """The contracts can fail: the same check on a copy of the tree with one import against them
+    (the copy comes first on the path, so the check reads it and not the checkout)."""
+    tree = _copy_of_the_tree(tmp_path)
+    with open(tree / "farebox" / module, "a", encoding="utf-8") as handle:
+        handle.write(f"\n{line}\n")
+    done = _lint_imports(tree, pythonpath=tree)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert broken in done.stdout

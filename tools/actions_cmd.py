@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from farebox.terminal.clock import now_utc
+from farebox.terminal.core.clock import now_utc
 from farebox.terminal.runtime import fetch_action_list
 
-from . import output
-from .common import config_option, json_option, settings, setup_errors, state_option
+from farebox.tools import output
+from farebox.tools.common import config_option, json_option, settings, setup_errors, state_option
 
 
 @click.group()

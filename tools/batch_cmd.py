@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from farebox.cardimage.money import format_cents as fmt
-from farebox.terminal.clock import now_utc
+from farebox.terminal.core.clock import now_utc
 from farebox.terminal.runtime import batch_policy, open_settlement
-from farebox.terminal.settlement import DEFAULT_MAX_ITEMS, Batch
+from farebox.terminal.store.settlement import DEFAULT_MAX_ITEMS, Batch
 
-from . import output
-from .common import config_option, json_option, settings, setup_errors, state_option
+from farebox.tools import output
+from farebox.tools.common import config_option, json_option, settings, setup_errors, state_option
 
 #: exit status of ``batch verify`` when a batch does not verify (0: all verify; 2: bad input)
 EXIT_VERIFY_FAILED = 3

@@ -10,16 +10,16 @@ import click
 
 from farebox.cardimage.model import Category, Concession, Kind
 from farebox.protocol.errors import FelicaError
-from farebox.terminal.clock import hk_date, now_utc
-from farebox.terminal.issue import IssueError, IssueRequest, blank_card_file, issue_card_file
-from farebox.terminal.keys import published_test_keys
+from farebox.terminal.core.clock import hk_date, now_utc
+from farebox.terminal.card.issue import IssueError, IssueRequest, blank_card_file, issue_card_file
+from farebox.terminal.card.keys import published_test_keys
 
-from . import output
-from .common import (
+from farebox.tools import output
+from farebox.tools.common import (
     InputError, config_option, json_option, open_reader, reader_timeout_option, settings,
     setup_errors,
 )
-from .params import CARD_NUMBER, DATE, POSITIVE_AMOUNT, SIGNED_AMOUNT
+from farebox.tools.params import CARD_NUMBER, DATE, POSITIVE_AMOUNT, SIGNED_AMOUNT
 
 _KINDS = {k.label: k for k in Kind}
 _CATEGORIES = {c.label: c for c in Category}
@@ -102,7 +102,7 @@ def _keys(config_file):
 
 
 def _read_blocks(spec: str, timeout_s: float) -> tuple[bytes, list[bytes], str]:
-    from farebox.terminal.operator import NoCard, read_card_blocks
+    from farebox.terminal.ops.examine import NoCard, read_card_blocks
 
     reader = open_reader(spec, writable=False)
     try:
@@ -121,7 +121,7 @@ def _read_blocks(spec: str, timeout_s: float) -> tuple[bytes, list[bytes], str]:
 
 def _show(spec: str, keys, as_json: bool, timeout_s: float = 0.0, *,
           detailed: bool = True) -> None:
-    from farebox.terminal.operator import examine
+    from farebox.terminal.ops.examine import examine
 
     idm, blocks, source = _read_blocks(spec, timeout_s)
     report = examine(idm, blocks, keys)
@@ -152,8 +152,8 @@ def _show(spec: str, keys, as_json: bool, timeout_s: float = 0.0, *,
 def dump(reader: str, out: Path | None, force: bool, timeout_s: float, as_json: bool) -> None:
     """Read a presented card into a simulated-card file: a scheme (Lite-S) card's 14 blocks;
     another FeliCa card's system codes, services and every key-less block."""
-    from farebox.terminal.dumps import DumpError, dump_from_reader, dump_json, save_card_json
-    from farebox.terminal.dumps import to_card_json
+    from farebox.terminal.ops.dumps import DumpError, dump_from_reader, dump_json, save_card_json
+    from farebox.terminal.ops.dumps import to_card_json
 
     device = open_reader(reader, writable=False)
     try:
@@ -186,8 +186,8 @@ def import_dump(dump_file: Path, out: Path, force: bool, as_json: bool) -> None:
     file that `farebox sim serve` can present. A FeliCa Lite-S dump becomes a writable Lite-S
     card; anything else (an Octopus card) a read-only FeliCa Standard card holding the dump's
     key-less blocks: `farebox octopus balance` reads it, a tap cannot (it has no scheme data)."""
-    from farebox.terminal.dumps import DumpError, dump_json, load_dump, save_card_json
-    from farebox.terminal.dumps import to_card_json
+    from farebox.terminal.ops.dumps import DumpError, dump_json, load_dump, save_card_json
+    from farebox.terminal.ops.dumps import to_card_json
 
     try:
         dumped = load_dump(dump_file)
@@ -209,9 +209,9 @@ def diff(card_a: Path, card_b: Path, config_file, as_json: bool) -> None:
     """Field-level (decoded) and block-level (hex) differences between two card files, e.g. a
     dump before and after a disputed tap (exit 0 either way; ``same`` says whether they
     differ). Test keys unless --config names a key file."""
-    from farebox.protocol.simcard import CardFileError, SimulatedLiteS
-    from farebox.protocol.transports.cardfile import load_card
-    from farebox.terminal.operator import block_diffs, examine, field_diffs
+    from farebox.protocol.sim.card import CardFileError, SimulatedLiteS
+    from farebox.protocol.sim.cardfile import load_card
+    from farebox.terminal.ops.examine import block_diffs, examine, field_diffs
 
     keys = _keys(config_file) if config_file else published_test_keys()
     cards, decoded = [], []

@@ -8,14 +8,14 @@ import sys
 
 import click
 
-from . import output
-from .common import InputError, json_option
+from farebox.tools import output
+from farebox.tools.common import InputError, json_option
 
 DB_HELP = "the clearing database: a SQLite file path, or postgresql://..."
 
 
 def _store(db: str):
-    from farebox.terminal.clearing.store import Store, StoreError
+    from farebox.clearing.store import Store, StoreError
 
     try:
         return Store(db)
@@ -38,11 +38,11 @@ def serve(db, host, port) -> None:
     import logging
 
     try:
-        from farebox.terminal.clearing.server import serve as run_server
+        from farebox.clearing.server import serve as run_server
     except ImportError as error:
         raise InputError(f"the clearing receiver needs {error.name}: "
                          "pip install 'farebox[clearing]'") from None
-    from farebox.terminal.clearing.store import StoreError
+    from farebox.clearing.store import StoreError
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="farebox clearing: %(message)s")
@@ -64,8 +64,8 @@ def serve(db, host, port) -> None:
 @json_option
 def enroll(db, terminal_id, pubkey, as_json) -> None:
     """Enroll a terminal's public key (refused if that terminal is enrolled already)."""
-    from farebox.terminal.clock import now_utc, utc_iso
-    from farebox.terminal.identity import IdentityError, check_terminal_id
+    from farebox.terminal.core.clock import now_utc, utc_iso
+    from farebox.terminal.store.identity import IdentityError, check_terminal_id
 
     try:
         check_terminal_id(terminal_id)
@@ -86,7 +86,7 @@ def enroll(db, terminal_id, pubkey, as_json) -> None:
 def report(db, as_json) -> None:
     """Records and amounts by type, per-terminal sequences and gaps, duplicates ignored, records
     still open, card counter forks."""
-    from farebox.terminal.clearing.report import build
+    from farebox.clearing.report import build
 
     with _store(db) as store:
         obj = build(store)
@@ -113,10 +113,10 @@ def report(db, as_json) -> None:
 @json_option
 def action(db, card, reason, at, as_json) -> None:
     """Put a card on the published action list (its next serial)."""
-    from farebox.terminal.actionlist import parse_time
-    from farebox.terminal.cardnumber import parse_number
-    from farebox.terminal.clearing.service import Receiver
-    from farebox.terminal.clock import now_utc, utc_iso
+    from farebox.terminal.link.actionlist import parse_time
+    from farebox.terminal.core.cardnumber import parse_number
+    from farebox.clearing.service import Receiver
+    from farebox.terminal.core.clock import now_utc, utc_iso
 
     try:
         number, when = parse_number(card), parse_time(at)
@@ -133,7 +133,7 @@ def action(db, card, reason, at, as_json) -> None:
 @json_option
 def key(db, as_json) -> None:
     """Print the public key the action lists are signed with (terminals' clearing_public_key)."""
-    from farebox.terminal.clearing.service import Receiver
+    from farebox.clearing.service import Receiver
 
     with _store(db) as store:
         public = Receiver(store).public_key.hex()

@@ -10,12 +10,12 @@ from pathlib import Path
 import click
 
 from farebox.protocol.reader import Reader
-from farebox.protocol.simcard import Faults
+from farebox.protocol.sim.card import Faults
 from farebox.terminal.config import ConfigError, TerminalConfig, load_config
 from farebox.terminal.runtime import (
     RuntimeSetupError, default_state_dir, open_terminal, open_transport, state_dir,
 )
-from farebox.terminal.tap import Terminal
+from farebox.terminal.card.tap import Terminal
 
 
 class InputError(click.ClickException):

@@ -15,14 +15,14 @@ from pathlib import Path
 import click
 
 from farebox.protocol.session import LiteSSession
-from farebox.terminal.clock import HONG_KONG, hk_date, now_utc
-from farebox.terminal.issue import IssueRequest, issue_card_file, new_idm
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.rules import FareClass, ListEntry, ListReason, Tariff
+from farebox.terminal.core.clock import HONG_KONG, hk_date, now_utc
+from farebox.terminal.card.issue import IssueRequest, issue_card_file, new_idm
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.core.rules import FareClass, ListEntry, ListReason, Tariff
 from farebox.terminal.runtime import default_state_dir
 
-from . import output
-from .common import json_option, open_reader, settings, state_option, terminal
+from farebox.tools import output
+from farebox.tools.common import json_option, open_reader, settings, state_option, terminal
 
 BUS = Tariff({FareClass.ADULT: 580, FareClass.CHILD: 290, FareClass.ELDER: 200,
               FareClass.STUDENT: 290, FareClass.DISABILITY: 200})

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from farebox.terminal.clock import now_utc
+from farebox.terminal.core.clock import now_utc
 
-from . import output
-from .common import config_option, json_option, state_option
+from farebox.tools import output
+from farebox.tools.common import config_option, json_option, state_option
 
 #: exit status when a check fails (0: none fails, warnings allowed; 2: bad input)
 EXIT_CHECK_FAILED = 3
@@ -25,7 +25,7 @@ def doctor(reader, timeout_s, state_dir, config_file, as_json) -> None:
     state directory, the clock, the keys and (with --reader, or the configured reader) a card
     in the field. Each check says ok, warn or
     fail, what it found and the fix to type. Exit 3 when a check fails, else 0."""
-    from farebox.terminal.doctor import (
+    from farebox.terminal.ops.doctor import (
         FAIL, DoctorOptions, load_checked_config, run_checks, worst,
     )
 
@@ -42,7 +42,7 @@ def doctor(reader, timeout_s, state_dir, config_file, as_json) -> None:
 
 
 def _human(obj: dict) -> str:
-    from .render import render, table
+    from farebox.tools.render import render, table
 
     rows = [(c["status"].upper(), c["check"], c["found"], c["fix"] or "")
             for c in obj["checks"]]

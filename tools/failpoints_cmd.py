@@ -6,8 +6,8 @@ import click
 
 from farebox.terminal.failpoints import ENV, FAILPOINT_EXIT, FAILPOINTS
 
-from . import output
-from .common import json_option
+from farebox.tools import output
+from farebox.tools.common import json_option
 
 
 @click.command()

@@ -7,13 +7,13 @@ from __future__ import annotations
 import click
 
 from farebox.cardimage.money import format_cents as fmt
-from farebox.terminal.cardnumber import format_number
-from farebox.terminal.journal import JournalRecord
+from farebox.terminal.core.cardnumber import format_number
+from farebox.terminal.store.journal import JournalRecord
 from farebox.terminal.runtime import open_journal
-from farebox.terminal.writestate import IN_DOUBT
+from farebox.terminal.core.writecycle import IN_DOUBT
 
-from . import output
-from .common import InputError, config_option, json_option, settings, setup_errors, state_option
+from farebox.tools import output
+from farebox.tools.common import InputError, config_option, json_option, settings, setup_errors, state_option
 
 #: exit status of ``journal verify`` when the chain is broken (0: whole; 2: bad input)
 EXIT_VERIFY_FAILED = 3
@@ -31,7 +31,7 @@ def journal() -> None:
 def list_records(state_dir, config_file, as_json) -> None:
     """Every journal record, those whose card write is in doubt first, with its batch and
     upload state (not batched / batched / acknowledged)."""
-    from farebox.terminal.operator import batch_memberships, upload_state
+    from farebox.terminal.ops.examine import batch_memberships, upload_state
 
     config = settings(config_file, state_dir=state_dir)
     with setup_errors():
@@ -63,7 +63,7 @@ def list_records(state_dir, config_file, as_json) -> None:
 def show(key, state_dir, config_file, as_json) -> None:
     """One record whole: its fields, its hashes, the card write it belongs to (state, expected
     slot bytes, log block) and the batches that carry it."""
-    from farebox.terminal.operator import batch_memberships, find_record, upload_state
+    from farebox.terminal.ops.examine import batch_memberships, find_record, upload_state
 
     config = settings(config_file, state_dir=state_dir)
     with setup_errors():
@@ -125,7 +125,7 @@ def _record_json(record: JournalRecord) -> dict:
 
 
 def _human(obj: dict) -> str:
-    from .render import render, table
+    from farebox.tools.render import render, table
 
     rows = [(r["seq"], r["at"], r["card"], r["type"], r["amount"],
              f"{r['balance_before']} -> {r['balance_after']}", r["write_state"]
@@ -141,7 +141,7 @@ def _human(obj: dict) -> str:
 
 
 def _show_human(obj: dict) -> str:
-    from .render import render, table
+    from farebox.tools.render import render, table
 
     fields = [(k, obj[k]) for k in ("seq", "tap_id", "terminal_id", "at", "card", "type",
                                     "amount", "balance_before", "balance_after",

@@ -8,11 +8,11 @@ import click
 
 from farebox.cardimage.money import format_cents as fmt
 from farebox.protocol.errors import FelicaError
-from farebox.terminal.clock import now_utc, utc_iso
+from farebox.terminal.core.clock import now_utc, utc_iso
 
-from . import output
-from .common import InputError, json_option, open_reader, reader_timeout_option
-from .params import ANY_TIME
+from farebox.tools import output
+from farebox.tools.common import InputError, json_option, open_reader, reader_timeout_option
+from farebox.tools.params import ANY_TIME
 
 
 @click.group()
@@ -36,8 +36,8 @@ def balance(dump_file: Path | None, reader: str | None, at, forced_offset, timeo
     """The balance in system 0x8008, service 0x0117, block 0 of a card on --reader or in DUMP
     (Metrodroid/FareBot JSON, Flipper .nfc, or a farebox card file), with the offset rule used,
     and the other reading when the scan date is ambiguous."""
-    from farebox.terminal import octopus as octo
-    from farebox.terminal.dumps import DumpError, load_dump
+    from farebox.terminal.ops import octopus as octo
+    from farebox.terminal.ops.dumps import DumpError, load_dump
 
     if (dump_file is None) == (reader is None):
         raise InputError("give a DUMP file or --reader SPEC (one of them)")

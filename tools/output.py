@@ -11,9 +11,9 @@ import click
 
 from farebox.cardimage.model import CardImage
 from farebox.cardimage.money import format_cents as fmt
-from farebox.terminal.cardnumber import format_number
-from farebox.terminal.inspect import history, limits
-from farebox.terminal.tap import TapResult
+from farebox.terminal.core.cardnumber import format_number
+from farebox.terminal.ops.cardview import history, limits
+from farebox.terminal.card.tap import TapResult
 
 
 def emit(obj: dict, as_json: bool, human: str) -> None:
@@ -186,9 +186,9 @@ def card_report_json(report) -> dict:
 
 
 def card_report_human(obj: dict) -> str:
-    from farebox.terminal.operator import BLOCK_AREAS
+    from farebox.terminal.ops.examine import BLOCK_AREAS
 
-    from .render import hexdump, render, table
+    from farebox.tools.render import hexdump, render, table
 
     head = card_human({**obj, "history": [], "unreadable_log_blocks": 0}).rsplit("\n", 1)[0]
     head += f"\n  read from {obj['source']}"
@@ -220,7 +220,7 @@ def _log_note(state: str | None) -> str:
 
 
 def dump_human(obj: dict) -> str:
-    from .render import hexdump, render, table
+    from farebox.tools.render import hexdump, render, table
 
     lines = [f"FeliCa card IDm {obj['idm']}  PMm {obj['pmm']}  ({obj['format']}"
              + (f", scanned {obj['scanned_at']}" if obj["scanned_at"] else "") + ")"]
@@ -250,7 +250,7 @@ def dump_human(obj: dict) -> str:
 
 
 def diff_human(obj: dict) -> str:
-    from .render import hex_line, render, table
+    from farebox.tools.render import hex_line, render, table
 
     if obj["same"]:
         return f"{obj['a']} and {obj['b']} hold the same card image"

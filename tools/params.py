@@ -9,10 +9,10 @@ import click
 
 from farebox.cardimage import days
 from farebox.cardimage.money import parse_amount
-from farebox.terminal.actionlist import parse_time
-from farebox.terminal.cardnumber import parse_number
-from farebox.terminal.clock import hk_date
-from farebox.terminal.rules import FareClass, Tariff
+from farebox.terminal.link.actionlist import parse_time
+from farebox.terminal.core.cardnumber import parse_number
+from farebox.terminal.core.clock import hk_date
+from farebox.terminal.core.rules import FareClass, Tariff
 
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from . import output
-from .common import json_option
+from farebox.tools import output
+from farebox.tools.common import json_option
 
 
 @click.command()
@@ -17,7 +17,7 @@ def readers(skip_cards: bool, as_json: bool) -> None:
     reader may be on (not probed) and PC/SC readers (through pcscd; PCSCLITE_CSOCK_NAME is
     honoured), each with the --reader spec to use and whether it is usable. pcscd not running
     is reported, not an error."""
-    from farebox.terminal.readers import pcsc_readers, pcscd_holds, tty_devices, usb_readers
+    from farebox.terminal.ops.readers import pcsc_readers, pcscd_holds, tty_devices, usb_readers
 
     usb = usb_readers()
     pcsc = pcsc_readers(probe_cards=not skip_cards)
@@ -54,7 +54,7 @@ def readers(skip_cards: bool, as_json: bool) -> None:
 
 
 def _human(obj: dict) -> str:
-    from .render import render, table
+    from farebox.tools.render import render, table
 
     rows = [(r["kind"], r["spec"], r["name"], "yes" if r["usable"] else "NO",
              {True: "yes", False: "no", None: ""}[r["card_present"]], "; ".join(r["problems"]))

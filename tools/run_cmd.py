@@ -9,19 +9,19 @@ import sys
 
 import click
 
-from farebox.terminal.clock import now_utc
-from farebox.terminal.daemon import Daemon, TapEvent
-from farebox.terminal.jsonlog import JsonFormatter
-from farebox.terminal.sdnotify import Notifier
-from farebox.terminal.supervise import Supervision
+from farebox.terminal.core.clock import now_utc
+from farebox.terminal.daemon.loop import Daemon, TapEvent
+from farebox.terminal.daemon.jsonlog import JsonFormatter
+from farebox.terminal.daemon.sdnotify import Notifier
+from farebox.terminal.daemon.supervise import Supervision
 from farebox.terminal.runtime import (
     ActionListReloader, ReaderSpec, RuntimeSetupError, batch_closer, open_transport,
     start_uploader,
 )
 
-from . import output
-from .common import InputError, config_option, json_option, settings, state_option, terminal
-from .params import FARES, POSITIVE_AMOUNT
+from farebox.tools import output
+from farebox.tools.common import InputError, config_option, json_option, settings, state_option, terminal
+from farebox.tools.params import FARES, POSITIVE_AMOUNT
 
 
 @click.command()
@@ -51,8 +51,8 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
     loop runs, STATUS= lines and STOPPING=1."""
     if fare is not None and fares is not None:
         raise click.UsageError("give at most one of --fare and --fares")
-    from farebox.terminal.metrics import MetricsError, parse_listen
-    from farebox.terminal.rules import Tariff
+    from farebox.terminal.config import MetricsError, parse_listen
+    from farebox.terminal.core.rules import Tariff
 
     if metrics_listen is not None:
         try:
@@ -89,7 +89,7 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
     notifier = Notifier()
     metrics = metrics_url = None
     if config.metrics_listen is not None:
-        from farebox.terminal.metrics import TerminalMetrics
+        from farebox.terminal.daemon.metrics import TerminalMetrics
 
         metrics = TerminalMetrics()
         try:
@@ -115,7 +115,7 @@ def _serve(config, spec, max_taps, as_json, watch: Supervision, metrics_url) -> 
     except RuntimeSetupError as error:
         if spec.kind == "sim":  # a card file that cannot be used is bad input
             raise InputError(str(error)) from None
-        logging.getLogger("farebox.terminal.daemon").warning(
+        logging.getLogger("farebox.terminal.daemon.loop").warning(
             "%s; waiting for the reader", error)
 
     def open_reader():

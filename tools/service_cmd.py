@@ -18,27 +18,27 @@ from farebox.protocol.errors import FelicaError
 from farebox.protocol.frames import SYSTEM_CODE_LITE_S
 from farebox.protocol.reader import Reader
 from farebox.protocol.session import LiteSSession
-from farebox.terminal.cardnumber import format_number
-from farebox.terminal.clock import hk_date, now_utc
-from farebox.terminal.inspect import read_card
-from farebox.terminal.issue import IssueRequest
+from farebox.terminal.core.cardnumber import format_number
+from farebox.terminal.core.clock import hk_date, now_utc
+from farebox.terminal.ops.cardview import read_card
+from farebox.terminal.card.issue import IssueRequest
 from farebox.terminal.runtime import load_keys
-from farebox.terminal.rules import Reason, RecordType, is_inactive, ordered_status
-from farebox.terminal.service import (
+from farebox.terminal.core.rules import Reason, RecordType, is_inactive, ordered_status
+from farebox.terminal.core.service import (
     ServiceRefused, check_request_size, decide_aavs, decide_reactivate, decide_renew_student,
     decide_return, decide_upgrade_limit, inactivity_fees, refund_breakdown,
 )
-from farebox.terminal.servicedesk import IssueInterrupted, issue_cards, issue_on_card
-from farebox.terminal.tap import RequestRefused, TapInterrupted, TapResult
-from farebox.terminal.writestate import WriteState
+from farebox.terminal.card.desk import IssueInterrupted, issue_cards, issue_on_card
+from farebox.terminal.card.tap import RequestRefused, TapInterrupted, TapResult
+from farebox.terminal.core.writecycle import WriteState
 
-from . import output
-from .common import (
+from farebox.tools import output
+from farebox.tools.common import (
     InputError, config_option, json_option, open_reader, settings, setup_errors, state_notice,
     state_option, terminal,
 )
-from .params import DATE, POSITIVE_AMOUNT, TIME
-from .tap_cmd import _faults, hotlist_option, leave_after_option, torn_write_option
+from farebox.tools.params import DATE, POSITIVE_AMOUNT, TIME
+from farebox.tools.tap_cmd import _faults, hotlist_option, leave_after_option, torn_write_option
 
 _KINDS = {k.label: k for k in Kind}
 _CATEGORIES = {c.label: c for c in Category}

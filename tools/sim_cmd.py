@@ -8,10 +8,9 @@ from pathlib import Path
 
 import click
 
-from farebox.terminal.runtime import RuntimeSetupError
-from farebox.terminal.simserve import ServeOptions, run_private_pcscd, serve_card
+from farebox.protocol.sim.serve import ServeError, ServeOptions, run_private_pcscd, serve_card
 
-from .common import InputError
+from farebox.tools.common import InputError
 
 
 @click.group()
@@ -55,7 +54,7 @@ def serve(card_file, via, taps, leave_after, torn_write, delay_ms, dwell_ms, awa
                                                        err=True),
                    on_presentation=lambda r: click.echo(json.dumps(r.__dict__)),
                    stop_flag=lambda: stop)
-    except RuntimeSetupError as error:
+    except ServeError as error:
         raise InputError(str(error)) from None
     finally:
         for sig, handler in previous.items():
@@ -90,7 +89,7 @@ def pcscd(directory, port) -> None:
             on_ready=lambda info: click.echo(json.dumps(
                 {**info.__dict__, "env": f"PCSCLITE_CSOCK_NAME={info.socket}"}), nl=True),
             stop_flag=lambda: stop)
-    except RuntimeSetupError as error:
+    except ServeError as error:
         raise InputError(str(error)) from None
     finally:
         for sig, handler in previous.items():

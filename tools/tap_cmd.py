@@ -9,17 +9,17 @@ import click
 from farebox.cardimage.money import format_cents as fmt
 from farebox.protocol.errors import FelicaError
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import Faults
-from farebox.terminal.clock import now_utc
-from farebox.terminal.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, Tariff
-from farebox.terminal.tap import RequestRefused, TapInterrupted
+from farebox.protocol.sim.card import Faults
+from farebox.terminal.core.clock import now_utc
+from farebox.terminal.core.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, Tariff
+from farebox.terminal.card.tap import RequestRefused, TapInterrupted
 
-from . import output
-from .common import (
+from farebox.tools import output
+from farebox.tools.common import (
     InputError, config_option, json_option, open_reader, settings, state_notice, state_option,
     terminal,
 )
-from .params import AMOUNT, FARES, POSITIVE_AMOUNT, TIME
+from farebox.tools.params import AMOUNT, FARES, POSITIVE_AMOUNT, TIME
 
 card_argument = click.argument("card_file", metavar="CARD",
                                type=click.Path(dir_okay=False, path_type=Path))

@@ -6,11 +6,11 @@ import sys
 
 import click
 
-from farebox.terminal.clock import now_utc
+from farebox.terminal.core.clock import now_utc
 from farebox.terminal.runtime import open_settlement
 
-from . import output
-from .common import config_option, json_option, settings, setup_errors, state_option
+from farebox.tools import output
+from farebox.tools.common import config_option, json_option, settings, setup_errors, state_option
 
 #: exit status when some batch could not be delivered (0: all acknowledged; 2: bad input)
 EXIT_INCOMPLETE = 3
@@ -25,7 +25,7 @@ EXIT_INCOMPLETE = 3
 @json_option
 def upload(state_dir, config_file, url, attempts, as_json) -> None:
     """Upload every unacknowledged batch, oldest first (exit 3 if one could not be delivered)."""
-    from farebox.terminal.upload import upload as send
+    from farebox.terminal.link.upload import upload as send
 
     if not url.startswith(("http://", "https://")):
         raise click.BadParameter("expected http://... or https://...", param_hint="--url")

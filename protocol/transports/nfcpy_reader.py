@@ -46,8 +46,8 @@ import nfc
 import nfc.clf
 import nfc.clf.udp
 
-from ..errors import ProtocolError, TransportError, TransportTimeout
-from ..frames import IDM_SIZE, PMM_SIZE, Polling, PollingResponse
+from farebox.protocol.errors import ProtocolError, TransportError, TransportTimeout
+from farebox.protocol.frames import IDM_SIZE, PMM_SIZE, Polling, PollingResponse
 
 LOG = logging.getLogger("farebox.protocol.nfcpy")
 

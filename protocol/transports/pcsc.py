@@ -41,8 +41,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import TransportError, TransportTimeout
-from ..frames import Polling, PollingResponse
+from farebox.protocol.errors import TransportError, TransportTimeout
+from farebox.protocol.frames import Polling, PollingResponse
 
 LOG = logging.getLogger("farebox.protocol.pcsc")
 

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from farebox.protocol.frames import SERVICE_LITE_S_RW, BlockListElement, WriteWithoutEncryption
-from farebox.protocol.simcard import CardFileError, Faults, SimulatedLiteS
-from farebox.protocol.transports.cardfile import CardBusy, CardFile, load_card, save_card
+from farebox.protocol.sim.card import CardFileError, Faults, SimulatedLiteS
+from farebox.protocol.sim.cardfile import CardBusy, CardFile, load_card, save_card
 
 IDM = bytes.fromhex("0102030405060708")
 NEW = bytes([0xEE]) * 16
@@ -180,7 +180,7 @@ def test_a_waiter_gets_the_card_as_the_holder_left_it(tmp_path):
 
 _LOCK_AND_WRITE = """
 import sys, time
-from farebox.protocol.transports.cardfile import CardBusy, CardFile
+from farebox.protocol.sim.cardfile import CardBusy, CardFile
 try:
     with CardFile(sys.argv[1], lock_timeout_s=float(sys.argv[2])) as held:
         print("locked", flush=True)
@@ -207,8 +207,8 @@ def test_two_processes_one_card(tmp_path):
 
 _OPEN_FOR_WRITING = """
 import sys
-from farebox.protocol.transports.cardfile import CardFile, load_card
-from farebox.protocol.simcard import CardFileError
+from farebox.protocol.sim.cardfile import CardFile, load_card
+from farebox.protocol.sim.card import CardFileError
 load_card(sys.argv[1])  # looking is fine
 try:
     CardFile(sys.argv[1])

@@ -16,10 +16,10 @@ from farebox.protocol.frames import (
     service_readable_without_key,
 )
 from farebox.protocol.session import FelicaSession
-from farebox.protocol.simcard import (
+from farebox.protocol.sim.card import (
     CardFileError, SimulatedFelicaStandard, SimulatedLiteS, SimulatedSystem, card_from_json,
 )
-from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.protocol.sim.inprocess import InProcessTransport
 
 IDM = bytes.fromhex("0102030405060708")
 IDM2 = bytes.fromhex("1102030405060708")

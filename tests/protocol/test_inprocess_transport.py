@@ -10,8 +10,8 @@ from farebox.protocol.frames import (
     PollingResponse,
     WriteWithoutEncryption,
 )
-from farebox.protocol.simcard import DEFAULT_PMM, Faults, SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.protocol.sim.card import DEFAULT_PMM, Faults, SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
 
 IDM = bytes.fromhex("0102030405060708")
 POLL = Polling(0x88B4).to_frame()

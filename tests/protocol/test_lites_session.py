@@ -13,8 +13,8 @@ from farebox.protocol.frames import (
     WriteWithoutEncryption,
 )
 from farebox.protocol.session import LiteSSession, response_timeout_s
-from farebox.protocol.simcard import DEFAULT_PMM, Faults, SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
+from farebox.protocol.sim.card import DEFAULT_PMM, Faults, SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
 
 IDM = bytes.fromhex("0102030405060708")
 OTHER_IDM = bytes.fromhex("0102030405060709")

@@ -26,8 +26,8 @@ from farebox.protocol.frames import (
     WriteWithoutEncryption,
 )
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import Faults, SimulatedLiteS
-from farebox.protocol.transports.nfcpy_card import (
+from farebox.protocol.sim.card import Faults, SimulatedLiteS
+from farebox.protocol.sim.nfcpy_card import (
     Presentation,
     PresentationEnd,
     UdpCardServer,

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from farebox.protocol.errors import TransportError, TransportTimeout
 from farebox.protocol.frames import Polling, PollingResponse
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import Faults, SimulatedLiteS
+from farebox.protocol.sim.card import Faults, SimulatedLiteS
 from farebox.protocol.transports.pcsc import (
     END_TRANSPARENT_SESSION_APDU,
     FELICA_ATR_PATTERNS,
@@ -45,7 +45,7 @@ from farebox.protocol.transports.pcsc import (
     parse_transparent_response,
     transparent_exchange_apdu,
 )
-from farebox.protocol.transports.vpcd_card import (
+from farebox.protocol.sim.vpcd_card import (
     ACS_FELICA_ATR,
     FELICA_ATR,
     EmulatedReader,

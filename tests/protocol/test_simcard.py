@@ -15,7 +15,7 @@ from farebox.protocol.frames import (
     WriteWithoutEncryption,
     WriteWithoutEncryptionResponse,
 )
-from farebox.protocol.simcard import (
+from farebox.protocol.sim.card import (
     DEFAULT_PMM,
     CardFileError,
     Faults,

@@ -10,10 +10,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from farebox.terminal.actionfetch import FETCHED_FILE
+from farebox.terminal.link.fetch import FETCHED_FILE
 from farebox.terminal.config import TerminalConfig
 from farebox.terminal.runtime import ActionListReloader, RuntimeSetupError, open_terminal
-from farebox.terminal.signedlist import SignedListError, publish, verify
+from farebox.terminal.link.signedlist import SignedListError, publish, verify
 
 NOW = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
 KEY = Ed25519PrivateKey.generate()

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from farebox.terminal.clearing.report import build
-from farebox.terminal.clearing.service import Receiver, Refused
-from farebox.terminal.clearing.store import Store
-from farebox.terminal.identity import init_identity
-from farebox.terminal.journal import Journal
-from farebox.terminal.settlement import Settlement
-from farebox.terminal.signedlist import verify
-from farebox.terminal.tap import Terminal
-from farebox.terminal.upload import upload_payload
+from farebox.clearing.report import build
+from farebox.clearing.service import Receiver, Refused
+from farebox.clearing.store import Store
+from farebox.terminal.store.identity import init_identity
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.store.settlement import Settlement
+from farebox.terminal.link.signedlist import verify
+from farebox.terminal.card.tap import Terminal
+from farebox.terminal.link.upload import upload_payload
 
 from .test_tap import KEYS, new_card, pay
 

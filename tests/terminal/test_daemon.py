@@ -12,15 +12,15 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 
 from farebox.protocol.errors import TransportError
-from farebox.protocol.simcard import Faults, SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal import daemon as daemon_module
-from farebox.terminal.daemon import BACKOFF_FIRST_S, BACKOFF_MAX_S, Daemon
-from farebox.terminal.issue import IssueRequest, issue, new_idm
-from farebox.terminal.journal import Journal
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.rules import Tariff
-from farebox.terminal.tap import Terminal
+from farebox.protocol.sim.card import Faults, SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.terminal.daemon import loop as daemon_module
+from farebox.terminal.daemon.loop import BACKOFF_FIRST_S, BACKOFF_MAX_S, Daemon
+from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.core.rules import Tariff
+from farebox.terminal.card.tap import Terminal
 
 KEYS = published_test_keys()
 AT = datetime(2026, 11, 22, 8, 0, tzinfo=timezone(timedelta(hours=8)))
@@ -152,7 +152,7 @@ def test_a_reader_that_keeps_failing_is_retried_with_backoff_and_logged_once(ter
     daemon = Daemon(terminal, lambda: DeadThenBack(card, 0, 99), Tariff.flat(100),
                     on_event=lambda e: None, max_taps=1, clock=lambda: AT)
     daemon._sleep = pauses.append
-    with caplog.at_level(logging.DEBUG, logger="farebox.terminal.daemon"):
+    with caplog.at_level(logging.DEBUG, logger="farebox.terminal.daemon.loop"):
         stats = daemon.run()
     assert stats.taps == 1 and stats.reader_reopens == failures
     assert pauses == [min(BACKOFF_FIRST_S * 2 ** n, BACKOFF_MAX_S) for n in range(failures)]

@@ -13,15 +13,15 @@ import pytest
 from farebox.cardimage.layout import PURSE_SLOT_BLOCKS
 from farebox.cardimage.model import COUNTER_MAX, Purse
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal.inspect import read_card
-from farebox.terminal.issue import IssueRequest, issue, new_idm
-from farebox.terminal.journal import Journal
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.rules import Reason, RecordType, Tariff
-from farebox.terminal.tap import RequestRefused, Terminal
-from farebox.terminal.writestate import WriteState
+from farebox.protocol.sim.card import SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.terminal.ops.cardview import read_card
+from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.core.rules import Reason, RecordType, Tariff
+from farebox.terminal.card.tap import RequestRefused, Terminal
+from farebox.terminal.core.writecycle import WriteState
 
 KEYS = published_test_keys()
 HK = timezone(timedelta(hours=8))

@@ -11,17 +11,17 @@ import pytest
 
 from farebox.cardimage.model import Category, Status
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import Faults, SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal.inspect import read_card
-from farebox.terminal.issue import IssueRequest, issue, new_idm
-from farebox.terminal.journal import Journal
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.rules import Reason, RecordType, Tariff
-from farebox.terminal.service import ServiceRefused
-from farebox.terminal.servicedesk import IssueInterrupted, issue_on_card
-from farebox.terminal.tap import Terminal
-from farebox.terminal.writestate import WriteState
+from farebox.protocol.sim.card import Faults, SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.terminal.ops.cardview import read_card
+from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.core.rules import Reason, RecordType, Tariff
+from farebox.terminal.core.service import ServiceRefused
+from farebox.terminal.card.desk import IssueInterrupted, issue_on_card
+from farebox.terminal.card.tap import Terminal
+from farebox.terminal.core.writecycle import WriteState
 
 KEYS = published_test_keys()
 HK = timezone(timedelta(hours=8))

@@ -12,8 +12,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from farebox.terminal.jsonlog import JsonFormatter, event_fields
-from farebox.terminal.metrics import MetricsError, TerminalMetrics, parse_listen
+from farebox.terminal.daemon.jsonlog import JsonFormatter, event_fields
+from farebox.terminal.config import MetricsError, parse_listen
+from farebox.terminal.daemon.metrics import TerminalMetrics
 
 
 @pytest.mark.parametrize("value, expected", [

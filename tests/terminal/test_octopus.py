@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from farebox.protocol.simcard import SimulatedFelicaStandard, SimulatedSystem
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal import octopus
-from farebox.terminal.clock import HONG_KONG
-from farebox.terminal.dumps import load_dump
+from farebox.protocol.sim.card import SimulatedFelicaStandard, SimulatedSystem
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.terminal.ops import octopus
+from farebox.terminal.core.clock import HONG_KONG
+from farebox.terminal.ops.dumps import load_dump
 
 UTC = timezone.utc
 SWITCH = datetime(2017, 10, 1, 0, 0, tzinfo=HONG_KONG)

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from farebox.protocol.simcard import SimulatedFelicaStandard, SimulatedLiteS, card_from_json
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal import doctor
+from farebox.protocol.sim.card import SimulatedFelicaStandard, SimulatedLiteS, card_from_json
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.terminal.ops import doctor
 from farebox.terminal.config import TerminalConfig
-from farebox.terminal.dumps import DumpError, dump_from_reader, load_dump, to_card_json
-from farebox.terminal.issue import IssueRequest, issue_card_file
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.operator import block_diffs, examine, field_diffs
-from farebox.terminal.readers import PcscReader, PcscStatus, Roots, tty_devices, usb_readers
+from farebox.terminal.ops.dumps import DumpError, dump_from_reader, load_dump, to_card_json
+from farebox.terminal.card.issue import IssueRequest, issue_card_file
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.ops.examine import block_diffs, examine, field_diffs
+from farebox.terminal.ops.readers import PcscReader, PcscStatus, Roots, tty_devices, usb_readers
 
 from .test_octopus import IDM, PMM, octopus_card, write_flipper, write_metrodroid
 

@@ -18,8 +18,8 @@ import pytest
 from farebox.cardimage.model import (
     Category, Concession, Identity, Kind, LogEntry, LogType, Purse, Status,
 )
-from farebox.terminal.clock import HONG_KONG
-from farebox.terminal.rules import (
+from farebox.terminal.core.clock import HONG_KONG
+from farebox.terminal.core.rules import (
     Decision, FareClass, ListEntry, ListReason, Reason, Record, RecordType, Tariff,
     decide_add_value, decide_payment, fare_class, negative_limit_cents, stored_value_limit_cents,
 )

@@ -23,7 +23,7 @@ from hypothesis.stateful import (
 )
 
 from farebox.cardimage.model import Category, Concession, Identity, Kind, LogType, Purse, Status
-from farebox.terminal.rules import (
+from farebox.terminal.core.rules import (
     Decision, FareClass, ListEntry, ListReason, Reason, RecordType, Tariff,
     decide_add_value, decide_payment,
 )

@@ -15,17 +15,17 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 
 from farebox.protocol.errors import TransportError
-from farebox.protocol.simcard import SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal.daemon import Daemon
-from farebox.terminal.issue import IssueRequest, issue, new_idm
-from farebox.terminal.journal import Journal
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.metrics import TerminalMetrics
-from farebox.terminal.rules import Tariff
-from farebox.terminal.sdnotify import Notifier, socket_address, watchdog_interval_s
-from farebox.terminal.supervise import Supervision
-from farebox.terminal.tap import Terminal
+from farebox.protocol.sim.card import SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.terminal.daemon.loop import Daemon
+from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.daemon.metrics import TerminalMetrics
+from farebox.terminal.core.rules import Tariff
+from farebox.terminal.daemon.sdnotify import Notifier, socket_address, watchdog_interval_s
+from farebox.terminal.daemon.supervise import Supervision
+from farebox.terminal.card.tap import Terminal
 
 KEYS = published_test_keys()
 AT = datetime(2026, 11, 22, 8, 0, tzinfo=timezone(timedelta(hours=8)))
@@ -132,7 +132,7 @@ def test_watchdog_pings_go_out_at_most_every_quarter_interval(listener):
 
 def test_a_vanished_socket_is_logged_once_and_never_raises(tmp_path, caplog):
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")})
-    with caplog.at_level(logging.WARNING, logger="farebox.terminal.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="farebox.terminal.daemon.sdnotify"):
         assert notifier.send(status="a") is False
         assert notifier.send(status="b") is False
     assert len(caplog.records) == 1 and "service manager" in caplog.records[0].getMessage()

@@ -17,27 +17,27 @@ from farebox.cardimage.model import (
     Category, Concession, Identity, Kind, LogType, Purse, ServiceOp, Status,
 )
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import Faults, SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal.clearing.report import build
-from farebox.terminal.clearing.service import Receiver
-from farebox.terminal.clearing.store import Store
-from farebox.terminal.identity import init_identity
-from farebox.terminal.inspect import history, read_card
-from farebox.terminal.issue import IssueRequest, issue, new_idm
-from farebox.terminal.journal import Journal
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.rules import RecordType, Tariff
-from farebox.terminal.service import (
+from farebox.protocol.sim.card import Faults, SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.clearing.report import build
+from farebox.clearing.service import Receiver
+from farebox.clearing.store import Store
+from farebox.terminal.store.identity import init_identity
+from farebox.terminal.ops.cardview import history, read_card
+from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.core.rules import RecordType, Tariff
+from farebox.terminal.core.service import (
     ServiceRefused, add_months, add_years, check_request_size, decide_aavs, decide_reactivate,
     decide_renew_student, decide_return, decide_upgrade_limit, inactivity_fees, issue_charges,
     refund_breakdown, round_percent,
 )
-from farebox.terminal.servicedesk import issue_cards
-from farebox.terminal.settlement import Settlement
-from farebox.terminal.tap import RequestRefused, TapInterrupted, Terminal
-from farebox.terminal.upload import upload_payload
-from farebox.terminal.writestate import WriteState
+from farebox.terminal.card.desk import issue_cards
+from farebox.terminal.store.settlement import Settlement
+from farebox.terminal.card.tap import RequestRefused, TapInterrupted, Terminal
+from farebox.terminal.link.upload import upload_payload
+from farebox.terminal.core.writecycle import WriteState
 
 KEYS = published_test_keys()
 HK = timezone(timedelta(hours=8))
@@ -503,7 +503,7 @@ def test_issue_journals_the_money_and_service_records_settle_in_verified_batches
         assert types == [("deposit", 5_000, WriteState.COMMITTED),
                          ("initial_value", 13_000, WriteState.COMMITTED),
                          ("admin_fee", 2_000, WriteState.COMMITTED)] * 2
-        from farebox.protocol.transports.cardfile import load_card
+        from farebox.protocol.sim.cardfile import load_card
         terminal = Terminal(journal, KEYS)
         card_a = load_card(paths[0])
         result = do_return(terminal, card_a, now + timedelta(hours=1), damaged=True)
@@ -549,7 +549,7 @@ def test_a_sixth_card_or_an_existing_file_issues_nothing(tmp_path, journal):
 def test_the_service_terminal_obeys_the_action_list(journal):
     """A card listed lost is marked blocked and never refunded; a card the list still shows as
     AAVS-suspended, and suspended on the card, is reactivated once the customer has paid."""
-    from farebox.terminal.rules import ListEntry, ListReason
+    from farebox.terminal.core.rules import ListEntry, ListReason
 
     listed_at = AT - timedelta(hours=4)
     terminal = Terminal(journal, KEYS, action_list=[

@@ -12,15 +12,15 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from farebox.protocol.simcard import Faults
-from farebox.terminal.identity import (
+from farebox.protocol.sim.card import Faults
+from farebox.terminal.store.identity import (
     IDENTITY_FILE, KEY_FILE, IdentityError, init_identity, load_identity,
 )
-from farebox.terminal.journal import Journal
-from farebox.terminal.rules import Tariff
-from farebox.terminal.settlement import Settlement, SettlementError
-from farebox.terminal.tap import TapInterrupted, Terminal
-from farebox.terminal.writestate import WriteState
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.core.rules import Tariff
+from farebox.terminal.store.settlement import Settlement, SettlementError
+from farebox.terminal.card.tap import TapInterrupted, Terminal
+from farebox.terminal.core.writecycle import WriteState
 
 from .test_tap import AT, KEYS, LATER, copy_card, new_card, pay, present_again
 
@@ -222,9 +222,9 @@ def test_tampering_with_a_batch_is_caught(state, attack, problem):
         parsed = json.loads(batch.body)
         parsed["items"][0]["record"]["amount_cents"] = 1
         if attack == "journal record":
-            from farebox.terminal.journal import _record_hash
+            from farebox.terminal.store.journal import _record_hash
             parsed["items"][0]["record"]["hash"] = _record_hash(parsed["items"][0]["record"])
-        from farebox.terminal.settlement import canonical, totals
+        from farebox.terminal.store.settlement import canonical, totals
         parsed["totals"] = totals(parsed["items"])
         text = canonical(parsed)
         _tamper(journal, "UPDATE batches SET body = ?, hash = ?, signature = ? WHERE number = 2",
@@ -264,7 +264,7 @@ def _paid(journal, count, at=AT, card=None):
 
 
 def test_a_batch_is_due_by_count_by_age_and_at_the_hong_kong_day_change(state):
-    from farebox.terminal.settlement import BatchPolicy
+    from farebox.terminal.store.settlement import BatchPolicy
 
     _, identity, journal = state
     settlement = Settlement(journal, identity)
@@ -284,7 +284,7 @@ def test_a_batch_is_due_by_count_by_age_and_at_the_hong_kong_day_change(state):
 
 
 def test_the_daemon_hook_closes_when_records_arrive_and_not_on_every_idle(state):
-    from farebox.terminal.settlement import BatchCloser, BatchPolicy
+    from farebox.terminal.store.settlement import BatchCloser, BatchPolicy
 
     _, identity, journal = state
     settlement = Settlement(journal, identity)

@@ -27,19 +27,19 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from farebox.cardimage.image import decode_image
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import Faults, SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal.clearing.service import Receiver, Refused
-from farebox.terminal.clearing.store import Store
-from farebox.terminal.clock import hk_date, parse_utc
-from farebox.terminal.identity import init_identity
-from farebox.terminal.issue import IssueRequest, issue, new_idm
-from farebox.terminal.journal import Journal
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.rules import Tariff
-from farebox.terminal.settlement import Settlement
-from farebox.terminal.tap import TapInterrupted, Terminal
-from farebox.terminal.upload import upload
+from farebox.protocol.sim.card import Faults, SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.clearing.service import Receiver, Refused
+from farebox.clearing.store import Store
+from farebox.terminal.core.clock import hk_date, parse_utc
+from farebox.terminal.store.identity import init_identity
+from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.core.rules import Tariff
+from farebox.terminal.store.settlement import Settlement
+from farebox.terminal.card.tap import TapInterrupted, Terminal
+from farebox.terminal.link.upload import upload
 
 KEYS = published_test_keys()
 START = datetime(2026, 11, 1, 7, 0, tzinfo=timezone(timedelta(hours=8)))

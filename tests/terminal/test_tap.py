@@ -8,14 +8,14 @@ import pytest
 
 from farebox.cardimage.layout import BLOCK_SIZE, PURSE_SLOT_BLOCKS, USER_BLOCKS
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import Faults, SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal.issue import IssueRequest, issue, new_idm
-from farebox.terminal.journal import Journal
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.rules import Reason, RecordType, Tariff
-from farebox.terminal.tap import TapInterrupted, Terminal
-from farebox.terminal.writestate import WriteState
+from farebox.protocol.sim.card import Faults, SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.core.rules import Reason, RecordType, Tariff
+from farebox.terminal.card.tap import TapInterrupted, Terminal
+from farebox.terminal.core.writecycle import WriteState
 
 KEYS = published_test_keys()
 AT = datetime(2026, 11, 22, 8, 0, tzinfo=timezone(timedelta(hours=8)))
@@ -117,7 +117,7 @@ def test_a_card_that_is_not_ours_is_invalid(terminal):
 
 
 def test_a_list_ordered_block_is_written_to_the_card_and_journalled(journal):
-    from farebox.terminal.rules import ListEntry, ListReason
+    from farebox.terminal.core.rules import ListEntry, ListReason
     card = new_card()
     entry = ListEntry(12345678, ListReason.LOST, AT - timedelta(hours=3))
     result = pay(Terminal(journal, KEYS, [entry]), card)
@@ -280,7 +280,7 @@ def test_a_torn_block_write_is_treated_as_torn_not_rollback(journal, write_numbe
 
 
 def test_a_torn_log_block_is_written_again_by_the_next_write(journal, tmp_path):
-    from farebox.terminal.inspect import history, read_card
+    from farebox.terminal.ops.cardview import history, read_card
 
     terminal = Terminal(journal, KEYS)
     card = new_card()

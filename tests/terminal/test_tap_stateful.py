@@ -10,14 +10,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from farebox.cardimage.image import decode_image
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.simcard import Faults, SimulatedLiteS
-from farebox.protocol.transports.inprocess import InProcessTransport
-from farebox.terminal.issue import IssueRequest, issue, new_idm
-from farebox.terminal.journal import Journal
-from farebox.terminal.keys import published_test_keys
-from farebox.terminal.rules import Reason, Tariff
-from farebox.terminal.tap import TapInterrupted, Terminal
-from farebox.terminal.writestate import WriteState
+from farebox.protocol.sim.card import Faults, SimulatedLiteS
+from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import published_test_keys
+from farebox.terminal.core.rules import Reason, Tariff
+from farebox.terminal.card.tap import TapInterrupted, Terminal
+from farebox.terminal.core.writecycle import WriteState
 
 KEYS = published_test_keys()
 START = datetime(2026, 11, 1, 7, 0, tzinfo=timezone(timedelta(hours=8)))

@@ -278,7 +278,7 @@ def test_old_expired_tampered_and_unverifiable_lists_are_refused(farebox, receiv
         # an expired list, signed with the house's real key
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        from farebox.terminal.signedlist import publish
+        from farebox.terminal.link.signedlist import publish
         with sqlite3.connect(db) as house:
             raw = house.execute("SELECT value FROM meta WHERE name = 'list_signing_key'"
                                 ).fetchone()[0]
@@ -381,13 +381,13 @@ def test_a_week_offline_then_one_upload_settles_every_tap_once(farebox, receiver
     from datetime import date, datetime, timedelta, timezone
 
     from farebox.protocol.session import LiteSSession
-    from farebox.protocol.simcard import SimulatedLiteS
-    from farebox.protocol.transports.inprocess import InProcessTransport
-    from farebox.terminal.issue import IssueRequest, issue, new_idm
-    from farebox.terminal.journal import Journal
-    from farebox.terminal.keys import published_test_keys
-    from farebox.terminal.rules import Tariff
-    from farebox.terminal.tap import Terminal
+    from farebox.protocol.sim.card import SimulatedLiteS
+    from farebox.protocol.sim.inprocess import InProcessTransport
+    from farebox.terminal.card.issue import IssueRequest, issue, new_idm
+    from farebox.terminal.store.journal import Journal
+    from farebox.terminal.card.keys import published_test_keys
+    from farebox.terminal.core.rules import Tariff
+    from farebox.terminal.card.tap import Terminal
 
     url, db = receiver
     made = farebox("terminal", "init", "--state", farebox.state, "--id", "BUS-9",

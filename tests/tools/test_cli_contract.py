@@ -722,8 +722,7 @@ def test_script_declined_is_exit_zero(farebox):
 _FAULT = '''
 import os
 if os.environ.get("FAREBOX_TEST_FAULT"):
-    from farebox.terminal import tap as tap_module
-
+    from farebox.terminal.card import tap as tap_module
     def _fault(*args, **kwargs):
         raise RuntimeError("injected fault for the exit-1 test")
 
@@ -752,8 +751,7 @@ def test_script_internal_error_is_exit_one_without_traceback(farebox, tmp_path):
 # ==== internal errors in-process ================================================================
 
 def test_internal_error_is_exit_one_and_one_line(farebox, monkeypatch):
-    from farebox.terminal import tap as tap_module
-
+    from farebox.terminal.card import tap as tap_module
     def fault(*args, **kwargs):
         raise RuntimeError("boom")
 
@@ -767,8 +765,7 @@ def test_internal_error_is_exit_one_and_one_line(farebox, monkeypatch):
 
 
 def test_internal_error_message_is_one_line_even_if_the_exception_spans_lines(farebox, monkeypatch):
-    from farebox.terminal import tap as tap_module
-
+    from farebox.terminal.card import tap as tap_module
     def fault(*args, **kwargs):
         raise RuntimeError("first line\nsecond line")
 

@@ -12,9 +12,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from farebox.terminal.journal import Journal
-from farebox.terminal.identity import load_identity
-from farebox.terminal.settlement import Settlement
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.store.identity import load_identity
+from farebox.terminal.store.settlement import Settlement
 
 from ..terminal.test_octopus import (
     PUBLISHED_VECTORS, write_farebot, write_flipper, write_metrodroid,

@@ -109,7 +109,7 @@ def test_journal_verify_finds_a_broken_chain(farebox):
 
 _HOLD = """
 import sys, time
-from farebox.protocol.transports.cardfile import CardFile
+from farebox.protocol.sim.cardfile import CardFile
 with CardFile(sys.argv[1]):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

@@ -10,8 +10,8 @@ from datetime import date, timedelta
 
 import pytest
 
-from farebox.terminal.journal import Journal
-from farebox.terminal.writestate import WriteState
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.core.writecycle import WriteState
 
 from .test_e2e_udp import served  # noqa: F401  (the fixture: `farebox sim serve` over UDP)
 

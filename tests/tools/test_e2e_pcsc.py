@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from farebox.protocol.transports.vpcd_card import find_pcscd, find_vpcd_driver
+from farebox.protocol.sim.vpcd_card import find_pcscd, find_vpcd_driver
 
 from .conftest import CONSOLE_SCRIPT
 

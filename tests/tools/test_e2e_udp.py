@@ -128,7 +128,7 @@ def test_sim_serve_refuses_non_loopback_and_busy_cards(farebox):
     far = farebox("sim", "serve", card, "--via", "udp:10.0.0.1:5000", "--taps", 1)
     far.assert_bad_input()
     assert "loopback" in far.err
-    from farebox.protocol.transports.cardfile import CardFile
+    from farebox.protocol.sim.cardfile import CardFile
 
     with CardFile(card):
         busy = farebox("sim", "serve", card, "--via", "udp:127.0.0.1:0", "--taps", 1)

@@ -1,0 +1,13 @@
+"""Package discovery for the repository's layout: each top-level folder below installs as
+``farebox.<folder>`` with every package found under it (everything else is in pyproject.toml)."""
+
+from setuptools import find_packages, setup
+
+#: the folders that are installed; tests/, bench/, hw/, docs/ and examples/ are not
+ROOMS = ("cardimage", "protocol", "terminal", "clearing", "tools")
+
+setup(
+    packages=[f"farebox.{name}" for name in find_packages(include=[f"{room}*" for room in ROOMS])
+              if name.split(".")[0] in ROOMS],
+    package_dir={f"farebox.{room}": room for room in ROOMS},
+)

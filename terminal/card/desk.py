@@ -1,0 +1,205 @@
+"""The service terminal's shell for issuing cards: check every card of a request, then for each
+one journal the money collected (deposit, initial value, fee), write the card, and commit.
+
+The journal's intent comes before the card file exists: a card written but never committed
+(the process died in between) is an ``intent`` this terminal resolves when it next sees the card
+(its purse slot is the one the intent expects), like an interrupted tap; a card file that could
+not be written voids its intent, so nothing is settled for it. An intent whose card file never
+came to be (the process died before writing it) stays in doubt (`journal list` shows it) and
+its records are never settled.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+from farebox.cardimage.errors import InvalidCard
+from farebox.cardimage.image import decode_image
+from farebox.cardimage.layout import (
+    IDENTITY_BLOCKS, JOURNEY_BLOCKS, LOG_BLOCKS, PURSE_SLOT_BLOCKS, USER_BLOCKS, log_block_for,
+)
+from farebox.cardimage.model import Identity
+from farebox.protocol.errors import FelicaError
+from farebox.protocol.session import LiteSSession
+from farebox.protocol.sim.card import SimulatedLiteS
+from farebox.protocol.sim.cardfile import save_card
+
+from farebox.terminal import failpoints
+from farebox.terminal.core.clock import hk_date, require_aware
+from farebox.terminal.card.issue import IssueError, IssueRequest, issue, new_idm
+from farebox.terminal.store.journal import Journal
+from farebox.terminal.card.keys import SoftwareKeyStore
+from farebox.terminal.core.rules import Record, RecordType
+from farebox.terminal.core.service import IssueCharges, ServiceRefused, check_request_size, issue_charges
+from farebox.terminal.core.writecycle import WriteState
+
+ISSUE = "issue"
+
+
+def _records(charges: IssueCharges, aavs_reload_cents: int) -> tuple[Record, ...]:
+    """The money collected, and AAVS when the card is issued with it (the first enablement:
+    free)."""
+    records = charges.records()
+    if aavs_reload_cents:
+        records += (Record(RecordType.AAVS_ENABLE, 0, charges.initial_value_cents),)
+    return records
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    path: Path | None  # None: the card held to a reader
+    identity: Identity
+    charges: IssueCharges
+    aavs_reload_cents: int
+    tap_id: str
+    completed_from: str | None = None  # an earlier cut-off issue onto this card, now completed
+
+
+class IssueInterrupted(Exception):
+    """The card left the reader while it was being issued: the journal holds the issue in doubt.
+    Present the same card again to ``issue_on_card`` (with the same request): the issue is
+    completed if it landed, or made again over what the cut-off write left."""
+
+    def __init__(self, tap_id: str, cause: Exception) -> None:
+        super().__init__(f"card write interrupted ({cause}); present the card again to issue it")
+        self.tap_id = tap_id
+        self.cause = cause
+
+
+def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
+                request: IssueRequest, at: datetime) -> list[IssuedCard]:
+    """Issue one card per path (at most five, none may exist yet), each with ``request``'s kind,
+    category, concession and AAVS, issued on the Hong Kong date of ``at``. Raises
+    ServiceRefused before anything is written if any card cannot be issued."""
+    require_aware(at)
+    check_request_size(len(paths))
+    resolved = [Path(p).absolute() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise ServiceRefused("the same card file is named twice")
+    if request.number is not None and len(paths) > 1:
+        raise ServiceRefused("a card number can only be given for a single card")
+    high_water = journal.time_high_water()
+    if high_water is not None and at < high_water:
+        raise ServiceRefused(f"{at.isoformat()} is behind this terminal's latest transaction "
+                             f"({high_water.isoformat()}): check the clock")
+    request = replace(request, issued=hk_date(at), balance_cents=None, last_add_value=None)
+    prepared = []
+    for path in paths:
+        path = Path(path)
+        if path.exists():
+            raise ServiceRefused(f"{path}: already exists (a new card needs a new file)")
+        if not path.parent.is_dir():
+            raise ServiceRefused(f"{path.parent}: no such directory")
+        idm = new_idm()
+        number = request.number if request.number is not None else secrets.randbelow(10**8)
+        try:
+            identity, purse, blocks = issue(replace(request, number=number), keys, idm)
+        except IssueError as error:
+            raise ServiceRefused(str(error)) from None
+        charges = issue_charges(identity.kind, identity.category)
+        if purse.balance_cents != charges.initial_value_cents:
+            raise AssertionError("issue() and issue_charges() disagree on the initial value")
+        prepared.append((path, idm, identity, purse, blocks, charges))
+
+    issued = []
+    for path, idm, identity, purse, blocks, charges in prepared:
+        write = _record_intent(journal, idm, identity, purse, blocks, charges, at)
+        try:
+            save_card(SimulatedLiteS(idm, blocks=blocks), path)
+        except OSError as error:
+            journal.resolve_write(write, WriteState.VOID, at)
+            raise OSError(f"{path}: cannot write the card file ({error.strerror}); "
+                          f"{len(issued)} card(s) issued before it") from None
+        failpoints.hit("after-purse-write")
+        journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
+        issued.append(IssuedCard(path, identity, charges, purse.aavs_reload_cents,
+                                 write.tap_id))
+    return issued
+
+
+def issue_on_card(journal: Journal, keys: SoftwareKeyStore, session: LiteSSession,
+                  request: IssueRequest, at: datetime) -> IssuedCard:
+    """Issue the blank FeliCa Lite-S card held to a reader (``session`` activated on it).
+
+    The card must be blank (every user block zero), or hold what an issue of this terminal that
+    was cut off left on it. Its blocks are written identity first and the purse slot last, so a
+    card that leaves mid-way never verifies (no valid purse: a payment terminal declines it
+    ``invalid_card``) until the issue is made again. A cut-off issue whose purse landed is
+    completed (committed, nothing collected twice); one that did not land is voided and the
+    card issued afresh."""
+    require_aware(at)
+    idm = session.idm
+    if idm is None:
+        raise ValueError("the session has no card: activate it first")
+    high_water = journal.time_high_water()
+    if high_water is not None and at < high_water:
+        raise ServiceRefused(f"{at.isoformat()} is behind this terminal's latest transaction "
+                             f"({high_water.isoformat()}): check the clock")
+    current = dict(zip(range(USER_BLOCKS), session.read_blocks(tuple(range(USER_BLOCKS)))))
+    earlier = journal.open_writes_for_idm(idm, ISSUE)
+    slot = b"".join(current[b] for b in PURSE_SLOT_BLOCKS[0])
+    card = _decoded(current, idm, keys)
+    if card is not None:
+        for write in earlier:
+            if slot == write.expected_slot:  # that issue landed: complete it, collect nothing
+                done = journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
+                charges = issue_charges(card.identity.kind, card.identity.category)
+                return IssuedCard(None, card.identity, charges, card.purse.aavs_reload_cents,
+                                  done.tap_id, completed_from=done.tap_id)
+        raise ServiceRefused(f"the card is already issued (card "
+                             f"{card.identity.card_number:08d}): only a blank card is issued")
+    if earlier:  # none of them landed: the card holds only what they left half-written
+        for write in earlier:
+            journal.resolve_write(write, WriteState.VOID, at)
+    elif any(data != bytes(len(data)) for data in current.values()):
+        raise ServiceRefused("the card is not blank (it holds data this terminal did not write): "
+                             "only a blank FeliCa Lite-S card is issued")
+    request = replace(request, issued=hk_date(at), balance_cents=None, last_add_value=None)
+    if request.number is None:
+        request = replace(request, number=secrets.randbelow(10**8))
+    try:
+        identity, purse, blocks = issue(request, keys, idm)
+    except IssueError as error:
+        raise ServiceRefused(str(error)) from None
+    charges = issue_charges(identity.kind, identity.category)
+    write = _record_intent(journal, idm, identity, purse, blocks, charges, at)
+    # identity and log first, the other (empty) slot and the journey area only where they are
+    # not already what the new image holds, the purse slot last: it makes the card valid
+    order = (IDENTITY_BLOCKS + LOG_BLOCKS + PURSE_SLOT_BLOCKS[1] + JOURNEY_BLOCKS
+             + PURSE_SLOT_BLOCKS[0])
+    try:
+        for block in order:
+            if current[block] != blocks[block] or block in PURSE_SLOT_BLOCKS[0]:
+                session.write_block(block, blocks[block])
+    except FelicaError as error:
+        raise IssueInterrupted(write.tap_id, error) from error
+    failpoints.hit("after-purse-write")
+    journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
+    return IssuedCard(None, identity, charges, purse.aavs_reload_cents, write.tap_id)
+
+
+def _record_intent(journal: Journal, idm: bytes, identity: Identity, purse, blocks: list[bytes],
+                   charges: IssueCharges, at: datetime):
+    """The issue's durable intent (counter 0 -> 1: the money collected, the purse slot 0 the
+    card will show), made before the card (file or card on a reader) is written."""
+    log_block = log_block_for(1)
+    write = journal.record_intent(
+        tap_id=secrets.token_hex(8), card_number=identity.card_number, idm=idm, kind=ISSUE,
+        counter_before=0, slot_before=b"", counter_after=1,
+        expected_slot=b"".join(blocks[b] for b in PURSE_SLOT_BLOCKS[0]),
+        log_block=log_block, log_data=blocks[log_block], balance_before_cents=0,
+        records=_records(charges, purse.aavs_reload_cents), outcome=None, at=at,
+        remember_before=False)
+    failpoints.hit("after-intent")
+    return write
+
+
+def _decoded(blocks: dict[int, bytes], idm: bytes, keys: SoftwareKeyStore):
+    """The card image if the blocks verify with this terminal's keys, else None."""
+    try:
+        return decode_image(blocks, idm, lambda version: keys.card_key(version, idm))
+    except (InvalidCard, KeyError):
+        return None

@@ -1,0 +1,372 @@
+"""One tap: read, verify, resolve, decide, journal, write, commit.
+
+This is the imperative shell around the pure rules; it runs unchanged over the in-process
+simulated card, nfcpy and PC/SC readers, since it only sees a :class:`LiteSSession`.
+
+A payment or add value takes 6 card commands: poll, 2 reads (identity and both purse slots),
+3 writes (the other purse slot, then a log block). The write responses' status flags confirm the
+write; the next tap's verification of the card replaces a read-back.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import date, datetime, timedelta
+
+from farebox.cardimage.errors import InvalidCard
+from farebox.cardimage.image import change_blocks, decode_image
+from farebox.cardimage.layout import PURSE_SLOT_BLOCKS, TAP_READ_BLOCKS
+from farebox.cardimage.model import COUNTER_MAX, CardImage
+from farebox.protocol.errors import FelicaError
+from farebox.protocol.session import LiteSSession
+
+from farebox.terminal import failpoints
+from farebox.terminal.core.clock import hk_date, require_aware, start_of_hk_day
+from farebox.terminal.store.journal import CardWrite, Journal
+from farebox.terminal.card.keys import SoftwareKeyStore
+from farebox.terminal.core.rules import (
+    DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, Reason, Record, RecordType,
+    Tariff, balance_in_range, decide_add_value, decide_payment, list_ordered_change,
+)
+from farebox.terminal.core.service import ServiceRefused
+from farebox.terminal.core.writecycle import WriteState
+
+DEFAULT_RETAP_WINDOW_S = 60.0
+PAYMENT, ADD_VALUE = "payment", "add_value"
+
+
+class TapInterrupted(Exception):
+    """The card went away (or answered wrongly) after the journal intent was made: the write is
+    in doubt and will be resolved when the card is seen again. Ask for the card to be tapped again."""
+
+    def __init__(self, tap_id: str, cause: Exception) -> None:
+        super().__init__(f"card write interrupted ({cause}); tap the card again")
+        self.tap_id = tap_id
+        self.cause = cause
+
+
+class RequestRefused(ValueError):
+    """The request cannot be served on this card at all (nothing was written); e.g. an add value
+    timed before the card was issued."""
+
+
+@dataclass(frozen=True)
+class TapResult:
+    approved: bool
+    reason: Reason | None
+    card_number: int | None
+    amount_cents: int
+    balance_before_cents: int | None
+    balance_after_cents: int | None
+    fare_class: FareClass | None = None
+    aavs_reload_cents: int | None = None
+    records: tuple[Record, ...] = ()
+    counter: int | None = None  # the card's counter after the tap
+    commands: int = 0  # card commands this tap used, poll included
+    tap_id: str | None = None
+    completed_from: str | None = None  # a re-tap that completed this earlier in-doubt tap
+    clock_trusted: bool = True
+    idm: bytes | None = None
+
+    def outcome(self) -> dict:
+        """What a re-tap needs to report this result again (stored with the write's intent)."""
+        return {
+            "approved": self.approved, "reason": self.reason and self.reason.value,
+            "amount_cents": self.amount_cents, "balance_before_cents": self.balance_before_cents,
+            "balance_after_cents": self.balance_after_cents,
+            "fare_class": self.fare_class and self.fare_class.value,
+            "aavs_reload_cents": self.aavs_reload_cents,
+            "records": [[r.type.value, r.amount_cents, r.balance_after_cents] for r in self.records],
+            "counter": self.counter, "clock_trusted": self.clock_trusted,
+        }
+
+    @classmethod
+    def from_outcome(cls, outcome: dict, **extra) -> TapResult:
+        return cls(
+            outcome["approved"], outcome["reason"] and Reason(outcome["reason"]),
+            extra.pop("card_number"), outcome["amount_cents"], outcome["balance_before_cents"],
+            outcome["balance_after_cents"], outcome["fare_class"] and FareClass(outcome["fare_class"]),
+            outcome["aavs_reload_cents"],
+            tuple(Record(RecordType(t), a, b) for t, a, b in outcome["records"]),
+            outcome["counter"], clock_trusted=outcome["clock_trusted"], **extra)
+
+
+@dataclass(frozen=True)
+class _Request:
+    kind: str
+    amount_cents: int  # shown when the card cannot be read (the adult fare for a payment)
+    #: the decision at a time the terminal trusts (rules_at, trusted)
+    decide: Callable[[CardImage, datetime, bool], Decision]
+
+
+class Terminal:
+    """The terminal's shell: keys, journal and action list; one method per kind of tap."""
+
+    def __init__(self, journal: Journal, keys: SoftwareKeyStore,
+                 action_list: Iterable[ListEntry] = (),
+                 minimum_add_value_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS,
+                 retap_window_s: float = DEFAULT_RETAP_WINDOW_S) -> None:
+        self.journal = journal
+        self.keys = keys
+        self.action_list = tuple(action_list)
+        self.minimum_add_value_cents = minimum_add_value_cents
+        self.retap_window = timedelta(seconds=retap_window_s)
+
+    def pay(self, session: LiteSSession, tariff: Tariff, at: datetime) -> TapResult:
+        return self._tap(session, at, _Request(
+            PAYMENT, tariff.fare(FareClass.ADULT),
+            lambda card, rules_at, trusted: decide_payment(
+                card.identity, card.purse, tariff, rules_at, self.action_list,
+                aavs_allowed=trusted)))
+
+    def add_value(self, session: LiteSSession, amount_cents: int, at: datetime) -> TapResult:
+        return self._tap(session, at, _Request(
+            ADD_VALUE, amount_cents,
+            lambda card, rules_at, trusted: decide_add_value(
+                card.identity, card.purse, amount_cents, rules_at, self.action_list,
+                self.minimum_add_value_cents, restart_inactivity=trusted)))
+
+    def service(self, session: LiteSSession, at: datetime, kind: str,
+                decide: Callable[[CardImage, date], Decision]) -> TapResult:
+        """A service terminal's change to the card (terminal/core/service.py: return, reactivate,
+        AAVS, student status, limit upgrade), made as safely as a payment: journal intent, the
+        two-block purse write, in-doubt resolution and completion, rollback checks. ``decide``
+        gets the verified card and the Hong Kong date; a ServiceRefused from it becomes
+        RequestRefused (nothing written). A card the action list orders blocked, suspended or
+        cancelled beyond what it carries is declined and marked, as a payment terminal does.
+        A service change needs a trusted clock (it may restart the inactivity clock or cancel
+        the card): a time behind the card or this terminal is refused."""
+        def run(card: CardImage, rules_at: datetime, trusted: bool) -> Decision:
+            if not trusted:
+                raise RequestRefused(f"{at.isoformat()} is behind this card's last use or this "
+                                     "terminal's latest transaction: check the clock")
+            listed = list_ordered_change(card.identity, card.purse, rules_at, self.action_list)
+            if listed is not None:
+                return listed
+            try:
+                return decide(card, hk_date(rules_at))
+            except ServiceRefused as error:
+                raise RequestRefused(str(error)) from None
+
+        return self._tap(session, at, _Request(kind, 0, run))
+
+    def idle(self) -> None:
+        """Call once the card has left the field: makes the last tap's commit marks durable and
+        checkpoints the journal, off the in-field path."""
+        if self.journal.unsynced:
+            failpoints.hit("before-durable-mark")
+        self.journal.idle()
+
+    # ---- the transaction -----------------------------------------------------------------
+
+    def _tap(self, session: LiteSSession, at: datetime, request: _Request) -> TapResult:
+        require_aware(at)
+        self.journal.sync()  # the previous tap's marks are durable before this tap starts
+        if session.idm is None:
+            session.poll()
+        idm = session.idm
+        raw = dict(zip(TAP_READ_BLOCKS, session.read_blocks(TAP_READ_BLOCKS)))
+        card_key_for = _CardKeys(self.keys, idm)
+        try:
+            card = decode_image(raw, idm, card_key_for)
+        except InvalidCard:
+            return TapResult(False, Reason.INVALID_CARD, None, request.amount_cents, None, None,
+                             commands=session.commands, idm=idm)
+        number, counter = card.identity.card_number, card.purse.counter
+        if counter >= COUNTER_MAX or not balance_in_range(card.identity, card.purse):
+            return TapResult(False, Reason.INVALID_CARD, number, request.amount_cents, None, None,
+                             counter=counter, commands=session.commands, idm=idm)
+        if request.kind != PAYMENT and hk_date(at) < card.identity.issued:
+            what = "an add value" if request.kind == ADD_VALUE else request.kind.replace("_", " ")
+            raise RequestRefused(f"{what} at {at.isoformat()} is before the card was issued "
+                                 f"({card.identity.issued.isoformat()})")
+        slot_bytes = _slot_bytes(card, raw)
+        trusted, rules_at = self._trusted_time(card, at)
+
+        memory = self.journal.card_memory(number)
+        known = 0 if memory is None else memory.counter
+        open_writes = self.journal.open_writes(number, known, counter)
+        repair = next((w for w in open_writes if w.state is WriteState.COMMITTED), None)
+        resolved = self._resolve(card, slot_bytes, at, open_writes)
+        if resolved:
+            completed = self._complete(session, card, resolved, request, at)
+            if completed is not None:
+                return completed
+            memory = self.journal.card_memory(number)
+            repair = self.journal.unconfirmed_log(number, counter)
+        if memory is not None and (counter < memory.counter or (
+                counter == memory.counter and slot_bytes[counter] != memory.slot)):
+            # older than what this terminal verified, or a restored copy written again (a fork)
+            return TapResult(False, Reason.ROLLBACK, number, request.amount_cents,
+                             card.purse.balance_cents, card.purse.balance_cents, counter=counter,
+                             commands=session.commands, clock_trusted=trusted, idm=idm)
+
+        decision = request.decide(card, rules_at, trusted)
+        if decision.new_purse is None:
+            self.journal.observe(number, counter, slot_bytes[counter],
+                                 trusted_at=at if trusted else None,
+                                 remember=memory is None or counter > memory.counter)
+            return self._result(decision, card, counter, session, trusted=trusted)
+        return self._write(session, card, slot_bytes, decision, request, at, trusted,
+                           card_key_for(card.identity.key_version), repair,
+                           remember_before=memory is None or memory.counter != counter)
+
+    def _write(self, session: LiteSSession, card: CardImage, slot_bytes: dict[int, bytes],
+               decision: Decision, request: _Request, at: datetime, trusted: bool,
+               card_key: bytes, repair: CardWrite | None, *, remember_before: bool) -> TapResult:
+        idm, number, counter = card.idm, card.identity.card_number, card.purse.counter
+        (purse_a, purse_b, log) = change_blocks(card, decision.new_purse, decision.log_entry,
+                                                card_key)
+        if repair is not None and repair.log_block == log[0]:
+            repair = None  # the new entry takes that block anyway
+        tap_id = secrets.token_hex(8)
+        result = self._result(decision, card, decision.new_purse.counter, session, tap_id,
+                              trusted=trusted)
+        write = self.journal.record_intent(
+            tap_id=tap_id, card_number=number, idm=idm, kind=request.kind,
+            counter_before=counter, slot_before=slot_bytes[counter],
+            counter_after=decision.new_purse.counter, expected_slot=purse_a[1] + purse_b[1],
+            log_block=log[0], log_data=log[1], balance_before_cents=decision.balance_before_cents,
+            records=decision.records, outcome=result.outcome(), at=at, clock_trusted=trusted,
+            remember_before=remember_before)
+        failpoints.hit("after-intent")
+        try:
+            session.write_block(*purse_a)
+            session.write_block(*purse_b)
+        except FelicaError as error:
+            raise TapInterrupted(tap_id, error) from error
+        failpoints.hit("after-purse-write")
+        # The purse slot has landed: the value moved. The log block is a record of it, written
+        # next; if it does not land, the next write to this card writes it again.
+        log_landed = self._try_write(session, log)
+        failpoints.hit("after-log-write")
+        self.journal.commit_later(write, at, log_confirmed=log_landed)
+        failpoints.hit("after-commit-mark")
+        if repair is not None and log_landed and self._try_write(
+                session, (repair.log_block, repair.log_data)):
+            self.journal.confirm_log(repair)
+        return replace(result, commands=session.commands)
+
+    @staticmethod
+    def _try_write(session: LiteSSession, block: tuple[int, bytes]) -> bool:
+        try:
+            session.write_block(*block)
+        except FelicaError:
+            return False
+        return True
+
+    def clock_trusted(self, card: CardImage, at: datetime) -> bool:
+        """Whether this terminal would believe ``at`` for this card (see :meth:`_trusted_time`):
+        a service request checks every card with it before changing any."""
+        return self._trusted_time(card, at)[0]
+
+    def _trusted_time(self, card: CardImage, at: datetime) -> tuple[bool, datetime]:
+        """Whether ``at`` can be believed, and the time the rules are applied at.
+
+        A time before this terminal's high-water mark, or before the latest date the card
+        records, is untrusted: the rules then run at the latest of those two (fares by that
+        date's rules), with no automatic add value and no change to the inactivity clock, and
+        the records are flagged."""
+        purse = card.purse
+        card_day = max(d for d in (purse.last_add_value, purse.last_auto_reload,
+                                   purse.last_payment) if d is not None)
+        floor = start_of_hk_day(card_day)
+        high_water = self.journal.time_high_water()
+        if high_water is not None and high_water > floor:
+            floor = high_water
+        if at >= floor:
+            return True, at
+        return False, floor
+
+    def _resolve(self, card: CardImage, slot_bytes: dict[int, bytes], at: datetime,
+                 open_writes: list[CardWrite]) -> list[tuple[CardWrite, CardWrite]]:
+        """Resolve writes left in doubt for this card (and voids that turn up), by what it shows:
+        pairs of (the write as it was, as it is now). Newest first: a retry can write the very
+        bytes an earlier voided attempt would have, and only one write can have produced a
+        counter."""
+        committed_up_to = 0
+        changed = []
+        for write in open_writes:
+            if write.state is WriteState.COMMITTED:
+                continue  # only there for its unconfirmed log block
+            if write.counter_after <= committed_up_to:
+                continue
+            state = _resolution(write, card.purse.counter, slot_bytes)
+            if state is WriteState.COMMITTED:
+                committed_up_to = write.counter_after
+            if state is not None and state is not write.state:
+                changed.append((write, self.journal.resolve_write(
+                    write, state, at, sync=False, observed=state is WriteState.COMMITTED)))
+        return changed
+
+    def _complete(self, session: LiteSSession, card: CardImage,
+                  resolved: list[tuple[CardWrite, CardWrite]], request: _Request,
+                  at: datetime) -> TapResult | None:
+        """A re-tap of a card whose last tap here was cut off after its write landed, within the
+        re-tap window and for the same kind of request: report that tap, charge nothing more."""
+        for before, now in resolved:
+            if before.state is not WriteState.INTENT:
+                continue
+            # only the newest in-doubt write can be the one the customer is re-tapping for
+            if (now.state is WriteState.COMMITTED and now.kind == request.kind
+                    and now.counter_after == card.purse.counter and now.outcome is not None
+                    and at - now.created <= self.retap_window):
+                repair = self.journal.unconfirmed_log(card.identity.card_number,
+                                                      card.purse.counter)
+                if repair is not None and self._try_write(session,
+                                                          (repair.log_block, repair.log_data)):
+                    self.journal.confirm_log(repair)
+                return TapResult.from_outcome(
+                    now.outcome, card_number=card.identity.card_number,
+                    commands=session.commands, tap_id=now.tap_id, completed_from=now.tap_id,
+                    idm=card.idm)
+            return None
+        return None
+
+    def _result(self, decision: Decision, card: CardImage, counter: int, session: LiteSSession,
+                tap_id: str | None = None, *, trusted: bool) -> TapResult:
+        return TapResult(
+            decision.approved, decision.reason, card.identity.card_number, decision.amount_cents,
+            decision.balance_before_cents, decision.balance_after_cents, decision.fare_class,
+            decision.aavs_reload_cents, decision.records, counter, session.commands, tap_id,
+            clock_trusted=trusted, idm=card.idm)
+
+
+class _CardKeys:
+    """The card's diversified key for a key version, derived once per tap."""
+
+    def __init__(self, keys: SoftwareKeyStore, idm: bytes) -> None:
+        self._keys, self._idm, self._cache = keys, idm, {}
+
+    def __call__(self, version: int) -> bytes:
+        key = self._cache.get(version)
+        if key is None:
+            key = self._cache[version] = self._keys.card_key(version, self._idm)
+        return key
+
+
+def _slot_bytes(card: CardImage, raw: dict[int, bytes]) -> dict[int, bytes]:
+    """The raw bytes of each valid purse slot, by counter."""
+    slots = {card.purse.counter: card.purse_slot}
+    if card.previous is not None:
+        slots[card.previous.counter] = 1 - card.purse_slot
+    return {counter: b"".join(raw[b] for b in PURSE_SLOT_BLOCKS[slot])
+            for counter, slot in slots.items()}
+
+
+def _resolution(write: CardWrite, current_counter: int,
+                slot_bytes: dict[int, bytes]) -> WriteState | None:
+    """What the card shows about a write: ``committed`` (its bytes are there), ``void`` (the card
+    still shows the counter it started from), ``unresolved`` (the card moved on and the slot is
+    gone), or None (nothing to conclude: an older copy cannot resolve it, nor undo a void)."""
+    if write.counter_after in slot_bytes:
+        if slot_bytes[write.counter_after] == write.expected_slot:
+            return WriteState.COMMITTED
+        return WriteState.VOID if write.state is WriteState.INTENT else None
+    if write.state is WriteState.VOID or current_counter < write.counter_before:
+        return None
+    if current_counter == write.counter_before:
+        return WriteState.VOID  # the write never landed (torn, or the card left before it)
+    return WriteState.UNRESOLVED

@@ -1,0 +1,665 @@
+"""The terminal's durable journal (SQLite, WAL, synchronous=FULL).
+
+* ``records``: one row per value movement (and per list-ordered status change), with a gapless
+  terminal sequence and a hash chain over the previous record.
+* ``card_writes``: one row per card write, ``intent`` before the card is touched, then through the
+  life cycle in ``writestate.py``. It keeps what the write was for (request kind, outcome), the
+  purse slot bytes it writes and its log block, so a re-tap can complete it and a torn log block
+  can be written again.
+* ``cards``: the highest counter this terminal has verified on each card and the purse slot bytes
+  it saw at that counter. A card presenting a lower counter is an older copy; one presenting the
+  same counter with other bytes is a copy that was restored and written again (a fork). Both are
+  declined as rollback.
+* ``meta``: terminal id, schema version, and the time high-water mark (the latest trusted tap time).
+
+Durability: the intent is the tap's one fsync (``synchronous=FULL``). Marks made while the card is
+in the field (commit, log confirmed) are committed without waiting for the disk; :meth:`sync`
+makes them durable and :meth:`idle` also checkpoints the WAL. Call ``idle`` once the card has left
+(the CLI does it after printing; the daemon between cards); a new tap starts with ``sync``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from farebox.terminal.core.clock import parse_utc, utc_fixed, utc_iso
+from farebox.terminal.core.rules import Record, RecordType
+from farebox.terminal.core.writecycle import WriteState, check_transition
+
+SCHEMA_VERSION = 3
+GENESIS_HASH = "0" * 64
+DEFAULT_BUSY_TIMEOUT_S = 10.0
+_WAL_AUTOCHECKPOINT_PAGES = 10_000  # a backstop only: checkpoints normally run in idle()
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS card_writes (
+    tap_id TEXT PRIMARY KEY,
+    card_number INTEGER NOT NULL,
+    idm TEXT NOT NULL,
+    counter_before INTEGER NOT NULL,
+    counter_after INTEGER NOT NULL,
+    expected_slot TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('intent', 'committed', 'void', 'unresolved')),
+    created_utc TEXT NOT NULL,
+    resolved_utc TEXT,
+    kind TEXT NOT NULL DEFAULT 'payment',
+    outcome TEXT,
+    log_block INTEGER,
+    log_data TEXT,
+    log_confirmed INTEGER NOT NULL DEFAULT 1,
+    observed INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY,
+    terminal_id TEXT NOT NULL,
+    tap_id TEXT NOT NULL REFERENCES card_writes (tap_id),
+    card_number INTEGER NOT NULL,
+    counter_before INTEGER NOT NULL,
+    counter_after INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    amount_cents INTEGER NOT NULL,
+    balance_before_cents INTEGER NOT NULL,
+    balance_after_cents INTEGER NOT NULL,
+    at_utc TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    clock_trusted INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS cards (
+    card_number INTEGER PRIMARY KEY,
+    highest_counter INTEGER NOT NULL,
+    highest_slot TEXT NOT NULL
+);
+"""
+# Partial indexes keep every per-tap query independent of the journal's size.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS card_writes_open ON card_writes (card_number) WHERE state = 'intent';
+CREATE INDEX IF NOT EXISTS card_writes_void ON card_writes (card_number, counter_after)
+    WHERE state = 'void';
+CREATE INDEX IF NOT EXISTS card_writes_log ON card_writes (card_number, counter_after)
+    WHERE log_confirmed = 0 AND state = 'committed';
+"""
+_MIGRATE_1_TO_2 = """
+ALTER TABLE card_writes ADD COLUMN kind TEXT NOT NULL DEFAULT 'payment';
+ALTER TABLE card_writes ADD COLUMN outcome TEXT;
+ALTER TABLE card_writes ADD COLUMN log_block INTEGER;
+ALTER TABLE card_writes ADD COLUMN log_data TEXT;
+ALTER TABLE card_writes ADD COLUMN log_confirmed INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE records ADD COLUMN clock_trusted INTEGER NOT NULL DEFAULT 1;
+"""
+#: ``observed``: committed because its bytes were seen on the card later, not by the write's
+#: own answers (another terminal may have written the very same bytes: clearing counts that
+#: change once).
+_MIGRATE_2_TO_3 = """
+ALTER TABLE card_writes ADD COLUMN observed INTEGER NOT NULL DEFAULT 0;
+"""
+
+_WRITE_COLUMNS = ("tap_id, card_number, idm, kind, counter_before, counter_after, expected_slot, "
+                  "state, created_utc, resolved_utc, outcome, log_block, log_data, log_confirmed")
+
+
+@dataclass(frozen=True)
+class CardWrite:
+    """One row of ``card_writes``."""
+
+    tap_id: str
+    card_number: int
+    idm: bytes
+    kind: str  # the request: "payment" or "add_value"
+    counter_before: int
+    counter_after: int
+    expected_slot: bytes  # the purse slot's bytes once the write has landed
+    state: WriteState
+    created_utc: str
+    resolved_utc: str | None = None
+    outcome: dict | None = None  # what the tap reported (to complete it on a re-tap)
+    log_block: int | None = None
+    log_data: bytes | None = None
+    log_confirmed: bool = True
+
+    @classmethod
+    def _from_row(cls, row: Sequence) -> CardWrite:
+        return cls(row[0], row[1], bytes.fromhex(row[2]), row[3], row[4], row[5],
+                   bytes.fromhex(row[6]), WriteState(row[7]), row[8], row[9],
+                   None if row[10] is None else json.loads(row[10]), row[11],
+                   None if row[12] is None else bytes.fromhex(row[12]), bool(row[13]))
+
+    @property
+    def created(self) -> datetime:
+        return parse_utc(self.created_utc)
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """One row of ``records`` with the state of the write it belongs to."""
+
+    seq: int
+    terminal_id: str
+    tap_id: str
+    card_number: int
+    counter_before: int
+    counter_after: int
+    type: RecordType
+    amount_cents: int
+    balance_before_cents: int
+    balance_after_cents: int
+    at_utc: str
+    prev_hash: str
+    hash: str
+    clock_trusted: bool
+    write_state: WriteState
+
+    def hashed_fields(self) -> dict:
+        return {"seq": self.seq, "terminal_id": self.terminal_id, "tap_id": self.tap_id,
+                "card_number": self.card_number, "counter_before": self.counter_before,
+                "counter_after": self.counter_after, "type": self.type.value,
+                "amount_cents": self.amount_cents,
+                "balance_before_cents": self.balance_before_cents,
+                "balance_after_cents": self.balance_after_cents, "at_utc": self.at_utc,
+                "prev_hash": self.prev_hash, "clock_trusted": self.clock_trusted}
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """The result of :meth:`Journal.verify_chain`; true when the chain is whole."""
+
+    ok: bool
+    records: int
+    bad_seq: int | None = None
+    problem: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """A change to a write kept in memory until :meth:`Journal.sync`; ``state`` None: only its
+    log block confirmed."""
+
+    write: CardWrite
+    state: WriteState | None
+    at_utc: str | None
+    log_confirmed: bool
+    observed: bool = False
+
+
+@dataclass(frozen=True)
+class CardMemory:
+    """The newest state this terminal verified on a card."""
+
+    counter: int
+    slot: bytes
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or is not ours."""
+
+
+class Journal:
+    def __init__(self, path: Path, *, durable: bool = True, terminal_id: str | None = None,
+                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        """``durable=False`` (synchronous=OFF) is for benchmarks that measure CPU without fsync.
+
+        Several processes may open one journal, the first ones at the same moment: each waits
+        for the others (up to ``busy_timeout_s``) rather than failing. ``terminal_id`` names a
+        new journal's terminal (else a random id); an existing journal must already carry it."""
+        self.path = Path(path)
+        self._wanted_id = terminal_id
+        self._sync = "FULL" if durable else "OFF"
+        self._unsynced = False
+        self._pending: list[_Mark] = []
+        deadline = time.monotonic() + busy_timeout_s
+        while True:
+            try:
+                self._open(busy_timeout_s)
+                break
+            except sqlite3.OperationalError as error:
+                if _is_busy(error) and time.monotonic() < deadline:
+                    self._close_quietly()
+                    time.sleep(0.05)
+                    continue
+                self._close_quietly()
+                raise JournalError(f"{self.path}: cannot open the journal ({error})") from None
+            except JournalError:
+                self._close_quietly()
+                raise
+            except (OSError, sqlite3.Error) as error:
+                self._close_quietly()
+                raise JournalError(f"{self.path}: cannot open the journal ({error})") from None
+
+    def _open(self, busy_timeout_s: float) -> None:
+        self._db = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout_s)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={self._sync}")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._transaction():
+            existing = {row[0] for row in self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            fresh = "meta" not in existing
+            if "card_writes" in existing and "meta" in existing:
+                version = self._db.execute(
+                    "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                steps = {"1": _MIGRATE_1_TO_2 + _MIGRATE_2_TO_3, "2": _MIGRATE_2_TO_3}
+                if version is not None and version[0] in steps:
+                    for statement in filter(str.strip, steps[version[0]].split(";")):
+                        self._db.execute(statement)
+                    self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                                     (str(SCHEMA_VERSION),))
+            for statement in filter(str.strip, (_SCHEMA + _INDEXES).split(";")):
+                self._db.execute(statement)
+            self.terminal_id = self._meta(
+                "terminal_id", lambda: self._wanted_id or "T" + secrets.token_hex(4).upper())
+            version = int(self._meta("schema_version", lambda: str(SCHEMA_VERSION)))
+        if version != SCHEMA_VERSION:
+            raise JournalError(f"{self.path}: journal schema {version}, expected {SCHEMA_VERSION}")
+        self._high_water = None  # the latest trusted time: the meta row or the newest record's
+        for row in (self._db.execute("SELECT value FROM meta WHERE key = 'time_high_water_utc'"),
+                    self._db.execute("SELECT at_utc FROM records WHERE clock_trusted = 1 "
+                                     "ORDER BY seq DESC LIMIT 1")):
+            value = row.fetchone()
+            if value is not None:
+                self._note_high_water(parse_utc(value[0]))
+        self._high_water_saved = self._high_water
+        if self._wanted_id is not None and self._wanted_id != self.terminal_id:
+            raise JournalError(f"{self.path}: this journal belongs to terminal {self.terminal_id}, "
+                               f"not {self._wanted_id}")
+        self.created = fresh
+
+    def _close_quietly(self) -> None:
+        db = getattr(self, "_db", None)
+        if db is not None:
+            db.close()
+            self._db = None
+
+    def close(self) -> None:
+        if self._db is not None:
+            try:
+                self.sync()
+            finally:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+    # ---- for the settlement tables kept in the same file (settlement.py) ------------------
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The journal's connection (autocommit; use :meth:`transaction` to change anything)."""
+        self._flush()
+        return self._db
+
+    def transaction(self) -> _Transaction:
+        """A durable ``BEGIN IMMEDIATE`` .. ``COMMIT``: one writer at a time across processes."""
+        self._flush()
+        return self._transaction()
+
+    def _meta(self, key: str, default) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            return row[0]
+        value = default()
+        self._db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+        return value
+
+    # ---- durability ----------------------------------------------------------------------
+
+    @property
+    def unsynced(self) -> bool:
+        """True while something recorded is not yet durable: a commit mark or log confirmation
+        not yet written, a commit made without waiting for the disk, a newer high-water time."""
+        return bool(self._pending) or self._unsynced or self._high_water != self._high_water_saved
+
+    def sync(self) -> None:
+        """Write the deferred marks and make everything durable (one FULL commit: it syncs the
+        WAL and every frame before it). A no-op when nothing is outstanding."""
+        if not self.unsynced:
+            return
+        with self._transaction():
+            for mark in self._pending:
+                self._apply(mark)
+            if self._high_water != self._high_water_saved:
+                self._db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('time_high_water_utc', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value "
+                    "WHERE excluded.value > value", (utc_fixed(self._high_water),))
+            else:  # still one write, so that the commit syncs the WAL
+                self._db.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+        self._pending.clear()
+        self._high_water_saved = self._high_water
+        self._unsynced = False
+
+    def idle(self) -> None:
+        """Work kept off the in-field path: make the last tap's marks durable, checkpoint the WAL."""
+        self.sync()
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _quick(self):
+        """A transaction that does not wait for the disk (synchronous=NORMAL): see :meth:`sync`."""
+        return _Transaction(self._db, quick=self._sync == "FULL", on_commit=self._mark_unsynced)
+
+    def _mark_unsynced(self) -> None:
+        self._unsynced = True
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def card_memory(self, card_number: int) -> CardMemory | None:
+        self._flush()
+        row = self._db.execute("SELECT highest_counter, highest_slot FROM cards "
+                               "WHERE card_number = ?", (card_number,)).fetchone()
+        return None if row is None else CardMemory(row[0], bytes.fromhex(row[1]))
+
+    def highest_counter(self, card_number: int) -> int | None:
+        memory = self.card_memory(card_number)
+        return None if memory is None else memory.counter
+
+    def unresolved_writes(self, card_number: int, known_counter: int | None = None) -> list[CardWrite]:
+        """Intents, and voids that could still turn up on the card (beyond its known counter,
+        looked up unless given), newest first. Both queries use partial indexes: the cost does
+        not grow with history."""
+        self._flush()
+        known = (self.highest_counter(card_number) if known_counter is None else known_counter) or 0
+        rows = self._db.execute(
+            f"SELECT {_WRITE_COLUMNS}, rowid FROM card_writes "
+            "WHERE card_number = ? AND state = 'intent'", (card_number,)).fetchall()
+        rows += self._db.execute(
+            f"SELECT {_WRITE_COLUMNS}, rowid FROM card_writes "
+            "WHERE card_number = ? AND state = 'void' AND counter_after > ?",
+            (card_number, known)).fetchall()
+        rows.sort(key=lambda row: row[-1], reverse=True)
+        return [CardWrite._from_row(row) for row in rows]
+
+    def open_writes(self, card_number: int, known_counter: int,
+                    current_counter: int) -> list[CardWrite]:
+        """What a tap of this card must look at, in one indexed query: intents, voids beyond
+        ``known_counter`` (newest first), and this terminal's committed write that produced
+        ``current_counter`` if its log block was never confirmed."""
+        self._flush()
+        rows = self._db.execute(
+            f"SELECT {_WRITE_COLUMNS} FROM card_writes WHERE card_number = ? AND ("
+            "state = 'intent' OR (state = 'void' AND counter_after > ?) OR "
+            "(log_confirmed = 0 AND state = 'committed' AND counter_after = ?)) "
+            "ORDER BY rowid DESC", (card_number, known_counter, current_counter)).fetchall()
+        return [CardWrite._from_row(row) for row in rows]
+
+    def unconfirmed_log(self, card_number: int, counter: int) -> CardWrite | None:
+        """This terminal's committed write that produced ``counter`` on the card, if its log block
+        was never confirmed written (the card left before, or the block tore)."""
+        self._flush()
+        row = self._db.execute(
+            f"SELECT {_WRITE_COLUMNS} FROM card_writes WHERE card_number = ? "
+            "AND counter_after = ? AND log_confirmed = 0 AND state = 'committed' "
+            "AND log_block IS NOT NULL", (card_number, counter)).fetchone()
+        return None if row is None else CardWrite._from_row(row)
+
+    def write(self, tap_id: str) -> CardWrite | None:
+        self._flush()
+        row = self._db.execute(f"SELECT {_WRITE_COLUMNS} FROM card_writes WHERE tap_id = ?",
+                               (tap_id,)).fetchone()
+        return None if row is None else CardWrite._from_row(row)
+
+    def in_doubt_count(self) -> int:
+        """Writes whose landing on the card is not yet known (state intent; a partial index)."""
+        return self._db.execute("SELECT count(*) FROM card_writes WHERE state = 'intent'"
+                                ).fetchone()[0]
+
+    def write_state(self, tap_id: str) -> WriteState | None:
+        write = self.write(tap_id)
+        return None if write is None else write.state
+
+    def writes(self) -> list[CardWrite]:
+        """Every card write: in doubt first, then newest first."""
+        self._flush()
+        rows = self._db.execute(
+            f"SELECT {_WRITE_COLUMNS} FROM card_writes "
+            "ORDER BY state = 'intent' DESC, rowid DESC").fetchall()
+        return [CardWrite._from_row(row) for row in rows]
+
+    def open_writes_for_idm(self, idm: bytes, kind: str) -> list[CardWrite]:
+        """Writes of ``kind`` still in doubt on the card with this IDm, newest first (an issue
+        onto a card held to a reader that was cut off: the card has no number yet to look by)."""
+        self._flush()
+        rows = self._db.execute(
+            f"SELECT {_WRITE_COLUMNS} FROM card_writes WHERE state = 'intent' AND idm = ? "
+            "AND kind = ? ORDER BY rowid DESC", (idm.hex(), kind)).fetchall()
+        return [CardWrite._from_row(row) for row in rows]
+
+    def records(self, card_number: int | None = None) -> list[JournalRecord]:
+        self._flush()
+        query = ("SELECT r.seq, r.terminal_id, r.tap_id, r.card_number, r.counter_before, "
+                 "r.counter_after, r.type, r.amount_cents, r.balance_before_cents, "
+                 "r.balance_after_cents, r.at_utc, r.prev_hash, r.hash, r.clock_trusted, w.state "
+                 "FROM records r JOIN card_writes w USING (tap_id)"
+                 + (" WHERE r.card_number = ?" if card_number is not None else "")
+                 + " ORDER BY seq")
+        cursor = self._db.execute(query, () if card_number is None else (card_number,))
+        return [_record_from_row(row) for row in cursor]
+
+    def verify_chain(self) -> ChainCheck:
+        """Recompute every record's hash: the sequence must be gapless from 1 and each record
+        must hash to its stored hash and link to the one before."""
+        previous, expected_seq, count = GENESIS_HASH, 1, 0
+        cursor = self._db.execute(
+            "SELECT seq, terminal_id, tap_id, card_number, counter_before, counter_after, type, "
+            "amount_cents, balance_before_cents, balance_after_cents, at_utc, prev_hash, hash, "
+            "clock_trusted FROM records ORDER BY seq")
+        for row in cursor:
+            count += 1
+            seq = row[0]
+            if seq != expected_seq:
+                return ChainCheck(False, count, seq, f"sequence jumps from {expected_seq - 1} to {seq}")
+            fields = dict(zip(_HASHED, row[:12]))
+            fields["clock_trusted"] = bool(row[13])
+            if row[11] != previous:
+                return ChainCheck(False, count, seq, "does not link to the record before it")
+            if _record_hash(fields) != row[12]:
+                return ChainCheck(False, count, seq, "its contents do not match its hash")
+            previous, expected_seq = row[12], expected_seq + 1
+        return ChainCheck(True, count)
+
+    def time_high_water(self) -> datetime | None:
+        """The latest tap time this terminal trusted (None before its first tap). Read at open
+        and kept in memory; the stored value only ever moves forward."""
+        return self._high_water
+
+    # ---- writes --------------------------------------------------------------------------
+
+    def observe(self, card_number: int, counter: int, slot: bytes,
+                trusted_at: datetime | None = None, *, remember: bool = True) -> None:
+        """Remember a purse verified on the card (only a higher counter replaces the memory) and
+        a trusted tap time (saved by the next :meth:`sync`). Not waited for: the card itself
+        proves it again if it is lost."""
+        if remember:
+            with self._quick():
+                self._remember(card_number, counter, slot)
+        if trusted_at is not None:
+            self._note_high_water(trusted_at)
+
+    def _note_high_water(self, at: datetime) -> None:
+        if self._high_water is None or at > self._high_water:
+            self._high_water = at
+
+    def _remember(self, card_number: int, counter: int, slot: bytes) -> None:
+        self._db.execute(
+            "INSERT INTO cards (card_number, highest_counter, highest_slot) VALUES (?, ?, ?) "
+            "ON CONFLICT (card_number) DO UPDATE SET highest_counter = excluded.highest_counter, "
+            "highest_slot = excluded.highest_slot WHERE excluded.highest_counter > highest_counter",
+            (card_number, counter, slot.hex()))
+
+    def record_intent(self, *, tap_id: str, card_number: int, idm: bytes, kind: str,
+                      counter_before: int, slot_before: bytes, counter_after: int,
+                      expected_slot: bytes, log_block: int, log_data: bytes,
+                      balance_before_cents: int, records: Sequence[Record], outcome: dict,
+                      at: datetime, clock_trusted: bool = True,
+                      remember_before: bool = True) -> CardWrite:
+        """Durably record what is about to be written, before the card is touched (one fsync).
+        ``remember_before=False`` when this terminal's memory of the card already is
+        ``counter_before`` with ``slot_before``."""
+        at_utc = utc_iso(at)
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO card_writes (tap_id, card_number, idm, kind, counter_before, "
+                "counter_after, expected_slot, state, created_utc, outcome, log_block, log_data, "
+                "log_confirmed) VALUES (?, ?, ?, ?, ?, ?, ?, 'intent', ?, ?, ?, ?, 0)",
+                (tap_id, card_number, idm.hex(), kind, counter_before, counter_after,
+                 expected_slot.hex(), at_utc, json.dumps(outcome, separators=(",", ":")),
+                 log_block, log_data.hex()))
+            if remember_before:
+                self._remember(card_number, counter_before, slot_before)
+            row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, previous = (row[0], row[1]) if row else (0, GENESIS_HASH)
+            balance = balance_before_cents
+            for record in records:
+                seq += 1
+                fields = {
+                    "seq": seq, "terminal_id": self.terminal_id, "tap_id": tap_id,
+                    "card_number": card_number, "counter_before": counter_before,
+                    "counter_after": counter_after, "type": record.type.value,
+                    "amount_cents": record.amount_cents, "balance_before_cents": balance,
+                    "balance_after_cents": record.balance_after_cents, "at_utc": at_utc,
+                    "prev_hash": previous, "clock_trusted": clock_trusted,
+                }
+                fields["hash"] = previous = _record_hash(fields)
+                self._db.execute(_INSERT_RECORD, tuple(fields.values()))
+                balance = record.balance_after_cents
+        self._unsynced = False  # that commit synced the WAL, and every frame before it
+        if clock_trusted:  # durable with the record itself; the meta row follows at sync()
+            self._note_high_water(at)
+        return CardWrite(tap_id, card_number, idm, kind, counter_before, counter_after,
+                         expected_slot, WriteState.INTENT, at_utc, outcome=outcome,
+                         log_block=log_block, log_data=log_data, log_confirmed=False)
+
+    def resolve_write(self, write: CardWrite, state: WriteState, at: datetime, *,
+                      log_confirmed: bool = False, sync: bool = True,
+                      observed: bool = False) -> CardWrite:
+        """Move a write through its life cycle (see ``writestate.py``): ``committed`` (its bytes
+        are on the card), ``void`` (it never landed) or ``unresolved`` (the card no longer shows
+        which; left for reconciliation). Returns the write in its new state.
+
+        ``sync=False`` commits without waiting for the disk: the commit mark made while the card
+        is in the field; :meth:`sync` (after the card has left) makes it durable. ``observed``:
+        committed because the card shows its bytes, not by the write's own answers."""
+        state = WriteState(state)
+        check_transition(write.state, state)
+        self._flush()
+        with (self._transaction() if sync else self._quick()):
+            self._apply(_Mark(write, state, utc_iso(at), log_confirmed, observed))
+        if sync:
+            self._unsynced = False
+        return CardWrite(**{**write.__dict__, "state": state, "resolved_utc": utc_iso(at),
+                            "log_confirmed": write.log_confirmed or log_confirmed})
+
+    def commit_later(self, write: CardWrite, at: datetime, *, log_confirmed: bool) -> CardWrite:
+        """The commit mark of a write the card has just confirmed, made while the card is in
+        the field: kept in memory and written by the next :meth:`sync` (after the card has left,
+        and before the next tap starts). Lost to a crash, the card proves the write again."""
+        check_transition(write.state, WriteState.COMMITTED)
+        self._pending.append(_Mark(write, WriteState.COMMITTED, utc_iso(at), log_confirmed))
+        return CardWrite(**{**write.__dict__, "state": WriteState.COMMITTED,
+                            "resolved_utc": utc_iso(at),
+                            "log_confirmed": write.log_confirmed or log_confirmed})
+
+    def confirm_log(self, write: CardWrite) -> None:
+        """The write's log block is on the card (answered by the card); saved by :meth:`sync`."""
+        self._pending.append(_Mark(write, None, None, True))
+
+    def _flush(self) -> None:
+        """Readers see the deferred marks (written, durably, before any read)."""
+        if self._pending:
+            self.sync()
+
+    def _apply(self, mark: _Mark) -> None:
+        write = mark.write
+        if mark.state is None:
+            self._db.execute("UPDATE card_writes SET log_confirmed = 1 WHERE tap_id = ?",
+                             (write.tap_id,))
+            return
+        changed = self._db.execute(
+            "UPDATE card_writes SET state = ?, resolved_utc = ?, "
+            "log_confirmed = log_confirmed OR ?, observed = ? WHERE tap_id = ? AND state = ?",
+            (mark.state.value, mark.at_utc, int(mark.log_confirmed), int(mark.observed),
+             write.tap_id, write.state.value)).rowcount
+        if changed != 1:
+            raise JournalError(f"card write {write.tap_id} is no longer {write.state.value}")
+        if mark.state is WriteState.COMMITTED:
+            self._remember(write.card_number, write.counter_after, write.expected_slot)
+
+
+_INSERT_RECORD = (
+    "INSERT INTO records (seq, terminal_id, tap_id, card_number, counter_before, counter_after, "
+    "type, amount_cents, balance_before_cents, balance_after_cents, at_utc, prev_hash, "
+    "clock_trusted, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_HASHED = ("seq", "terminal_id", "tap_id", "card_number", "counter_before", "counter_after", "type",
+           "amount_cents", "balance_before_cents", "balance_after_cents", "at_utc", "prev_hash")
+
+
+def _record_hash(fields: dict) -> str:
+    """SHA-256 of the canonical JSON of the hashed fields. A record made on an untrusted clock
+    carries ``"clock_untrusted": true`` in the hashed text (absent otherwise)."""
+    hashed = {k: fields[k] for k in _HASHED}
+    if not fields.get("clock_trusted", True):
+        hashed["clock_untrusted"] = True
+    canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _record_from_row(row: Sequence) -> JournalRecord:
+    return JournalRecord(row[0], row[1], row[2], row[3], row[4], row[5], RecordType(row[6]),
+                         row[7], row[8], row[9], row[10], row[11], row[12], bool(row[13]),
+                         WriteState(row[14]))
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) on an autocommit connection. ``quick``
+    commits with synchronous=NORMAL (no fsync; WAL order keeps it behind every earlier commit)."""
+
+    def __init__(self, db: sqlite3.Connection, *, quick: bool = False, on_commit=None) -> None:
+        self._db = db
+        self._quick = quick
+        self._on_commit = on_commit
+
+    def __enter__(self) -> None:
+        if self._quick:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None and self._on_commit is not None:
+                self._on_commit()
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        if self._quick:
+            self._db.execute("PRAGMA synchronous=FULL")
