@@ -17,7 +17,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from farebox.terminal.store.identity import init_identity, verify_signature
+from farebox.protocol.settlement import verify_signature
+from farebox.terminal.store.identity import init_identity
 from farebox.terminal.store.journal import Journal
 from farebox.terminal.core.rules import Record, RecordType
 from farebox.terminal.store.settlement import Settlement

@@ -3,7 +3,7 @@
 ``POST /v1/batches``: one upload (see ``service.py``); 200 with the acknowledgement, or 400 (not
 an upload), 403 (unknown terminal), 409 (a number taken by another batch, out of order, a broken
 chain), 413 (body over :data:`MAX_BODY_BYTES`), 422 (does not verify), each ``{"error": ...}``.
-``GET /v1/actions``: the action list, signed (``signedlist.py``). ``GET /v1/health``: 200
+``GET /v1/actions``: the action list, signed (``SignedActionList`` of the wire format). ``GET /v1/health``: 200
 ``{"ok": true}``.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime, timezone
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -18,11 +19,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from farebox.terminal.core.clock import now_utc, utc_iso
+from farebox.protocol.settlement import utc_iso
+
 from farebox.clearing.service import Receiver, Refused
 
 LOG = logging.getLogger("farebox.clearing")
 MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 async def _read_limited(request: Request) -> bytes:
@@ -46,7 +52,7 @@ def create_app(receiver: Receiver) -> Starlette:
                 upload = json.loads(raw)
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise Refused(400, "an upload is a JSON object") from None
-            ack = await run_in_threadpool(receiver.ingest, upload, utc_iso(now_utc()))
+            ack = await run_in_threadpool(receiver.ingest, upload, utc_iso(_now()))
         except Refused as refused:
             LOG.warning("refused an upload: %s", refused.reason)
             return JSONResponse({"error": refused.reason}, status_code=refused.status)
@@ -59,7 +65,7 @@ def create_app(receiver: Receiver) -> Starlette:
         return JSONResponse({"ok": True})
 
     async def actions(request: Request) -> JSONResponse:
-        document = await run_in_threadpool(receiver.action_list, now_utc())
+        document = await run_in_threadpool(receiver.action_list, _now())
         return JSONResponse(document)
 
     return Starlette(routes=[Route("/v1/batches", batches, methods=["POST"]),

@@ -463,6 +463,22 @@ class Ack:
     duplicates: int
     again: bool
 
+    @property
+    def terminal_id(self) -> str:
+        return self.batch.terminal_id
+
+    @property
+    def incarnation(self) -> str:
+        return self.batch.incarnation
+
+    @property
+    def number(self) -> int:
+        return self.batch.number
+
+    @property
+    def hash(self) -> str:
+        return self.batch.hash
+
     def to_json(self) -> dict:
         return {"ack": self.batch.to_json(), "records": self.records,
                 "duplicates": self.duplicates, "again": self.again}
@@ -525,6 +541,10 @@ class ActionList:
                    _time(body, "expires_utc", what),
                    tuple(ActionEntry.from_json(entry, f"entries[{index}]")
                          for index, entry in enumerate(entries)))
+
+    @property
+    def issued(self) -> datetime:
+        return parse_utc(self.issued_utc)
 
     @property
     def expires(self) -> datetime:

@@ -1,6 +1,12 @@
-"""Hong Kong days for the rules, UTC for records."""
+"""Hong Kong days for the rules, UTC for records (the UTC text, :func:`utc_iso` and
+:func:`parse_utc`, is the settlement wire format's: records and batches carry it)."""
 
 from datetime import date, datetime, time, timedelta, timezone
+
+from farebox.protocol.settlement import parse_utc, utc_iso
+
+__all__ = ["HONG_KONG", "hk_date", "now_utc", "parse_utc", "require_aware", "start_of_hk_day",
+           "utc_fixed", "utc_iso"]
 
 HONG_KONG = timezone(timedelta(hours=8), "HKT")
 
@@ -16,11 +22,6 @@ def hk_date(at: datetime) -> date:
     return require_aware(at).astimezone(HONG_KONG).date()
 
 
-def utc_iso(at: datetime) -> str:
-    """``2026-11-22T00:00:00Z``: how records carry time."""
-    return require_aware(at).astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -28,11 +29,6 @@ def now_utc() -> datetime:
 def utc_fixed(at: datetime) -> str:
     """``2026-11-22T00:00:00.000000Z``: fixed width, so that text order is time order."""
     return require_aware(at).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_utc(text: str) -> datetime:
-    """The inverse of :func:`utc_iso` and :func:`utc_fixed`."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def start_of_hk_day(day: date) -> datetime:

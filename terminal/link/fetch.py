@@ -35,8 +35,8 @@ def held_list(directory: Path, public_key: bytes) -> SignedList | None:
 def fetch(url: str, directory: Path, public_key: bytes, now: datetime,
           timeout_s: float = 10.0) -> tuple[SignedList, bool]:
     """Fetch ``URL/v1/actions``, verify it (signature, expiry, not older than the list held) and
-    keep it; ``(list, changed)``, changed when its serial is not the one held. SignedListError or OSError-like httpx errors otherwise, with
-    the list held left as it was."""
+    keep it; ``(list, changed)``, changed when its serial is not the one held. SignedListError
+    or OSError-like httpx errors otherwise, with the list held left as it was."""
     import httpx
 
     held = held_list(directory, public_key)

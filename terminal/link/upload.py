@@ -1,7 +1,8 @@
 """Uploading settlement batches to the clearing house (httpx).
 
 Batches go in order, oldest first, each as ``POST URL/v1/batches`` with ``{terminal_id,
-incarnation, number, body, hash, signature}``. Idempotent: the same batch sent twice is the same
+incarnation, number, body, hash, signature}`` (an :class:`Upload` of the settlement wire
+format, whose :class:`Ack` is the answer). Idempotent: the same batch sent twice is the same
 (terminal, incarnation, number, hash), which the receiver acknowledges again without storing
 anything twice. A batch is marked acknowledged only by a 200 answer whose ``ack`` names exactly
 that terminal, incarnation, number and hash; nothing else the server says changes anything here.
@@ -22,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
+
+from farebox.protocol.settlement import Ack, Upload, WireError
 
 from farebox.terminal import failpoints
 from farebox.terminal.store.settlement import Batch, Settlement
@@ -62,10 +65,14 @@ def batches_url(url: str) -> str:
     return url.rstrip("/") + "/v1/batches"
 
 
+def upload_of(settlement: Settlement, batch: Batch) -> Upload:
+    return Upload.of(settlement.identity.terminal_id, settlement.identity.incarnation,
+                     batch.number, batch.signed)
+
+
 def upload_payload(settlement: Settlement, batch: Batch) -> dict:
-    return {"terminal_id": settlement.identity.terminal_id,
-            "incarnation": settlement.identity.incarnation, "number": batch.number,
-            "body": batch.body, "hash": batch.hash, "signature": batch.signature}
+    """The JSON sent for ``batch``."""
+    return upload_of(settlement, batch).to_json()
 
 
 def upload(settlement: Settlement, url: str, now: Callable[[], datetime], *,
@@ -87,8 +94,8 @@ def upload(settlement: Settlement, url: str, now: Callable[[], datetime], *,
                 break
             failpoints.hit("upload-before-send")
             try:
-                _send(client, batches_url(url), upload_payload(settlement, batch), settlement,
-                      attempts, sleep, should_stop)
+                _send(client, batches_url(url), upload_of(settlement, batch), attempts, sleep,
+                      should_stop)
             except (UploadRefused, UploadFailed) as error:
                 result.stopped_at, result.reason = batch.number, str(error)
                 LOG.info("upload stopped at batch %d: %s", batch.number, error)
@@ -105,18 +112,18 @@ def upload(settlement: Settlement, url: str, now: Callable[[], datetime], *,
     return result
 
 
-def _send(client: httpx.Client, url: str, payload: dict, settlement: Settlement, attempts: int,
+def _send(client: httpx.Client, url: str, sent: Upload, attempts: int,
           sleep: Callable[[float], None], should_stop: Callable[[], bool]) -> None:
     """POST one batch until it is acknowledged; UploadRefused on 4xx, UploadFailed when the
     attempts run out."""
     import httpx
 
-    expected = {key: payload[key] for key in ("terminal_id", "incarnation", "number", "hash")}
+    payload = sent.to_json()
     problem = "no attempt made"
     for attempt in range(attempts):
         if attempt:
             delay = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** attempt))
-            LOG.info("batch %d: %s; trying again in %.1f s", payload["number"], problem, delay)
+            LOG.info("batch %d: %s; trying again in %.1f s", sent.number, problem, delay)
             sleep(delay)
             if should_stop():
                 break
@@ -126,16 +133,18 @@ def _send(client: httpx.Client, url: str, payload: dict, settlement: Settlement,
             problem = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             continue
         if 400 <= status < 500:
-            raise UploadRefused(f"the server refused batch {payload['number']} ({status}: "
+            raise UploadRefused(f"the server refused batch {sent.number} ({status}: "
                                 f"{_error_text(answer)})")
         if status != 200:
             problem = f"HTTP {status}"
             continue
-        ack = answer.get("ack") if isinstance(answer, dict) else None
-        if ack == expected:
-            return
+        try:
+            if Ack.from_json(answer).batch == sent.name:
+                return
+        except WireError:
+            pass
         problem = "an answer that does not acknowledge this batch"
-    raise UploadFailed(f"batch {payload['number']}: {problem} (after {attempts} attempts)")
+    raise UploadFailed(f"batch {sent.number}: {problem} (after {attempts} attempts)")
 
 
 def _post(client: httpx.Client, url: str, payload: dict) -> tuple[int, object]:

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from farebox.protocol.files import UntrustedFileError, load_json, read_limited
 
@@ -53,14 +52,6 @@ class TerminalIdentity:
         """The same identity without its private key (for verifying)."""
         return TerminalIdentity(self.terminal_id, self.incarnation, self.public_key,
                                 self.created_utc)
-
-
-def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
-    try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
 
 
 def check_terminal_id(terminal_id: str) -> str:

@@ -20,7 +20,6 @@ makes them durable and :meth:`idle` also checkpoints the WAL. Call ``idle`` once
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import sqlite3
@@ -30,12 +29,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from farebox.protocol.settlement import GENESIS_HASH, HASHED_FIELDS, record_hash
+
 from farebox.terminal.core.clock import parse_utc, utc_fixed, utc_iso
 from farebox.terminal.core.rules import Record, RecordType
 from farebox.terminal.core.writecycle import WriteState, check_transition
 
 SCHEMA_VERSION = 3
-GENESIS_HASH = "0" * 64
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 _WAL_AUTOCHECKPOINT_PAGES = 10_000  # a backstop only: checkpoints normally run in idle()
 
@@ -468,11 +468,11 @@ class Journal:
             seq = row[0]
             if seq != expected_seq:
                 return ChainCheck(False, count, seq, f"sequence jumps from {expected_seq - 1} to {seq}")
-            fields = dict(zip(_HASHED, row[:12]))
+            fields = dict(zip(HASHED_FIELDS, row[:12]))
             fields["clock_trusted"] = bool(row[13])
             if row[11] != previous:
                 return ChainCheck(False, count, seq, "does not link to the record before it")
-            if _record_hash(fields) != row[12]:
+            if record_hash(fields) != row[12]:
                 return ChainCheck(False, count, seq, "its contents do not match its hash")
             previous, expected_seq = row[12], expected_seq + 1
         return ChainCheck(True, count)
@@ -539,7 +539,7 @@ class Journal:
                     "balance_after_cents": record.balance_after_cents, "at_utc": at_utc,
                     "prev_hash": previous, "clock_trusted": clock_trusted,
                 }
-                fields["hash"] = previous = _record_hash(fields)
+                fields["hash"] = previous = record_hash(fields)
                 self._db.execute(_INSERT_RECORD, tuple(fields.values()))
                 balance = record.balance_after_cents
         self._unsynced = False  # that commit synced the WAL, and every frame before it
@@ -604,23 +604,27 @@ class Journal:
         if mark.state is WriteState.COMMITTED:
             self._remember(write.card_number, write.counter_after, write.expected_slot)
 
+    # ---- for settlement (settlement.py): what batches are made of -------------------------
+
+    def last_seq(self) -> int:
+        """The newest record's sequence (0 when there is none)."""
+        return self._db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
+
+    def record_hashes(self) -> dict[int, str]:
+        """Every record's hash by sequence."""
+        return dict(self._db.execute("SELECT seq, hash FROM records"))
+
+    def records_in_doubt(self) -> int:
+        """Records whose card write is still in doubt (``intent``)."""
+        return self._db.execute(
+            "SELECT count(*) FROM records r JOIN card_writes w USING (tap_id) "
+            "WHERE w.state = 'intent'").fetchone()[0]
+
 
 _INSERT_RECORD = (
     "INSERT INTO records (seq, terminal_id, tap_id, card_number, counter_before, counter_after, "
     "type, amount_cents, balance_before_cents, balance_after_cents, at_utc, prev_hash, "
     "clock_trusted, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_HASHED = ("seq", "terminal_id", "tap_id", "card_number", "counter_before", "counter_after", "type",
-           "amount_cents", "balance_before_cents", "balance_after_cents", "at_utc", "prev_hash")
-
-
-def _record_hash(fields: dict) -> str:
-    """SHA-256 of the canonical JSON of the hashed fields. A record made on an untrusted clock
-    carries ``"clock_untrusted": true`` in the hashed text (absent otherwise)."""
-    hashed = {k: fields[k] for k in _HASHED}
-    if not fields.get("clock_trusted", True):
-        hashed["clock_untrusted"] = True
-    canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _record_from_row(row: Sequence) -> JournalRecord:

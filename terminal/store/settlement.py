@@ -12,16 +12,16 @@ A batch item is a record together with the state of its card write when the batc
   ``committed`` item: the pair (sequence, state) is unique, so a record is settled as committed
   at most once, whatever is closed, retried or closed concurrently.
 
-The batch body is canonical JSON (sorted keys, no spaces) holding the terminal id and
-incarnation, the batch number (gapless from 1), the previous batch's hash, the items (each
-record's hashed fields and hash) and totals by state and record type. ``hash`` is the SHA-256 of
-the body, ``signature`` the terminal's Ed25519 signature of it. Both tables live in the journal's
-SQLite file; closing a batch is one durable transaction.
+The batch body, its hash and signature are the settlement wire format
+(``farebox.protocol.settlement``: :class:`BatchBody`, :class:`SignedBatch`): canonical JSON
+holding the terminal id and incarnation, the batch number (gapless from 1), the previous batch's
+hash, the items (each record's hashed fields and hash) and totals by state and record type;
+``hash`` is the SHA-256 of the body, ``signature`` the terminal's Ed25519 signature of it. Both
+tables live in the journal's SQLite file; closing a batch is one durable transaction.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sqlite3
@@ -30,18 +30,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from farebox.protocol.settlement import (
+    GENESIS_HASH, BatchBody, BatchItem, SettlementRecord, SignedBatch, WireError, verify_batch,
+)
+
 from farebox.terminal import failpoints
 from farebox.terminal.core.clock import hk_date, parse_utc, utc_iso
-from farebox.terminal.store.identity import TerminalIdentity, verify_signature
-from farebox.terminal.store.journal import GENESIS_HASH, Journal, _record_hash
+from farebox.terminal.store.identity import TerminalIdentity
+from farebox.terminal.store.journal import Journal
 
 LOG = logging.getLogger("farebox.terminal.store.settlement")
 
-BATCH_FORMAT = 1
 DEFAULT_MAX_ITEMS = 1000
 DEFAULT_MAX_AGE_S = 900.0
 DEFAULT_RETENTION = timedelta(days=90)
-SETTLED_STATES = ("committed", "void", "unresolved")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -77,9 +79,6 @@ LIMIT ?
 """
 _BATCH_COLUMNS = ("number, closed_utc, items, first_seq, last_seq, body, hash, signature, "
                   "acked_utc, prev_hash, totals")
-_RECORD_FIELDS = ("seq", "terminal_id", "tap_id", "card_number", "counter_before",
-                  "counter_after", "type", "amount_cents", "balance_before_cents",
-                  "balance_after_cents", "at_utc", "prev_hash", "hash", "clock_trusted")
 
 
 @dataclass(frozen=True)
@@ -115,6 +114,11 @@ class Batch:
         return json.loads(self.totals_json)
 
     @property
+    def signed(self) -> SignedBatch:
+        """The batch as it is sent (empty once pruned)."""
+        return SignedBatch(self.body, self.hash, self.signature)
+
+    @property
     def pruned(self) -> bool:
         """Acknowledged long enough ago that its body was dropped (hash, chain and totals kept;
         the journal keeps every record)."""
@@ -130,64 +134,6 @@ class BatchCheck:
 
     def __bool__(self) -> bool:
         return self.ok
-
-
-def canonical(obj: object) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def totals(items: list[dict]) -> dict:
-    """``{state: {type: {"count", "amount_cents"}}}`` over ``items``."""
-    result: dict[str, dict[str, dict[str, int]]] = {}
-    for item in items:
-        record = item["record"]
-        bucket = result.setdefault(item["state"], {}).setdefault(
-            record["type"], {"count": 0, "amount_cents": 0})
-        bucket["count"] += 1
-        bucket["amount_cents"] += record["amount_cents"]
-    return result
-
-
-class BatchRejected(ValueError):
-    """A batch that does not verify: the reason is one line."""
-
-
-def check_batch(body: str, digest: str, signature_hex: str, public_key: bytes) -> dict:
-    """The parsed body of a batch whose hash, signature, header, totals and record hashes all
-    verify; BatchRejected otherwise. The chain (prev_hash) is the caller's to check."""
-    if hashlib.sha256(body.encode()).hexdigest() != digest:
-        raise BatchRejected("its body does not match its hash")
-    try:
-        signature = bytes.fromhex(signature_hex)
-    except (ValueError, TypeError):
-        raise BatchRejected("its signature is not hex") from None
-    if not verify_signature(public_key, signature, body.encode()):
-        raise BatchRejected("its signature does not verify with the terminal's key")
-    try:
-        parsed = json.loads(body)
-        items = parsed["items"]
-        if parsed["format"] != BATCH_FORMAT or not isinstance(parsed["batch"], int):
-            raise BatchRejected("its header is not a batch of this format")
-        if parsed["totals"] != totals(items):
-            raise BatchRejected("its totals do not add up")
-        seen = set()
-        for item in items:
-            record = item["record"]
-            if item["state"] not in SETTLED_STATES:
-                raise BatchRejected(f"record {record['seq']} has state {item['state']!r}")
-            key = (record["seq"], item["state"])
-            if key in seen:
-                raise BatchRejected(f"record {key[0]} is in the batch twice as {key[1]}")
-            seen.add(key)
-            if record["terminal_id"] != parsed["terminal_id"]:
-                raise BatchRejected(f"record {record['seq']} names another terminal")
-            if _record_hash(record) != record["hash"]:
-                raise BatchRejected(f"record {record['seq']} does not match its hash")
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
-        if isinstance(error, BatchRejected):
-            raise
-        raise BatchRejected(f"its body is not a batch ({type(error).__name__})") from None
-    return parsed
 
 
 class Settlement:
@@ -267,13 +213,11 @@ class Settlement:
 
     def last_seq(self) -> int:
         """The journal's newest record sequence (0 when empty)."""
-        return self._db.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()[0]
+        return self.journal.last_seq()
 
     def held_back(self) -> int:
         """Records waiting for their card write to be resolved (in doubt)."""
-        return self._db.execute(
-            "SELECT count(*) FROM records r JOIN card_writes w USING (tap_id) "
-            "WHERE w.state = 'intent'").fetchone()[0]
+        return self.journal.records_in_doubt()
 
     def _rows(self, query: str, parameters: tuple = ()) -> Iterator[Batch]:
         for row in self._db.execute(query, parameters):
@@ -293,31 +237,24 @@ class Settlement:
             last = self._db.execute(
                 "SELECT number, hash FROM batches ORDER BY number DESC LIMIT 1").fetchone()
             number, previous = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-            items = []
-            for row in rows:
-                record = dict(zip(_RECORD_FIELDS, row[:14]))
-                record["clock_trusted"] = bool(record["clock_trusted"])
-                item = {"state": row[14], "record": record}
-                if row[14] == "committed" and row[15]:
-                    item["observed"] = True  # committed by seeing its bytes on the card later
-                items.append(item)
-            body = canonical({
-                "format": BATCH_FORMAT, "terminal_id": self.identity.terminal_id,
-                "incarnation": self.identity.incarnation, "batch": number,
-                "closed_utc": utc_iso(now), "prev_hash": previous, "items": items,
-                "totals": totals(items)})
-            digest = hashlib.sha256(body.encode()).hexdigest()
-            signature = self.identity.sign(body.encode()).hex()
-            totals_json = canonical(totals(items))
-            batch = Batch(number, utc_iso(now), len(items), rows[0][0], rows[-1][0], body, digest,
-                          signature, None, previous, totals_json)
+            # row: the record's columns (its hash, then clock_trusted), its write's state and
+            # whether that write was committed by seeing its bytes on the card later
+            items = [BatchItem(row[14], SettlementRecord(*row[:12], bool(row[13]), row[12]),
+                               observed=row[14] == "committed" and bool(row[15]))
+                     for row in rows]
+            body = BatchBody.close(self.identity.terminal_id, self.identity.incarnation, number,
+                                   now, previous, items)
+            signed = SignedBatch.sign(body, self.identity.sign)
+            totals_json = body.totals.text()
+            batch = Batch(number, body.closed_utc, len(items), rows[0][0], rows[-1][0],
+                          signed.body, signed.hash, signed.signature, None, previous, totals_json)
             self._db.execute(
                 "INSERT INTO batches (number, closed_utc, items, first_seq, last_seq, body, hash, "
                 "signature, prev_hash, totals) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (batch.number, batch.closed_utc, batch.items, batch.first_seq, batch.last_seq,
-                 body, digest, signature, previous, totals_json))
+                 batch.body, batch.hash, batch.signature, previous, totals_json))
             self._db.executemany("INSERT INTO batch_items (seq, state, batch) VALUES (?, ?, ?)",
-                                 [(item["record"]["seq"], item["state"], number) for item in items])
+                                 [(item.record.seq, item.state, number) for item in items])
             failpoints.hit("batch-before-commit")
         failpoints.hit("batch-after-commit")
         return batch
@@ -328,7 +265,7 @@ class Settlement:
         """Every batch: numbered from 1 without gaps, its body hashing to its hash and linking
         to the batch before, signed by this terminal's key, its items' records hashing right
         and equal to the journal's, no (sequence, state) twice."""
-        journal_hashes = dict(self._db.execute("SELECT seq, hash FROM records"))
+        journal_hashes = self.journal.record_hashes()
         previous, seen, count = GENESIS_HASH, set(), 0
         for batch in self.batches():
             count += 1
@@ -349,23 +286,23 @@ class Settlement:
                 return "its body is gone but it was never acknowledged"
             return None  # verified when closed and when acknowledged; its hash still links
         try:
-            body = check_batch(batch.body, batch.hash, batch.signature, self.identity.public_key)
-        except BatchRejected as rejected:
+            body = verify_batch(batch.body, batch.hash, batch.signature, self.identity.public_key)
+        except WireError as rejected:
             return str(rejected)
-        if body["batch"] != batch.number or body["terminal_id"] != self.identity.terminal_id \
-                or len(body["items"]) != batch.items:
+        if body.number != batch.number or body.terminal_id != self.identity.terminal_id \
+                or len(body.items) != batch.items:
             return "its header does not name this batch and terminal"
-        if body["prev_hash"] != previous:
+        if body.prev_hash != previous:
             return "it does not link to the batch before it"
-        for item in body["items"]:
-            record = item["record"]
-            key = (record["seq"], item["state"])
+        for item in body.items:
+            record = item.record
+            key = (record.seq, item.state)
             if key in seen:
                 return f"record {key[0]} is in a batch twice as {key[1]}"
             seen.add(key)
-            if journal_hashes.get(record["seq"], record["hash"]) != record["hash"]:
-                return f"record {record['seq']} differs from the journal's"
-        if canonical(body["totals"]) != batch.totals_json:
+            if journal_hashes.get(record.seq, record.hash) != record.hash:
+                return f"record {record.seq} differs from the journal's"
+        if body.totals.text() != batch.totals_json:
             return "its totals differ from the ones it was closed with"
         return None
 

@@ -13,11 +13,18 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from farebox.terminal.link.fetch import FETCHED_FILE
 from farebox.terminal.config import TerminalConfig
 from farebox.terminal.runtime import ActionListReloader, RuntimeSetupError, open_terminal
-from farebox.terminal.link.signedlist import SignedListError, publish, verify
+from farebox.protocol.settlement import ActionEntry, SignedActionList
+from farebox.terminal.link.signedlist import SignedListError, verify
 
 NOW = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
 KEY = Ed25519PrivateKey.generate()
 PUBLIC = KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def publish(entries, serial, issued, key):
+    """The clearing house's signed document of ``entries`` (dicts)."""
+    return SignedActionList.publish([ActionEntry(**e) for e in entries], serial, issued,
+                                    key).to_json()
 
 
 def entry(card, reason="lost"):

@@ -221,11 +221,10 @@ def test_tampering_with_a_batch_is_caught(state, attack, problem):
         # a batch re-signed with the right key over a changed record (a bug or an insider)
         parsed = json.loads(batch.body)
         parsed["items"][0]["record"]["amount_cents"] = 1
+        from farebox.protocol.settlement import BatchItem, Totals, canonical, record_hash
         if attack == "journal record":
-            from farebox.terminal.store.journal import _record_hash
-            parsed["items"][0]["record"]["hash"] = _record_hash(parsed["items"][0]["record"])
-        from farebox.terminal.store.settlement import canonical, totals
-        parsed["totals"] = totals(parsed["items"])
+            parsed["items"][0]["record"]["hash"] = record_hash(parsed["items"][0]["record"])
+        parsed["totals"] = Totals.of([BatchItem.from_json(i) for i in parsed["items"]]).to_json()
         text = canonical(parsed)
         _tamper(journal, "UPDATE batches SET body = ?, hash = ?, signature = ? WHERE number = 2",
                 text, hashlib.sha256(text.encode()).hexdigest(),

@@ -278,13 +278,14 @@ def test_old_expired_tampered_and_unverifiable_lists_are_refused(farebox, receiv
         # an expired list, signed with the house's real key
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        from farebox.terminal.link.signedlist import publish
+        from farebox.protocol.settlement import SignedActionList
         with sqlite3.connect(db) as house:
             raw = house.execute("SELECT value FROM meta WHERE name = 'list_signing_key'"
                                 ).fetchone()[0]
         from datetime import datetime, timedelta, timezone
-        stale = publish([], 9, datetime.now(timezone.utc) - timedelta(days=2),
-                        Ed25519PrivateKey.from_private_bytes(bytes.fromhex(raw)))
+        stale = SignedActionList.publish(
+            [], 9, datetime.now(timezone.utc) - timedelta(days=2),
+            Ed25519PrivateKey.from_private_bytes(bytes.fromhex(raw))).to_json()
         server.RequestHandlerClass = serve(stale)
         assert "expired" in fetch(farebox, config, fake).err
         tampered = {**stale, "list": stale["list"].replace('"serial":9', '"serial":99')}
