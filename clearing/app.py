@@ -3,8 +3,8 @@
 ``POST /v1/batches``: one upload (see ``service.py``); 200 with the acknowledgement, or 400 (not
 an upload), 403 (unknown terminal), 409 (a number taken by another batch, out of order, a broken
 chain), 413 (body over :data:`MAX_BODY_BYTES`), 422 (does not verify), each ``{"error": ...}``.
-``GET /v1/actions``: the action list, signed (``SignedActionList`` of the wire format). ``GET /v1/health``: 200
-``{"ok": true}``.
+``GET /v1/actions``: the action list, signed (a ``SignedActionList`` of the settlement wire
+format, ``farebox.protocol.settlement``). ``GET /v1/health``: 200 ``{"ok": true}``.
 """
 
 from __future__ import annotations

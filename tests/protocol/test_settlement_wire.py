@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from farebox.protocol.settlement import (
-    GENESIS_HASH, ActionEntry, Ack, BatchBody, BatchItem, BatchName, SettlementRecord,
+    GENESIS_HASH, ActionEntry, ActionList, Ack, BatchBody, BatchItem, BatchName, SettlementRecord,
     SignedActionList, SignedBatch, Totals, Upload, WireError, canonical, parse_utc,
     public_key_bytes, record_hash, utc_iso, verify_batch,
 )
@@ -266,3 +268,90 @@ def test_a_batch_name_must_name_exactly_one_batch():
     assert BatchName.from_json(name.to_json()) == name
     with pytest.raises(WireError):
         BatchName.from_json({**name.to_json(), "number": 0})
+
+
+# -- untrusted input, generated ----------------------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12)
+
+
+def paths(obj: object, prefix: tuple = ()) -> list[tuple]:
+    found = [prefix]
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            found += paths(value, prefix + (key,))
+    elif isinstance(obj, list):
+        for index, value in enumerate(obj):
+            found += paths(value, prefix + (index,))
+    return found
+
+
+def put(obj: object, path: tuple, value: object) -> object:
+    if not path:
+        return value
+    copy = json.loads(json.dumps(obj))
+    node = copy
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
+    return copy
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_damaged_signed_batch_is_refused_with_one_line_or_verifies_as_signed(data):
+    """Any part of a batch replaced by any JSON, then signed with the right key: verify_batch
+    either refuses it with a WireError of one line or returns exactly what was signed."""
+    good = json.loads(BODY)
+    damaged = put(good, data.draw(st.sampled_from(paths(good))), data.draw(JSON_VALUES))
+    batch = resign(damaged)
+    try:
+        parsed = batch.verify(PUBLIC)
+    except WireError as refused:
+        assert str(refused) and "\n" not in str(refused)
+    else:
+        assert parsed.text() == batch.body
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON_VALUES)
+def test_any_json_is_read_or_refused_with_a_wire_error(value):
+    for read in (SettlementRecord.from_json, BatchItem.from_json, BatchBody.from_json,
+                 Totals.from_json, Upload.from_json, Ack.from_json, BatchName.from_json,
+                 SignedActionList.from_json, ActionList.from_json):
+        try:
+            read(value)
+        except WireError as refused:
+            assert "\n" not in str(refused)
+
+
+RECORDS = st.builds(
+    lambda seq, card, counter, kind, amount, balance, at, trusted: {
+        "seq": seq, "terminal_id": "T-0001", "tap_id": f"{seq:016x}", "card_number": card,
+        "counter_before": counter, "counter_after": counter + 1, "type": kind,
+        "amount_cents": amount, "balance_before_cents": balance,
+        "balance_after_cents": balance - amount, "at_utc": utc_iso(at), "prev_hash": H1,
+        "clock_trusted": trusted},
+    st.integers(1, 2 ** 40), st.integers(0, 99_999_999), st.integers(0, 65_534),
+    st.sampled_from(["payment", "add_value", "aavs_reload"]), st.integers(0, 100_000),
+    st.integers(-3_500, 1_000_000),
+    st.datetimes(datetime(2000, 1, 1), datetime(2099, 1, 1), timezones=st.just(timezone.utc)),
+    st.booleans())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(RECORDS, st.sampled_from(["committed", "void", "unresolved"]),
+                          st.booleans()), max_size=6, unique_by=lambda t: t[0]["seq"]))
+def test_closed_bodies_verify_and_read_back_to_the_same_bytes(rows):
+    items = [BatchItem(state, SettlementRecord.from_json({**fields, "hash": record_hash(fields)}),
+                       observed=observed and state == "committed")
+             for fields, state, observed in rows]
+    made = BatchBody.close("T-0001", "0123456789abcdef", 7,
+                           datetime(2026, 11, 22, tzinfo=timezone.utc), H1, items)
+    signed = SignedBatch.sign(made, KEY.sign)
+    assert signed.verify(PUBLIC) == made and BatchBody.parse(signed.body).text() == signed.body
+    assert json.loads(signed.body) == made.to_json()
