@@ -21,13 +21,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from farebox.terminal.store.journal import GENESIS_HASH
 from farebox.terminal.store.settlement import BatchRejected, check_batch
 from farebox.terminal.link.signedlist import publish
+from farebox.clearing.errors import ClearingError
 from farebox.clearing.store import Store, StoredBatch
 
 UPLOAD_KEYS = {"terminal_id": str, "incarnation": str, "number": int, "body": str, "hash": str,
                "signature": str}
 
 
-class Refused(Exception):
+class Refused(ClearingError):
     """An upload the receiver will not take: an HTTP status and a one-line reason."""
 
     def __init__(self, status: int, reason: str) -> None:

@@ -40,6 +40,7 @@ from farebox.cardimage.money import parse_amount
 from farebox.protocol.files import UntrustedFileError, read_limited
 
 from farebox.terminal.core.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, FareClass, Tariff
+from farebox.terminal.errors import BadInput
 from farebox.terminal.store.identity import TERMINAL_ID_PATTERN
 from farebox.terminal.store.settlement import DEFAULT_MAX_AGE_S, DEFAULT_MAX_ITEMS
 from farebox.terminal.card.tap import DEFAULT_RETAP_WINDOW_S
@@ -50,7 +51,7 @@ _TERMINAL_ID = TERMINAL_ID_PATTERN
 _MAX_RETAP_WINDOW_S = 24 * 3600
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """The configuration cannot be used; the message names the file and key."""
 
 
@@ -197,7 +198,7 @@ def _log_format(value: object, key: str) -> str:
     return text
 
 
-class MetricsError(ValueError):
+class MetricsError(BadInput, ValueError):
     """A listen address that cannot be used (one line)."""
 
 

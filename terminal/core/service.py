@@ -42,6 +42,7 @@ from farebox.terminal.core.rules import (
     DEPOSIT_CENTS, INITIAL_VALUE_CENTS, STORED_VALUE_LIMIT_NEW_CENTS, Decision, Record,
     RecordType, is_inactive, stored_value_limit_cents,
 )
+from farebox.terminal.errors import BadInput
 
 # ---- parameters (RULES.md with the seed clauses they come from) -----------------------------
 
@@ -63,7 +64,7 @@ INACTIVITY_FEE_AFTER_YEARS = 3
 LIMIT_UPGRADE_FROM = date(2021, 4, 29)  # (001 ¶1)
 
 
-class ServiceRefused(ValueError):
+class ServiceRefused(BadInput, ValueError):
     """The request cannot be served on this card (or at all); nothing is written. One line."""
 
 

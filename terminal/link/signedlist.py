@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from farebox.terminal.errors import BadInput
 from farebox.terminal.link.actionlist import ActionListError, parse_action_list
 from farebox.terminal.core.clock import parse_utc, utc_iso
 from farebox.terminal.store.identity import verify_signature
@@ -26,7 +27,7 @@ LIST_VALIDITY = timedelta(hours=24)
 MAX_LIST_BYTES = 8 * 1024 * 1024
 
 
-class SignedListError(ValueError):
+class SignedListError(BadInput, ValueError):
     """A list that does not verify, has expired or is older than the one held."""
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from farebox.terminal.core.clock import parse_utc, utc_fixed, utc_iso
 from farebox.terminal.core.rules import Record, RecordType
 from farebox.terminal.core.writecycle import WriteState, check_transition
+from farebox.terminal.errors import TerminalError
 
 SCHEMA_VERSION = 3
 GENESIS_HASH = "0" * 64
@@ -201,7 +202,7 @@ class CardMemory:
     slot: bytes
 
 
-class JournalError(Exception):
+class JournalError(TerminalError):
     """The journal cannot be opened or is not ours."""
 
 

@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 
 from farebox.terminal import failpoints
 from farebox.terminal.core.clock import hk_date, parse_utc, utc_iso
+from farebox.terminal.errors import TerminalError
 from farebox.terminal.store.identity import TerminalIdentity, verify_signature
 from farebox.terminal.store.journal import GENESIS_HASH, Journal, _record_hash
 
@@ -92,7 +93,7 @@ class BatchPolicy:
     retention: timedelta = DEFAULT_RETENTION  # acknowledged batches' bodies kept this long
 
 
-class SettlementError(Exception):
+class SettlementError(TerminalError):
     """The batches do not belong to this identity or cannot be closed."""
 
 
@@ -148,7 +149,7 @@ def totals(items: list[dict]) -> dict:
     return result
 
 
-class BatchRejected(ValueError):
+class BatchRejected(TerminalError, ValueError):
     """A batch that does not verify: the reason is one line."""
 
 
