@@ -37,6 +37,7 @@ from farebox.cardimage.model import (
     AAVS_RELOAD_CENTS, Category, Concession, Identity, Kind, LogEntry, LogType, Purse, ServiceOp,
     Status,
 )
+from farebox.cardimage.money import format_whole
 
 from farebox.terminal.core.rules import (
     DEPOSIT_CENTS, INITIAL_VALUE_CENTS, STORED_VALUE_LIMIT_NEW_CENTS, Decision, Record,
@@ -372,7 +373,7 @@ def decide_aavs(identity: Identity, purse: Purse, today: date,
         records = (Record(RecordType.AAVS_CANCEL, 0, balance),)
     else:
         if amount_cents not in AAVS_RELOAD_CENTS:
-            allowed = ", ".join(f"{c // 100}" for c in AAVS_RELOAD_CENTS)
+            allowed = ", ".join(format_whole(c) for c in AAVS_RELOAD_CENTS)
             raise ServiceRefused(f"AAVS reload amount must be one of {allowed}")
         if purse.aavs_reload_cents == amount_cents:
             raise ServiceRefused("AAVS is already enabled with that amount")
