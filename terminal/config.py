@@ -42,7 +42,9 @@ from farebox.protocol.files import UntrustedFileError, read_limited
 from farebox.terminal.core.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, FareClass, Tariff
 from farebox.terminal.errors import BadInput
 from farebox.terminal.store.identity import TERMINAL_ID_PATTERN
-from farebox.terminal.store.settlement import DEFAULT_MAX_AGE_S, DEFAULT_MAX_ITEMS
+from farebox.terminal.store.settlement import (
+    DEFAULT_MAX_AGE_S, DEFAULT_MAX_ITEMS, DEFAULT_RETENTION,
+)
 from farebox.terminal.card.tap import DEFAULT_RETAP_WINDOW_S
 
 ENV_CONFIG = "FAREBOX_CONFIG"
@@ -68,7 +70,7 @@ class TerminalConfig:
     retap_window_s: float = DEFAULT_RETAP_WINDOW_S
     batch_max_records: int = DEFAULT_MAX_ITEMS
     batch_max_age_s: float = DEFAULT_MAX_AGE_S
-    batch_retention_days: int = 90
+    batch_retention_days: int = DEFAULT_RETENTION.days
     clearing_url: str | None = None
     upload_interval_s: float = 60.0
     clearing_public_key: bytes | None = None
