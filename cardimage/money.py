@@ -29,3 +29,14 @@ def format_cents(cents: int) -> str:
     sign = "-" if cents < 0 else ""
     units, rest = divmod(abs(cents), 100)
     return f"{sign}{units}.{rest:02d}"
+
+
+def format_whole(cents: int) -> str:
+    """Format a whole amount without its cents, ``25000`` as ``"250"`` (the AAVS reload amounts
+    are named so); ValueError for an amount with cents. ``parse_amount`` reads it back."""
+    if type(cents) is not int:
+        raise TypeError(f"cents must be int, not {type(cents).__name__}")
+    units, rest = divmod(cents, 100)
+    if rest:
+        raise ValueError(f"not a whole amount: {format_cents(cents)}")
+    return str(units)

@@ -23,11 +23,12 @@ from farebox.protocol.settlement import (
     GENESIS_HASH, ActionEntry, Ack, BatchName, SignedActionList, Upload, WireError,
     public_key_bytes,
 )
+from farebox.clearing.errors import ClearingError
 
 from farebox.clearing.store import Store, StoredBatch
 
 
-class Refused(Exception):
+class Refused(ClearingError):
     """An upload the receiver will not take: an HTTP status and a one-line reason."""
 
     def __init__(self, status: int, reason: str) -> None:

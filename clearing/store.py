@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from farebox.clearing.errors import ClearingError
+
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS terminals (
         terminal_id TEXT PRIMARY KEY,
@@ -70,7 +72,7 @@ RECORD_COLUMNS = ("terminal_id", "incarnation", "seq", "state", "batch_number", 
 SAME_CHANGE = "same_change"
 
 
-class StoreError(Exception):
+class StoreError(ClearingError):
     """The database cannot be opened or used."""
 
 

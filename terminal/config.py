@@ -40,8 +40,11 @@ from farebox.cardimage.money import parse_amount
 from farebox.protocol.files import UntrustedFileError, read_limited
 
 from farebox.terminal.core.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, FareClass, Tariff
+from farebox.terminal.errors import BadInput
 from farebox.terminal.store.identity import TERMINAL_ID_PATTERN
-from farebox.terminal.store.settlement import DEFAULT_MAX_AGE_S, DEFAULT_MAX_ITEMS
+from farebox.terminal.store.settlement import (
+    DEFAULT_MAX_AGE_S, DEFAULT_MAX_ITEMS, DEFAULT_RETENTION,
+)
 from farebox.terminal.card.tap import DEFAULT_RETAP_WINDOW_S
 
 ENV_CONFIG = "FAREBOX_CONFIG"
@@ -50,7 +53,7 @@ _TERMINAL_ID = TERMINAL_ID_PATTERN
 _MAX_RETAP_WINDOW_S = 24 * 3600
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """The configuration cannot be used; the message names the file and key."""
 
 
@@ -67,7 +70,7 @@ class TerminalConfig:
     retap_window_s: float = DEFAULT_RETAP_WINDOW_S
     batch_max_records: int = DEFAULT_MAX_ITEMS
     batch_max_age_s: float = DEFAULT_MAX_AGE_S
-    batch_retention_days: int = 90
+    batch_retention_days: int = DEFAULT_RETENTION.days
     clearing_url: str | None = None
     upload_interval_s: float = 60.0
     clearing_public_key: bytes | None = None
@@ -197,7 +200,7 @@ def _log_format(value: object, key: str) -> str:
     return text
 
 
-class MetricsError(ValueError):
+class MetricsError(BadInput, ValueError):
     """A listen address that cannot be used (one line)."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from farebox.terminal.errors import BadInput
+
 ENV = "FAREBOX_FAILPOINT"
 FAILPOINT_EXIT = 86
 
@@ -27,6 +29,10 @@ FAILPOINTS: dict[str, str] = {
 }
 
 
+class FailpointError(BadInput, ValueError):
+    """``FAREBOX_FAILPOINT`` names no failpoint."""
+
+
 def hit(name: str) -> None:
     """Die here if ``FAREBOX_FAILPOINT`` names this failpoint."""
     if os.environ.get(ENV) == name:
@@ -37,11 +43,11 @@ def hit(name: str) -> None:
 
 
 def check_environment() -> str | None:
-    """The failpoint named in the environment, if any; ValueError for an unknown name."""
+    """The failpoint named in the environment, if any; FailpointError for an unknown name."""
     name = os.environ.get(ENV)
     if name and name not in FAILPOINTS:
-        raise ValueError(f"{ENV}={name!r} is not a failpoint (farebox failpoints lists them)")
+        raise FailpointError(f"{ENV}={name!r} is not a failpoint (farebox failpoints lists them)")
     return name or None
 
 
-__all__ = ["ENV", "FAILPOINTS", "FAILPOINT_EXIT", "check_environment", "hit"]
+__all__ = ["ENV", "FAILPOINTS", "FAILPOINT_EXIT", "FailpointError", "check_environment", "hit"]

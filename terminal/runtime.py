@@ -22,6 +22,7 @@ from farebox.protocol.errors import TransportError
 from farebox.protocol.reader import Reader
 from farebox.protocol.sim.card import CardFileError, Faults
 
+from farebox.terminal.errors import BadInput
 from farebox.terminal.link.actionlist import ActionListError, load_action_list
 from farebox.terminal.config import ConfigError, TerminalConfig
 from farebox.terminal.store.identity import (
@@ -42,7 +43,7 @@ JOURNAL_FILE = "journal.sqlite3"
 READER_KINDS = ("sim", "udp", "usb", "tty", "pcsc")
 
 
-class RuntimeSetupError(ValueError):
+class RuntimeSetupError(BadInput, ValueError):
     """Something the terminal needs cannot be set up from what it was given (a bad config value,
     an unusable card, list, key or journal file); the message is one line naming it."""
 

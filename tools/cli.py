@@ -1,5 +1,7 @@
 """The ``farebox`` command. Exit 0 when a command ran (approval or decline), 2 for bad input
-(one line on stderr, nothing changed), 1 for internal errors.
+(one line on stderr, nothing changed), 1 for internal errors and for a card write cut off midway
+(one line saying what to do). :func:`main` is the one place that maps errors to exit statuses
+(:func:`exit_status`); commands let the errors of the layers below through.
 
 Subcommands are imported only when they run (``--help`` and shell completion stay fast): each is
 listed here with its module and one-line help.
@@ -45,6 +47,30 @@ COMMANDS = {
 }
 
 
+#: Exit statuses of errors (a command's own statuses, e.g. 3 for a broken chain, are its own).
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 1
+EXIT_BAD_INPUT = 2
+
+
+def exit_status(error: Exception) -> int | None:
+    """The exit status of an error a command let through that the operator can act on (told in
+    one line), or None for an internal error (a bug: told with its type). Bad input (exit 2) is
+    the terminal's :class:`BadInput` and, from the layers it stands on, a card file or a served
+    card that cannot be used and a clearing store that cannot be opened; a card write cut off
+    midway (:class:`Interrupted`, the journal holds it in doubt) is exit 1."""
+    from farebox.clearing.store import StoreError
+    from farebox.protocol.sim.card import CardFileError
+    from farebox.protocol.sim.serve import ServeError
+    from farebox.terminal.errors import BadInput, Interrupted
+
+    if isinstance(error, (BadInput, CardFileError, ServeError, StoreError)):
+        return EXIT_BAD_INPUT
+    if isinstance(error, Interrupted):
+        return EXIT_INTERRUPTED
+    return None
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -75,10 +101,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_environment()
-    except ValueError as error:
-        click.echo(f"farebox: error: {error}", err=True)
-        return 2
-    try:
         code = cli.main(args=args, prog_name="farebox", standalone_mode=False)
     except click.exceptions.Exit as done:
         return done.exit_code
@@ -88,16 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
     except click.exceptions.Abort:
         click.echo("farebox: aborted", err=True)
-        return 1
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         return 130
-    except Exception as error:  # the one place that turns a bug into exit 1 without a traceback
-        if os.environ.get("FAREBOX_DEBUG"):
-            raise
+    except Exception as error:
         message = " ".join(str(error).split())
+        status = exit_status(error)
+        if status is not None:
+            click.echo(f"farebox: error: {message}", err=True)
+            return status
+        if os.environ.get("FAREBOX_DEBUG"):  # the one place that turns a bug into exit 1
+            raise
         click.echo(f"farebox: internal error: {type(error).__name__}: {message} "
                    "(set FAREBOX_DEBUG=1 for a traceback)", err=True)
-        return 1
+        return EXIT_INTERNAL
     return code if isinstance(code, int) else 0  # click returns a command's Exit code
 
 

@@ -1,5 +1,6 @@
-"""Shared plumbing of the commands: options, settings, and the mapping of the runtime's errors to
-exit codes (2: bad input, one line). The work itself is in ``farebox.terminal.runtime``."""
+"""Shared plumbing of the commands: options, settings, the terminal and its readers. The work
+itself is in ``farebox.terminal.runtime``; the errors it raises reach ``farebox.tools.cli.main``,
+which maps them to exit statuses (2: bad input, one line)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import click
 
 from farebox.protocol.reader import Reader
 from farebox.protocol.sim.card import Faults
-from farebox.terminal.config import ConfigError, TerminalConfig, load_config
+from farebox.terminal.config import TerminalConfig, load_config
 from farebox.terminal.runtime import (
     RuntimeSetupError, default_state_dir, open_terminal, open_transport, state_dir,
 )
@@ -19,7 +20,8 @@ from farebox.terminal.card.tap import Terminal
 
 
 class InputError(click.ClickException):
-    """Bad input found after parsing (a card file, a list file, a rule): exit 2."""
+    """Bad input a command finds itself after parsing (two options that exclude each other, a
+    record that is not there): exit 2, one line."""
 
     exit_code = 2
 
@@ -39,14 +41,14 @@ reader_timeout_option = click.option(
 
 def settings(config_file: Path | None, **flags) -> TerminalConfig:
     """The configuration: the TOML file, then the environment, then the flags given."""
-    try:
-        return load_config(config_file).with_flags(**flags)
-    except ConfigError as error:
-        raise InputError(str(error)) from None
+    return load_config(config_file).with_flags(**flags)
 
 
 @contextmanager
 def setup_errors() -> Iterator[None]:
+    """A RuntimeSetupError as an InputError (a click error). ``main`` maps every BadInput to exit
+    2 with the same line by itself: this is only for a command that catches click errors, e.g.
+    ``service return``, which reports the cards already returned before a later card's error."""
     try:
         yield
     except RuntimeSetupError as error:
@@ -54,13 +56,13 @@ def setup_errors() -> Iterator[None]:
 
 
 def open_reader(spec: str, *, faults: Faults | None = None, writable: bool = True) -> Reader:
-    with setup_errors():
+    with setup_errors():  # service return: a later card's file that cannot be opened
         return open_transport(spec, faults=faults, writable=writable)
 
 
 @contextmanager
 def terminal(config: TerminalConfig) -> Iterator[Terminal]:
-    with setup_errors(), open_terminal(config) as term:
+    with setup_errors(), open_terminal(config) as term:  # likewise, inside the block
         yield term
 
 
@@ -71,5 +73,5 @@ def state_notice(config: TerminalConfig) -> None:
                    "(choose with --state DIR or FAREBOX_STATE)", err=True)
 
 
-__all__ = ["InputError", "config_option", "json_option", "reader_timeout_option", "open_reader", "settings", "setup_errors",
-           "state_dir", "state_notice", "state_option", "terminal"]
+__all__ = ["InputError", "config_option", "json_option", "open_reader", "reader_timeout_option",
+           "settings", "setup_errors", "state_dir", "state_notice", "state_option", "terminal"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from farebox.terminal.core.clock import now_utc
+from farebox.terminal.ops.doctor import DEFAULT_CARD_TIMEOUT_S
 
 from farebox.tools import output
 from farebox.tools.common import config_option, json_option, state_option
@@ -15,7 +16,8 @@ EXIT_CHECK_FAILED = 3
 
 @click.command()
 @click.option("--reader", metavar="SPEC", help="also open this reader and look for a card")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, max=60), default=2.0,
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, max=60),
+              default=DEFAULT_CARD_TIMEOUT_S,
               show_default=True, help="seconds to wait for a card on --reader")
 @state_option
 @config_option

@@ -13,7 +13,7 @@ from farebox.terminal.runtime import open_journal
 from farebox.terminal.core.writecycle import IN_DOUBT
 
 from farebox.tools import output
-from farebox.tools.common import InputError, config_option, json_option, settings, setup_errors, state_option
+from farebox.tools.common import InputError, config_option, json_option, settings, state_option
 
 #: exit status of ``journal verify`` when the chain is broken (0: whole; 2: bad input)
 EXIT_VERIFY_FAILED = 3
@@ -34,8 +34,7 @@ def list_records(state_dir, config_file, as_json) -> None:
     from farebox.terminal.ops.examine import batch_memberships, upload_state
 
     config = settings(config_file, state_dir=state_dir)
-    with setup_errors():
-        book = open_journal(config)
+    book = open_journal(config)
     try:
         records = book.records()
         terminal_id = book.terminal_id
@@ -66,8 +65,7 @@ def show(key, state_dir, config_file, as_json) -> None:
     from farebox.terminal.ops.examine import batch_memberships, find_record, upload_state
 
     config = settings(config_file, state_dir=state_dir)
-    with setup_errors():
-        book = open_journal(config)
+    book = open_journal(config)
     try:
         record = find_record(book.records(), key)
         if record is None:
@@ -98,8 +96,7 @@ def show(key, state_dir, config_file, as_json) -> None:
 def verify(state_dir, config_file, as_json) -> None:
     """Check the hash chain and the gapless sequence (exit 3 if broken)."""
     config = settings(config_file, state_dir=state_dir)
-    with setup_errors():
-        book = open_journal(config)
+    book = open_journal(config)
     try:
         check = book.verify_chain()
     finally:

@@ -37,42 +37,39 @@ def balance(dump_file: Path | None, reader: str | None, at, forced_offset, timeo
     (Metrodroid/FareBot JSON, Flipper .nfc, or a farebox card file), with the offset rule used,
     and the other reading when the scan date is ambiguous."""
     from farebox.terminal.ops import octopus as octo
-    from farebox.terminal.ops.dumps import DumpError, load_dump
+    from farebox.terminal.ops.dumps import load_dump
 
     if (dump_file is None) == (reader is None):
         raise InputError("give a DUMP file or --reader SPEC (one of them)")
-    try:
-        if reader is not None:
-            device = open_reader(reader, writable=False)
-            try:
-                result = octo.read_from_reader(
-                    device, at or now_utc(), timeout_s=timeout_s, forced_offset=forced_offset,
-                    source=octo.SCAN_TIME_READ_NOW if at is None else octo.SCAN_TIME_FROM_FLAG)
-            except FelicaError as error:
-                raise InputError(f"the card stopped answering ({error}); hold it still and "
-                                 "retry") from None
-            finally:
-                device.close()
-            source = reader
+    if reader is not None:
+        device = open_reader(reader, writable=False)
+        try:
+            result = octo.read_from_reader(
+                device, at or now_utc(), timeout_s=timeout_s, forced_offset=forced_offset,
+                source=octo.SCAN_TIME_READ_NOW if at is None else octo.SCAN_TIME_FROM_FLAG)
+        except FelicaError as error:
+            raise InputError(f"the card stopped answering ({error}); hold it still and "
+                             "retry") from None
+        finally:
+            device.close()
+        source = reader
+    else:
+        dumped = load_dump(dump_file)
+        block = dumped.block(octo.SYSTEM_CODE_OCTOPUS, octo.SERVICE_OCTOPUS_BALANCE, 0)
+        if block is None:
+            raise InputError(f"{dump_file}: no Octopus purse (system 8008, service 0117, "
+                             f"block 0) in this {dumped.source_format} dump")
+        if at is not None:
+            scanned_at, how = at, octo.SCAN_TIME_FROM_FLAG
+        elif dumped.scanned_at is not None:
+            scanned_at, how = dumped.scanned_at, octo.SCAN_TIME_FROM_DUMP
         else:
-            dumped = load_dump(dump_file)
-            block = dumped.block(octo.SYSTEM_CODE_OCTOPUS, octo.SERVICE_OCTOPUS_BALANCE, 0)
-            if block is None:
-                raise InputError(f"{dump_file}: no Octopus purse (system 8008, service 0117, "
-                                 f"block 0) in this {dumped.source_format} dump")
-            if at is not None:
-                scanned_at, how = at, octo.SCAN_TIME_FROM_FLAG
-            elif dumped.scanned_at is not None:
-                scanned_at, how = dumped.scanned_at, octo.SCAN_TIME_FROM_DUMP
-            else:
-                scanned_at, how = now_utc(), octo.SCAN_TIME_ASSUMED_NOW
-            shenzhen = dumped.block(octo.SYSTEM_CODE_SHENZHEN_TONG,
-                                    octo.SERVICE_SHENZHEN_TONG_BALANCE, 0)
-            result = octo.reading(block, scanned_at, how, forced_offset=forced_offset,
-                                  idm=dumped.idm, shenzhen_block=shenzhen)
-            source = f"{dump_file} ({dumped.source_format})"
-    except (octo.OctopusError, DumpError) as error:
-        raise InputError(str(error)) from None
+            scanned_at, how = now_utc(), octo.SCAN_TIME_ASSUMED_NOW
+        shenzhen = dumped.block(octo.SYSTEM_CODE_SHENZHEN_TONG,
+                                octo.SERVICE_SHENZHEN_TONG_BALANCE, 0)
+        result = octo.reading(block, scanned_at, how, forced_offset=forced_offset,
+                              idm=dumped.idm, shenzhen_block=shenzhen)
+        source = f"{dump_file} ({dumped.source_format})"
     obj = {
         "balance": fmt(result.balance_cents),
         "raw": result.raw,

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import click
 
-from farebox.protocol.sim.serve import ServeError, ServeOptions, run_private_pcscd, serve_card
-
-from farebox.tools.common import InputError
+from farebox.protocol.sim.serve import ServeOptions, run_private_pcscd, serve_card
 
 
 @click.group()
@@ -54,8 +52,6 @@ def serve(card_file, via, taps, leave_after, torn_write, delay_ms, dwell_ms, awa
                                                        err=True),
                    on_presentation=lambda r: click.echo(json.dumps(r.__dict__)),
                    stop_flag=lambda: stop)
-    except ServeError as error:
-        raise InputError(str(error)) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -89,8 +85,6 @@ def pcscd(directory, port) -> None:
             on_ready=lambda info: click.echo(json.dumps(
                 {**info.__dict__, "env": f"PCSCLITE_CSOCK_NAME={info.socket}"}), nl=True),
             stop_flag=lambda: stop)
-    except ServeError as error:
-        raise InputError(str(error)) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

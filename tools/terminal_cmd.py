@@ -9,7 +9,7 @@ from farebox.terminal.runtime import init_terminal
 from farebox.terminal.runtime import state_dir as state_directory
 
 from farebox.tools import output
-from farebox.tools.common import config_option, json_option, settings, setup_errors, state_option
+from farebox.tools.common import config_option, json_option, settings, state_option
 
 
 @click.group()
@@ -27,8 +27,7 @@ def init(state_dir, config_file, terminal_id, as_json) -> None:
     """Create the terminal's Ed25519 signing key and incarnation in its state directory and print
     the public key (enroll it at the clearing house). Refuses a state that already has one."""
     config = settings(config_file, state_dir=state_dir)
-    with setup_errors():
-        identity = init_terminal(config, terminal_id, now_utc())
+    identity = init_terminal(config, terminal_id, now_utc())
     obj = {"terminal_id": identity.terminal_id, "incarnation": identity.incarnation,
            "public_key": identity.public_key.hex(), "state": str(state_directory(config))}
     output.emit(obj, as_json, f"terminal {identity.terminal_id} (incarnation "

@@ -30,6 +30,7 @@ from farebox.protocol.sim.cardfile import save_card
 from farebox.terminal import failpoints
 from farebox.terminal.core.clock import hk_date, require_aware
 from farebox.terminal.card.issue import IssueError, IssueRequest, issue, new_idm
+from farebox.terminal.errors import Interrupted
 from farebox.terminal.store.journal import Journal
 from farebox.terminal.card.keys import SoftwareKeyStore
 from farebox.terminal.core.rules import Record, RecordType
@@ -58,7 +59,7 @@ class IssuedCard:
     completed_from: str | None = None  # an earlier cut-off issue onto this card, now completed
 
 
-class IssueInterrupted(Exception):
+class IssueInterrupted(Interrupted):
     """The card left the reader while it was being issued: the journal holds the issue in doubt.
     Present the same card again to ``issue_on_card`` (with the same request): the issue is
     completed if it landed, or made again over what the cut-off write left."""

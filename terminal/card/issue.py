@@ -21,12 +21,13 @@ from farebox.terminal.card.keys import SoftwareKeyStore
 from farebox.terminal.core.rules import (
     DEPOSIT_CENTS, INITIAL_VALUE_CENTS, negative_limit_cents, stored_value_limit_cents,
 )
+from farebox.terminal.errors import BadInput
 
 #: FeliCa IDm: 2-byte manufacturer code, then the card's own 6 bytes.
 IDM_PREFIX = bytes.fromhex("012e")
 
 
-class IssueError(ValueError):
+class IssueError(BadInput, ValueError):
     """The requested card cannot exist under the rules; the message says why."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from farebox.cardimage.mac import KEY_SIZE, diversify_key
 from farebox.protocol.frames import SYSTEM_CODE_LITE_S
 from farebox.protocol.files import UntrustedFileError, read_limited
+from farebox.terminal.errors import BadInput
 
 #: TEST KEY. Published in this source file, so it protects nothing: for demos, simulated cards and
 #: the test suite only. Cards made with it carry key version 0xF0, which `card show` labels TEST.
@@ -43,7 +44,7 @@ class SoftwareKeyStore:
         return f"SoftwareKeyStore(versions={sorted(self.master_keys)}, issue_version={self.issue_version})"
 
 
-class KeyFileError(ValueError):
+class KeyFileError(BadInput, ValueError):
     """A key file that cannot be used. Messages never contain key material."""
 
 

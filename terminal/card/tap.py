@@ -24,6 +24,7 @@ from farebox.protocol.session import LiteSSession
 
 from farebox.terminal import failpoints
 from farebox.terminal.core.clock import hk_date, require_aware, start_of_hk_day
+from farebox.terminal.errors import BadInput, Interrupted
 from farebox.terminal.store.journal import CardWrite, Journal
 from farebox.terminal.card.keys import SoftwareKeyStore
 from farebox.terminal.core.rules import (
@@ -37,7 +38,7 @@ DEFAULT_RETAP_WINDOW_S = 60.0
 PAYMENT, ADD_VALUE = "payment", "add_value"
 
 
-class TapInterrupted(Exception):
+class TapInterrupted(Interrupted):
     """The card went away (or answered wrongly) after the journal intent was made: the write is
     in doubt and will be resolved when the card is seen again. Ask for the card to be tapped again."""
 
@@ -47,7 +48,7 @@ class TapInterrupted(Exception):
         self.cause = cause
 
 
-class RequestRefused(ValueError):
+class RequestRefused(BadInput, ValueError):
     """The request cannot be served on this card at all (nothing was written); e.g. an add value
     timed before the card was issued."""
 

@@ -37,11 +37,13 @@ from farebox.cardimage.model import (
     AAVS_RELOAD_CENTS, Category, Concession, Identity, Kind, LogEntry, LogType, Purse, ServiceOp,
     Status,
 )
+from farebox.cardimage.money import format_whole
 
 from farebox.terminal.core.rules import (
     DEPOSIT_CENTS, INITIAL_VALUE_CENTS, STORED_VALUE_LIMIT_NEW_CENTS, Decision, Record,
     RecordType, is_inactive, stored_value_limit_cents,
 )
+from farebox.terminal.errors import BadInput
 
 # ---- parameters (RULES.md with the seed clauses they come from) -----------------------------
 
@@ -63,7 +65,7 @@ INACTIVITY_FEE_AFTER_YEARS = 3
 LIMIT_UPGRADE_FROM = date(2021, 4, 29)  # (001 ¶1)
 
 
-class ServiceRefused(ValueError):
+class ServiceRefused(BadInput, ValueError):
     """The request cannot be served on this card (or at all); nothing is written. One line."""
 
 
@@ -371,7 +373,7 @@ def decide_aavs(identity: Identity, purse: Purse, today: date,
         records = (Record(RecordType.AAVS_CANCEL, 0, balance),)
     else:
         if amount_cents not in AAVS_RELOAD_CENTS:
-            allowed = ", ".join(f"{c // 100}" for c in AAVS_RELOAD_CENTS)
+            allowed = ", ".join(format_whole(c) for c in AAVS_RELOAD_CENTS)
             raise ServiceRefused(f"AAVS reload amount must be one of {allowed}")
         if purse.aavs_reload_cents == amount_cents:
             raise ServiceRefused("AAVS is already enabled with that amount")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from farebox.terminal.errors import TerminalError
+
 
 class WriteState(str, Enum):
     INTENT = "intent"
@@ -35,7 +37,7 @@ TRANSITIONS: dict[WriteState, frozenset[WriteState]] = {
 IN_DOUBT = frozenset({WriteState.INTENT})
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(TerminalError, RuntimeError):
     """A change the life cycle does not allow (a bug, never a card's doing)."""
 
 

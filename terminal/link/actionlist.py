@@ -13,12 +13,13 @@ from farebox.protocol.files import UntrustedFileError, load_json
 from farebox.terminal.core.cardnumber import parse_number
 from farebox.terminal.core.clock import hk_date
 from farebox.terminal.core.rules import ListEntry, ListReason
+from farebox.terminal.errors import BadInput
 
 
 LIST_DELAY_ROOM = timedelta(days=1)
 
 
-class ActionListError(ValueError):
+class ActionListError(BadInput, ValueError):
     """The list file is missing or malformed; the message names the place."""
 
 

@@ -16,6 +16,7 @@ from datetime import datetime
 
 from farebox.protocol.settlement import SignedActionList, WireError
 
+from farebox.terminal.errors import BadInput
 from farebox.terminal.core.clock import utc_iso
 from farebox.terminal.core.rules import ListEntry
 from farebox.terminal.link.actionlist import ActionListError, parse_action_list
@@ -23,7 +24,7 @@ from farebox.terminal.link.actionlist import ActionListError, parse_action_list
 MAX_LIST_BYTES = 8 * 1024 * 1024
 
 
-class SignedListError(ValueError):
+class SignedListError(BadInput, ValueError):
     """A list that does not verify, has expired or is older than the one held."""
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from farebox.protocol.settlement import Ack, Upload, WireError
 
 from farebox.terminal import failpoints
+from farebox.terminal.errors import TerminalError
 from farebox.terminal.store.settlement import Batch, Settlement
 
 if TYPE_CHECKING:  # httpx is imported when an upload runs, not by every command
@@ -41,11 +42,11 @@ BACKOFF_MAX_S = 30.0
 TIMEOUT_S = 10.0
 
 
-class UploadRefused(Exception):
+class UploadRefused(TerminalError):
     """The server refused a batch (4xx): retrying it will not help."""
 
 
-class UploadFailed(Exception):
+class UploadFailed(TerminalError):
     """No usable answer after every attempt."""
 
 

@@ -37,12 +37,16 @@ class Finding:
     fix: str | None = None
 
 
+#: how long the card check waits for a card on the reader
+DEFAULT_CARD_TIMEOUT_S = 2.0
+
+
 @dataclass(frozen=True)
 class DoctorOptions:
     config: TerminalConfig
     reader: str | None = None
     roots: Roots = Roots()
-    card_timeout_s: float = 2.0
+    card_timeout_s: float = DEFAULT_CARD_TIMEOUT_S
     user: str | None = None  # for the fixes' text (default: $USER)
 
 

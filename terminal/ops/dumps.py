@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from farebox.terminal.errors import BadInput
 from farebox.cardimage.layout import USER_BLOCKS
 from farebox.protocol.errors import CardStatusError, TransportTimeout
 from farebox.protocol.frames import (
@@ -56,7 +57,7 @@ FORMAT_FAREBOT = "FareBot JSON"
 FORMAT_READER = "reader"
 
 
-class DumpError(ValueError):
+class DumpError(BadInput, ValueError):
     """A dump that cannot be used; the message is one line naming the file."""
 
 

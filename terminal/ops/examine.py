@@ -19,6 +19,7 @@ from farebox.protocol.frames import SYSTEM_CODE_LITE_S
 from farebox.protocol.reader import Reader
 from farebox.protocol.session import LiteSSession
 
+from farebox.terminal.errors import BadInput
 from farebox.terminal.store.journal import Journal, JournalRecord
 from farebox.terminal.card.keys import SoftwareKeyStore
 
@@ -35,7 +36,7 @@ BLOCK_AREAS = {
 }
 
 
-class NoCard(RuntimeError):
+class NoCard(BadInput, RuntimeError):
     """No card answered on the reader in time."""
 
 

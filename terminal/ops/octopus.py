@@ -26,6 +26,7 @@ from farebox.protocol.reader import Reader
 from farebox.protocol.session import FelicaSession
 
 from farebox.terminal.core.clock import HONG_KONG, require_aware
+from farebox.terminal.errors import BadInput
 
 ORIGINAL_OFFSET = 350
 #: (instant, offset in force for scans strictly after it)
@@ -43,7 +44,7 @@ SCAN_TIME_READ_NOW = "read now"
 SCAN_TIME_ASSUMED_NOW = "assumed now (the dump has no scan time)"
 
 
-class OctopusError(ValueError):
+class OctopusError(BadInput, ValueError):
     """No Octopus purse where one should be; the message is one line."""
 
 

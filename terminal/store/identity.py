@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from farebox.protocol.files import UntrustedFileError, load_json, read_limited
 
 from farebox.terminal.core.clock import utc_iso
+from farebox.terminal.errors import BadInput
 
 IDENTITY_FILE = "identity.json"
 KEY_FILE = "identity.key"
@@ -31,7 +32,7 @@ TERMINAL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 _MAX_IDENTITY_BYTES = 4096
 
 
-class IdentityError(Exception):
+class IdentityError(BadInput):
     """No identity, a second ``init``, or identity files that are damaged or do not agree."""
 
 

@@ -34,10 +34,48 @@ from farebox.protocol.settlement import GENESIS_HASH, HASHED_FIELDS, record_hash
 from farebox.terminal.core.clock import parse_utc, utc_fixed, utc_iso
 from farebox.terminal.core.rules import Record, RecordType
 from farebox.terminal.core.writecycle import WriteState, check_transition
+from farebox.terminal.errors import TerminalError
 
 SCHEMA_VERSION = 3
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 _WAL_AUTOCHECKPOINT_PAGES = 10_000  # a backstop only: checkpoints normally run in idle()
+
+#: The ``records`` table, the one place its columns are written: each column's name and SQL type,
+#: in the table's order. Its CREATE statement, the insert, the selects, the fields a record's hash
+#: covers and :class:`JournalRecord` (the same fields, then the write's state) all follow it.
+RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("seq", "INTEGER PRIMARY KEY"),
+    ("terminal_id", "TEXT NOT NULL"),
+    ("tap_id", "TEXT NOT NULL REFERENCES card_writes (tap_id)"),
+    ("card_number", "INTEGER NOT NULL"),
+    ("counter_before", "INTEGER NOT NULL"),
+    ("counter_after", "INTEGER NOT NULL"),
+    ("type", "TEXT NOT NULL"),
+    ("amount_cents", "INTEGER NOT NULL"),
+    ("balance_before_cents", "INTEGER NOT NULL"),
+    ("balance_after_cents", "INTEGER NOT NULL"),
+    ("at_utc", "TEXT NOT NULL"),
+    ("prev_hash", "TEXT NOT NULL"),
+    ("hash", "TEXT NOT NULL"),
+    ("clock_trusted", "INTEGER NOT NULL DEFAULT 1"),
+)
+#: The names of the ``records`` columns, in the table's order.
+RECORD_FIELDS: tuple[str, ...] = tuple(name for name, _ in RECORD_COLUMNS)
+#: A record's hash covers the wire format's HASHED_FIELDS (protocol/settlement.py): every column
+#: but the hash itself and ``clock_trusted`` (which enters the hashed text only when false);
+#: tests/terminal/test_journal_schema.py holds the two lists together.
+
+
+def record_columns(alias: str = "") -> str:
+    """The ``records`` columns in the table's order, for a SELECT or an INSERT; ``alias`` (e.g.
+    ``"r."``) qualifies each one in a join."""
+    return ", ".join(alias + name for name in RECORD_FIELDS)
+
+
+_RECORDS_TABLE = ("CREATE TABLE IF NOT EXISTS records (\n"
+                  + ",\n".join(f"    {name} {sql}" for name, sql in RECORD_COLUMNS) + "\n);\n")
+_INSERT_RECORD = (f"INSERT INTO records ({record_columns()}) "
+                  f"VALUES ({', '.join('?' * len(RECORD_FIELDS))})")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,23 +96,7 @@ CREATE TABLE IF NOT EXISTS card_writes (
     log_confirmed INTEGER NOT NULL DEFAULT 1,
     observed INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY,
-    terminal_id TEXT NOT NULL,
-    tap_id TEXT NOT NULL REFERENCES card_writes (tap_id),
-    card_number INTEGER NOT NULL,
-    counter_before INTEGER NOT NULL,
-    counter_after INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    amount_cents INTEGER NOT NULL,
-    balance_before_cents INTEGER NOT NULL,
-    balance_after_cents INTEGER NOT NULL,
-    at_utc TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL,
-    clock_trusted INTEGER NOT NULL DEFAULT 1
-);
-CREATE TABLE IF NOT EXISTS cards (
+""" + _RECORDS_TABLE + """CREATE TABLE IF NOT EXISTS cards (
     card_number INTEGER PRIMARY KEY,
     highest_counter INTEGER NOT NULL,
     highest_slot TEXT NOT NULL
@@ -140,7 +162,8 @@ class CardWrite:
 
 @dataclass(frozen=True)
 class JournalRecord:
-    """One row of ``records`` with the state of the write it belongs to."""
+    """One row of ``records`` (its fields are :data:`RECORD_FIELDS`, in order) with the state of
+    the write it belongs to."""
 
     seq: int
     terminal_id: str
@@ -159,13 +182,9 @@ class JournalRecord:
     write_state: WriteState
 
     def hashed_fields(self) -> dict:
-        return {"seq": self.seq, "terminal_id": self.terminal_id, "tap_id": self.tap_id,
-                "card_number": self.card_number, "counter_before": self.counter_before,
-                "counter_after": self.counter_after, "type": self.type.value,
-                "amount_cents": self.amount_cents,
-                "balance_before_cents": self.balance_before_cents,
-                "balance_after_cents": self.balance_after_cents, "at_utc": self.at_utc,
-                "prev_hash": self.prev_hash, "clock_trusted": self.clock_trusted}
+        """The fields :func:`~farebox.protocol.settlement.record_hash` takes (the hash aside)."""
+        fields = {name: getattr(self, name) for name in RECORD_FIELDS if name != "hash"}
+        return {**fields, "type": self.type.value}
 
 
 @dataclass(frozen=True)
@@ -201,7 +220,7 @@ class CardMemory:
     slot: bytes
 
 
-class JournalError(Exception):
+class JournalError(TerminalError):
     """The journal cannot be opened or is not ours."""
 
 
@@ -446,9 +465,7 @@ class Journal:
 
     def records(self, card_number: int | None = None) -> list[JournalRecord]:
         self._flush()
-        query = ("SELECT r.seq, r.terminal_id, r.tap_id, r.card_number, r.counter_before, "
-                 "r.counter_after, r.type, r.amount_cents, r.balance_before_cents, "
-                 "r.balance_after_cents, r.at_utc, r.prev_hash, r.hash, r.clock_trusted, w.state "
+        query = (f"SELECT {record_columns('r.')}, w.state "
                  "FROM records r JOIN card_writes w USING (tap_id)"
                  + (" WHERE r.card_number = ?" if card_number is not None else "")
                  + " ORDER BY seq")
@@ -459,22 +476,19 @@ class Journal:
         """Recompute every record's hash: the sequence must be gapless from 1 and each record
         must hash to its stored hash and link to the one before."""
         previous, expected_seq, count = GENESIS_HASH, 1, 0
-        cursor = self._db.execute(
-            "SELECT seq, terminal_id, tap_id, card_number, counter_before, counter_after, type, "
-            "amount_cents, balance_before_cents, balance_after_cents, at_utc, prev_hash, hash, "
-            "clock_trusted FROM records ORDER BY seq")
+        cursor = self._db.execute(f"SELECT {record_columns()} FROM records ORDER BY seq")
         for row in cursor:
             count += 1
-            seq = row[0]
+            fields = dict(zip(RECORD_FIELDS, row))
+            seq = fields["seq"]
             if seq != expected_seq:
                 return ChainCheck(False, count, seq, f"sequence jumps from {expected_seq - 1} to {seq}")
-            fields = dict(zip(HASHED_FIELDS, row[:12]))
-            fields["clock_trusted"] = bool(row[13])
-            if row[11] != previous:
+            fields["clock_trusted"] = bool(fields["clock_trusted"])
+            if fields["prev_hash"] != previous:
                 return ChainCheck(False, count, seq, "does not link to the record before it")
-            if record_hash(fields) != row[12]:
+            if record_hash(fields) != fields["hash"]:
                 return ChainCheck(False, count, seq, "its contents do not match its hash")
-            previous, expected_seq = row[12], expected_seq + 1
+            previous, expected_seq = fields["hash"], expected_seq + 1
         return ChainCheck(True, count)
 
     def time_high_water(self) -> datetime | None:
@@ -540,7 +554,7 @@ class Journal:
                     "prev_hash": previous, "clock_trusted": clock_trusted,
                 }
                 fields["hash"] = previous = record_hash(fields)
-                self._db.execute(_INSERT_RECORD, tuple(fields.values()))
+                self._db.execute(_INSERT_RECORD, tuple(fields[name] for name in RECORD_FIELDS))
                 balance = record.balance_after_cents
         self._unsynced = False  # that commit synced the WAL, and every frame before it
         if clock_trusted:  # durable with the record itself; the meta row follows at sync()
@@ -621,16 +635,14 @@ class Journal:
             "WHERE w.state = 'intent'").fetchone()[0]
 
 
-_INSERT_RECORD = (
-    "INSERT INTO records (seq, terminal_id, tap_id, card_number, counter_before, counter_after, "
-    "type, amount_cents, balance_before_cents, balance_after_cents, at_utc, prev_hash, "
-    "clock_trusted, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _record_from_row(row: Sequence) -> JournalRecord:
-    return JournalRecord(row[0], row[1], row[2], row[3], row[4], row[5], RecordType(row[6]),
-                         row[7], row[8], row[9], row[10], row[11], row[12], bool(row[13]),
-                         WriteState(row[14]))
+    """A record from its columns (:data:`RECORD_FIELDS`) followed by its write's state."""
+    fields = dict(zip(RECORD_FIELDS, row))
+    return JournalRecord(**{**fields, "type": RecordType(fields["type"]),
+                            "clock_trusted": bool(fields["clock_trusted"])},
+                         write_state=WriteState(row[len(RECORD_FIELDS)]))
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:

@@ -38,6 +38,7 @@ from farebox.terminal import failpoints
 from farebox.terminal.core.clock import hk_date, parse_utc, utc_iso
 from farebox.terminal.store.identity import TerminalIdentity
 from farebox.terminal.store.journal import Journal
+from farebox.terminal.errors import TerminalError
 
 LOG = logging.getLogger("farebox.terminal.store.settlement")
 
@@ -91,7 +92,7 @@ class BatchPolicy:
     retention: timedelta = DEFAULT_RETENTION  # acknowledged batches' bodies kept this long
 
 
-class SettlementError(Exception):
+class SettlementError(TerminalError):
     """The batches do not belong to this identity or cannot be closed."""
 
 

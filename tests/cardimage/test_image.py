@@ -21,7 +21,7 @@ from farebox.cardimage.model import (
     AAVS_RELOAD_CENTS, COUNTER_MAX, Category, Concession, Identity, Kind, LogEntry, LogType, Purse,
     ServiceOp, Status,
 )
-from farebox.cardimage.money import format_cents, parse_amount
+from farebox.cardimage.money import format_cents, format_whole, parse_amount
 
 MASTER = bytes(range(16))
 IDM = bytes.fromhex("012e4cd1a2b3c4d5")
@@ -304,6 +304,24 @@ def test_format_refuses_floats():
         format_cents(5.8)
     with pytest.raises(TypeError):
         parse_amount(5.8)
+
+
+@given(st.integers(-(10**7), 10**7))
+def test_whole_amounts_format_without_cents_and_parse_back(units):
+    assert format_whole(units * 100) == str(units)
+    assert parse_amount(format_whole(units * 100), allow_negative=True) == units * 100
+
+
+@pytest.mark.parametrize("cents", [1, 250_01, -150])
+def test_format_whole_refuses_an_amount_with_cents(cents):
+    with pytest.raises(ValueError, match="not a whole amount"):
+        format_whole(cents)
+
+
+def test_format_whole_refuses_floats_and_bools():
+    for value in (250.0, True):
+        with pytest.raises(TypeError):
+            format_whole(value)
 
 
 def test_a_counter_that_could_never_advance_is_refused_both_ways():
