@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import platformdirs
@@ -34,6 +35,7 @@ from farebox.terminal.link.fetch import FETCHED_FILE, fetch, held_list
 from farebox.terminal.core.rules import ListEntry
 from farebox.terminal.link.signedlist import SignedList, SignedListError
 from farebox.terminal.store.settlement import BatchCloser, BatchPolicy, Settlement, SettlementError
+from farebox.terminal.card.present import CardReaders
 from farebox.terminal.card.tap import Terminal
 from farebox.terminal.link.upload import BackgroundUploader
 
@@ -119,6 +121,15 @@ def open_transport(spec: str | ReaderSpec, *, faults: Faults | None = None,
         return PcscReader(str(spec), None if pcsc_mode == "auto" else pcsc_mode)
     except TransportError as error:
         raise RuntimeSetupError(f"reader {spec}: {error}") from None
+
+
+def card_readers(*, faults: Faults | None = None, wait_s: float | None = None,
+                 again: str = "tap", pcsc_mode: str = "auto") -> CardReaders:
+    """How a command finds the cards it works on (terminal/card/present.py) through the readers
+    :func:`open_transport` opens: ``wait_s`` None for a tap (it polls the card itself), else
+    how long to wait for the card; ``again`` is what a customer whose card left is asked to do
+    ("tap" or "present")."""
+    return CardReaders(partial(open_transport, pcsc_mode=pcsc_mode), faults, wait_s, again)
 
 
 def load_keys(config: TerminalConfig) -> SoftwareKeyStore:
@@ -306,6 +317,6 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
 
 
 __all__ = ["ActionListReloader", "ConfigError", "ReaderSpec", "RuntimeSetupError",
-           "TerminalConfig", "batch_closer", "default_state_dir", "fetch_action_list",
-           "init_terminal", "load_action_lists", "open_journal", "open_settlement",
-           "open_terminal", "open_transport", "start_uploader", "state_dir"]
+           "TerminalConfig", "batch_closer", "card_readers", "default_state_dir",
+           "fetch_action_list", "init_terminal", "load_action_lists", "open_journal",
+           "open_settlement", "open_terminal", "open_transport", "start_uploader", "state_dir"]

@@ -20,6 +20,7 @@ from farebox.tools.common import (
     setup_errors,
 )
 from farebox.tools.params import CARD_NUMBER, DATE, POSITIVE_AMOUNT, SIGNED_AMOUNT
+from farebox.tools.tapping import card_errors
 
 _KINDS = {k.label: k for k in Kind}
 _CATEGORIES = {c.label: c for c in Category}
@@ -35,8 +36,10 @@ def card() -> None:
 @click.argument("card_file", metavar="CARD", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--number", type=CARD_NUMBER, help="8-digit card number [default: random]")
 @click.option("--kind", type=click.Choice(list(_KINDS)), default="on-loan", show_default=True)
-@click.option("--category", type=click.Choice(list(_CATEGORIES)), default="adult", show_default=True)
-@click.option("--concession", type=click.Choice(list(_CONCESSIONS)), default="none", show_default=True)
+@click.option("--category", type=click.Choice(list(_CATEGORIES)), default="adult",
+              show_default=True)
+@click.option("--concession", type=click.Choice(list(_CONCESSIONS)), default="none",
+              show_default=True)
 @click.option("--concession-expiry", type=DATE, help="last day a student concession is valid")
 @click.option("--issued", type=DATE, help="issue date [default: today, Hong Kong]")
 @click.option("--balance", type=SIGNED_AMOUNT,
@@ -102,21 +105,19 @@ def _keys(config_file):
 
 
 def _read_blocks(spec: str, timeout_s: float) -> tuple[bytes, list[bytes], str]:
-    from farebox.terminal.ops.examine import NoCard, read_card_blocks
+    from farebox.terminal.card.present import NoCard, is_card_file
+    from farebox.terminal.ops.examine import read_card_blocks
+    from farebox.terminal.runtime import card_readers
 
-    reader = open_reader(spec, writable=False)
-    try:
-        idm, _pmm, blocks = read_card_blocks(reader, timeout_s)
-    except NoCard as error:
-        if spec.startswith("sim:"):
+    with card_errors(), setup_errors():
+        try:
+            with card_readers(wait_s=timeout_s).session(spec, look=True) as session:
+                return session.idm, read_card_blocks(session), session.transport.name
+        except NoCard:
+            if not is_card_file(spec):
+                raise
             raise InputError("the card does not work with this terminal (not a FeliCa Lite-S "
                              "card; for an Octopus dump try farebox octopus balance)") from None
-        raise InputError(str(error)) from None
-    except FelicaError as error:
-        raise InputError(f"the card does not work with this terminal ({error})") from None
-    finally:
-        reader.close()
-    return idm, blocks, reader.name
 
 
 def _show(spec: str, keys, as_json: bool, timeout_s: float = 0.0, *,

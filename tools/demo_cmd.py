@@ -14,15 +14,15 @@ from pathlib import Path
 
 import click
 
-from farebox.protocol.session import LiteSSession
 from farebox.terminal.core.clock import HONG_KONG, hk_date, now_utc
 from farebox.terminal.card.issue import IssueRequest, issue_card_file, new_idm
 from farebox.terminal.card.keys import published_test_keys
 from farebox.terminal.core.rules import FareClass, ListEntry, ListReason, Tariff
-from farebox.terminal.runtime import default_state_dir
+from farebox.terminal.runtime import card_readers, default_state_dir
 
 from farebox.tools import output
-from farebox.tools.common import json_option, open_reader, settings, state_option, terminal
+from farebox.tools.common import json_option, settings, setup_errors, state_option, terminal
+from farebox.tools.tapping import card_errors
 
 BUS = Tariff({FareClass.ADULT: 580, FareClass.CHILD: 290, FareClass.ELDER: 200,
               FareClass.STUDENT: 290, FareClass.DISABILITY: 200})
@@ -50,12 +50,11 @@ def demo(state_dir: Path | None, as_json: bool) -> None:
             published_test_keys())
         copy_path = card_path.with_name(card_path.stem + "-copy.json")
 
+        cards = card_readers()
+
         def step(caption: str, card: Path, run, what: str = "fare") -> None:
-            reader = open_reader(f"sim:{card}")
-            try:
-                result = run(LiteSSession(reader))
-            finally:
-                reader.close()
+            with card_errors(), setup_errors(), cards.session(f"sim:{card}") as session:
+                result = run(session)
             term.idle()
             if as_json:
                 click.echo(json.dumps({"step": caption,

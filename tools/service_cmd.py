@@ -1,8 +1,9 @@
 """``farebox service``: the customer service centre's operations (RULES.md §6, §8).
 
-Each command parses, calls ``farebox.terminal`` (the pure rules in ``service.py``, the card write
-in ``tap.Terminal.service``) and prints. A CARD is a simulated card file; ``--reader SPEC`` takes
-the card presented to a reader instead (``udp:HOST:PORT``, ``usb``, ``pcsc``...).
+Each command parses, calls one function of the service desk (``terminal/card/desk.py``: the
+request's checks, the pure rules in ``service.py``, the card write in ``tap.Terminal.service``)
+and prints. A CARD is a simulated card file; ``--reader SPEC`` takes the card presented to a
+reader instead (``udp:HOST:PORT``, ``usb``, ``pcsc``...).
 """
 
 from __future__ import annotations
@@ -11,34 +12,30 @@ from pathlib import Path
 
 import click
 
-from farebox.cardimage.errors import InvalidCard
 from farebox.cardimage.model import AAVS_RELOAD_CENTS, Category, Concession, Kind
 from farebox.cardimage.money import format_cents as fmt
-from farebox.protocol.errors import FelicaError
-from farebox.protocol.frames import SYSTEM_CODE_LITE_S
-from farebox.protocol.reader import Reader
-from farebox.protocol.session import LiteSSession
+from farebox.terminal.card.desk import (
+    PartlyReturned, change_card, check_card_files, inactivity_fee as inactivity_fee_due,
+    issue_cards, issue_on_reader, return_cards,
+)
+from farebox.terminal.card.issue import IssueRequest
+from farebox.terminal.card.tap import TapResult
 from farebox.terminal.core.cardnumber import format_number
 from farebox.terminal.core.clock import hk_date, now_utc
-from farebox.terminal.ops.cardview import read_card
-from farebox.terminal.card.issue import IssueRequest
-from farebox.terminal.runtime import load_keys
-from farebox.terminal.core.rules import Reason, RecordType, is_inactive, ordered_status
+from farebox.terminal.core.rules import RecordType, is_inactive
 from farebox.terminal.core.service import (
-    ServiceRefused, check_request_size, decide_aavs, decide_reactivate, decide_renew_student,
-    decide_return, decide_upgrade_limit, inactivity_fees, refund_breakdown,
+    ServiceRefused, decide_aavs, decide_reactivate, decide_renew_student, decide_upgrade_limit,
 )
-from farebox.terminal.card.desk import IssueInterrupted, issue_cards, issue_on_card
-from farebox.terminal.card.tap import RequestRefused, TapInterrupted, TapResult
-from farebox.terminal.core.writecycle import WriteState
+from farebox.terminal.runtime import card_readers, load_keys
 
 from farebox.tools import output
 from farebox.tools.common import (
-    InputError, config_option, json_option, open_reader, settings, setup_errors, state_notice,
-    state_option, terminal,
+    InputError, config_option, json_option, settings, setup_errors, state_notice, state_option,
+    terminal,
 )
 from farebox.tools.params import DATE, POSITIVE_AMOUNT, TIME
 from farebox.tools.tap_cmd import _faults, hotlist_option, leave_after_option, torn_write_option
+from farebox.tools.tapping import card_errors
 
 _KINDS = {k.label: k for k in Kind}
 _CATEGORIES = {c.label: c for c in Category}
@@ -95,18 +92,17 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
     request = IssueRequest(issued=hk_date(at), kind=_KINDS[kind], category=_CATEGORIES[category],
                            concession=_CONCESSIONS[concession],
                            concession_expiry=concession_expiry, aavs_reload_cents=aavs or 0)
-    with terminal(config) as term:
+    cards = card_readers(wait_s=wait_s, again="present")
+    with card_errors(), setup_errors(), terminal(config) as term:
         try:
             if reader_spec is None:
                 issued = issue_cards(term.journal, term.keys, list(card_files), request, at)
             else:
-                issued = [_issue_on_reader(term, reader_spec, wait_s, request, at)]
-        except ServiceRefused as error:
-            raise InputError(str(error)) from None
+                issued = [issue_on_reader(term, cards, reader_spec, request, at)]
         except OSError as error:
             raise click.ClickException(str(error)) from None
         term.idle()
-    cards = [{
+    issued_cards = [{
         "card": format_number(card.identity.card_number),
         "file": None if card.path is None else str(card.path),
         "reader": reader_spec if card.path is None else None,
@@ -122,26 +118,10 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
     human = "\n".join(f"ISSUED card {c['card']} ({c['kind']} {c['category']}) -> "
                       f"{c['file'] or c['reader']}  "
                       f"deposit {c['deposit']} + value {c['initial_value']} + fee {c['fee']} "
-                      f"= {c['collected']}" for c in cards)
-    output.emit({"cards": cards, "collected": fmt(total)}, as_json,
+                      f"= {c['collected']}" for c in issued_cards)
+    output.emit({"cards": issued_cards, "collected": fmt(total)}, as_json,
                 f"{human}\ncollect {fmt(total)}")
     state_notice(config)
-
-
-def _issue_on_reader(term, spec: str, wait_s: float, request: IssueRequest, at):
-    """Issue the blank card held to the reader ``spec`` (a cut-off issue: exit 1, present the
-    card again and the same command completes it)."""
-    reader = open_reader(spec)
-    try:
-        session = _present(reader, spec, wait_s)
-        return issue_on_card(term.journal, term.keys, session, request, at)
-    except IssueInterrupted as error:
-        raise click.ClickException(str(error)) from None
-    except FelicaError as error:  # before anything was written
-        raise InputError(f"{_label(spec)}: the card does not work with this terminal "
-                         f"({error})") from None
-    finally:
-        reader.close()
 
 
 # ---- return ---------------------------------------------------------------------------------
@@ -162,51 +142,16 @@ def return_(card_files, damaged, reader_spec, wait_s, at, state_dir, config_file
             leave_after, torn_write, as_json) -> None:
     """Return On-Loan cards (at most five): refund the deposit and the value less the fees; each
     card is cancelled. Every card is checked before any is changed."""
-    specs = _specs(card_files, reader_spec, many=True)
-    at = at or now_utc()
+    specs = _specs(card_files, reader_spec, leave_after, torn_write, many=True)
     config = settings(config_file, state_dir=state_dir, action_list=hotlist)
-    today = hk_date(at)
-    faults = _faults(leave_after, torn_write)
-    results = []
-    with terminal(config) as term:
-        # all or nothing: every card is checked before the first one is changed
-        for spec in specs:
-            if spec.startswith("sim:"):
-                image = _look(spec, term.keys)
-                if any(w.state is WriteState.INTENT and w.kind == "return"
-                       for w in term.journal.unresolved_writes(image.identity.card_number)):
-                    continue  # an interrupted return: the write below completes or voids it
-                if not term.clock_trusted(image, at):
-                    raise InputError(f"{_label(spec)}: {at.isoformat()} is behind this card's "
-                                     "last use or this terminal's latest transaction: check the "
-                                     "clock; nothing was done")
-                try:
-                    refund_breakdown(image.identity, image.purse, today, damaged=damaged)
-                except ServiceRefused as error:
-                    raise InputError(f"{_label(spec)}: {error}; nothing was done") from None
-                listed = ordered_status(term.action_list, image.identity.card_number, at)
-                if listed > image.purse.status:  # marks the card (as a payment would) and stops
-                    _change(term, spec, None, wait_s, at, "return",
-                            lambda card, day: decide_return(card.identity, card.purse, day,
-                                                            damaged=damaged)[0])
-                    raise AssertionError("the action list's decline was not made")
-        for number, spec in enumerate(specs, 1):
-            try:
-                result = _change(term, spec, faults, wait_s, at, "return",
-                                 lambda card, day: decide_return(card.identity, card.purse, day,
-                                                                 damaged=damaged)[0])
-            except click.ClickException as error:
-                if not results:
-                    raise
-                # some cards are already returned: say so, then the error (exit 1: not "nothing
-                # changed")
-                _emit_returns(results, as_json)
-                raise click.ClickException(f"card {number} of {len(specs)}: "
-                                           f"{error.format_message()} (the {len(results)} "
-                                           "card(s) before it were returned)") from None
-            results.append(_return_json(result))
-            term.idle()
-    _emit_returns(results, as_json)
+    cards = card_readers(faults=_faults(leave_after, torn_write), wait_s=wait_s, again="present")
+    with card_errors(), setup_errors(), terminal(config) as term:
+        try:
+            results = return_cards(term, cards, specs, at or now_utc(), damaged=damaged)
+        except PartlyReturned as error:  # say which cards were returned, then exit 1
+            _emit_returns([_return_json(r) for r in error.results], as_json)
+            raise click.ClickException(str(error)) from None
+    _emit_returns([_return_json(r) for r in results], as_json)
     state_notice(config)
 
 
@@ -343,14 +288,9 @@ def inactivity_fee(card_file, reader_spec, wait_s, at, config_file, as_json) -> 
     spec = _specs((card_file,) if card_file else (), reader_spec, many=False)[0]
     at = at or now_utc()
     config = settings(config_file)
-    with setup_errors():
-        keys = load_keys(config)
-    image = _look(spec, keys, wait_s)
+    with card_errors(), setup_errors():
+        image, fees = inactivity_fee_due(card_readers(wait_s=wait_s), spec, load_keys(config), at)
     today = hk_date(at)
-    if today < image.identity.issued:
-        raise InputError(f"{today.isoformat()} is before the card was issued "
-                         f"({image.identity.issued.isoformat()})")
-    fees = inactivity_fees(image.identity, image.purse, today)
     obj = {
         "card": format_number(image.identity.card_number),
         "date": today.isoformat(),
@@ -372,90 +312,33 @@ def inactivity_fee(card_file, reader_spec, wait_s, at, config_file, as_json) -> 
 
 # ---- plumbing -------------------------------------------------------------------------------
 
-def _specs(card_files, reader_spec: str | None, *, many: bool) -> list[str]:
+def _specs(card_files, reader_spec: str | None, leave_after: int | None = None,
+           torn_write: int | None = None, *, many: bool) -> list[str]:
     if reader_spec is not None and card_files:
         raise click.UsageError("give CARD files or --reader, not both")
     if reader_spec is not None:
+        if leave_after is not None or torn_write is not None:
+            raise InputError("--leave-after and --torn-write need a CARD file")
         return [reader_spec]
     if not card_files:
         raise click.UsageError("give a CARD file or --reader SPEC")
     if many:
         try:
-            check_request_size(len(card_files))
+            check_card_files(card_files)
         except ServiceRefused as error:
             raise InputError(str(error)) from None
-        if len({Path(p).absolute() for p in card_files}) != len(card_files):
-            raise InputError("the same card file is named twice")
     return [f"sim:{path}" for path in card_files]
-
-
-def _label(spec: str) -> str:
-    return spec.removeprefix("sim:")
-
-
-def _present(reader: Reader, spec: str, wait_s: float) -> LiteSSession:
-    """A session with the card found on ``reader`` (a card file is always there)."""
-    session = LiteSSession(reader)
-    found = reader.wait_for_card(SYSTEM_CODE_LITE_S, wait_s)
-    if found is None:
-        raise InputError(f"{_label(spec)}: no card answered within {wait_s:g} s")
-    session.activate(found)
-    return session
-
-
-def _look(spec: str, keys, wait_s: float = DEFAULT_WAIT_S):
-    """Read and verify the whole card (nothing written)."""
-    reader = open_reader(spec, writable=False)
-    try:
-        return read_card(_present(reader, spec, wait_s), keys)
-    except FelicaError as error:
-        raise InputError(f"{_label(spec)}: the card does not work with this terminal "
-                         f"({error})") from None
-    except InvalidCard as error:
-        raise InputError(f"{_label(spec)}: invalid card: {error}") from None
-    finally:
-        reader.close()
-
-
-def _change(term, spec: str, faults, wait_s: float, at, kind: str, decide) -> TapResult:
-    """One service change through the terminal's transaction; refusals are bad input."""
-    reader = open_reader(spec, faults=faults if spec.startswith("sim:") else None)
-    if faults is not None and not spec.startswith("sim:"):
-        reader.close()
-        raise InputError("--leave-after and --torn-write need a CARD file")
-    try:
-        try:
-            session = _present(reader, spec, wait_s)
-            result = term.service(session, at, kind, decide)
-        except TapInterrupted as error:  # the journal holds the write in doubt: exit 1
-            raise click.ClickException(str(error)) from None
-        except RequestRefused as error:
-            raise InputError(f"{_label(spec)}: {error}; nothing was done") from None
-        except FelicaError as error:  # before anything was written
-            if faults is not None:
-                raise click.ClickException(f"the card left the field ({error}); nothing was "
-                                           "written; present the card again") from None
-            raise InputError(f"{_label(spec)}: the card does not work with this terminal "
-                             f"({error})") from None
-    finally:
-        reader.close()
-    if not result.approved:
-        reason = result.reason.value if result.reason else "declined"
-        if result.records:  # the action list's status, written to the card as a payment would
-            raise InputError(f"{_label(spec)}: card refused: the action list orders it {reason}; "
-                             "that status was written to the card, nothing else was done")
-        hint = " (an older copy of the card)" if result.reason is Reason.ROLLBACK else ""
-        raise InputError(f"{_label(spec)}: card refused: {reason}{hint}; nothing was done")
-    return result
 
 
 def _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
          torn_write, as_json, kind, decide, shape, head) -> None:
-    spec = _specs((card_file,) if card_file else (), reader_spec, many=False)[0]
+    spec = _specs((card_file,) if card_file else (), reader_spec, leave_after, torn_write,
+                  many=False)[0]
     at = at or now_utc()
     config = settings(config_file, state_dir=state_dir, action_list=hotlist)
-    with terminal(config) as term:
-        result = _change(term, spec, _faults(leave_after, torn_write), wait_s, at, kind, decide)
+    cards = card_readers(faults=_faults(leave_after, torn_write), wait_s=wait_s, again="present")
+    with card_errors(), setup_errors(), terminal(config) as term:
+        result = change_card(term, cards, spec, at, kind, decide)
         obj = {"card": format_number(result.card_number), **shape(result),
                "balance_before": fmt(result.balance_before_cents),
                "balance_after": fmt(result.balance_after_cents), **_common(result)}

@@ -7,23 +7,22 @@ from pathlib import Path
 import click
 
 from farebox.cardimage.money import format_cents as fmt
-from farebox.protocol.errors import FelicaError
-from farebox.protocol.session import LiteSSession
 from farebox.protocol.sim.card import Faults
 from farebox.terminal.core.clock import now_utc
 from farebox.terminal.core.rules import DEFAULT_MINIMUM_ADD_VALUE_CENTS, Tariff
-from farebox.terminal.card.tap import RequestRefused, TapInterrupted
+from farebox.terminal.runtime import card_readers
 
 from farebox.tools import output
 from farebox.tools.common import (
-    InputError, config_option, json_option, open_reader, settings, state_notice, state_option,
-    terminal,
+    config_option, json_option, settings, setup_errors, state_notice, state_option, terminal,
 )
 from farebox.tools.params import AMOUNT, FARES, POSITIVE_AMOUNT, TIME
+from farebox.tools.tapping import card_errors
 
 card_argument = click.argument("card_file", metavar="CARD",
                                type=click.Path(dir_okay=False, path_type=Path))
-at_option = click.option("--at", type=TIME, help="time of the tap, ISO 8601 with offset [default: now]")
+at_option = click.option("--at", type=TIME,
+                         help="time of the tap, ISO 8601 with offset [default: now]")
 hotlist_option = click.option("--hotlist", type=click.Path(dir_okay=False, path_type=Path),
                               help="action list JSON (lost, aavs_suspended, cancelled cards)")
 leave_after_option = click.option(
@@ -60,16 +59,12 @@ def tap(card_file, fare, fares, at, state_dir, config_file, hotlist, leave_after
                       tariff=fares if fares is not None else fare and Tariff.flat(fare))
     if config.tariff is None:
         raise click.UsageError("give exactly one of --fare and --fares (or [fares] in --config)")
-    faults = _faults(leave_after, torn_write)
-    reader = open_reader(f"sim:{card_file}", faults=faults)
-    try:
-        with terminal(config) as term:
-            result = _run(card_file, faults, lambda: term.pay(
-                LiteSSession(reader), config.tariff, at or now_utc()))
-            output.emit(output.tap_json(result, with_fare_class=True), as_json,
-                        output.tap_human(result, "fare"))
-    finally:
-        reader.close()
+    cards = card_readers(faults=_faults(leave_after, torn_write))
+    with card_errors(), setup_errors(), cards.session(f"sim:{card_file}") as session, \
+            terminal(config) as term:
+        result = term.pay(session, config.tariff, at or now_utc())
+        output.emit(output.tap_json(result, with_fare_class=True), as_json,
+                    output.tap_human(result, "fare"))
     state_notice(config)
 
 
@@ -77,7 +72,8 @@ def tap(card_file, fare, fares, at, state_dir, config_file, hotlist, leave_after
 @card_argument
 @click.option("--amount", type=POSITIVE_AMOUNT, required=True, help="cash to add")
 @click.option("--minimum", type=AMOUNT, default=None,
-              help=f"this terminal's smallest add value [default: {fmt(DEFAULT_MINIMUM_ADD_VALUE_CENTS)}]")
+              help="this terminal's smallest add value "
+                   f"[default: {fmt(DEFAULT_MINIMUM_ADD_VALUE_CENTS)}]")
 @at_option
 @state_option
 @config_option
@@ -90,28 +86,11 @@ def add_value(card_file, amount, minimum, at, state_dir, config_file, hotlist, l
     """Add cash value to the card in CARD."""
     config = settings(config_file, state_dir=state_dir, action_list=hotlist,
                       minimum_add_value_cents=minimum)
-    faults = _faults(leave_after, torn_write)
-    reader = open_reader(f"sim:{card_file}", faults=faults)
-    try:
-        with terminal(config) as term:
-            result = _run(card_file, faults, lambda: term.add_value(
-                LiteSSession(reader), amount, at or now_utc()))
-            output.emit(output.tap_json(result, with_fare_class=False), as_json,
-                        output.tap_human(result, "add value"))
-    finally:
-        reader.close()
+    cards = card_readers(faults=_faults(leave_after, torn_write))
+    with card_errors(), setup_errors(), cards.session(f"sim:{card_file}") as session, \
+            terminal(config) as term:
+        result = term.add_value(session, amount, at or now_utc())
+        output.emit(output.tap_json(result, with_fare_class=False), as_json,
+                    output.tap_human(result, "add value"))
     state_notice(config)
 
-
-def _run(card_file: Path, faults: Faults | None, transaction):
-    try:
-        return transaction()
-    except TapInterrupted as error:  # the journal holds the write in doubt: exit 1
-        raise click.ClickException(str(error)) from None
-    except RequestRefused as error:
-        raise InputError(str(error)) from None
-    except FelicaError as error:  # before anything was written
-        if faults is not None:  # the pull-away asked for
-            raise click.ClickException(f"the card left the field ({error}); nothing was "
-                                       "written; tap the card again") from None
-        raise InputError(f"{card_file}: the card does not work with this terminal ({error})") from None

@@ -1,5 +1,7 @@
-"""The service terminal's shell for issuing cards: check every card of a request, then for each
-one journal the money collected (deposit, initial value, fee), write the card, and commit.
+"""The service desk's shell: a request's checks, then its cards changed one by one.
+
+Issuing: check every card of a request, then for each one journal the money collected
+(deposit, initial value, fee), write the card, and commit.
 
 The journal's intent comes before the card file exists: a card written but never committed
 (the process died in between) is an ``intent`` this terminal resolves when it next sees the card
@@ -7,13 +9,19 @@ The journal's intent comes before the card file exists: a card written but never
 not be written voids its intent, so nothing is settled for it. An intent whose card file never
 came to be (the process died before writing it) stays in doubt (`journal list` shows it) and
 its records are never settled.
+
+The other changes (return, reactivate, AAVS, student status, limit upgrade) go through the
+terminal's transaction (:meth:`Terminal.service`): :func:`change_card`. A return of several
+cards is all or nothing as far as checks go: every card file is checked before the first card
+is changed (:func:`return_cards`).
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 from farebox.cardimage.errors import InvalidCard
@@ -21,7 +29,7 @@ from farebox.cardimage.image import decode_image
 from farebox.cardimage.layout import (
     IDENTITY_BLOCKS, JOURNEY_BLOCKS, LOG_BLOCKS, PURSE_SLOT_BLOCKS, USER_BLOCKS, log_block_for,
 )
-from farebox.cardimage.model import Identity
+from farebox.cardimage.model import CardImage, Identity
 from farebox.protocol.errors import FelicaError
 from farebox.protocol.session import LiteSSession
 from farebox.protocol.sim.card import SimulatedLiteS
@@ -30,12 +38,19 @@ from farebox.protocol.sim.cardfile import save_card
 from farebox.terminal import failpoints
 from farebox.terminal.core.clock import hk_date, require_aware
 from farebox.terminal.card.issue import IssueError, IssueRequest, issue, new_idm
-from farebox.terminal.errors import Interrupted
+from farebox.terminal.errors import Interrupted, TerminalError
 from farebox.terminal.store.journal import Journal
 from farebox.terminal.card.keys import SoftwareKeyStore
-from farebox.terminal.core.rules import Record, RecordType
-from farebox.terminal.core.service import IssueCharges, ServiceRefused, check_request_size, issue_charges
-from farebox.terminal.core.writecycle import WriteState
+from farebox.terminal.card.present import CardReaders, is_card_file, label
+from farebox.terminal.card.tap import RequestRefused, TapResult, Terminal
+from farebox.terminal.core.rules import Decision, Reason, Record, RecordType, ordered_status
+from farebox.terminal.core.service import (
+    InactivityFees, IssueCharges, ServiceRefused, check_issued_by, check_request_size,
+    decide_return, inactivity_fees, issue_charges, refund_breakdown,
+)
+from farebox.terminal.core.writecycle import (
+    IssueStep, WriteState, has_in_doubt, issue_on_card_step,
+)
 
 ISSUE = "issue"
 
@@ -76,10 +91,7 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
     category, concession and AAVS, issued on the Hong Kong date of ``at``. Raises
     ServiceRefused before anything is written if any card cannot be issued."""
     require_aware(at)
-    check_request_size(len(paths))
-    resolved = [Path(p).absolute() for p in paths]
-    if len(set(resolved)) != len(resolved):
-        raise ServiceRefused("the same card file is named twice")
+    check_card_files(paths)
     if request.number is not None and len(paths) > 1:
         raise ServiceRefused("a card number can only be given for a single card")
     high_water = journal.time_high_water()
@@ -143,21 +155,22 @@ def issue_on_card(journal: Journal, keys: SoftwareKeyStore, session: LiteSSessio
     earlier = journal.open_writes_for_idm(idm, ISSUE)
     slot = b"".join(current[b] for b in PURSE_SLOT_BLOCKS[0])
     card = _decoded(current, idm, keys)
-    if card is not None:
-        for write in earlier:
-            if slot == write.expected_slot:  # that issue landed: complete it, collect nothing
-                done = journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True)
-                charges = issue_charges(card.identity.kind, card.identity.category)
-                return IssuedCard(None, card.identity, charges, card.purse.aavs_reload_cents,
-                                  done.tap_id, completed_from=done.tap_id)
+    plan = issue_on_card_step(earlier, card is not None, slot,
+                              all(data == bytes(len(data)) for data in current.values()))
+    if plan.step is IssueStep.COMPLETE:  # that issue landed: complete it, collect nothing
+        done = journal.resolve_write(plan.writes[0], WriteState.COMMITTED, at,
+                                     log_confirmed=True)
+        charges = issue_charges(card.identity.kind, card.identity.category)
+        return IssuedCard(None, card.identity, charges, card.purse.aavs_reload_cents,
+                          done.tap_id, completed_from=done.tap_id)
+    if plan.step is IssueStep.ALREADY_ISSUED:
         raise ServiceRefused(f"the card is already issued (card "
                              f"{card.identity.card_number:08d}): only a blank card is issued")
-    if earlier:  # none of them landed: the card holds only what they left half-written
-        for write in earlier:
-            journal.resolve_write(write, WriteState.VOID, at)
-    elif any(data != bytes(len(data)) for data in current.values()):
+    if plan.step is IssueStep.NOT_BLANK:
         raise ServiceRefused("the card is not blank (it holds data this terminal did not write): "
                              "only a blank FeliCa Lite-S card is issued")
+    for write in plan.writes:  # REDO: none of them landed; the card holds what they left
+        journal.resolve_write(write, WriteState.VOID, at)
     request = replace(request, issued=hk_date(at), balance_cents=None, last_add_value=None)
     if request.number is None:
         request = replace(request, number=secrets.randbelow(10**8))
@@ -204,3 +217,124 @@ def _decoded(blocks: dict[int, bytes], idm: bytes, keys: SoftwareKeyStore):
         return decode_image(blocks, idm, lambda version: keys.card_key(version, idm))
     except (InvalidCard, KeyError):
         return None
+
+
+# ---- a request's checks ---------------------------------------------------------------------
+
+def check_card_files(paths: Sequence[str | Path]) -> None:
+    """A request names one to five cards, each once (ServiceRefused otherwise)."""
+    check_request_size(len(paths))
+    if len({Path(p).absolute() for p in paths}) != len(paths):
+        raise ServiceRefused("the same card file is named twice")
+
+
+class CardDeclined(RequestRefused):
+    """The card was declined (an older copy, an invalid card...): nothing was done, or only the
+    status the action list orders was written to it, as a payment terminal would."""
+
+
+class PartlyReturned(TerminalError):
+    """A return stopped at one of its cards after the ones before it were returned: those are
+    in ``results`` (their refunds are due); ``cause`` is why it stopped."""
+
+    def __init__(self, results: list[TapResult], number: int, total: int,
+                 cause: Exception) -> None:
+        super().__init__(f"card {number} of {total}: {cause} (the {len(results)} card(s) "
+                         "before it were returned)")
+        self.results = results
+        self.cause = cause
+
+
+# ---- the changes ----------------------------------------------------------------------------
+
+def change_card(terminal: Terminal, cards: CardReaders, spec: str, at: datetime, kind: str,
+                decide: Callable[[CardImage, date], Decision], *,
+                inject_faults: bool = True) -> TapResult:
+    """One service change to the card ``spec`` names, through the terminal's transaction. A
+    refusal names the card (RequestRefused); a card declined is CardDeclined; a write cut off
+    is TapInterrupted; the card errors are those of :meth:`CardReaders.session`."""
+    with cards.session(spec, inject_faults=inject_faults) as session:
+        try:
+            result = terminal.service(session, at, kind, decide)
+        except RequestRefused as error:
+            raise RequestRefused(f"{label(spec)}: {error}; nothing was done") from None
+    if not result.approved:
+        reason = result.reason.value if result.reason else "declined"
+        if result.records:  # the action list's status, written to the card as a payment would
+            raise CardDeclined(f"{label(spec)}: card refused: the action list orders it "
+                               f"{reason}; that status was written to the card, nothing else "
+                               "was done")
+        hint = " (an older copy of the card)" if result.reason is Reason.ROLLBACK else ""
+        raise CardDeclined(f"{label(spec)}: card refused: {reason}{hint}; nothing was done")
+    return result
+
+
+RETURN = "return"
+
+
+def return_cards(terminal: Terminal, cards: CardReaders, specs: Sequence[str], at: datetime, *,
+                 damaged: bool = False) -> list[TapResult]:
+    """Return On-Loan cards (at most five): each refunded and cancelled. Every card file is
+    checked first (:func:`check_return`), so a refusal changes no card; a card held to a reader
+    is checked by its change (it is presented once). A card that fails after others were
+    returned raises PartlyReturned with those (their refunds are due)."""
+    check_request_size(len(specs))
+
+    def decide(card: CardImage, day: date) -> Decision:
+        return decide_return(card.identity, card.purse, day, damaged=damaged)[0]
+
+    check_return(terminal, cards, specs, at, decide, damaged=damaged)
+    results: list[TapResult] = []
+    for number, spec in enumerate(specs, 1):
+        try:
+            result = change_card(terminal, cards, spec, at, RETURN, decide)
+        except Exception as error:
+            if not results:
+                raise
+            raise PartlyReturned(results, number, len(specs), error) from error
+        results.append(result)
+        terminal.idle()
+    return results
+
+
+def check_return(terminal: Terminal, cards: CardReaders, specs: Sequence[str], at: datetime,
+                 decide: Callable[[CardImage, date], Decision], *, damaged: bool) -> None:
+    """The return's all-or-nothing checks, on every card file before any card is changed: the
+    clock, the refund's own checks (issue date, kind, status). A card with a return in doubt is
+    left to its change (which completes or voids it); a card the action list orders blocked,
+    suspended or cancelled is marked as a payment terminal would, and the request stops
+    (CardDeclined)."""
+    today = hk_date(at)
+    for spec in filter(is_card_file, specs):
+        image = cards.look(spec, terminal.keys)
+        if has_in_doubt(terminal.journal.unresolved_writes(image.identity.card_number), RETURN):
+            continue  # an interrupted return: its change completes or voids it
+        if not terminal.clock_trusted(image, at):
+            raise RequestRefused(f"{label(spec)}: {at.isoformat()} is behind this card's last "
+                                 "use or this terminal's latest transaction: check the clock; "
+                                 "nothing was done")
+        try:
+            refund_breakdown(image.identity, image.purse, today, damaged=damaged)
+        except ServiceRefused as error:
+            raise RequestRefused(f"{label(spec)}: {error}; nothing was done") from None
+        if ordered_status(terminal.action_list, image.identity.card_number, at) \
+                > image.purse.status:  # marks the card (as a payment would) and stops
+            change_card(terminal, cards, spec, at, RETURN, decide, inject_faults=False)
+            raise AssertionError("the action list's decline was not made")
+
+
+def issue_on_reader(terminal: Terminal, cards: CardReaders, spec: str, request: IssueRequest,
+                    at: datetime) -> IssuedCard:
+    """Issue the blank card held to the reader ``spec`` (:func:`issue_on_card`; a cut-off issue
+    is IssueInterrupted: present the card again and the same request completes it)."""
+    with cards.session(spec) as session:
+        return issue_on_card(terminal.journal, terminal.keys, session, request, at)
+
+
+def inactivity_fee(cards: CardReaders, spec: str, keys: SoftwareKeyStore,
+                   at: datetime) -> tuple[CardImage, InactivityFees]:
+    """The card ``spec`` names and the inactivity fees it owes at ``at`` (read only)."""
+    image = cards.look(spec, keys)
+    today = hk_date(at)
+    check_issued_by(image.identity, today)
+    return image, inactivity_fees(image.identity, image.purse, today)

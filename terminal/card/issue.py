@@ -82,7 +82,8 @@ def new_idm() -> bytes:
     return IDM_PREFIX + secrets.token_bytes(6)
 
 
-def issue(request: IssueRequest, keys: SoftwareKeyStore, idm: bytes) -> tuple[Identity, Purse, list[bytes]]:
+def issue(request: IssueRequest, keys: SoftwareKeyStore,
+          idm: bytes) -> tuple[Identity, Purse, list[bytes]]:
     """Check the request against the rules and build the card's blocks."""
     number = request.number if request.number is not None else secrets.randbelow(10**8)
     for label, value in (("issue date", request.issued),

@@ -41,7 +41,8 @@ class SoftwareKeyStore:
         return version == TEST_KEY_VERSION
 
     def __repr__(self) -> str:
-        return f"SoftwareKeyStore(versions={sorted(self.master_keys)}, issue_version={self.issue_version})"
+        return (f"SoftwareKeyStore(versions={sorted(self.master_keys)}, "
+                f"issue_version={self.issue_version})")
 
 
 class KeyFileError(BadInput, ValueError):

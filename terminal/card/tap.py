@@ -31,8 +31,10 @@ from farebox.terminal.core.rules import (
     DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, Reason, Record, RecordType,
     Tariff, balance_in_range, decide_add_value, decide_payment, list_ordered_change,
 )
-from farebox.terminal.core.service import ServiceRefused
-from farebox.terminal.core.writecycle import WriteState
+from farebox.terminal.core.service import ServiceRefused, check_issued_by
+from farebox.terminal.core.writecycle import (
+    WriteState, log_repair, resolve_open_writes, retap_completes,
+)
 
 DEFAULT_RETAP_WINDOW_S = 60.0
 PAYMENT, ADD_VALUE = "payment", "add_value"
@@ -40,7 +42,8 @@ PAYMENT, ADD_VALUE = "payment", "add_value"
 
 class TapInterrupted(Interrupted):
     """The card went away (or answered wrongly) after the journal intent was made: the write is
-    in doubt and will be resolved when the card is seen again. Ask for the card to be tapped again."""
+    in doubt and will be resolved when the card is seen again. Ask for the card to be tapped
+    again."""
 
     def __init__(self, tap_id: str, cause: Exception) -> None:
         super().__init__(f"card write interrupted ({cause}); tap the card again")
@@ -79,7 +82,8 @@ class TapResult:
             "balance_after_cents": self.balance_after_cents,
             "fare_class": self.fare_class and self.fare_class.value,
             "aavs_reload_cents": self.aavs_reload_cents,
-            "records": [[r.type.value, r.amount_cents, r.balance_after_cents] for r in self.records],
+            "records": [[r.type.value, r.amount_cents, r.balance_after_cents]
+                        for r in self.records],
             "counter": self.counter, "clock_trusted": self.clock_trusted,
         }
 
@@ -88,7 +92,8 @@ class TapResult:
         return cls(
             outcome["approved"], outcome["reason"] and Reason(outcome["reason"]),
             extra.pop("card_number"), outcome["amount_cents"], outcome["balance_before_cents"],
-            outcome["balance_after_cents"], outcome["fare_class"] and FareClass(outcome["fare_class"]),
+            outcome["balance_after_cents"],
+            outcome["fare_class"] and FareClass(outcome["fare_class"]),
             outcome["aavs_reload_cents"],
             tuple(Record(RecordType(t), a, b) for t, a, b in outcome["records"]),
             outcome["counter"], clock_trusted=outcome["clock_trusted"], **extra)
@@ -179,17 +184,19 @@ class Terminal:
         if counter >= COUNTER_MAX or not balance_in_range(card.identity, card.purse):
             return TapResult(False, Reason.INVALID_CARD, number, request.amount_cents, None, None,
                              counter=counter, commands=session.commands, idm=idm)
-        if request.kind != PAYMENT and hk_date(at) < card.identity.issued:
+        if request.kind != PAYMENT:
             what = "an add value" if request.kind == ADD_VALUE else request.kind.replace("_", " ")
-            raise RequestRefused(f"{what} at {at.isoformat()} is before the card was issued "
-                                 f"({card.identity.issued.isoformat()})")
+            try:
+                check_issued_by(card.identity, hk_date(at), what=what, when=at)
+            except ServiceRefused as error:
+                raise RequestRefused(str(error)) from None
         slot_bytes = _slot_bytes(card, raw)
         trusted, rules_at = self._trusted_time(card, at)
 
         memory = self.journal.card_memory(number)
         known = 0 if memory is None else memory.counter
         open_writes = self.journal.open_writes(number, known, counter)
-        repair = next((w for w in open_writes if w.state is WriteState.COMMITTED), None)
+        repair = log_repair(open_writes)
         resolved = self._resolve(card, slot_bytes, at, open_writes)
         if resolved:
             completed = self._complete(session, card, resolved, request, at)
@@ -283,48 +290,28 @@ class Terminal:
 
     def _resolve(self, card: CardImage, slot_bytes: dict[int, bytes], at: datetime,
                  open_writes: list[CardWrite]) -> list[tuple[CardWrite, CardWrite]]:
-        """Resolve writes left in doubt for this card (and voids that turn up), by what it shows:
-        pairs of (the write as it was, as it is now). Newest first: a retry can write the very
-        bytes an earlier voided attempt would have, and only one write can have produced a
-        counter."""
-        committed_up_to = 0
-        changed = []
-        for write in open_writes:
-            if write.state is WriteState.COMMITTED:
-                continue  # only there for its unconfirmed log block
-            if write.counter_after <= committed_up_to:
-                continue
-            state = _resolution(write, card.purse.counter, slot_bytes)
-            if state is WriteState.COMMITTED:
-                committed_up_to = write.counter_after
-            if state is not None and state is not write.state:
-                changed.append((write, self.journal.resolve_write(
-                    write, state, at, sync=False, observed=state is WriteState.COMMITTED)))
-        return changed
+        """Resolve writes left in doubt for this card (and voids that turn up) as the life cycle
+        decides from what the card shows: pairs of (the write as it was, as it is now)."""
+        return [(write, self.journal.resolve_write(
+                    write, state, at, sync=False, observed=state is WriteState.COMMITTED))
+                for write, state in resolve_open_writes(open_writes, card.purse.counter,
+                                                        slot_bytes)]
 
     def _complete(self, session: LiteSSession, card: CardImage,
                   resolved: list[tuple[CardWrite, CardWrite]], request: _Request,
                   at: datetime) -> TapResult | None:
         """A re-tap of a card whose last tap here was cut off after its write landed, within the
         re-tap window and for the same kind of request: report that tap, charge nothing more."""
-        for before, now in resolved:
-            if before.state is not WriteState.INTENT:
-                continue
-            # only the newest in-doubt write can be the one the customer is re-tapping for
-            if (now.state is WriteState.COMMITTED and now.kind == request.kind
-                    and now.counter_after == card.purse.counter and now.outcome is not None
-                    and at - now.created <= self.retap_window):
-                repair = self.journal.unconfirmed_log(card.identity.card_number,
-                                                      card.purse.counter)
-                if repair is not None and self._try_write(session,
-                                                          (repair.log_block, repair.log_data)):
-                    self.journal.confirm_log(repair)
-                return TapResult.from_outcome(
-                    now.outcome, card_number=card.identity.card_number,
-                    commands=session.commands, tap_id=now.tap_id, completed_from=now.tap_id,
-                    idm=card.idm)
+        now = retap_completes(((before.state, now) for before, now in resolved), request.kind,
+                              card.purse.counter, at, self.retap_window)
+        if now is None:
             return None
-        return None
+        repair = self.journal.unconfirmed_log(card.identity.card_number, card.purse.counter)
+        if repair is not None and self._try_write(session, (repair.log_block, repair.log_data)):
+            self.journal.confirm_log(repair)
+        return TapResult.from_outcome(
+            now.outcome, card_number=card.identity.card_number, commands=session.commands,
+            tap_id=now.tap_id, completed_from=now.tap_id, idm=card.idm)
 
     def _result(self, decision: Decision, card: CardImage, counter: int, session: LiteSSession,
                 tap_id: str | None = None, *, trusted: bool) -> TapResult:
@@ -355,19 +342,3 @@ def _slot_bytes(card: CardImage, raw: dict[int, bytes]) -> dict[int, bytes]:
         slots[card.previous.counter] = 1 - card.purse_slot
     return {counter: b"".join(raw[b] for b in PURSE_SLOT_BLOCKS[slot])
             for counter, slot in slots.items()}
-
-
-def _resolution(write: CardWrite, current_counter: int,
-                slot_bytes: dict[int, bytes]) -> WriteState | None:
-    """What the card shows about a write: ``committed`` (its bytes are there), ``void`` (the card
-    still shows the counter it started from), ``unresolved`` (the card moved on and the slot is
-    gone), or None (nothing to conclude: an older copy cannot resolve it, nor undo a void)."""
-    if write.counter_after in slot_bytes:
-        if slot_bytes[write.counter_after] == write.expected_slot:
-            return WriteState.COMMITTED
-        return WriteState.VOID if write.state is WriteState.INTENT else None
-    if write.state is WriteState.VOID or current_counter < write.counter_before:
-        return None
-    if current_counter == write.counter_before:
-        return WriteState.VOID  # the write never landed (torn, or the card left before it)
-    return WriteState.UNRESOLVED

@@ -31,7 +31,7 @@ Readings where the seeds leave a point open (RULES.md says which are the project
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import date
+from datetime import date, datetime
 
 from farebox.cardimage.model import (
     AAVS_RELOAD_CENTS, Category, Concession, Identity, Kind, LogEntry, LogType, Purse, ServiceOp,
@@ -110,9 +110,16 @@ def check_request_size(count: int) -> None:
 
 # ---- shared checks --------------------------------------------------------------------------
 
-def _not_before_issue(identity: Identity, today: date) -> None:
-    if today < identity.issued:
-        raise ServiceRefused(f"{today.isoformat()} is before the card was issued "
+def check_issued_by(identity: Identity, day: date, *, what: str | None = None,
+                    when: datetime | None = None) -> None:
+    """The one issue-date check: a request dated (Hong Kong ``day``) before the card was issued
+    is refused (ServiceRefused). ``what`` and ``when`` (the request's time) word the refusal
+    for a request other than a service change (an add value)."""
+    if day < identity.issued:
+        subject = day.isoformat() if when is None else when.isoformat()
+        if what is not None:
+            subject = f"{what} at {subject}"
+        raise ServiceRefused(f"{subject} is before the card was issued "
                              f"({identity.issued.isoformat()})")
 
 
@@ -183,7 +190,7 @@ def refund_breakdown(identity: Identity, purse: Purse, returned: date, *,
     if identity.kind is Kind.MOBILE:
         raise ServiceRefused("a Mobile card is refunded through the app or website (002 §17), "
                              "not at a terminal")
-    _not_before_issue(identity, returned)
+    check_issued_by(identity, returned)
     if purse.status is Status.CANCELLED:
         raise ServiceRefused("the card is cancelled (already returned?): nothing to refund")
     if purse.status is Status.BLOCKED:
@@ -320,7 +327,7 @@ def decide_reactivate(identity: Identity, purse: Purse,
                       today: date) -> tuple[Decision, Reactivation]:
     """An inactive card: free, less the inactivity fees due (never below zero; the rest waived).
     An AAVS-suspended card (its outstanding amount paid at the counter): HK$20 to the bank."""
-    _not_before_issue(identity, today)
+    check_issued_by(identity, today)
     _usable(purse, "be reactivated", suspended_ok=True)
     inactive = is_inactive(purse, today)
     suspended = purse.status is Status.SUSPENDED
@@ -360,7 +367,7 @@ class AavsChange:
 def decide_aavs(identity: Identity, purse: Purse, today: date,
                 amount_cents: int | None) -> tuple[Decision, AavsChange]:
     """Enable or change AAVS (``amount_cents`` from the allowed set) or cancel it (None)."""
-    _not_before_issue(identity, today)
+    check_issued_by(identity, today)
     _usable(purse, "change its AAVS")
     if is_inactive(purse, today):
         raise ServiceRefused("the card is inactive: reactivate it first")
@@ -392,7 +399,7 @@ def decide_aavs(identity: Identity, purse: Purse, today: date,
 def decide_renew_student(identity: Identity, purse: Purse, today: date,
                          expiry: date) -> Decision:
     """A Personalised card's Student status, valid to ``expiry`` (inclusive, RULES §4)."""
-    _not_before_issue(identity, today)
+    check_issued_by(identity, today)
     _usable(purse, "renew its student status", suspended_ok=True)
     if identity.category is not Category.PERSONALISED or purse.concession is not Concession.STUDENT:
         raise ServiceRefused("only a Personalised card with Student status can renew it")
@@ -407,7 +414,7 @@ def decide_renew_student(identity: Identity, purse: Purse, today: date,
 
 def decide_upgrade_limit(identity: Identity, purse: Purse, today: date) -> Decision:
     """A card issued before 2019-12-01 (Mobile: 2019-10-01) moves to the HK$3,000 limit."""
-    _not_before_issue(identity, today)
+    check_issued_by(identity, today)
     _usable(purse, "have its limit upgraded", suspended_ok=True)
     if stored_value_limit_cents(identity, purse) >= STORED_VALUE_LIMIT_NEW_CENTS:
         raise ServiceRefused("the card already has the HK$3,000.00 stored value limit")

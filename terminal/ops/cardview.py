@@ -1,27 +1,17 @@
-"""Reading a whole card to look at it (``card show``, the operator tools): no rules, no writes."""
+"""Looking at a whole card (``card show``, the operator tools): its history and limits; no rules,
+no writes. Reading it is ``read_card`` (terminal/card/present.py, re-exported here)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
 
-from farebox.cardimage.image import decode_image
-from farebox.cardimage.layout import FULL_READ_BLOCKS
 from farebox.cardimage.model import CardImage, LogEntry, LogType
-from farebox.protocol.session import LiteSSession
 
-from farebox.terminal.card.keys import SoftwareKeyStore
-from farebox.terminal.core.rules import FareClass, fare_class, negative_limit_cents, stored_value_limit_cents
-
-
-def read_card(session: LiteSSession, keys: SoftwareKeyStore) -> CardImage:
-    """Poll (unless the session already has the card), read every data block, verify, decode.
-    Raises FelicaError (the card does not answer as a Lite-S should) or InvalidCard."""
-    if session.idm is None:
-        session.poll()
-    idm = session.idm
-    raw = dict(zip(FULL_READ_BLOCKS, session.read_blocks(FULL_READ_BLOCKS)))
-    return decode_image(raw, idm, lambda version: keys.card_key(version, idm))
+from farebox.terminal.card.present import read_card  # noqa: F401  (re-exported)
+from farebox.terminal.core.rules import (
+    FareClass, fare_class, negative_limit_cents, stored_value_limit_cents,
+)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,8 @@ from farebox.cardimage.layout import (
 )
 from farebox.cardimage.mac import verify_area_mac
 from farebox.cardimage.model import CardImage, Purse
-from farebox.protocol.frames import SYSTEM_CODE_LITE_S
-from farebox.protocol.reader import Reader
 from farebox.protocol.session import LiteSSession
 
-from farebox.terminal.errors import BadInput
 from farebox.terminal.store.journal import Journal, JournalRecord
 from farebox.terminal.card.keys import SoftwareKeyStore
 
@@ -36,19 +33,10 @@ BLOCK_AREAS = {
 }
 
 
-class NoCard(BadInput, RuntimeError):
-    """No card answered on the reader in time."""
-
-
-def read_card_blocks(reader: Reader, timeout_s: float) -> tuple[bytes, bytes, list[bytes]]:
-    """Wait for a Lite-S card on ``reader`` and read its 14 user blocks: ``(idm, pmm, blocks)``.
-    Raises NoCard, or FelicaError when the card does not answer as a Lite-S should."""
-    found = reader.wait_for_card(SYSTEM_CODE_LITE_S, timeout_s)
-    if found is None:
-        raise NoCard(f"no FeliCa Lite-S card answered on {reader.name} within {timeout_s:g} s")
-    session = LiteSSession(reader)
-    session.activate(found)
-    return found.idm, found.pmm, session.read_blocks(list(range(USER_BLOCKS)))
+def read_card_blocks(session: LiteSSession) -> list[bytes]:
+    """The 14 user blocks of the card ``session`` is on (terminal/card/present.py finds it).
+    Raises FelicaError when the card does not answer as a Lite-S should."""
+    return session.read_blocks(list(range(USER_BLOCKS)))
 
 
 @dataclass(frozen=True)
@@ -240,5 +228,5 @@ def find_record(records: list[JournalRecord], key: str) -> JournalRecord | None:
 
 
 __all__ = ["BLOCK_AREAS", "BatchMembership", "BlockDiff", "CardReport", "FieldDiff",
-           "NoCard", "batch_memberships", "block_diffs", "examine", "field_diffs", "find_record",
+           "batch_memberships", "block_diffs", "examine", "field_diffs", "find_record",
            "read_card_blocks", "upload_state"]

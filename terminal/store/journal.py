@@ -566,9 +566,10 @@ class Journal:
     def resolve_write(self, write: CardWrite, state: WriteState, at: datetime, *,
                       log_confirmed: bool = False, sync: bool = True,
                       observed: bool = False) -> CardWrite:
-        """Move a write through its life cycle (see ``writestate.py``): ``committed`` (its bytes
-        are on the card), ``void`` (it never landed) or ``unresolved`` (the card no longer shows
-        which; left for reconciliation). Returns the write in its new state.
+        """Move a write through its life cycle (``terminal/core/writecycle.py``, which also
+        decides the change): ``committed`` (its bytes are on the card), ``void`` (it never
+        landed) or ``unresolved`` (the card no longer shows which; left for reconciliation).
+        Returns the write in its new state.
 
         ``sync=False`` commits without waiting for the disk: the commit mark made while the card
         is in the field; :meth:`sync` (after the card has left) makes it durable. ``observed``:

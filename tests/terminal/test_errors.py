@@ -53,7 +53,11 @@ KINDS = {
     "link.upload.UploadFailed": (TerminalError, Exception),
     "ops.dumps.DumpError": (BadInput, ValueError),
     "ops.octopus.OctopusError": (BadInput, ValueError),
-    "ops.examine.NoCard": (BadInput, RuntimeError),
+    "card.present.NoCard": (BadInput, ValueError),
+    "card.present.CardUnusable": (BadInput, ValueError),
+    "card.present.CardLeft": (Interrupted, RuntimeError),
+    "card.desk.CardDeclined": (BadInput, ValueError),
+    "card.desk.PartlyReturned": (TerminalError, Exception),
 }
 
 

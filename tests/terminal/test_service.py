@@ -29,7 +29,8 @@ from farebox.terminal.store.journal import Journal
 from farebox.terminal.card.keys import published_test_keys
 from farebox.terminal.core.rules import RecordType, Tariff
 from farebox.terminal.core.service import (
-    ServiceRefused, add_months, add_years, check_request_size, decide_aavs, decide_reactivate,
+    ServiceRefused, add_months, add_years, check_issued_by, check_request_size, decide_aavs,
+    decide_reactivate,
     decide_renew_student, decide_return, decide_upgrade_limit, inactivity_fees, issue_charges,
     refund_breakdown, round_percent,
 )
@@ -183,6 +184,23 @@ def test_a_return_dated_before_the_issue_is_refused():
     with pytest.raises(ServiceRefused, match="before the card was issued"):
         refund_breakdown(identity, purse, date(2026, 1, 14))
     refund_breakdown(identity, purse, date(2026, 1, 15))  # the issue day itself is fine
+
+
+@pytest.mark.parametrize("day,what,when,message", [
+    (date(2026, 1, 14), None, None, "2026-01-14 is before the card was issued (2026-01-15)"),
+    (date(2026, 1, 14), "an add value", datetime(2026, 1, 14, 23, 0, tzinfo=HK),
+     "an add value at 2026-01-14T23:00:00+08:00 is before the card was issued (2026-01-15)"),
+    (date(2026, 1, 15), None, None, None),
+    (date(2026, 1, 15), "a return", datetime(2026, 1, 15, 0, 0, tzinfo=HK), None),
+])
+def test_the_one_issue_date_check(day, what, when, message):
+    identity, _ = card(issued=date(2026, 1, 15))
+    if message is None:
+        check_issued_by(identity, day, what=what, when=when)
+        return
+    with pytest.raises(ServiceRefused) as refused:
+        check_issued_by(identity, day, what=what, when=when)
+    assert str(refused.value) == message
 
 
 def test_a_return_cancels_the_card_empties_it_and_records_each_movement():
