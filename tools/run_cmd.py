@@ -14,10 +14,8 @@ from farebox.terminal.daemon.loop import Daemon, TapEvent
 from farebox.terminal.daemon.jsonlog import JsonFormatter
 from farebox.terminal.daemon.sdnotify import Notifier
 from farebox.terminal.daemon.supervise import Supervision
-from farebox.terminal.runtime import (
-    ActionListReloader, ReaderSpec, RuntimeSetupError, batch_closer, open_transport,
-    start_uploader,
-)
+from farebox.terminal.daemon.background import ActionListReloader, batch_closer, start_uploader
+from farebox.terminal.runtime import ReaderSpec, RuntimeSetupError, open_transport
 
 from farebox.tools import output
 from farebox.tools.common import InputError, config_option, json_option, settings, state_option, terminal
