@@ -32,6 +32,7 @@ from pathlib import Path
 
 from farebox.protocol.sim.card import SimulatedLiteS
 from farebox.protocol.sim.nfcpy_card import UdpCardServer
+from farebox.terminal.daemon.events import TapEvent
 from farebox.terminal.daemon.loop import Daemon
 from farebox.terminal.card.issue import IssueRequest, issue, new_idm
 from farebox.terminal.store.journal import Journal
@@ -76,7 +77,8 @@ def removal_to_ready(reader_factory, serve, n: int, folder: Path) -> dict[str, l
     taps = [0]
 
     def on_event(event) -> None:
-        taps[0] += 1
+        if isinstance(event, TapEvent):  # not the reader's up and down
+            taps[0] += 1
 
     def on_idle() -> None:
         if len(ready) < taps[0]:  # the first idle after a tap: the card has left, work done

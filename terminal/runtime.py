@@ -9,8 +9,7 @@ Reader specs: ``sim:CARD.json`` (a simulated card file in this process), ``udp:H
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,15 +30,12 @@ from farebox.terminal.store.identity import (
 )
 from farebox.terminal.store.journal import Journal, JournalError
 from farebox.terminal.card.keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
-from farebox.terminal.link.fetch import FETCHED_FILE, fetch, held_list
+from farebox.terminal.link.fetch import fetch, held_list
 from farebox.terminal.core.rules import ListEntry
 from farebox.terminal.link.signedlist import SignedList, SignedListError
-from farebox.terminal.store.settlement import BatchCloser, BatchPolicy, Settlement, SettlementError
+from farebox.terminal.store.settlement import BatchPolicy, Settlement, SettlementError
 from farebox.terminal.card.present import CardReaders
 from farebox.terminal.card.tap import Terminal
-from farebox.terminal.link.upload import BackgroundUploader
-
-LOG = logging.getLogger("farebox.terminal.runtime")
 
 JOURNAL_FILE = "journal.sqlite3"
 READER_KINDS = ("sim", "udp", "usb", "tty", "pcsc")
@@ -185,51 +181,9 @@ def open_settlement(config: TerminalConfig) -> Iterator[Settlement]:
         journal.close()
 
 
-def batch_closer(config: TerminalConfig, terminal: Terminal, clock: Callable[[], datetime],
-                 on_closed: Callable[[], None] = lambda: None) -> BatchCloser | None:
-    """The daemon's batch closer over ``terminal``'s journal, or None (said once on the log)
-    when the state has no terminal identity to sign batches with."""
-    try:
-        identity = load_identity(state_dir(config))
-        settlement = Settlement(terminal.journal, identity)
-    except (IdentityError, SettlementError) as error:
-        LOG.warning("batches are not closed: %s", error)
-        return None
-    return BatchCloser(settlement, batch_policy(config), clock, on_closed=on_closed)
-
-
 def batch_policy(config: TerminalConfig) -> BatchPolicy:
     return BatchPolicy(config.batch_max_records, config.batch_max_age_s,
                        timedelta(days=config.batch_retention_days))
-
-
-def start_uploader(config: TerminalConfig, clock: Callable[[], datetime], *,
-                   on_synced: Callable[[], None] = lambda: None,
-                   on_fetched: Callable[[], None] = lambda: None) -> BackgroundUploader | None:
-    """The daemon's background uploads to ``config.clearing_url`` (None when there is none, or
-    no identity to upload as: said once on the log). ``on_synced`` after a round that leaves
-    nothing unacknowledged, ``on_fetched`` after each action list fetched and verified (both on
-    the uploader's thread)."""
-    if config.clearing_url is None:
-        return None
-    try:
-        identity = load_identity(state_dir(config))
-    except IdentityError as error:
-        LOG.warning("batches are not uploaded: %s", error)
-        return None
-
-    def open_own() -> Settlement:  # on the uploader's thread: SQLite objects stay on theirs
-        return Settlement(open_journal(config), identity)
-
-    def fetch_list() -> None:
-        _, changed = fetch_action_list(config, None, clock())
-        on_fetched()
-        if changed:
-            LOG.info("fetched a new action list")
-
-    return BackgroundUploader(open_own, config.clearing_url, clock, config.upload_interval_s,
-                              also=fetch_list if config.clearing_public_key else None,
-                              on_synced=on_synced).start()
 
 
 def load_action_lists(config: TerminalConfig) -> tuple[ListEntry, ...]:
@@ -269,37 +223,6 @@ def fetch_action_list(config: TerminalConfig, url: str | None, now: datetime
         raise
 
 
-class ActionListReloader:
-    """The daemon's idle hook that puts a newly fetched action list into force: when the held
-    list's file changes, the terminal's entries are loaded again (a list that no longer
-    verifies is logged and the entries in force are kept)."""
-
-    def __init__(self, config: TerminalConfig, terminal: Terminal) -> None:
-        self.config = config
-        self.terminal = terminal
-        self._path = state_dir(config) / FETCHED_FILE
-        self._stamp = self._current_stamp()
-
-    def _current_stamp(self) -> tuple[int, int] | None:
-        try:
-            stat = self._path.stat()
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
-
-    def __call__(self) -> None:
-        stamp = self._current_stamp()
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp
-        try:
-            self.terminal.action_list = load_action_lists(self.config)
-        except RuntimeSetupError as error:
-            LOG.warning("%s; keeping the action list in force", error)
-            return
-        LOG.info("action list reloaded: %d entries", len(self.terminal.action_list))
-
-
 @contextmanager
 def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
     """A Terminal over the configured state directory's journal, keys and action list. On the
@@ -316,7 +239,7 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
         journal.close()
 
 
-__all__ = ["ActionListReloader", "ConfigError", "ReaderSpec", "RuntimeSetupError",
-           "TerminalConfig", "batch_closer", "card_readers", "default_state_dir",
-           "fetch_action_list", "init_terminal", "load_action_lists", "open_journal",
-           "open_settlement", "open_terminal", "open_transport", "start_uploader", "state_dir"]
+__all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "batch_policy",
+           "card_readers", "default_state_dir", "fetch_action_list", "init_terminal",
+           "load_action_lists", "open_journal", "open_settlement", "open_terminal", "open_transport",
+           "state_dir"]

@@ -13,7 +13,7 @@ from farebox.cardimage.model import CardImage
 from farebox.cardimage.money import format_cents as fmt
 from farebox.terminal.core.cardnumber import format_number
 from farebox.terminal.ops.cardview import history, limits
-from farebox.terminal.card.tap import TapResult
+from farebox.terminal.card.receipt import tap_fields, tap_summary
 
 
 def emit(obj: dict, as_json: bool, human: str) -> None:
@@ -47,46 +47,9 @@ def _day(value) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def tap_json(result: TapResult, *, with_fare_class: bool) -> dict:
-    obj = {
-        "outcome": "approved" if result.approved else "declined",
-        "reason": result.reason.value if result.reason else None,
-        "card": None if result.card_number is None else format_number(result.card_number),
-    }
-    if with_fare_class:
-        obj["fare_class"] = result.fare_class.value if result.fare_class else None
-    obj.update({
-        "amount": fmt(result.amount_cents),
-        "balance_before": _money(result.balance_before_cents),
-        "balance_after": _money(result.balance_after_cents),
-        "aavs_reload": _money(result.aavs_reload_cents),
-        "records": [{"type": r.type.value, "amount": fmt(r.amount_cents),
-                     "balance_after": fmt(r.balance_after_cents)} for r in result.records],
-        "counter": result.counter,
-        "card_commands": result.commands,
-        "completed_from": result.completed_from,
-        "clock_trusted": result.clock_trusted,
-    })
-    return obj
-
-
-def tap_human(result: TapResult, what: str) -> str:
-    head = "APPROVED" if result.approved else f"DECLINED ({result.reason.value})"
-    if result.completed_from:
-        head += f" (completes the interrupted tap {result.completed_from}; nothing more charged)"
-    if not result.clock_trusted:
-        head += " [clock untrusted]"
-    card = "unreadable card" if result.card_number is None else f"card {format_number(result.card_number)}"
-    label = f"{result.fare_class.value} fare" if result.fare_class else what
-    parts = [head, card, f"{label} {fmt(result.amount_cents)}"]
-    if result.aavs_reload_cents:
-        parts.append(f"auto add value {fmt(result.aavs_reload_cents)}")
-    if result.balance_before_cents is not None:
-        if result.balance_after_cents != result.balance_before_cents:
-            parts.append(f"balance {fmt(result.balance_before_cents)} -> {fmt(result.balance_after_cents)}")
-        else:
-            parts.append(f"balance {fmt(result.balance_before_cents)}")
-    return "  ".join(parts)
+#: a tap's record and one-line summary (the daemon prints the same: defined once, in terminal)
+tap_json = tap_fields
+tap_human = tap_summary
 
 
 def _history(card: CardImage) -> list[dict]:

@@ -2,8 +2,9 @@
 
 Every line has ``ts`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger`` and ``event``:
 ``tap`` (one per presentation, with the fields of ``farebox tap --json`` plus ``reader``,
-``idm``, ``tap_ms``), ``reader_up`` / ``reader_down``, ``start`` / ``stop``, ``metrics``, or
-``log`` for any other log message; ``message`` is the human line. Records that carry an ``event``
+``idm``, ``tap_ms``), ``reader_up`` / ``reader_down``, ``start`` / ``stop`` (the daemon's typed
+events, ``events.py``, logged by ``supervise.py``), or ``log`` for any other log message;
+``message`` is the human line. Records that carry an ``event``
 (``LOG.info("...", extra=event_fields("tap", obj))``) keep their fields at the top level.
 """
 

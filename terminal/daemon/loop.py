@@ -13,12 +13,13 @@ cannot be opened) is closed and opened again with backoff, from 0.1 s doubling u
 reader that comes back is in use again within about a second; the daemon does not crash for it.
 An outage is logged once when it starts (and again if its cause changes) and once when it ends.
 
-Hooks for a supervisor (``farebox run`` wires them to sd_notify, JSON logs and metrics):
+What it reports goes to ``on_event`` as typed values (``events.py``): a :class:`TapEvent` per
+presentation, :class:`ReaderUp` when an opened reader first answers a poll (and when it answers
+again after an outage), :class:`ReaderDown` when an outage starts or its cause changes. Hooks for
+a supervisor (:func:`~farebox.terminal.daemon.run.run` wires them to sd_notify and metrics):
 ``on_pass`` runs on every pass of the loop, during every backoff pause and while waiting for a
 card to leave, at least every POLL_WINDOW_S (plus the time a tap takes), so a watchdog fed from it
-stays fed with no card and with no reader; ``on_reader("up", name)`` when an opened reader first
-answers a poll (and when it answers again after an outage), ``on_reader("down", why)`` when an
-outage starts or its cause changes.
+stays fed with no card and with no reader; ``on_idle`` between cards.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from farebox.protocol.session import LiteSSession
 
 from farebox.terminal.core.clock import now_utc
 from farebox.terminal.core.rules import Tariff
-from farebox.terminal.card.tap import RequestRefused, TapInterrupted, TapResult, Terminal
+from farebox.terminal.card.tap import RequestRefused, TapInterrupted, Terminal
+from farebox.terminal.daemon.events import DaemonEvent, ReaderDown, ReaderUp, TapEvent
 
 LOG = logging.getLogger("farebox.terminal.daemon.loop")
 
@@ -51,20 +53,11 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 1.0
 
 
-@dataclass(frozen=True)
-class TapEvent:
-    """What happened at one presentation: a result, or why there is none."""
-
-    result: TapResult | None
-    reader: str
-    idm: bytes
-    tap_ms: float
-    interrupted: str | None = None  # the tap_id left in doubt
-    error: str | None = None  # the card left before anything was written, or was refused
-
-
 @dataclass
 class DaemonStats:
+    """What one run served: presentations, readers reopened, presentations by outcome (the
+    decline reason, "approved", or "incomplete")."""
+
     taps: int = 0
     reader_reopens: int = 0
     outcomes: dict = field(default_factory=dict)
@@ -72,12 +65,11 @@ class DaemonStats:
 
 class Daemon:
     def __init__(self, terminal: Terminal, open_reader: Callable[[], Reader], tariff: Tariff, *,
-                 on_event: Callable[[TapEvent], None], max_taps: int | None = None,
+                 on_event: Callable[[DaemonEvent], None], max_taps: int | None = None,
                  clock: Callable[[], datetime] = now_utc,
                  on_ready: Callable[[Reader], None] = lambda reader: None,
                  on_idle: Callable[[], None] = lambda: None,
-                 on_pass: Callable[[], None] = lambda: None,
-                 on_reader: Callable[[str, str], None] = lambda state, detail: None) -> None:
+                 on_pass: Callable[[], None] = lambda: None) -> None:
         self.terminal = terminal
         self.open_reader = open_reader
         self.tariff = tariff
@@ -85,7 +77,6 @@ class Daemon:
         self.on_ready = on_ready
         self.on_idle = on_idle
         self.on_pass = on_pass
-        self.on_reader = on_reader
         self.max_taps = max_taps
         self.clock = clock
         self.stop_requested = False
@@ -206,7 +197,7 @@ class Daemon:
         if what != self._outage:
             LOG.warning("%s; trying again with backoff up to %.0f s", what, BACKOFF_MAX_S)
             self._outage = what
-            self.on_reader("down", what)
+            self.on_event(ReaderDown(what))
         else:
             LOG.debug("%s; trying again in %.1f s", what, self._backoff_s)
 
@@ -221,7 +212,7 @@ class Daemon:
             self._outage = None
         if not self._answering:
             self._answering = True
-            self.on_reader("up", name)
+            self.on_event(ReaderUp(name))
         self._backoff_s = BACKOFF_FIRST_S
 
     def _sleep(self, seconds: float) -> None:

@@ -1,15 +1,18 @@
 """What the daemon tells the world while it runs: the service manager (sd_notify), the log (one
-structured event per tap, reader up/down, start/stop) and the metrics endpoint. ``farebox run``
-builds one :class:`Supervision` and hands its methods to :class:`~farebox.terminal.daemon.loop.Daemon`
-as hooks; everything here runs on the daemon's thread.
+structured event per tap, reader up/down, start/stop) and the metrics endpoint.
+:func:`~farebox.terminal.daemon.run.run` builds one :class:`Supervision`, hands it every event
+(:meth:`Supervision.observe`) and its ``heartbeat`` and ``idle`` to the loop as hooks; everything
+here runs on the daemon's thread.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
+from farebox.terminal.daemon.events import (
+    DaemonEvent, MetricsServing, ReaderDown, ReaderUp, Started, Stopped, TapEvent,
+)
 from farebox.terminal.daemon.jsonlog import event_fields
 from farebox.terminal.daemon.metrics import TerminalMetrics
 from farebox.terminal.daemon.sdnotify import Notifier
@@ -20,8 +23,8 @@ EVENTS = logging.getLogger("farebox.run")
 class Supervision:
     def __init__(self, notifier: Notifier, metrics: TerminalMetrics | None = None, *,
                  log_events: bool = False, logger: logging.Logger = EVENTS) -> None:
-        """``log_events``: taps and reader changes are structured log events (JSON logs);
-        otherwise the caller prints taps and the daemon's own warnings say the rest."""
+        """``log_events``: taps, reader changes, start and stop are structured log events (JSON
+        logs); otherwise the caller prints taps and the daemon's own warnings say the rest."""
         self.notifier = notifier
         self.metrics = metrics
         self.log_events = log_events
@@ -30,33 +33,34 @@ class Supervision:
     def waiting(self, reader: str) -> None:
         self.notifier.set_status(f"waiting for the reader {reader}")
 
-    def started(self, reader: str, terminal_id: str, metrics_url: str | None) -> None:
-        if self.log_events:
-            self.log.info("farebox started on reader %s", reader, extra=event_fields("start", {
-                "reader": reader, "terminal_id": terminal_id, "metrics": metrics_url,
-                "pid": os.getpid()}))
+    def observe(self, event: DaemonEvent) -> None:
+        """One event: tell the service manager, count it, log it."""
+        match event:
+            case TapEvent():
+                if self.metrics is not None:
+                    self.metrics.tap(event.outcome, event.reason, event.tap_ms)
+                self._log(logging.INFO, event, "%s", event.summary())
+            case ReaderUp(reader=name):  # READY=1 the first time a reader answers
+                self.notifier.ready(f"ready: reader {name} answers")
+                self._log(logging.INFO, event, "reader %s answers", name)
+                if self.metrics is not None:
+                    self.metrics.reader(True)
+            case ReaderDown(error=error):
+                self.notifier.set_status(f"waiting for the reader: {error}")
+                self._log(logging.WARNING, event, "%s", error)
+                if self.metrics is not None:
+                    self.metrics.reader(False)
+            case Started(reader=reader):
+                self._log(logging.INFO, event, "farebox started on reader %s", reader)
+            case Stopped(taps=taps):
+                self.notifier.stopping(f"stopping after {taps} taps")
+                self._log(logging.INFO, event, "farebox stopped after %d taps", taps)
+            case MetricsServing():
+                pass  # the start event names the endpoint
 
-    def tap(self, obj: dict, human: str) -> bool:
-        """Count a tap and log it as an event; True when it was logged (else print it)."""
-        if self.metrics is not None:
-            self.metrics.tap(obj["outcome"], obj.get("reason"), obj["tap_ms"])
+    def _log(self, level: int, event: DaemonEvent, message: str, *args: object) -> None:
         if self.log_events:
-            self.log.info("%s", human, extra=event_fields("tap", obj))
-        return self.log_events
-
-    def reader(self, state: str, detail: str) -> None:
-        """The daemon's ``on_reader``: READY=1 the first time the reader answers."""
-        if state == "up":
-            self.notifier.ready(f"ready: reader {detail} answers")
-            if self.log_events:
-                self.log.info("reader %s answers", detail,
-                              extra=event_fields("reader_up", {"reader": detail}))
-        else:
-            self.notifier.set_status(f"waiting for the reader: {detail}")
-            if self.log_events:
-                self.log.warning("%s", detail, extra=event_fields("reader_down", {"error": detail}))
-        if self.metrics is not None:
-            self.metrics.reader(state == "up")
+            self.log.log(level, message, *args, extra=event_fields(event.kind, event.fields()))
 
     def heartbeat(self, reader_reopens: int) -> None:
         """The daemon's ``on_pass``: the watchdog, and the reopen counter."""
@@ -69,9 +73,3 @@ class Supervision:
         """Between cards: the journal's counts for the metrics (this thread owns the journal)."""
         if self.metrics is not None:
             self.metrics.refresh(in_doubt, unacknowledged, force=force)
-
-    def stopping(self, taps: int, reader_reopens: int) -> None:
-        self.notifier.stopping(f"stopping after {taps} taps")
-        if self.log_events:
-            self.log.info("farebox stopped after %d taps", taps, extra=event_fields(
-                "stop", {"taps": taps, "reader_reopens": reader_reopens}))

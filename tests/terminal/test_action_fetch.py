@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from farebox.terminal.link.fetch import FETCHED_FILE
 from farebox.terminal.config import TerminalConfig
-from farebox.terminal.runtime import ActionListReloader, RuntimeSetupError, open_terminal
+from farebox.terminal.daemon.background import ActionListReloader
+from farebox.terminal.runtime import RuntimeSetupError, open_terminal
 from farebox.protocol.settlement import ActionEntry, SignedActionList
 from farebox.terminal.link.signedlist import SignedListError, verify
 

@@ -15,6 +15,7 @@ from farebox.protocol.errors import TransportError
 from farebox.protocol.sim.card import Faults, SimulatedLiteS
 from farebox.protocol.sim.inprocess import InProcessTransport
 from farebox.terminal.daemon import loop as daemon_module
+from farebox.terminal.daemon.events import ReaderDown, ReaderUp, TapEvent
 from farebox.terminal.daemon.loop import BACKOFF_FIRST_S, BACKOFF_MAX_S, Daemon
 from farebox.terminal.card.issue import IssueRequest, issue, new_idm
 from farebox.terminal.store.journal import Journal
@@ -78,6 +79,14 @@ class FlakyReader(HandReader):
         self.closed = True
 
 
+class Events(list):
+    """Everything the loop reported, in order; ``taps``: the tap events among it."""
+
+    @property
+    def taps(self) -> list[TapEvent]:
+        return [event for event in self if isinstance(event, TapEvent)]
+
+
 @pytest.fixture(autouse=True)
 def instant_hands(monkeypatch):
     """HandReader brings a card back the instant it took it away, which no hand can: the
@@ -95,22 +104,23 @@ def terminal(tmp_path):
 def test_one_presentation_is_one_tap(terminal):
     card = new_card()
     reader = HandReader(card, presentations=3)
-    events = []
+    events = Events()
     Daemon(terminal, lambda: reader, Tariff.flat(100), on_event=events.append, max_taps=3,
            clock=lambda: AT).run()
-    assert [e.result.balance_after_cents for e in events] == [9_900, 9_800, 9_700]
-    assert all(e.reader == "hand" and e.idm == card.idm for e in events)
+    assert [e.result.balance_after_cents for e in events.taps] == [9_900, 9_800, 9_700]
+    assert all(e.reader == "hand" and e.idm == card.idm for e in events.taps)
 
 
 def test_a_pull_away_then_a_representation_costs_only_what_was_recorded(terminal):
     card = new_card()
     reader = HandReader(card, presentations=2, faults=[Faults(tear_write_number=2, tear_bytes=16)])
-    events = []
+    events = Events()
     Daemon(terminal, lambda: reader, Tariff.flat(100), on_event=events.append, max_taps=2,
            clock=lambda: AT).run()
-    assert events[0].result is None and events[0].interrupted
-    assert events[1].result.completed_from == events[0].interrupted
-    assert events[1].result.balance_after_cents == 9_900
+    cut, completed = events.taps
+    assert cut.result is None and cut.interrupted and cut.outcome == "interrupted"
+    assert completed.result.completed_from == cut.interrupted
+    assert completed.result.balance_after_cents == 9_900 and completed.outcome == "approved"
 
 
 def test_a_reader_that_vanishes_is_reopened(terminal):
@@ -126,13 +136,21 @@ def test_a_reader_that_vanishes_is_reopened(terminal):
         return FlakyReader(card, presentations=1, fail_after=99)  # plugged in again
 
     first = []
-    events = []
+    events = Events()
     daemon = Daemon(terminal, open_reader, Tariff.flat(100), on_event=events.append,
                     on_ready=first.append, max_taps=2, clock=lambda: AT)
     stats = daemon.run()
-    assert [e.result.balance_after_cents for e in events] == [9_900, 9_800]
+    assert [e.result.balance_after_cents for e in events.taps] == [9_900, 9_800]
     assert opened == [1, 2, 3] and stats.reader_reopens == 1
     assert first[0].closed and len(first) == 2
+    # the loop said it: up, a tap, down (once for the failure, once more when its cause
+    # changed to the reader not opening), up again, a tap
+    assert [type(e) for e in events] == [ReaderUp, TapEvent, ReaderDown, ReaderDown, ReaderUp,
+                                         TapEvent]
+    assert [e.error for e in events if isinstance(e, ReaderDown)] == [
+        "reader failed (No such device (the reader was unplugged))",
+        "reader not available (no reader on usb (still unplugged))"]
+    assert all(e.reader == "hand" for e in events if isinstance(e, ReaderUp))
 
 
 def test_a_reader_that_keeps_failing_is_retried_with_backoff_and_logged_once(terminal, caplog):
@@ -191,22 +209,22 @@ def test_a_card_still_in_the_field_after_a_missed_presence_check_is_not_charged_
     monkeypatch.setattr(daemon_module, "REPRESENT_GUARD_S", 0.2)
     card = new_card()
     reader = MissesPresence(card, presentations=2)
-    events = []
+    events = Events()
     daemon = Daemon(terminal, lambda: reader, Tariff.flat(100), on_event=events.append,
                     max_taps=2, clock=lambda: AT)
     daemon.run()
     # two presentations, two charges; the card found again after each false removal is not one
-    assert [e.result.balance_after_cents for e in events] == [9_900, 9_800]
+    assert [e.result.balance_after_cents for e in events.taps] == [9_900, 9_800]
     assert reader.misses == 0 and reader.shown == 2
 
 
 def test_a_card_back_later_than_the_guard_is_a_new_presentation(terminal):
     card = new_card()
     reader = MissesPresence(card, presentations=1, misses=1)
-    events = []
+    events = Events()
     Daemon(terminal, lambda: reader, Tariff.flat(100), on_event=events.append, max_taps=2,
            clock=lambda: AT).run()
-    assert [e.result.balance_after_cents for e in events] == [9_900, 9_800]  # no guard: twice
+    assert [e.result.balance_after_cents for e in events.taps] == [9_900, 9_800]  # no guard: twice
 
 
 def test_stop_finishes_the_tap_in_progress_and_returns_quickly(tmp_path):
@@ -238,7 +256,8 @@ def test_marks_are_durable_after_each_card_leaves(terminal):
     reader = HandReader(card, presentations=2)
     seen = []
     Daemon(terminal, lambda: reader, Tariff.flat(100),
-           on_event=lambda e: seen.append(terminal.journal.unsynced), max_taps=2,
+           on_event=lambda e: isinstance(e, TapEvent) and seen.append(terminal.journal.unsynced),
+           max_taps=2,
            clock=lambda: AT).run()
     assert seen == [True, True]  # each tap's mark waits until its card has left
     assert not terminal.journal.unsynced  # and is durable once it has

@@ -17,6 +17,7 @@ import pytest
 from farebox.protocol.errors import TransportError
 from farebox.protocol.sim.card import SimulatedLiteS
 from farebox.protocol.sim.inprocess import InProcessTransport
+from farebox.terminal.daemon.events import Stopped, TapEvent
 from farebox.terminal.daemon.loop import Daemon
 from farebox.terminal.card.issue import IssueRequest, issue, new_idm
 from farebox.terminal.store.journal import Journal
@@ -181,18 +182,23 @@ def test_ready_only_once_the_reader_answers_and_the_watchdog_is_fed_while_it_doe
     notifier = Notifier({"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "200000"})  # ping every 50 ms
     watch = Supervision(notifier)
     events = []
+
+    def observe(event):
+        watch.observe(event)
+        events.append(event)
+
     with Journal(tmp_path / "j.sqlite3") as journal:
         daemon = Daemon(Terminal(journal, KEYS), open_reader, Tariff.flat(100),
-                        on_event=events.append, max_taps=1, clock=lambda: AT,
-                        on_reader=watch.reader,
+                        on_event=observe, max_taps=1, clock=lambda: AT,
                         on_pass=lambda: watch.heartbeat(daemon.stats.reader_reopens))
         daemon.run()
-    watch.stopping(daemon.stats.taps, daemon.stats.reader_reopens)
+    watch.observe(Stopped(daemon.stats.taps, daemon.stats.reader_reopens))
     assert server.wait_for(lambda m: "STOPPING" in m)
     messages = server.close()
     ready_at = next(i for i, m in enumerate(messages) if m.get("READY") == "1")
     before = messages[:ready_at]
-    assert len(attempts) >= 3 and events[0].result.approved
+    taps = [event for event in events if isinstance(event, TapEvent)]
+    assert len(attempts) >= 3 and taps[0].result.approved
     assert any("waiting for the reader" in m.get("STATUS", "") for m in before)
     # fed during the outage: the backoff pauses call the hook (0.7 s at 50 ms: several pings)
     assert sum(m == {"WATCHDOG": "1"} for m in before) >= 3
@@ -223,8 +229,8 @@ def test_a_reader_that_opens_but_does_not_answer_is_not_ready(tmp_path, listener
     watch = Supervision(notifier, metrics)
     with Journal(tmp_path / "j.sqlite3") as journal:
         daemon = Daemon(Terminal(journal, KEYS), lambda: reader, Tariff.flat(100),
-                        on_event=lambda e: None, max_taps=1, clock=lambda: AT,
-                        on_ready=opened.append, on_reader=watch.reader,
+                        on_event=watch.observe, max_taps=1, clock=lambda: AT,
+                        on_ready=opened.append,
                         on_pass=lambda: watch.heartbeat(daemon.stats.reader_reopens))
         daemon.run()
     assert server.wait_for(lambda m: "READY" in m)
@@ -233,5 +239,7 @@ def test_a_reader_that_opens_but_does_not_answer_is_not_ready(tmp_path, listener
     assert len(opened) == 4 and daemon.stats.reader_reopens == 3  # opened 4 times, READY once
     assert metrics.registry.get_sample_value("farebox_reader_reopens_total") == 3
     assert metrics.registry.get_sample_value("farebox_reader_up") == 1
+    assert metrics.registry.get_sample_value(
+        "farebox_taps_total", {"outcome": "approved", "reason": ""}) == 1
     assert [m["STATUS"] for m in messages[:ready_at]] == [
         "waiting for the reader: reader failed (cannot reach pcscd: Service not available)"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -251,3 +252,31 @@ def test_metrics_count_a_write_in_doubt_and_batches_not_acknowledged(farebox, ru
     assert math.isinf(samples[("farebox_seconds_since_last_upload", ())])
     listing = farebox("journal", "list", "--state", farebox.state, "--json").json()
     assert listing["in_doubt"] == 1
+
+
+TAP_KEYS = ["outcome", "reason", "card", "fare_class", "amount", "balance_before", "balance_after",
+            "aavs_reload", "records", "counter", "card_commands", "completed_from",
+            "clock_trusted", "reader", "idm", "tap_ms"]
+
+
+def test_run_prints_each_tap_as_a_line_or_a_json_object_and_says_when_it_stopped(farebox):
+    """What ``farebox run`` prints on a card file (``--max-taps``: the card stays in the field):
+    text, one line per tap and the stop on stderr; ``--json``, one object per tap and nothing
+    else; the installed entry point, so the log set-up is the real one."""
+    farebox("terminal", "init", "--state", farebox.state, "--id", "T-0003", "--json").json()
+    card = farebox.card(balance="10.00")
+    base = ["run", "--reader", f"sim:{card}", "--fare", "1.00", "--max-taps", 1,
+            "--state", farebox.state]
+    text = farebox.script(*base)
+    assert text.code == 0, text.err
+    assert re.fullmatch(r"APPROVED  card \d{8}\(\d\)  adult fare 1\.00  "
+                        r"balance 10\.00 -> 9\.00  \(\d+ ms\)\n", text.out), text.out
+    assert text.err == "farebox: stopped after 1 taps\n"
+    as_json = farebox.script(*base, "--json")
+    assert as_json.err == ""
+    tap = as_json.json()
+    assert list(tap) == TAP_KEYS
+    assert (tap["outcome"], tap["amount"], tap["balance_before"], tap["balance_after"]) == (
+        "approved", "1.00", "9.00", "8.00")
+    assert tap["reader"] == f"sim:{card}" and tap["idm"] == farebox.show(card)["idm"]
+    assert tap["records"] == [{"type": "payment", "amount": "1.00", "balance_after": "8.00"}]

@@ -1,0 +1,185 @@
+"""The terminal daemon as one call: :func:`run` takes a configuration and a reader, serves taps
+until it is asked to stop (or has served ``max_taps``), and returns what it served. ``farebox
+run`` only parses its options, calls it and prints the events; a test or another program calls
+it the same way.
+
+What it sets up, in order, and takes down in the reverse order: the log (when asked to), the
+metrics endpoint, sd_notify, the first attempt to open the reader (a card file that cannot be
+used is bad input; any other reader that does not open yet is waited for), the terminal (journal,
+keys, action lists), the uploader thread, the batch closer and the action-list reloader, then
+SIGTERM/SIGINT handlers that only ask the loop to stop: the tap in progress finishes first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+
+from farebox.protocol.reader import Reader
+
+from farebox.terminal.config import TerminalConfig, parse_listen
+from farebox.terminal.core.clock import now_utc
+from farebox.terminal.daemon.background import ActionListReloader, batch_closer, start_uploader
+from farebox.terminal.daemon.events import DaemonEvent, MetricsServing, Started, Stopped
+from farebox.terminal.daemon.jsonlog import JsonFormatter
+from farebox.terminal.daemon.loop import Daemon, DaemonStats
+from farebox.terminal.daemon.sdnotify import Notifier
+from farebox.terminal.daemon.supervise import Supervision
+from farebox.terminal.runtime import ReaderSpec, RuntimeSetupError, open_terminal, open_transport
+
+LOOP_LOG = logging.getLogger("farebox.terminal.daemon.loop")
+
+
+def configure_logging(log_format: str, verbose: int = 0) -> None:
+    """The process's log: ``"json"``, one JSON object per line on stdout (journald), at INFO
+    (DEBUG from ``verbose`` 2); ``"text"``, lines on stderr, WARNING (INFO at 1, DEBUG at 2).
+    The readers' libraries (nfcpy, pyscard) say only warnings below ``verbose`` 2."""
+    if log_format == "json":
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(handlers=[handler],
+                            level=logging.INFO if verbose < 2 else logging.DEBUG)
+        logging.raiseExceptions = False  # a closed stdout must not fill stderr with tracebacks
+    else:
+        logging.basicConfig(stream=sys.stderr, format="farebox: %(name)s: %(message)s",
+                            level=logging.WARNING if verbose == 0 else
+                            logging.INFO if verbose == 1 else logging.DEBUG)
+    with contextlib.suppress(ImportError):
+        import nfc  # noqa: F401 - importing nfc sets its logger to INFO; set it after that
+    for name in ("nfc", "smartcard"):  # the libraries' own chatter only with -vv
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+
+
+def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
+        on_event: Callable[[DaemonEvent], None] = lambda event: None, *,
+        max_taps: int | None = None, stop: threading.Event | None = None,
+        verbose: int | None = None, handle_signals: bool = True,
+        notifier: Notifier | None = None,
+        clock: Callable[[], datetime] = now_utc) -> DaemonStats:
+    """Serve taps on the reader ``reader_spec`` names with ``config``'s terminal until a stop is
+    asked for (``stop`` set, or SIGTERM/SIGINT when ``handle_signals`` and this is the main
+    thread) or ``max_taps`` presentations were served; the stats of the run.
+
+    Every event goes to ``on_event`` (on this thread) after supervision has seen it (sd_notify,
+    metrics, and the JSON log when ``config.log_format`` is "json"). ``verbose``: set up the
+    process's log (:func:`configure_logging`) at that verbosity; None leaves logging alone.
+
+    Raises :class:`RuntimeSetupError` (a reader spec that does not parse, a card file that cannot
+    be used, a state, key or list file the terminal cannot open, no tariff) or
+    :class:`~farebox.terminal.config.MetricsError` (the endpoint cannot listen) before any tap.
+    """
+    spec = reader_spec if isinstance(reader_spec, ReaderSpec) else ReaderSpec.parse(reader_spec)
+    if config.tariff is None:
+        raise RuntimeSetupError("no fares are configured ([fares] in the configuration)")
+    json_log = config.log_format == "json"
+    if verbose is not None:
+        configure_logging(config.log_format, verbose)
+    with contextlib.ExitStack() as teardown:
+        if notifier is None:
+            notifier = Notifier()
+            teardown.callback(notifier.close)
+        metrics = metrics_url = None
+        if config.metrics_listen is not None:
+            from farebox.terminal.daemon.metrics import TerminalMetrics
+
+            metrics = TerminalMetrics()
+            metrics_url = metrics.serve(*parse_listen(config.metrics_listen))
+            teardown.callback(metrics.close)
+        watch = Supervision(notifier, metrics, log_events=json_log)
+
+        def publish(event: DaemonEvent) -> None:
+            watch.observe(event)
+            on_event(event)
+
+        if metrics_url is not None:
+            publish(MetricsServing(metrics_url))
+        watch.waiting(str(spec))
+        open_reader = _ReaderOpener(spec, config.pcsc_mode)
+        teardown.callback(open_reader.close)
+        term = teardown.enter_context(open_terminal(config))
+        uploader = start_uploader(config, clock,
+                                  on_synced=metrics.uploaded if metrics else lambda: None,
+                                  on_fetched=metrics.fetched if metrics else lambda: None)
+        if uploader is not None:
+            teardown.callback(uploader.stop)  # stopped before the terminal closes
+        closer = batch_closer(config, term, clock,
+                              on_closed=uploader.wake if uploader else lambda: None)
+        reload_list = ActionListReloader(config, term)
+        unacknowledged = closer.settlement.unacknowledged_count if closer else lambda: 0
+
+        def on_idle() -> None:
+            if closer is not None:
+                closer()
+            reload_list()
+            watch.idle(term.journal.in_doubt_count, unacknowledged)
+
+        def on_pass() -> None:
+            if stop is not None and stop.is_set():
+                daemon.stop()
+            watch.heartbeat(daemon.stats.reader_reopens)
+
+        daemon = Daemon(term, open_reader, config.tariff, on_event=publish, max_taps=max_taps,
+                        clock=clock, on_idle=on_idle, on_pass=on_pass)
+        if stop is not None and stop.is_set():
+            daemon.stop()
+        watch.idle(term.journal.in_doubt_count, unacknowledged, force=True)
+        publish(Started(str(spec), term.journal.terminal_id, metrics_url, os.getpid()))
+        with _stop_on_signals(daemon.stop, handle_signals):
+            try:
+                daemon.run()
+            finally:
+                publish(Stopped(daemon.stats.taps, daemon.stats.reader_reopens))
+    return daemon.stats
+
+
+class _ReaderOpener:
+    """The loop's ``open_reader``: the first reader is opened before the terminal (a card file
+    that cannot be used is bad input then, before anything else); a reader that is not there yet
+    is said once and left to the loop, which tries again with backoff."""
+
+    def __init__(self, spec: ReaderSpec, pcsc_mode: str) -> None:
+        self.spec = spec
+        self.pcsc_mode = pcsc_mode
+        self._first: Reader | None = None
+        try:
+            self._first = open_transport(spec, pcsc_mode=pcsc_mode)
+        except RuntimeSetupError as error:
+            if spec.kind == "sim":
+                raise
+            LOOP_LOG.warning("%s; waiting for the reader", error)
+
+    def __call__(self) -> Reader:
+        if self._first is not None:
+            reader, self._first = self._first, None
+            return reader
+        return open_transport(self.spec, pcsc_mode=self.pcsc_mode)
+
+    def close(self) -> None:
+        """Close the first reader if the loop never took it (setup failed after it opened)."""
+        if self._first is not None:
+            reader, self._first = self._first, None
+            reader.close()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: Callable[..., None], wanted: bool) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``stop`` (which only sets a flag) while the loop runs; the
+    handlers before are put back after. Signals go to the main thread only: elsewhere, none."""
+    if not wanted or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+__all__ = ["DaemonStats", "configure_logging", "run"]
