@@ -1,4 +1,4 @@
-"""Table tests for the terminal's rules engine (``terminal/rules.py``) against docs/rules.md §2-7.
+"""Table tests for the rules engine (``terminal/core/rules.py``) against docs/rules.md §2-7.
 
 Expectations are literal cents and literal dates on purpose: a test that read its expected values
 from the constants in ``rules.py`` could not catch a wrong constant.
