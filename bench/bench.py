@@ -12,8 +12,8 @@
 4. the same tap after 100 and after 10,000 earlier taps (the cost must not grow with history);
 5. card commands per payment and per add value;
 6. ``farebox --help`` against ``python -c pass``;
-7. a service return (RULES §8, through the same transaction) and issuing a blank card held to a
-   reader, against a payment on the same kind of fresh card.
+7. a service return (docs/rules.md §8, through the same transaction) and issuing a blank card
+   held to a reader, against a payment on the same kind of fresh card.
 """
 
 from __future__ import annotations

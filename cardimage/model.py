@@ -130,7 +130,7 @@ class Purse:
     concession: Concession = Concession.NONE
     concession_expiry: date | None = None
     svl_upgraded: bool = False
-    #: AAVS was enabled on this card at some time (re-enabling it costs a fee, RULES §8).
+    #: AAVS was enabled on this card at some time (re-enabling it costs a fee, docs/rules.md §8).
     aavs_ever_enabled: bool = False
 
     @property

@@ -1,7 +1,7 @@
 """FeliCa commands and responses as data: frozen dataclasses that build and parse frames.
 
 A frame is ``LEN | code | ...`` where LEN counts itself; a response's code is its command's
-code + 1 (REFERENCE.md, "FeliCa frames"). Constructors raise ValueError for values that
+code + 1 (docs/readers.md, "FeliCa frames"). Constructors raise ValueError for values that
 cannot be encoded; ``from_frame`` raises ProtocolError for anything malformed.
 """
 

@@ -1,4 +1,4 @@
-"""``farebox service``: the customer service centre's operations (RULES.md §6, §8).
+"""``farebox service``: the customer service centre's operations (docs/rules.md §6, §8).
 
 Each command parses, calls one function of the service desk (``terminal/card/desk.py``: the
 request's checks, the pure rules in ``service.py``, the card write in ``tap.Terminal.service``)
@@ -283,8 +283,8 @@ def upgrade_limit(card_file, reader_spec, wait_s, at, state_dir, config_file, ho
 @config_option
 @json_option
 def inactivity_fee(card_file, reader_spec, wait_s, at, config_file, as_json) -> None:
-    """The Inactive Octopus Administrative Fee the card owes at --at (RULES §6): each period's
-    start and fee, or why it owes none. Reads the card; changes nothing."""
+    """The Inactive Octopus Administrative Fee the card owes at --at (docs/rules.md §6): each
+    period's start and fee, or why it owes none. Reads the card; changes nothing."""
     spec = _specs((card_file,) if card_file else (), reader_spec, many=False)[0]
     at = at or now_utc()
     config = settings(config_file)

@@ -1,9 +1,10 @@
 """Simulated card files: read defensively, written atomically, one writer at a time.
 
-A card file is JSON (``idm``, ``pmm``, ``system_code``, ``blocks``; DESIGN.md §6). :class:`CardFile`
-holds an exclusive ``flock`` on the file for as long as it is open, so two processes cannot both
-transact on one card. Every save writes a temporary file in the same directory, locks it, fsyncs it
-and renames it over the card, then fsyncs the directory: a crash leaves the old card or the new one.
+A card file is JSON (``idm``, ``pmm``, ``system_code``, ``blocks``; docs/cli.md, "Card files").
+:class:`CardFile` holds an exclusive ``flock`` on the file for as long as it is open, so two
+processes cannot both transact on one card. Every save writes a temporary file in the same
+directory, locks it, fsyncs it and renames it over the card, then fsyncs the directory: a crash
+leaves the old card or the new one.
 
 Because a save replaces the file (a new inode), a process waiting for the lock re-checks after
 acquiring it that the path still names the file it locked, and starts again if not; the holder

@@ -1,4 +1,4 @@
-"""The scheme's terminal-side rules (RULES.md sections 2-7), as pure functions.
+"""The scheme's terminal-side rules (docs/rules.md sections 2-7), as pure functions.
 
 Inputs are values (the decoded card, the tariff, the time, the action list); the output is a
 :class:`Decision` saying what to show, what to record and what purse to write. No I/O, no clock.
@@ -17,7 +17,7 @@ from farebox.cardimage.model import (
 
 from farebox.terminal.core.clock import hk_date, require_aware
 
-# ---- parameters (RULES.md with the seed clauses they come from) -----------------------------
+# ---- parameters (docs/rules.md with the seed clauses they come from) ------------------------
 
 NEGATIVE_LIMIT_NEW_CENTS = 5000  # On-Loan issued on/after 2017-10-01, Mobile (001 ¶2, 002 §6-7)
 NEGATIVE_LIMIT_OLD_CENTS = 3500  # every other card (001 ¶2)
@@ -68,8 +68,8 @@ class RecordType(Enum):
     BLOCK = "block"
     SUSPEND = "suspend"
     CANCEL = "cancel"
-    # the service terminal (RULES §6, §8; terminal/core/service.py): amounts are what moved or was
-    # charged, balance_after the card's balance
+    # the service terminal (docs/rules.md §6, §8; terminal/core/service.py): amounts are what
+    # moved or was charged, balance_after the card's balance
     DEPOSIT = "deposit"  # collected at issue
     INITIAL_VALUE = "initial_value"  # loaded at issue
     ADMIN_FEE = "admin_fee"  # Personalised card issue
@@ -262,8 +262,9 @@ def list_ordered_change(identity: Identity, purse: Purse, at: datetime,
 
 def decide_payment(identity: Identity, purse: Purse, tariff: Tariff, at: datetime,
                    action_list: Iterable[ListEntry] = (), *, aavs_allowed: bool = True) -> Decision:
-    """RULES.md §3-4: AAVS, negative value, fare classes. ``aavs_allowed=False`` (the terminal's
-    clock is not trusted) makes no automatic add value: "once per day" needs a true day."""
+    """docs/rules.md §3-4: AAVS, negative value, fare classes. ``aavs_allowed=False`` (the
+    terminal's clock is not trusted) makes no automatic add value: "once per day" needs a true
+    day."""
     today = hk_date(require_aware(at))
     cls = fare_class(identity, purse, today)
     fare = tariff.fare(cls)
@@ -308,7 +309,7 @@ def decide_add_value(identity: Identity, purse: Purse, amount_cents: int, at: da
                      action_list: Iterable[ListEntry] = (),
                      minimum_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS, *,
                      restart_inactivity: bool = True) -> Decision:
-    """RULES.md §5: cash add value. ``restart_inactivity=False`` (the terminal's clock is not
+    """docs/rules.md §5: cash add value. ``restart_inactivity=False`` (the terminal's clock is not
     trusted) leaves the last add value date as it is."""
     if type(amount_cents) is not int or amount_cents <= 0:
         raise ValueError("an add value amount must be a positive number of cents")

@@ -1,11 +1,11 @@
-"""The service terminal's rules (RULES.md §6 and §8), as pure functions.
+"""The service terminal's rules (docs/rules.md §6 and §8), as pure functions.
 
 Inputs are values (the card's :class:`Identity` and :class:`Purse`, a Hong Kong date, the
 operator's options); the output is a :class:`Decision` (rules.py) saying what to record and what
 purse and log entry to write, plus a breakdown of the fees for the operator. A request the rules
 cannot serve at all raises :class:`ServiceRefused` (nothing is written). No I/O, no clock.
 
-Readings where the seeds leave a point open (RULES.md says which are the project's):
+Readings where the seeds leave a point open (docs/rules.md says which are the project's):
 
 * Return: "within 90 days" is ``returned - issued <= 90`` days; 1 % is rounded to the nearest
   cent, halves up; the refund never goes below zero (the excess is waived and recorded); a card
@@ -45,7 +45,7 @@ from farebox.terminal.core.rules import (
 )
 from farebox.terminal.errors import BadInput
 
-# ---- parameters (RULES.md with the seed clauses they come from) -----------------------------
+# ---- parameters (docs/rules.md with the seed clauses they come from) ------------------------
 
 MAX_CARDS_PER_REQUEST = 5  # one loan or return request (002 §10)
 PERSONALISED_ADMIN_FEE_CENTS = 2_000  # issue of a Personalised card (002 §18(a))
@@ -93,8 +93,9 @@ class IssueCharges:
 
 
 def issue_charges(kind: Kind, category: Category) -> IssueCharges:
-    """What the customer pays for a new card (RULES §2, §8): the deposit, the category's initial
-    value (On-Loan cards; Sold and Mobile start at 0.00) and HK$20 for a Personalised card."""
+    """What the customer pays for a new card (docs/rules.md §2, §8): the deposit, the category's
+    initial value (On-Loan cards; Sold and Mobile start at 0.00) and HK$20 for a Personalised
+    card."""
     value = INITIAL_VALUE_CENTS[category] if kind is Kind.ON_LOAN else 0
     fee = PERSONALISED_ADMIN_FEE_CENTS if category is Category.PERSONALISED else 0
     return IssueCharges(DEPOSIT_CENTS[kind], value, fee)
@@ -183,8 +184,8 @@ def handling_fee_reasons(identity: Identity, purse: Purse, returned: date) -> tu
 
 def refund_breakdown(identity: Identity, purse: Purse, returned: date, *,
                      damaged: bool = False) -> Refund:
-    """RULES §8: deposit + remaining value, less the fees that apply. Raises ServiceRefused for a
-    card that cannot be returned here."""
+    """docs/rules.md §8: deposit + remaining value, less the fees that apply. Raises
+    ServiceRefused for a card that cannot be returned here."""
     if identity.kind is Kind.SOLD:
         raise ServiceRefused("a Sold card is not returned (it carries no deposit)")
     if identity.kind is Kind.MOBILE:
@@ -296,7 +297,7 @@ def inactivity_fee_exemption(identity: Identity, purse: Purse) -> str | None:
 
 
 def inactivity_fees(identity: Identity, purse: Purse, today: date) -> InactivityFees:
-    """RULES §6: the periods begun by ``today``, HK$15 each."""
+    """docs/rules.md §6: the periods begun by ``today``, HK$15 each."""
     exempt = inactivity_fee_exemption(identity, purse)
     if exempt is not None:
         return InactivityFees((), exempt, None)
@@ -398,7 +399,7 @@ def decide_aavs(identity: Identity, purse: Purse, today: date,
 
 def decide_renew_student(identity: Identity, purse: Purse, today: date,
                          expiry: date) -> Decision:
-    """A Personalised card's Student status, valid to ``expiry`` (inclusive, RULES §4)."""
+    """A Personalised card's Student status, valid to ``expiry`` (inclusive, docs/rules.md §4)."""
     check_issued_by(identity, today)
     _usable(purse, "renew its student status", suspended_ok=True)
     if identity.category is not Category.PERSONALISED or purse.concession is not Concession.STUDENT:

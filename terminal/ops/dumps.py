@@ -1,4 +1,4 @@
-"""FeliCa dumps: read from a card on a reader, or from the files people share (REFERENCE.md,
+"""FeliCa dumps: read from a card on a reader, or from the files people share (docs/readers.md,
 "Dump formats"), and turned into our simulated-card file so ``farebox sim serve`` can present
 them.
 

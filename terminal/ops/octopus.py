@@ -1,4 +1,4 @@
-"""The read-only balance of a real Octopus card (REFERENCE.md, "Real Octopus cards").
+"""The read-only balance of a real Octopus card (docs/readers.md, "Real Octopus cards").
 
 System 0x8008, service 0x0117 (readable without a key), block 0: bytes 0-3 big-endian in units
 of HK$0.10, stored with an offset; balance = (value - offset) x 10 cents. The offset is 350 for

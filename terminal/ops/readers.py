@@ -15,7 +15,7 @@ _NFCPY_USB_FALLBACK = {
     (0x04E6, 0x5591): "pn533", (0x04E6, 0x5593): "pn533", (0x054C, 0x02E1): "rcs956",
     (0x054C, 0x06C1): "rcs380", (0x054C, 0x06C3): "rcs380", (0x072F, 0x2200): "acr122",
 }
-#: kernel drivers that claim a reader nfcpy wants (REFERENCE.md, "nfcpy")
+#: kernel drivers that claim a reader nfcpy wants (docs/readers.md, "nfcpy")
 KERNEL_DRIVERS = ("port100", "pn533_usb")
 DEFAULT_PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
 

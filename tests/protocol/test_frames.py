@@ -22,7 +22,7 @@ PMM = bytes.fromhex("00f1000000014300")
 BLOCK_A = bytes([0xAA]) * 16
 BLOCK_B = bytes([0x55]) * 16
 
-# (message, its frame written out by hand from the REFERENCE.md table)
+# (message, its frame written out by hand from the docs/readers.md table)
 GOLDEN = [
     (Polling(0x88B4, 1, 0), "06 00 88b4 01 00"),
     (Polling(0xFFFF), "06 00 ffff 00 00"),

@@ -1,4 +1,4 @@
-"""Table tests for the terminal's rules engine (``terminal/rules.py``) against RULES.md §2-7.
+"""Table tests for the rules engine (``terminal/core/rules.py``) against docs/rules.md §2-7.
 
 Expectations are literal cents and literal dates on purpose: a test that read its expected values
 from the constants in ``rules.py`` could not catch a wrong constant.
@@ -140,7 +140,7 @@ def assert_add_value_approved(decision: Decision, before: Purse, amount: int,
 
 def assert_declined_with_status_write(decision: Decision, before: Purse, status: Status,
                                       today: date = TODAY) -> None:
-    """A list-ordered status change: the only write a decline may make (RULES.md §3, §7)."""
+    """A list-ordered status change: the only write a decline may make (docs/rules.md §3, §7)."""
     reason = {Status.BLOCKED: Reason.BLOCKED, Status.SUSPENDED: Reason.SUSPENDED,
               Status.CANCELLED: Reason.CANCELLED}[status]
     record = {Status.BLOCKED: RecordType.BLOCK, Status.SUSPENDED: RecordType.SUSPEND,
@@ -156,7 +156,7 @@ def assert_declined_with_status_write(decision: Decision, before: Purse, status:
                                           new_status=status)
 
 
-# ---- 1. card parameters (RULES.md §2) -------------------------------------------------------
+# ---- 1. card parameters (docs/rules.md §2) --------------------------------------------------
 
 @pytest.mark.parametrize("identity, expected_cents", [
     param(card(Kind.ON_LOAN, issued=date(2017, 9, 30)), 3_500,
@@ -221,7 +221,7 @@ def test_stored_value_limit_by_kind_issue_date_and_upgrade(
     assert stored_value_limit_cents(identity, purse(svl_upgraded=upgraded)) == expected_cents
 
 
-# ---- 2. fare classes (RULES.md §4) ----------------------------------------------------------
+# ---- 2. fare classes (docs/rules.md §4) -----------------------------------------------------
 
 STUDENT_EXPIRY = date(2026, 2, 28)
 
@@ -320,7 +320,7 @@ def test_tariff_refuses_bad_fares(fares) -> None:
         Tariff(fares)
 
 
-# ---- 3. payment and the negative-value rule (RULES.md §3 steps 3-4) --------------------------
+# ---- 3. payment and the negative-value rule (docs/rules.md §3 steps 3-4) ---------------------
 
 @pytest.mark.parametrize("identity, balance, fare, after", [
     param(NEW_CARD, 1_000, 1_000, 0, id="an exact balance pays and leaves zero"),
@@ -390,7 +390,7 @@ def test_naive_times_are_refused(decide) -> None:
         decide(datetime(2026, 3, 1, 12, 0))
 
 
-# ---- 4. automatic add value (RULES.md §3 step 2) --------------------------------------------
+# ---- 4. automatic add value (docs/rules.md §3 step 2) ---------------------------------------
 
 @pytest.mark.parametrize("balance, fare, reload", [
     param(1_000, 1_000, 15_000, id="the value would reach exactly zero so the card reloads"),
@@ -529,7 +529,7 @@ def test_aavs_taps_through_two_hong_kong_days() -> None:
     assert decision.balance_after_cents == 9_000
 
 
-# ---- 5. add value (RULES.md §5) -------------------------------------------------------------
+# ---- 5. add value (docs/rules.md §5) --------------------------------------------------------
 
 @pytest.mark.parametrize("identity, balance, amount, minimum", [
     param(NEW_CARD, 0, 5_000, None, id="exactly the default minimum of 50.00 is accepted"),
@@ -616,7 +616,7 @@ def test_add_value_restarts_the_inactivity_clock_on_the_hong_kong_date() -> None
     assert decision.new_purse.last_auto_reload == date(2026, 2, 1)  # cash is not an auto reload
 
 
-# ---- 6. inactive cards (RULES.md §6) --------------------------------------------------------
+# ---- 6. inactive cards (docs/rules.md §6) ---------------------------------------------------
 
 DAYS_999_AGO = TODAY - timedelta(days=999)  # 2023-06-06
 DAYS_1000_AGO = TODAY - timedelta(days=1000)
@@ -692,7 +692,7 @@ def test_cash_add_value_restarts_the_inactivity_clock() -> None:
     assert after.approved
 
 
-# ---- 7. lists (RULES.md §7) -----------------------------------------------------------------
+# ---- 7. lists (docs/rules.md §7) ------------------------------------------------------------
 
 REPORTED = utc("2026-03-01T01:00:00Z")  # 09:00 HKT
 ONE_SECOND = timedelta(seconds=1)
@@ -821,7 +821,7 @@ def test_list_raises_the_card_status(operation: str, card_status: Status, entrie
 
 
 def test_a_lost_inactive_card_is_still_marked_blocked() -> None:
-    """RULES.md §7: from three hours after the report every terminal must mark it blocked."""
+    """docs/rules.md §7: from three hours after the report every terminal must mark it blocked."""
     before = purse(last_add_value=DAYS_1000_AGO)
     decision = decide_payment(NEW_CARD, before, Tariff.flat(1_000), NOW, [lost()])
     assert_declined_with_status_write(decision, before, Status.BLOCKED)

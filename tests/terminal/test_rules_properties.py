@@ -1,14 +1,15 @@
-"""Property tests for the rules engine (RULES.md §2-7): money invariants and a reference reading.
+"""Property tests for the rules engine (docs/rules.md §2-7): money invariants and a reference
+reading.
 
 Generated cards cover every kind, category and issue date 1997-2030 (with the limit change dates
 themselves), balances anywhere within ``[-negative limit, stored value limit]``, AAVS on or off
 with every reload amount, last reloaded maybe today, last add value up to 1,100 days back, every
 status and (for Personalised cards) every concession. Generated taps cover flat and full tariffs
-(with flat fares one cent either side of each boundary of RULES.md §3), times over five years with
-extra weight just either side of Hong Kong midnight, and random action-list entries.
+(with flat fares one cent either side of each boundary of docs/rules.md §3), times over five years
+with extra weight just either side of Hong Kong midnight, and random action-list entries.
 
 Everything the checks compare against -- the limits, the Hong Kong date, the fare class, the list
-status, the decision -- is computed here from RULES.md, not taken from ``rules.py`` or
+status, the decision -- is computed here from docs/rules.md, not taken from ``rules.py`` or
 ``terminal.clock``, so that a wrong constant or a wrong time zone there breaks a property.
 """
 
@@ -31,7 +32,7 @@ from farebox.terminal.core.rules import (
 UTC = timezone.utc
 CARD_NUMBER = 12345678
 OTHER_CARD_NUMBER = 87654321
-RELOAD_AMOUNTS = (15_000, 25_000, 50_000, 100_000)  # RULES.md §3 step 2
+RELOAD_AMOUNTS = (15_000, 25_000, 50_000, 100_000)  # docs/rules.md §3 step 2
 
 PROPERTY = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -42,9 +43,9 @@ REFERENCE = settings(PROPERTY, max_examples=600)
 SIGN = {RecordType.ADD_VALUE: +1, RecordType.AUTO_ADD_VALUE: +1, RecordType.PAYMENT: -1}
 
 
-# ---- RULES.md, read independently of rules.py ----------------------------------------------
+# ---- docs/rules.md, read independently of rules.py -----------------------------------------
 
-HONG_KONG_TIME = timezone(timedelta(hours=8))  # RULES.md §1; deliberately not terminal.clock's
+HONG_KONG_TIME = timezone(timedelta(hours=8))  # docs/rules.md §1; deliberately not terminal.clock's
 
 
 def hk_day(at: datetime) -> date:
@@ -52,7 +53,7 @@ def hk_day(at: datetime) -> date:
 
 
 def negative_limit(identity: Identity) -> int:
-    """RULES.md §2 "Negative value limit"."""
+    """docs/rules.md §2 "Negative value limit"."""
     if identity.kind is Kind.MOBILE:
         return 5_000
     if identity.kind is Kind.ON_LOAN and identity.issued >= date(2017, 10, 1):
@@ -61,13 +62,13 @@ def negative_limit(identity: Identity) -> int:
 
 
 def stored_value_limit(identity: Identity, purse: Purse) -> int:
-    """RULES.md §2 "Stored value limit"."""
+    """docs/rules.md §2 "Stored value limit"."""
     change = date(2019, 10, 1) if identity.kind is Kind.MOBILE else date(2019, 12, 1)
     return 300_000 if purse.svl_upgraded or identity.issued >= change else 100_000
 
 
 def expected_fare_class(identity: Identity, purse: Purse, today: date) -> FareClass:
-    """RULES.md §4, with the reading that a Student status counts through its expiry date."""
+    """docs/rules.md §4, with the reading that a Student status counts through its expiry date."""
     if identity.category is Category.CHILD:
         return FareClass.CHILD
     if identity.category is Category.ELDER:
@@ -88,7 +89,7 @@ STATUS_REASON = {Status.SUSPENDED: Reason.SUSPENDED, Status.BLOCKED: Reason.BLOC
 
 
 def expected_status(purse: Purse, entries: list[ListEntry], at: datetime) -> Status:
-    """RULES.md §7: lost counts three hours after the report, the others at once; the most
+    """docs/rules.md §7: lost counts three hours after the report, the others at once; the most
     severe status wins and a list never lowers the card's own."""
     status = purse.status
     for entry in entries:
@@ -101,14 +102,14 @@ def expected_status(purse: Purse, entries: list[ListEntry], at: datetime) -> Sta
 @dataclass(frozen=True)
 class Expected:
     approved: bool
-    reasons: frozenset[Reason] = frozenset()  # any of these (RULES.md orders none of them)
+    reasons: frozenset[Reason] = frozenset()  # any of these (docs/rules.md orders none of them)
     status_write: Status | None = None  # a list-ordered status change to write
     reload_cents: int | None = None
     balance_after_cents: int | None = None
 
 
 def expected_gate(purse: Purse, at: datetime, entries: list[ListEntry]) -> Expected | None:
-    """RULES.md §3 step 1 with §6 and §7."""
+    """docs/rules.md §3 step 1 with §6 and §7."""
     status = expected_status(purse, entries, at)
     inactive = (hk_day(at) - purse.last_add_value).days >= 1000
     if status is not Status.ACTIVE:
@@ -123,7 +124,7 @@ def expected_gate(purse: Purse, at: datetime, entries: list[ListEntry]) -> Expec
 
 def expected_payment(identity: Identity, purse: Purse, fare: int, at: datetime,
                      entries: list[ListEntry]) -> Expected:
-    """RULES.md §3 steps 2-4, with its readings."""
+    """docs/rules.md §3 steps 2-4, with its readings."""
     gate = expected_gate(purse, at, entries)
     if gate is not None:
         return gate
@@ -139,7 +140,7 @@ def expected_payment(identity: Identity, purse: Purse, fare: int, at: datetime,
 
 def expected_add_value(identity: Identity, purse: Purse, amount: int, minimum: int,
                        at: datetime, entries: list[ListEntry]) -> Expected:
-    """RULES.md §5."""
+    """docs/rules.md §5."""
     gate = expected_gate(purse, at, entries)
     if gate is not None:
         return gate
@@ -250,7 +251,7 @@ def tariffs() -> st.SearchStrategy[Tariff]:
 
 
 def boundary_tariffs(purse: Purse) -> st.SearchStrategy[Tariff]:
-    """Flat fares one cent either side of where RULES.md §3 changes its answer, for both
+    """Flat fares one cent either side of where docs/rules.md §3 changes its answer, for both
     negative limits (so that a card given the wrong one is caught either way)."""
     balance, reload = purse.balance_cents, purse.aavs_reload_cents
     fares = around(balance, balance + 3_500, balance + 5_000,
@@ -417,7 +418,7 @@ def test_an_approved_add_value_stays_within_the_card_limits(case) -> None:
 @REFERENCE
 @given(payments())
 def test_payment_decides_as_rules_md_reads(case) -> None:
-    """The whole decision against a reference reading of RULES.md §3, §4, §6 and §7."""
+    """The whole decision against a reference reading of docs/rules.md §3, §4, §6 and §7."""
     identity, purse, tariff, at, entries = case
     decision = decide_payment(identity, purse, tariff, at, entries)
     cls = expected_fare_class(identity, purse, hk_day(at))
@@ -440,7 +441,7 @@ def test_payment_decides_as_rules_md_reads(case) -> None:
 @REFERENCE
 @given(add_values())
 def test_add_value_decides_as_rules_md_reads(case) -> None:
-    """The whole decision against a reference reading of RULES.md §5, §6 and §7."""
+    """The whole decision against a reference reading of docs/rules.md §5, §6 and §7."""
     identity, purse, amount, minimum, at, entries = case
     decision = decide_add_value(identity, purse, amount, at, entries, minimum_cents=minimum)
     expected = expected_add_value(identity, purse, amount, minimum, at, entries)

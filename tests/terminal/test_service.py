@@ -1,4 +1,4 @@
-"""The service terminal's rules (RULES.md §6, §8) as tables at every boundary, then through the
+"""The service terminal's rules (docs/rules.md §6, §8) as tables at every boundary, then through the
 terminal's transaction on the in-process card: the journal, a torn return, settlement batches.
 
 Expected amounts are literals worked out from the seeds, never the code's constants."""

@@ -1,4 +1,4 @@
-"""Fixtures for the CLI contract tests (DESIGN.md §7).
+"""Fixtures for the CLI contract tests (docs/cli.md).
 
 ``farebox`` runs the command in-process through ``farebox.tools.cli.main(argv)`` (the exit code is its
 return value; stdout/stderr come from capsys) and, for the few tests that must prove the installed
@@ -37,7 +37,7 @@ class Run:
         return json.loads(self.out)
 
     def assert_bad_input(self) -> None:
-        """DESIGN §7: exit 2, a one-line message on stderr, no traceback, nothing on stdout."""
+        """docs/cli.md: exit 2, a one-line message on stderr, no traceback, nothing on stdout."""
         assert self.code == 2, f"exit {self.code}, stdout {self.out!r}, stderr {self.err!r}"
         assert self.out == ""
         assert self.err.endswith("\n") and self.err.count("\n") == 1, \

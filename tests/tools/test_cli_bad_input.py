@@ -1,4 +1,4 @@
-"""Bad input to the ``farebox`` command (DESIGN.md §7): exit 2, a one-line message on stderr, no
+"""Bad input to the ``farebox`` command (docs/cli.md): exit 2, a one-line message on stderr, no
 traceback, and nothing changed — no card file created or altered, and no terminal journal created
 when the error is found before the journal is opened (every case here except the journal ones)."""
 

@@ -1,4 +1,4 @@
-"""The ``farebox`` command-line contract (DESIGN.md §7) and the rules it reaches (RULES.md).
+"""The ``farebox`` command-line contract (docs/cli.md) and the rules it reaches (docs/rules.md).
 
 Expected values are literals taken from the documents, never from the code's constants. Times put
 the Hong Kong date and the UTC date on different days where a rule counts days, so that a rule
@@ -32,7 +32,7 @@ REASONS = {"insufficient_value", "blocked", "suspended", "cancelled", "inactive"
 
 
 def luhn_check_digit(payload: str) -> int:
-    """ISO 7812 check digit (RULES §1), written out independently of the code."""
+    """ISO 7812 check digit (docs/rules.md §1), written out independently of the code."""
     total = 0
     for i, ch in enumerate(reversed(payload)):
         d = int(ch) * (2 if i % 2 == 0 else 1)
@@ -134,7 +134,7 @@ def test_card_new_default_balance_by_kind_and_category(farebox, kind, category, 
 
 
 @pytest.mark.parametrize(("number", "shown_as"), [
-    ("12345678", "12345678(2)"),      # DESIGN §7's own example
+    ("12345678", "12345678(2)"),      # docs/cli.md's own example
     ("12345678(2)", "12345678(2)"),   # with its (right) check digit
     ("00000001", "00000001(8)"),
     ("87654321", "87654321(6)"),
@@ -470,8 +470,8 @@ def test_list_orders_status_written_to_card(farebox, reason, status):
 
 
 def test_block_is_permanent_and_outranks_suspension(farebox):
-    """RULES §7: a suspended card reported lost becomes blocked; a blocked card stays blocked
-    whatever a later list says."""
+    """docs/rules.md §7: a suspended card reported lost becomes blocked; a blocked card stays
+    blocked whatever a later list says."""
     card = farebox.card(number="12345678")
     suspend = farebox.hotlist([{"card": "12345678", "reason": "aavs_suspended",
                                 "at": "2026-11-01T00:00:00Z"}], "suspend.json")

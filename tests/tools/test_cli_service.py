@@ -1,5 +1,5 @@
-"""``farebox service`` (RULES.md §6, §8) through the CLI: the boundaries of every fee, bad input
-(exit 2, one line, nothing changed), a torn return, and one return over nfcpy's UDP link.
+"""``farebox service`` (docs/rules.md §6, §8) through the CLI: the boundaries of every fee, bad
+input (exit 2, one line, nothing changed), a torn return, and one return over nfcpy's UDP link.
 
 Expected amounts are literals worked out from the seeds. Times with ``Z`` put the Hong Kong date
 on the next day where a rule counts days (``2020-09-30T16:00:00Z`` is 2020-10-01 in Hong Kong)."""
