@@ -8,7 +8,7 @@ from farebox.terminal.core.clock import now_utc
 from farebox.terminal.runtime import fetch_action_list
 
 from farebox.tools import output
-from farebox.tools.common import config_option, json_option, settings, setup_errors, state_option
+from farebox.tools.common import config_option, json_option, settings, state_option
 
 
 @click.group()
@@ -25,8 +25,7 @@ def fetch(state_dir, config_file, url, as_json) -> None:
     """Fetch the signed action list, verify it with clearing_public_key, refuse an expired list or
     one older than the list held, and keep it: every later tap applies it."""
     config = settings(config_file, state_dir=state_dir)
-    with setup_errors():
-        fetched, changed = fetch_action_list(config, url, now_utc())
+    fetched, changed = fetch_action_list(config, url, now_utc())
     obj = {"serial": fetched.serial, "entries": len(fetched.entries),
            "expires": fetched.expires_utc, "changed": changed}
     output.emit(obj, as_json, f"action list serial {fetched.serial}: {len(fetched.entries)} "

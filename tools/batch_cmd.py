@@ -10,7 +10,7 @@ from farebox.terminal.runtime import batch_policy, open_settlement
 from farebox.terminal.store.settlement import DEFAULT_MAX_ITEMS, Batch
 
 from farebox.tools import output
-from farebox.tools.common import config_option, json_option, settings, setup_errors, state_option
+from farebox.tools.common import config_option, json_option, settings, state_option
 
 #: exit status of ``batch verify`` when a batch does not verify (0: all verify; 2: bad input)
 EXIT_VERIFY_FAILED = 3
@@ -32,7 +32,7 @@ def close(state_dir, config_file, max_records, as_json) -> None:
     still in doubt wait for a later batch)."""
     config = settings(config_file, state_dir=state_dir)
     closed = []
-    with setup_errors(), open_settlement(config) as settlement:
+    with open_settlement(config) as settlement:
         while (made := settlement.close_batch(now_utc(), max_records)) is not None:
             closed.append(made)
         held_back = settlement.held_back()
@@ -56,7 +56,7 @@ def close(state_dir, config_file, max_records, as_json) -> None:
 def list_batches(state_dir, config_file, as_json) -> None:
     """Every batch, with its totals and whether the clearing house has acknowledged it."""
     config = settings(config_file, state_dir=state_dir)
-    with setup_errors(), open_settlement(config) as settlement:
+    with open_settlement(config) as settlement:
         batches = settlement.batches()
         pending, held_back = settlement.pending_items(), settlement.held_back()
         terminal_id = settlement.identity.terminal_id
@@ -79,7 +79,7 @@ def list_batches(state_dir, config_file, as_json) -> None:
 def verify(state_dir, config_file, as_json) -> None:
     """Check every batch's hash, chain, signature and records (exit 3 if one fails)."""
     config = settings(config_file, state_dir=state_dir)
-    with setup_errors(), open_settlement(config) as settlement:
+    with open_settlement(config) as settlement:
         check = settlement.verify()
     obj = {"ok": check.ok, "batches": check.batches, "bad_batch": check.bad_batch,
            "problem": check.problem}

@@ -17,10 +17,8 @@ from farebox.terminal.card.keys import published_test_keys
 from farebox.tools import output
 from farebox.tools.common import (
     InputError, config_option, json_option, open_reader, reader_timeout_option, settings,
-    setup_errors,
 )
 from farebox.tools.params import CARD_NUMBER, DATE, POSITIVE_AMOUNT, SIGNED_AMOUNT
-from farebox.tools.tapping import card_errors
 
 _KINDS = {k.label: k for k in Kind}
 _CATEGORIES = {c.label: c for c in Category}
@@ -100,8 +98,7 @@ def show(card_file: Path | None, reader: str | None, timeout_s: float, config_fi
 def _keys(config_file):
     from farebox.terminal.runtime import load_keys
 
-    with setup_errors():
-        return load_keys(settings(config_file))
+    return load_keys(settings(config_file))
 
 
 def _read_blocks(spec: str, timeout_s: float) -> tuple[bytes, list[bytes], str]:
@@ -109,15 +106,14 @@ def _read_blocks(spec: str, timeout_s: float) -> tuple[bytes, list[bytes], str]:
     from farebox.terminal.ops.examine import read_card_blocks
     from farebox.terminal.runtime import card_readers
 
-    with card_errors(), setup_errors():
-        try:
-            with card_readers(wait_s=timeout_s).session(spec, look=True) as session:
-                return session.idm, read_card_blocks(session), session.transport.name
-        except NoCard:
-            if not is_card_file(spec):
-                raise
-            raise InputError("the card does not work with this terminal (not a FeliCa Lite-S "
-                             "card; for an Octopus dump try farebox octopus balance)") from None
+    try:
+        with card_readers(wait_s=timeout_s).session(spec, look=True) as session:
+            return session.idm, read_card_blocks(session), session.transport.name
+    except NoCard:
+        if not is_card_file(spec):
+            raise
+        raise InputError("the card does not work with this terminal (not a FeliCa Lite-S "
+                         "card; for an Octopus dump try farebox octopus balance)") from None
 
 
 def _show(spec: str, keys, as_json: bool, timeout_s: float = 0.0, *,

@@ -4,19 +4,12 @@ which maps them to exit statuses (2: bad input, one line)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from farebox.protocol.reader import Reader
-from farebox.protocol.sim.card import Faults
 from farebox.terminal.config import TerminalConfig, load_config
-from farebox.terminal.runtime import (
-    RuntimeSetupError, default_state_dir, open_terminal, open_transport, state_dir,
-)
-from farebox.terminal.card.tap import Terminal
+from farebox.terminal.runtime import default_state_dir, open_terminal, open_transport, state_dir
 
 
 class InputError(click.ClickException):
@@ -44,28 +37,6 @@ def settings(config_file: Path | None, **flags) -> TerminalConfig:
     return load_config(config_file).with_flags(**flags)
 
 
-@contextmanager
-def setup_errors() -> Iterator[None]:
-    """A RuntimeSetupError as an InputError (a click error). ``main`` maps every BadInput to exit
-    2 with the same line by itself: this is only for a command that catches click errors, e.g.
-    ``service return``, which reports the cards already returned before a later card's error."""
-    try:
-        yield
-    except RuntimeSetupError as error:
-        raise InputError(str(error)) from None
-
-
-def open_reader(spec: str, *, faults: Faults | None = None, writable: bool = True) -> Reader:
-    with setup_errors():  # service return: a later card's file that cannot be opened
-        return open_transport(spec, faults=faults, writable=writable)
-
-
-@contextmanager
-def terminal(config: TerminalConfig) -> Iterator[Terminal]:
-    with setup_errors(), open_terminal(config) as term:  # likewise, inside the block
-        yield term
-
-
 def state_notice(config: TerminalConfig) -> None:
     """Said once, on stderr, when the state directory is the default one."""
     if config.state_dir is None:
@@ -73,5 +44,10 @@ def state_notice(config: TerminalConfig) -> None:
                    "(choose with --state DIR or FAREBOX_STATE)", err=True)
 
 
+#: the reader a spec names, and the terminal a configuration assembles (their errors are
+#: TerminalErrors that ``main`` maps to exit codes)
+open_reader = open_transport
+terminal = open_terminal
+
 __all__ = ["InputError", "config_option", "json_option", "open_reader", "reader_timeout_option",
-           "settings", "setup_errors", "state_dir", "state_notice", "state_option", "terminal"]
+           "settings", "state_dir", "state_notice", "state_option", "terminal"]

@@ -21,8 +21,7 @@ from farebox.terminal.core.rules import FareClass, ListEntry, ListReason, Tariff
 from farebox.terminal.runtime import card_readers, default_state_dir
 
 from farebox.tools import output
-from farebox.tools.common import json_option, settings, setup_errors, state_option, terminal
-from farebox.tools.tapping import card_errors
+from farebox.tools.common import json_option, settings, state_option, terminal
 
 BUS = Tariff({FareClass.ADULT: 580, FareClass.CHILD: 290, FareClass.ELDER: 200,
               FareClass.STUDENT: 290, FareClass.DISABILITY: 200})
@@ -53,7 +52,7 @@ def demo(state_dir: Path | None, as_json: bool) -> None:
         cards = card_readers()
 
         def step(caption: str, card: Path, run, what: str = "fare") -> None:
-            with card_errors(), setup_errors(), cards.session(f"sim:{card}") as session:
+            with cards.session(f"sim:{card}") as session:
                 result = run(session)
             term.idle()
             if as_json:

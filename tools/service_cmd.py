@@ -30,12 +30,11 @@ from farebox.terminal.runtime import card_readers, load_keys
 
 from farebox.tools import output
 from farebox.tools.common import (
-    InputError, config_option, json_option, settings, setup_errors, state_notice, state_option,
+    InputError, config_option, json_option, settings, state_notice, state_option,
     terminal,
 )
 from farebox.tools.params import DATE, POSITIVE_AMOUNT, TIME
 from farebox.tools.tap_cmd import _faults, hotlist_option, leave_after_option, torn_write_option
-from farebox.tools.tapping import card_errors
 
 _KINDS = {k.label: k for k in Kind}
 _CATEGORIES = {c.label: c for c in Category}
@@ -93,7 +92,7 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
                            concession=_CONCESSIONS[concession],
                            concession_expiry=concession_expiry, aavs_reload_cents=aavs or 0)
     cards = card_readers(wait_s=wait_s, again="present")
-    with card_errors(), setup_errors(), terminal(config) as term:
+    with terminal(config) as term:
         try:
             if reader_spec is None:
                 issued = issue_cards(term.journal, term.keys, list(card_files), request, at)
@@ -145,7 +144,7 @@ def return_(card_files, damaged, reader_spec, wait_s, at, state_dir, config_file
     specs = _specs(card_files, reader_spec, leave_after, torn_write, many=True)
     config = settings(config_file, state_dir=state_dir, action_list=hotlist)
     cards = card_readers(faults=_faults(leave_after, torn_write), wait_s=wait_s, again="present")
-    with card_errors(), setup_errors(), terminal(config) as term:
+    with terminal(config) as term:
         try:
             results = return_cards(term, cards, specs, at or now_utc(), damaged=damaged)
         except PartlyReturned as error:  # say which cards were returned, then exit 1
@@ -288,8 +287,7 @@ def inactivity_fee(card_file, reader_spec, wait_s, at, config_file, as_json) -> 
     spec = _specs((card_file,) if card_file else (), reader_spec, many=False)[0]
     at = at or now_utc()
     config = settings(config_file)
-    with card_errors(), setup_errors():
-        image, fees = inactivity_fee_due(card_readers(wait_s=wait_s), spec, load_keys(config), at)
+    image, fees = inactivity_fee_due(card_readers(wait_s=wait_s), spec, load_keys(config), at)
     today = hk_date(at)
     obj = {
         "card": format_number(image.identity.card_number),
@@ -337,7 +335,7 @@ def _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, le
     at = at or now_utc()
     config = settings(config_file, state_dir=state_dir, action_list=hotlist)
     cards = card_readers(faults=_faults(leave_after, torn_write), wait_s=wait_s, again="present")
-    with card_errors(), setup_errors(), terminal(config) as term:
+    with terminal(config) as term:
         result = change_card(term, cards, spec, at, kind, decide)
         obj = {"card": format_number(result.card_number), **shape(result),
                "balance_before": fmt(result.balance_before_cents),

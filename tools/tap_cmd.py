@@ -14,10 +14,9 @@ from farebox.terminal.runtime import card_readers
 
 from farebox.tools import output
 from farebox.tools.common import (
-    config_option, json_option, settings, setup_errors, state_notice, state_option, terminal,
+    config_option, json_option, settings, state_notice, state_option, terminal,
 )
 from farebox.tools.params import AMOUNT, FARES, POSITIVE_AMOUNT, TIME
-from farebox.tools.tapping import card_errors
 
 card_argument = click.argument("card_file", metavar="CARD",
                                type=click.Path(dir_okay=False, path_type=Path))
@@ -60,7 +59,7 @@ def tap(card_file, fare, fares, at, state_dir, config_file, hotlist, leave_after
     if config.tariff is None:
         raise click.UsageError("give exactly one of --fare and --fares (or [fares] in --config)")
     cards = card_readers(faults=_faults(leave_after, torn_write))
-    with card_errors(), setup_errors(), cards.session(f"sim:{card_file}") as session, \
+    with cards.session(f"sim:{card_file}") as session, \
             terminal(config) as term:
         result = term.pay(session, config.tariff, at or now_utc())
         output.emit(output.tap_json(result, with_fare_class=True), as_json,
@@ -87,7 +86,7 @@ def add_value(card_file, amount, minimum, at, state_dir, config_file, hotlist, l
     config = settings(config_file, state_dir=state_dir, action_list=hotlist,
                       minimum_add_value_cents=minimum)
     cards = card_readers(faults=_faults(leave_after, torn_write))
-    with card_errors(), setup_errors(), cards.session(f"sim:{card_file}") as session, \
+    with cards.session(f"sim:{card_file}") as session, \
             terminal(config) as term:
         result = term.add_value(session, amount, at or now_utc())
         output.emit(output.tap_json(result, with_fare_class=False), as_json,

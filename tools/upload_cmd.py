@@ -10,7 +10,7 @@ from farebox.terminal.core.clock import now_utc
 from farebox.terminal.runtime import open_settlement
 
 from farebox.tools import output
-from farebox.tools.common import config_option, json_option, settings, setup_errors, state_option
+from farebox.tools.common import config_option, json_option, settings, state_option
 
 #: exit status when some batch could not be delivered (0: all acknowledged; 2: bad input)
 EXIT_INCOMPLETE = 3
@@ -30,7 +30,7 @@ def upload(state_dir, config_file, url, attempts, as_json) -> None:
     if not url.startswith(("http://", "https://")):
         raise click.BadParameter("expected http://... or https://...", param_hint="--url")
     config = settings(config_file, state_dir=state_dir)
-    with setup_errors(), open_settlement(config) as settlement:
+    with open_settlement(config) as settlement:
         total = len(settlement.unacknowledged())
         show = total > 0 and not as_json and sys.stderr.isatty()
         with click.progressbar(length=total, label="uploading batches", file=sys.stderr,

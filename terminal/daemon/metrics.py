@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable
 
-from farebox.terminal.config import MetricsError, parse_listen  # noqa: F401  (the endpoint's address)
+from farebox.terminal.config import MetricsError
 
 LOG = logging.getLogger("farebox.terminal.daemon.metrics")
 

@@ -1,5 +1,5 @@
 """Looking at a whole card (``card show``, the operator tools): its history and limits; no rules,
-no writes. Reading it is ``read_card`` (terminal/card/present.py, re-exported here)."""
+no writes. Reading it is ``read_card`` (terminal/card/present.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from datetime import date
 
 from farebox.cardimage.model import CardImage, LogEntry, LogType
 
-from farebox.terminal.card.present import read_card  # noqa: F401  (re-exported)
 from farebox.terminal.core.rules import (
     FareClass, fare_class, negative_limit_cents, stored_value_limit_cents,
 )

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from farebox.protocol.settlement import GENESIS_HASH, HASHED_FIELDS, record_hash
+from farebox.protocol.settlement import GENESIS_HASH, record_hash
 
 from farebox.terminal.core.clock import parse_utc, utc_fixed, utc_iso
 from farebox.terminal.core.rules import Record, RecordType

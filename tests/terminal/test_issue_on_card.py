@@ -13,7 +13,7 @@ from farebox.cardimage.model import Category, Status
 from farebox.protocol.session import LiteSSession
 from farebox.protocol.sim.card import Faults, SimulatedLiteS
 from farebox.protocol.sim.inprocess import InProcessTransport
-from farebox.terminal.ops.cardview import read_card
+from farebox.terminal.card.present import read_card
 from farebox.terminal.card.issue import IssueRequest, issue, new_idm
 from farebox.terminal.store.journal import Journal
 from farebox.terminal.card.keys import published_test_keys

@@ -23,7 +23,8 @@ from farebox.clearing.report import build
 from farebox.clearing.service import Receiver
 from farebox.clearing.store import Store
 from farebox.terminal.store.identity import init_identity
-from farebox.terminal.ops.cardview import history, read_card
+from farebox.terminal.card.present import read_card
+from farebox.terminal.ops.cardview import history
 from farebox.terminal.card.issue import IssueRequest, issue, new_idm
 from farebox.terminal.store.journal import Journal
 from farebox.terminal.card.keys import published_test_keys

@@ -280,7 +280,8 @@ def test_a_torn_block_write_is_treated_as_torn_not_rollback(journal, write_numbe
 
 
 def test_a_torn_log_block_is_written_again_by_the_next_write(journal, tmp_path):
-    from farebox.terminal.ops.cardview import history, read_card
+    from farebox.terminal.card.present import read_card
+    from farebox.terminal.ops.cardview import history
 
     terminal = Terminal(journal, KEYS)
     card = new_card()

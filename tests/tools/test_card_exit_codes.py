@@ -1,9 +1,8 @@
-"""The exit codes of a card transaction's errors (tools/tapping.py): one table for every command
-that works on a card."""
+"""The exit codes of a card transaction's errors, from the CLI's one mapping (tools/cli.py
+``exit_status``): 1 for "present the card again", 2 for a refusal that changed nothing."""
 
 from __future__ import annotations
 
-import click
 import pytest
 
 from farebox.protocol.errors import TransportTimeout
@@ -11,7 +10,7 @@ from farebox.terminal.card.desk import CardDeclined, IssueInterrupted, PartlyRet
 from farebox.terminal.card.present import CardLeft, CardUnusable, NoCard
 from farebox.terminal.card.tap import RequestRefused, TapInterrupted
 from farebox.terminal.core.service import ServiceRefused
-from farebox.tools.tapping import card_errors, tap_exit_code
+from farebox.tools.cli import exit_status
 
 CAUSE = TransportTimeout("no answer")
 
@@ -30,11 +29,4 @@ CAUSE = TransportTimeout("no answer")
     (RuntimeError("boom"), None),
 ])
 def test_the_exit_code_of_each_card_error(error, code):
-    assert tap_exit_code(error) == code
-    if code is None:
-        with pytest.raises(type(error)), card_errors():
-            raise error
-        return
-    with pytest.raises(click.ClickException) as mapped, card_errors():
-        raise error
-    assert mapped.value.exit_code == code and mapped.value.format_message() == str(error)
+    assert exit_status(error) == code
