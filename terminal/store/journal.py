@@ -3,9 +3,9 @@
 * ``records``: one row per value movement (and per list-ordered status change), with a gapless
   terminal sequence and a hash chain over the previous record.
 * ``card_writes``: one row per card write, ``intent`` before the card is touched, then through the
-  life cycle in ``writestate.py``. It keeps what the write was for (request kind, outcome), the
-  purse slot bytes it writes and its log block, so a re-tap can complete it and a torn log block
-  can be written again.
+  life cycle in ``terminal/core/writecycle.py``. It keeps what the write was for (request kind,
+  outcome), the purse slot bytes it writes and its log block, so a re-tap can complete it and a
+  torn log block can be written again.
 * ``cards``: the highest counter this terminal has verified on each card and the purse slot bytes
   it saw at that counter. A card presenting a lower counter is an older copy; one presenting the
   same counter with other bytes is a copy that was restored and written again (a fork). Both are
