@@ -165,8 +165,13 @@ def _table(document: dict, name: str, path: Path) -> dict:
 
 
 def _string(value: object, key: str) -> str:
+    """A non-empty string without NUL characters: every path-valued key (state, action_list,
+    keys' file:PATH, reader's sim:PATH / tty:PATH) and every other text key is read by this one
+    check, so a NUL never reaches the operating system (which refuses it as an internal error)."""
     if not isinstance(value, str) or not value:
         raise ValueError("expected a non-empty string")
+    if "\x00" in value:
+        raise ValueError("contains a NUL character (\\u0000); a path cannot hold one")
     return value
 
 

@@ -412,3 +412,34 @@ def test_message_naming_a_path_with_a_newline_is_one_line(farebox, card, what):
         run = farebox("card", "new", odd, "--issued", "2026-01-15")
     run.assert_bad_input()
     assert not farebox.state.exists()
+
+
+# ==== a NUL in a configured path (issue 17, item 8) =============================================
+
+@pytest.mark.parametrize("key, value", [
+    ("action_list", "a\\u0000b"), ("keys", "file:\\u0000"), ("state", "st\\u0000ate"),
+    ("reader", "sim:card\\u0000.json"),
+])
+@pytest.mark.parametrize("command", [["tap", "--fare", "5.80"], ["add-value", "--amount", "50"]])
+def test_a_nul_in_a_configured_path_is_bad_input_naming_the_key(farebox, card, command, key,
+                                                                 value):
+    config = farebox.path("terminal.toml")
+    config.write_text(f'[terminal]\n{key} = "{value}"\n', encoding="utf-8")
+    before = card.read_bytes()
+    run = farebox(command[0], card, *command[1:], "--at", AT, "--state", farebox.state,
+                  "--config", config)
+    run.assert_bad_input()
+    assert f"terminal.{key}:" in run.err and "NUL" in run.err
+    assert card.read_bytes() == before
+    assert not farebox.state.exists()
+
+
+@pytest.mark.parametrize("key", ["action_list", "keys", "state", "reader"])
+def test_a_nul_in_a_configured_path_is_bad_input_for_the_daemon(farebox, key):
+    value = "file:\\u0000" if key == "keys" else "x\\u0000"
+    config = farebox.path("terminal.toml")
+    config.write_text(f'[terminal]\n{key} = "{value}"\n', encoding="utf-8")
+    run = farebox("run", "--config", config, "--state", farebox.state)
+    run.assert_bad_input()
+    assert f"terminal.{key}:" in run.err
+    assert not farebox.state.exists()
