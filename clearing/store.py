@@ -270,11 +270,13 @@ class Store:
     def counter_forks(self) -> list[tuple[int, int, int]]:
         """(card, counter spent, how many writes spent it) where more than one write committed
         a change from the same card counter (a restored card image used again). The records
-        of one write share terminal, incarnation and time."""
+        of one write share terminal, incarnation and time. A terminal's ``clock_reset`` records
+        (card 0, no card involved) are no card's change."""
         return self._all(
             "SELECT card_number, counter_before, "
             "count(DISTINCT terminal_id || ':' || incarnation || ':' || at_utc) FROM records "
-            "WHERE state = 'committed' GROUP BY card_number, counter_before "
+            "WHERE state = 'committed' AND type != 'clock_reset' "
+            "GROUP BY card_number, counter_before "
             "HAVING count(DISTINCT terminal_id || ':' || incarnation || ':' || at_utc) > 1 "
             "ORDER BY card_number, counter_before")
 

@@ -12,6 +12,7 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
     action_list = "/etc/farebox/hotlist.json"
     minimum_add_value = "50.00"
     retap_window_s = 60
+    max_clock_ahead_s = 604800      # a tap time further past the terminal's trusted time is flagged
     batch_max_records = 1000        # settlement: close a batch at this many records,
     batch_max_age_s = 900           # when the oldest is this old, and at Hong Kong midnight
     batch_retention_days = 90       # acknowledged batches' bodies are dropped after this
@@ -45,12 +46,13 @@ from farebox.terminal.store.identity import TERMINAL_ID_PATTERN
 from farebox.terminal.store.settlement import (
     DEFAULT_MAX_AGE_S, DEFAULT_MAX_ITEMS, DEFAULT_RETENTION,
 )
-from farebox.terminal.card.tap import DEFAULT_RETAP_WINDOW_S
+from farebox.terminal.card.tap import DEFAULT_MAX_CLOCK_AHEAD_S, DEFAULT_RETAP_WINDOW_S
 
 ENV_CONFIG = "FAREBOX_CONFIG"
 ENV_STATE = "FAREBOX_STATE"
 _TERMINAL_ID = TERMINAL_ID_PATTERN
 _MAX_RETAP_WINDOW_S = 24 * 3600
+_CLOCK_AHEAD_RANGE_S = (60, 366 * 24 * 3600)
 
 
 class ConfigError(BadInput, ValueError):
@@ -68,6 +70,7 @@ class TerminalConfig:
     tariff: Tariff | None = None
     minimum_add_value_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS
     retap_window_s: float = DEFAULT_RETAP_WINDOW_S
+    max_clock_ahead_s: float = DEFAULT_MAX_CLOCK_AHEAD_S
     batch_max_records: int = DEFAULT_MAX_ITEMS
     batch_max_age_s: float = DEFAULT_MAX_AGE_S
     batch_retention_days: int = DEFAULT_RETENTION.days
@@ -134,6 +137,7 @@ def _from_toml(path: Path) -> dict:
         "action_list": ("action_list", lambda v, k: Path(_string(v, k))),
         "minimum_add_value": ("minimum_add_value_cents", _amount),
         "retap_window_s": ("retap_window_s", _window),
+        "max_clock_ahead_s": ("max_clock_ahead_s", _clock_ahead),
         "batch_max_records": ("batch_max_records", _batch_records),
         "batch_max_age_s": ("batch_max_age_s", _batch_age),
         "batch_retention_days": ("batch_retention_days", _retention_days),
@@ -250,6 +254,13 @@ def _window(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not 0 <= value <= _MAX_RETAP_WINDOW_S:
         raise ValueError(f"expected a number of seconds from 0 to {_MAX_RETAP_WINDOW_S}")
+    return float(value)
+
+
+def _clock_ahead(value: object, key: str) -> float:
+    low, high = _CLOCK_AHEAD_RANGE_S
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"expected a number of seconds from {low} to {high}")
     return float(value)
 
 

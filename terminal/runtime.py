@@ -232,7 +232,7 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
     journal = open_journal(config)
     try:
         terminal = Terminal(journal, keys, action_list, config.minimum_add_value_cents,
-                            config.retap_window_s)
+                            config.retap_window_s, config.max_clock_ahead_s)
         yield terminal
         terminal.idle()
     finally:

@@ -37,6 +37,12 @@ from farebox.terminal.core.writecycle import (
 )
 
 DEFAULT_RETAP_WINDOW_S = 60.0
+#: How far past this terminal's trusted time (its high-water mark) a tap time may be and still be
+#: believed (docs/rules.md §3 "Clock"). One day: a terminal is in daily use, and a clock a day or
+#: more ahead is a wrong clock, not a busy day; a terminal idle for longer is trusted again by the
+#: first card used that same day elsewhere (its latest date corroborates the time).
+DEFAULT_MAX_CLOCK_AHEAD_S = 7 * 24 * 3600.0
+_DAY = timedelta(days=1)
 PAYMENT, ADD_VALUE = "payment", "add_value"
 
 
@@ -113,12 +119,14 @@ class Terminal:
     def __init__(self, journal: Journal, keys: SoftwareKeyStore,
                  action_list: Iterable[ListEntry] = (),
                  minimum_add_value_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS,
-                 retap_window_s: float = DEFAULT_RETAP_WINDOW_S) -> None:
+                 retap_window_s: float = DEFAULT_RETAP_WINDOW_S,
+                 max_clock_ahead_s: float = DEFAULT_MAX_CLOCK_AHEAD_S) -> None:
         self.journal = journal
         self.keys = keys
         self.action_list = tuple(action_list)
         self.minimum_add_value_cents = minimum_add_value_cents
         self.retap_window = timedelta(seconds=retap_window_s)
+        self.max_clock_ahead = timedelta(seconds=max_clock_ahead_s)
 
     def pay(self, session: LiteSSession, tariff: Tariff, at: datetime) -> TapResult:
         return self._tap(session, at, _Request(
@@ -191,7 +199,7 @@ class Terminal:
             except ServiceRefused as error:
                 raise RequestRefused(str(error)) from None
         slot_bytes = _slot_bytes(card, raw)
-        trusted, rules_at = self._trusted_time(card, at)
+        trusted, rules_at, card_ahead = self._trusted_time(card, at)
 
         memory = self.journal.card_memory(number)
         known = 0 if memory is None else memory.counter
@@ -212,6 +220,11 @@ class Terminal:
                              commands=session.commands, clock_trusted=trusted, idm=idm)
 
         decision = request.decide(card, rules_at, trusted)
+        if card_ahead and decision.new_purse is not None:
+            balance = (decision.records[-1].balance_after_cents if decision.records
+                       else card.purse.balance_cents)
+            decision = replace(decision, records=decision.records + (
+                Record(RecordType.CARD_DATE_AHEAD, 0, balance),))
         if decision.new_purse is None:
             self.journal.observe(number, counter, slot_bytes[counter],
                                  trusted_at=at if trusted else None,
@@ -270,23 +283,39 @@ class Terminal:
         a service request checks every card with it before changing any."""
         return self._trusted_time(card, at)[0]
 
-    def _trusted_time(self, card: CardImage, at: datetime) -> tuple[bool, datetime]:
-        """Whether ``at`` can be believed, and the time the rules are applied at.
+    def _trusted_time(self, card: CardImage, at: datetime) -> tuple[bool, datetime, bool]:
+        """Whether ``at`` can be believed, the time the rules are applied at, and whether the
+        card's latest date is ahead of a clock this terminal trusts (the card's anomaly).
 
-        A time before this terminal's high-water mark, or before the latest date the card
-        records, is untrusted: the rules then run at the latest of those two (fares by that
-        date's rules), with no automatic add value and no change to the inactivity clock, and
-        the records are flagged."""
+        * A time before this terminal's high-water mark is untrusted.
+        * A time more than ``max_clock_ahead`` past the mark is untrusted too, unless the card
+          corroborates it (its latest date is that day, or at most ``max_clock_ahead`` before
+          its end): one wrong reading never moves the mark far.
+        * A time within the bound of the mark is the terminal's own trusted time: a card whose
+          latest date is later is the card's anomaly (flagged by a ``card_date_ahead`` record),
+          not a reason to distrust the clock. A new terminal (no mark yet) has nothing to judge
+          the card by: a time before the card's latest date is untrusted, as before.
+
+        An untrusted time runs the rules at the latest of the mark and the card's latest date,
+        with no automatic add value and no change to the inactivity clock; its records are
+        flagged and it never moves the mark."""
         purse = card.purse
         card_day = max(d for d in (purse.last_add_value, purse.last_auto_reload,
                                    purse.last_payment) if d is not None)
-        floor = start_of_hk_day(card_day)
-        high_water = self.journal.time_high_water()
-        if high_water is not None and high_water > floor:
-            floor = high_water
-        if at >= floor:
-            return True, at
-        return False, floor
+        card_start = start_of_hk_day(card_day)
+        mark = self.journal.time_high_water()
+        floor = card_start if mark is None else max(mark, card_start)
+        if mark is not None and at > mark + self.max_clock_ahead:
+            if card_start <= at <= card_start + _DAY + self.max_clock_ahead:
+                return True, at, False  # a card used that day agrees: the terminal was idle
+            return False, floor, False
+        if mark is not None and at < mark:
+            return False, floor, False
+        if at < card_start:
+            if mark is not None:
+                return True, at, True
+            return False, floor, False
+        return True, at, False
 
     def _resolve(self, card: CardImage, slot_bytes: dict[int, bytes], at: datetime,
                  open_writes: list[CardWrite]) -> list[tuple[CardWrite, CardWrite]]:

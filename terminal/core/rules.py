@@ -87,6 +87,13 @@ class RecordType(Enum):
     AAVS_CANCEL = "aavs_cancel"
     STUDENT_RENEWAL = "student_renewal"
     LIMIT_UPGRADE = "limit_upgrade"
+    # the terminal's clock (docs/rules.md §3 "Clock"; terminal/card/tap.py): amount 0
+    #: a card whose latest date is later than this terminal's trusted clock: the card's anomaly,
+    #: recorded after the tap's own records (balance_after the card's balance)
+    CARD_DATE_AHEAD = "card_date_ahead"
+    #: an operator reset this terminal's time high-water mark (`farebox terminal clock reset`);
+    #: card_number 0, counters 0, balances 0: no card is involved
+    CLOCK_RESET = "clock_reset"
 
 
 class ListReason(Enum):

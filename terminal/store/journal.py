@@ -563,6 +563,46 @@ class Journal:
                          expected_slot, WriteState.INTENT, at_utc, outcome=outcome,
                          log_block=log_block, log_data=log_data, log_confirmed=False)
 
+    def reset_clock(self, at: datetime, reason: str) -> JournalRecord:
+        """An operator's reset of the time high-water mark to ``at`` (``farebox terminal clock
+        reset``): one durable transaction writes a ``clock_reset`` record (amount 0, card 0,
+        counters 0, balances 0, trusted: it is the operator's word for the time) and sets the
+        mark to ``at``, lower or higher. The record rides in the next batch like any other (its
+        card write, kind ``clock_reset``, is committed at once); the reason and the mark it
+        replaced are kept with that write."""
+        reason = reason.strip()
+        if not reason or "\x00" in reason:
+            raise ValueError("a reset needs a reason")
+        at_utc = utc_iso(at)
+        tap_id = "clock-reset-" + secrets.token_hex(6)
+        previous_mark = None if self._high_water is None else utc_iso(self._high_water)
+        self._flush()
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO card_writes (tap_id, card_number, idm, kind, counter_before, "
+                "counter_after, expected_slot, state, created_utc, resolved_utc, outcome, "
+                "log_confirmed) VALUES (?, 0, '', 'clock_reset', 0, 0, '', 'committed', ?, ?, ?, 1)",
+                (tap_id, at_utc, at_utc, json.dumps(
+                    {"reason": reason, "previous_high_water": previous_mark},
+                    separators=(",", ":"))))
+            row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, previous = (row[0] + 1, row[1]) if row else (1, GENESIS_HASH)
+            fields = {
+                "seq": seq, "terminal_id": self.terminal_id, "tap_id": tap_id, "card_number": 0,
+                "counter_before": 0, "counter_after": 0, "type": RecordType.CLOCK_RESET.value,
+                "amount_cents": 0, "balance_before_cents": 0, "balance_after_cents": 0,
+                "at_utc": at_utc, "prev_hash": previous, "clock_trusted": True,
+            }
+            fields["hash"] = record_hash(fields)
+            self._db.execute(_INSERT_RECORD, tuple(fields[name] for name in RECORD_FIELDS))
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('time_high_water_utc', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (utc_fixed(at),))
+        self._unsynced = False
+        self._high_water = self._high_water_saved = at
+        return JournalRecord(**{**fields, "type": RecordType.CLOCK_RESET},
+                             write_state=WriteState.COMMITTED)
+
     def resolve_write(self, write: CardWrite, state: WriteState, at: datetime, *,
                       log_confirmed: bool = False, sync: bool = True,
                       observed: bool = False) -> CardWrite:

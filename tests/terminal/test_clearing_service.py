@@ -108,3 +108,22 @@ def test_a_signed_batch_with_a_garbage_body_is_refused_not_crashed(rig, tmp_path
 
 def test_gaps_are_the_missing_runs():
     assert gaps([1, 2, 3]) == [] and gaps([2, 3, 7]) == [[1, 1], [4, 6]]
+
+
+def test_clock_resets_ride_in_a_batch_and_are_accepted_with_amount_zero_and_no_fork(rig):
+    receiver, settlement, batches, store = rig
+    for batch in batches:
+        send(receiver, settlement, batch)
+    journal = settlement.journal
+    hashes_before = journal.record_hashes()
+    first = journal.reset_clock(datetime(2026, 11, 22, 17, 0, tzinfo=timezone.utc), "RTC lost")
+    second = journal.reset_clock(datetime(2026, 11, 22, 18, 0, tzinfo=timezone.utc), "again")
+    assert (first.seq, second.seq) == (6, 7) and journal.verify_chain()
+    assert journal.record_hashes() == {**hashes_before, 6: first.hash, 7: second.hash}
+    batch = settlement.close_batch(NOW)
+    assert batch.items == 2 and settlement.verify()
+    ack = send(receiver, settlement, batch)
+    assert ack.records == 2 and not ack.again
+    report = build(store)
+    assert report["totals"]["committed"]["clock_reset"] == {"count": 2, "amount": "0.00"}
+    assert store.counter_forks() == [] and store.actions()[1] == []  # card 0 is no card's fork
