@@ -42,8 +42,8 @@ from farebox.terminal.errors import Interrupted, TerminalError
 from farebox.terminal.store.journal import Journal
 from farebox.terminal.card.keys import SoftwareKeyStore
 from farebox.terminal.card.present import CardReaders, is_card_file, label
-from farebox.terminal.card.tap import RequestRefused, TapResult, Terminal
-from farebox.terminal.core.rules import Decision, Reason, Record, RecordType, ordered_status
+from farebox.terminal.card.tap import RequestRefused, TapResult, Terminal, untrusted_clock
+from farebox.terminal.core.rules import Decision, Reason, Record, RecordType
 from farebox.terminal.core.service import (
     InactivityFees, IssueCharges, ServiceRefused, check_issued_by, check_request_size,
     decide_return, inactivity_fees, issue_charges, refund_breakdown,
@@ -97,7 +97,8 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
     high_water = journal.time_high_water()
     if high_water is not None and at < high_water:
         raise ServiceRefused(f"{at.isoformat()} is behind this terminal's latest transaction "
-                             f"({high_water.isoformat()}): check the clock")
+                             f"({high_water.isoformat()}): check the clock "
+                             "(`farebox terminal clock reset` if that time is wrong)")
     request = replace(request, issued=hk_date(at), balance_cents=None, last_add_value=None)
     prepared = []
     for path in paths:
@@ -150,7 +151,8 @@ def issue_on_card(journal: Journal, keys: SoftwareKeyStore, session: LiteSSessio
     high_water = journal.time_high_water()
     if high_water is not None and at < high_water:
         raise ServiceRefused(f"{at.isoformat()} is behind this terminal's latest transaction "
-                             f"({high_water.isoformat()}): check the clock")
+                             f"({high_water.isoformat()}): check the clock "
+                             "(`farebox terminal clock reset` if that time is wrong)")
     current = dict(zip(range(USER_BLOCKS), session.read_blocks(tuple(range(USER_BLOCKS)))))
     earlier = journal.open_writes_for_idm(idm, ISSUE)
     slot = b"".join(current[b] for b in PURSE_SLOT_BLOCKS[0])
@@ -302,23 +304,23 @@ def check_return(terminal: Terminal, cards: CardReaders, specs: Sequence[str], a
     """The return's all-or-nothing checks, on every card file before any card is changed: the
     clock, the refund's own checks (issue date, kind, status). A card with a return in doubt is
     left to its change (which completes or voids it); a card the action list orders blocked,
-    suspended or cancelled is marked as a payment terminal would, and the request stops
-    (CardDeclined)."""
+    suspended or cancelled (at the later of the rules' time and ``at``,
+    :meth:`Terminal.list_status`) is marked as a payment terminal would, and the request stops
+    (CardDeclined), even when the clock is not trusted: a doubtful clock never spares it."""
     today = hk_date(at)
     for spec in filter(is_card_file, specs):
         image = cards.look(spec, terminal.keys)
         if has_in_doubt(terminal.journal.unresolved_writes(image.identity.card_number), RETURN):
             continue  # an interrupted return: its change completes or voids it
-        if not terminal.clock_trusted(image, at):
-            raise RequestRefused(f"{label(spec)}: {at.isoformat()} is behind this card's last "
-                                 "use or this terminal's latest transaction: check the clock; "
-                                 "nothing was done")
-        try:
-            refund_breakdown(image.identity, image.purse, today, damaged=damaged)
-        except ServiceRefused as error:
-            raise RequestRefused(f"{label(spec)}: {error}; nothing was done") from None
-        if ordered_status(terminal.action_list, image.identity.card_number, at) \
-                > image.purse.status:  # marks the card (as a payment would) and stops
+        listed = terminal.list_status(image, at) > image.purse.status
+        if terminal.clock_trusted(image, at):
+            try:
+                refund_breakdown(image.identity, image.purse, today, damaged=damaged)
+            except ServiceRefused as error:
+                raise RequestRefused(f"{label(spec)}: {error}; nothing was done") from None
+        elif not listed:  # a doubtful clock never spares a listed card: it is marked below
+            raise RequestRefused(f"{label(spec)}: {untrusted_clock(at)}; nothing was done")
+        if listed:  # marks the card (as a payment would) and stops
             change_card(terminal, cards, spec, at, RETURN, decide, inject_faults=False)
             raise AssertionError("the action list's decline was not made")
 

@@ -18,7 +18,7 @@ from datetime import date, datetime, timedelta
 from farebox.cardimage.errors import InvalidCard
 from farebox.cardimage.image import change_blocks, decode_image
 from farebox.cardimage.layout import PURSE_SLOT_BLOCKS, TAP_READ_BLOCKS
-from farebox.cardimage.model import COUNTER_MAX, CardImage
+from farebox.cardimage.model import COUNTER_MAX, CardImage, Status
 from farebox.protocol.errors import FelicaError
 from farebox.protocol.session import LiteSSession
 
@@ -29,7 +29,8 @@ from farebox.terminal.store.journal import CardWrite, Journal
 from farebox.terminal.card.keys import SoftwareKeyStore
 from farebox.terminal.core.rules import (
     DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, Reason, Record, RecordType,
-    Tariff, balance_in_range, decide_add_value, decide_payment, list_ordered_change,
+    Tariff, balance_in_range, decide_add_value, decide_payment, list_ordered_change, list_time,
+    ordered_status,
 )
 from farebox.terminal.core.service import ServiceRefused, check_issued_by
 from farebox.terminal.core.writecycle import (
@@ -38,9 +39,10 @@ from farebox.terminal.core.writecycle import (
 
 DEFAULT_RETAP_WINDOW_S = 60.0
 #: How far past this terminal's trusted time (its high-water mark) a tap time may be and still be
-#: believed (docs/rules.md §3 "Clock"). One day: a terminal is in daily use, and a clock a day or
-#: more ahead is a wrong clock, not a busy day; a terminal idle for longer is trusted again by the
-#: first card used that same day elsewhere (its latest date corroborates the time).
+#: believed (docs/rules.md §3 "Clock"). Seven days: a terminal closed over a long holiday trusts
+#: its first tap without an operator, while a wrong year, month or week is caught; a terminal idle
+#: for longer is trusted again by the first card used that same day elsewhere (its latest date
+#: corroborates the time). The action list is never weakened by the bound (:meth:`list_status`).
 DEFAULT_MAX_CLOCK_AHEAD_S = 7 * 24 * 3600.0
 _DAY = timedelta(days=1)
 PAYMENT, ADD_VALUE = "payment", "add_value"
@@ -60,6 +62,13 @@ class TapInterrupted(Interrupted):
 class RequestRefused(BadInput, ValueError):
     """The request cannot be served on this card at all (nothing was written); e.g. an add value
     timed before the card was issued."""
+
+
+def untrusted_clock(at: datetime) -> str:
+    """Why a service request at a time this terminal does not trust is refused."""
+    return (f"{at.isoformat()} is behind this card's last use or this terminal's latest "
+            "transaction, or too far past the latest: check the clock (`farebox terminal clock "
+            "reset` if the terminal's trusted time is wrong)")
 
 
 @dataclass(frozen=True)
@@ -133,14 +142,14 @@ class Terminal:
             PAYMENT, tariff.fare(FareClass.ADULT),
             lambda card, rules_at, trusted: decide_payment(
                 card.identity, card.purse, tariff, rules_at, self.action_list,
-                aavs_allowed=trusted)))
+                aavs_allowed=trusted, list_at=at)))
 
     def add_value(self, session: LiteSSession, amount_cents: int, at: datetime) -> TapResult:
         return self._tap(session, at, _Request(
             ADD_VALUE, amount_cents,
             lambda card, rules_at, trusted: decide_add_value(
                 card.identity, card.purse, amount_cents, rules_at, self.action_list,
-                self.minimum_add_value_cents, restart_inactivity=trusted)))
+                self.minimum_add_value_cents, restart_inactivity=trusted, list_at=at)))
 
     def service(self, session: LiteSSession, at: datetime, kind: str,
                 decide: Callable[[CardImage, date], Decision]) -> TapResult:
@@ -149,16 +158,18 @@ class Terminal:
         two-block purse write, in-doubt resolution and completion, rollback checks. ``decide``
         gets the verified card and the Hong Kong date; a ServiceRefused from it becomes
         RequestRefused (nothing written). A card the action list orders blocked, suspended or
-        cancelled beyond what it carries is declined and marked, as a payment terminal does.
-        A service change needs a trusted clock (it may restart the inactivity clock or cancel
-        the card): a time behind the card or this terminal is refused."""
+        cancelled beyond what it carries is declined and marked, as a payment terminal does,
+        whatever the clock (the list at the later of the rules' time and ``at``: a doubtful
+        clock never spares a listed card). A service change itself needs a trusted clock (it
+        may restart the inactivity clock or cancel the card): a time behind the card or this
+        terminal, or too far past this terminal's, is refused."""
         def run(card: CardImage, rules_at: datetime, trusted: bool) -> Decision:
-            if not trusted:
-                raise RequestRefused(f"{at.isoformat()} is behind this card's last use or this "
-                                     "terminal's latest transaction: check the clock")
-            listed = list_ordered_change(card.identity, card.purse, rules_at, self.action_list)
+            listed = list_ordered_change(card.identity, card.purse, rules_at, self.action_list,
+                                         list_at=at)
             if listed is not None:
                 return listed
+            if not trusted:
+                raise RequestRefused(untrusted_clock(at))
             try:
                 return decide(card, hk_date(rules_at))
             except ServiceRefused as error:
@@ -278,6 +289,14 @@ class Terminal:
             return False
         return True
 
+    def list_status(self, card: CardImage, at: datetime) -> Status:
+        """The status the action list orders for this card on a tap at ``at``: at the later of
+        the time the rules run at and ``at`` (as :meth:`pay` applies it): a service request
+        checks every card with it before changing any."""
+        rules_at = self._trusted_time(card, at)[1]
+        return ordered_status(self.action_list, card.identity.card_number,
+                              list_time(rules_at, at))
+
     def clock_trusted(self, card: CardImage, at: datetime) -> bool:
         """Whether this terminal would believe ``at`` for this card (see :meth:`_trusted_time`):
         a service request checks every card with it before changing any."""
@@ -298,7 +317,8 @@ class Terminal:
 
         An untrusted time runs the rules at the latest of the mark and the card's latest date,
         with no automatic add value and no change to the inactivity clock; its records are
-        flagged and it never moves the mark."""
+        flagged and it never moves the mark. The action list is still applied at ``at`` when
+        that is later (``list_at``): a doubtful clock never spares a listed card."""
         purse = card.purse
         card_day = max(d for d in (purse.last_add_value, purse.last_auto_reload,
                                    purse.last_payment) if d is not None)

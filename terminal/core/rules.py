@@ -210,6 +210,17 @@ def is_inactive(purse: Purse, today: date) -> bool:
     return (today - purse.last_add_value).days >= INACTIVE_AFTER_DAYS
 
 
+def list_time(at: datetime, list_at: datetime | None) -> datetime:
+    """The time an action list is applied at when the rules run at ``at``: the later of ``at``
+    and ``list_at`` (the terminal's own reading of the time, docs/rules.md §3 "Clock"). A reading
+    the terminal does not trust runs the rules at an earlier time, but a list entry dated after
+    that time and before the reading still applies: a doubtful clock makes a terminal stricter
+    about lists, never more lenient (a card reported lost is refused at a terminal idle for
+    longer than its clock bound)."""
+    require_aware(at)
+    return at if list_at is None else max(at, require_aware(list_at))
+
+
 def ordered_status(entries: Iterable[ListEntry], card_number: int, at: datetime) -> Status:
     """The most severe status the action list orders for this card at ``at``."""
     status = Status.ACTIVE
@@ -230,9 +241,12 @@ def _decline(purse: Purse, reason: Reason, amount: int, **extra) -> Decision:
 
 
 def _gate(identity: Identity, purse: Purse, at: datetime, today: date,
-          action_list: Iterable[ListEntry], amount: int, **extra) -> Decision | None:
-    """Status, action list and inactivity: a decline (maybe with a status write) or None."""
-    status = max(purse.status, ordered_status(action_list, identity.card_number, at))
+          action_list: Iterable[ListEntry], amount: int, list_at: datetime | None,
+          **extra) -> Decision | None:
+    """Status, action list (at :func:`list_time`) and inactivity: a decline (maybe with a status
+    write, dated ``today``) or None."""
+    status = max(purse.status, ordered_status(action_list, identity.card_number,
+                                              list_time(at, list_at)))
     if status is not Status.ACTIVE:
         if status is purse.status:
             return _decline(purse, _STATUS_REASON[status], amount, **extra)
@@ -250,13 +264,15 @@ def _gate(identity: Identity, purse: Purse, at: datetime, today: date,
 
 
 def list_ordered_change(identity: Identity, purse: Purse, at: datetime,
-                        action_list: Iterable[ListEntry]) -> Decision | None:
+                        action_list: Iterable[ListEntry], *,
+                        list_at: datetime | None = None) -> Decision | None:
     """For a service terminal: the decline that writes the status an action list orders, when
     it is more severe than the card's own (a card reported lost is never refunded or changed);
     None otherwise. Unlike a payment, a status the card already carries is left to the service
-    rules (a suspended card is reactivated there)."""
+    rules (a suspended card is reactivated there). The list is applied at :func:`list_time`
+    (``list_at``: the terminal's own reading); the status write is dated ``at``."""
     today = hk_date(require_aware(at))
-    status = ordered_status(action_list, identity.card_number, at)
+    status = ordered_status(action_list, identity.card_number, list_time(at, list_at))
     if status <= purse.status:
         return None
     new_purse = _next(purse, status=status)
@@ -268,14 +284,16 @@ def list_ordered_change(identity: Identity, purse: Purse, at: datetime,
 
 
 def decide_payment(identity: Identity, purse: Purse, tariff: Tariff, at: datetime,
-                   action_list: Iterable[ListEntry] = (), *, aavs_allowed: bool = True) -> Decision:
+                   action_list: Iterable[ListEntry] = (), *, aavs_allowed: bool = True,
+                   list_at: datetime | None = None) -> Decision:
     """docs/rules.md §3-4: AAVS, negative value, fare classes. ``aavs_allowed=False`` (the
     terminal's clock is not trusted) makes no automatic add value: "once per day" needs a true
-    day."""
+    day. The action list is applied at the later of ``at`` and ``list_at`` (:func:`list_time`:
+    the terminal's own reading when the rules run at an earlier time it trusts)."""
     today = hk_date(require_aware(at))
     cls = fare_class(identity, purse, today)
     fare = tariff.fare(cls)
-    gate = _gate(identity, purse, at, today, action_list, fare, fare_class=cls)
+    gate = _gate(identity, purse, at, today, action_list, fare, list_at, fare_class=cls)
     if gate is not None:
         return gate
 
@@ -315,13 +333,15 @@ def decide_payment(identity: Identity, purse: Purse, tariff: Tariff, at: datetim
 def decide_add_value(identity: Identity, purse: Purse, amount_cents: int, at: datetime,
                      action_list: Iterable[ListEntry] = (),
                      minimum_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS, *,
-                     restart_inactivity: bool = True) -> Decision:
+                     restart_inactivity: bool = True,
+                     list_at: datetime | None = None) -> Decision:
     """docs/rules.md §5: cash add value. ``restart_inactivity=False`` (the terminal's clock is not
-    trusted) leaves the last add value date as it is."""
+    trusted) leaves the last add value date as it is. The action list is applied at the later of
+    ``at`` and ``list_at`` (:func:`list_time`)."""
     if type(amount_cents) is not int or amount_cents <= 0:
         raise ValueError("an add value amount must be a positive number of cents")
     today = hk_date(require_aware(at))
-    gate = _gate(identity, purse, at, today, action_list, amount_cents)
+    gate = _gate(identity, purse, at, today, action_list, amount_cents, list_at)
     if gate is not None:
         return gate
     if amount_cents > MAX_CASH_ADD_VALUE_CENTS:

@@ -18,10 +18,11 @@ import pytest
 from farebox.cardimage.model import (
     Category, Concession, Identity, Kind, LogEntry, LogType, Purse, Status,
 )
-from farebox.terminal.core.clock import HONG_KONG
+from farebox.terminal.core.clock import HONG_KONG, hk_date
 from farebox.terminal.core.rules import (
     Decision, FareClass, ListEntry, ListReason, Reason, Record, RecordType, Tariff,
-    decide_add_value, decide_payment, fare_class, negative_limit_cents, stored_value_limit_cents,
+    decide_add_value, decide_payment, fare_class, list_ordered_change, negative_limit_cents,
+    stored_value_limit_cents,
 )
 
 param = pytest.param
@@ -825,6 +826,35 @@ def test_a_lost_inactive_card_is_still_marked_blocked() -> None:
     before = purse(last_add_value=DAYS_1000_AGO)
     decision = decide_payment(NEW_CARD, before, Tariff.flat(1_000), NOW, [lost()])
     assert_declined_with_status_write(decision, before, Status.BLOCKED)
+
+
+@pytest.mark.parametrize("operation", [PAY, ADD])
+def test_the_list_is_applied_at_the_later_of_the_rules_time_and_the_terminals_reading(
+        operation: str) -> None:
+    """docs/rules.md §3 "Clock": an untrusted reading runs the rules at an earlier time, yet a
+    list entry dated before the reading applies (a doubtful clock never spares a listed card);
+    the status write is dated by the rules' time. A reading behind the rules' time changes
+    nothing."""
+    before, earlier = purse(), NOW - timedelta(days=10)
+    kwargs = {"list_at": NOW}
+    decision = (decide_payment(NEW_CARD, before, Tariff.flat(1_000), earlier, [lost()], **kwargs)
+                if operation == PAY else
+                decide_add_value(NEW_CARD, before, 5_000, earlier, [lost()], **kwargs))
+    assert_declined_with_status_write(decision, before, Status.BLOCKED,
+                                      today=hk_date(earlier))
+    assert decide(operation, before, earlier, [lost()]).approved  # the rules' time alone
+    behind = (decide_payment(NEW_CARD, before, Tariff.flat(1_000), NOW, [lost()],
+                             list_at=earlier) if operation == PAY else
+              decide_add_value(NEW_CARD, before, 5_000, NOW, [lost()], list_at=earlier))
+    assert_declined_with_status_write(behind, before, Status.BLOCKED)
+
+
+def test_a_service_terminal_marks_a_listed_card_at_the_terminals_reading() -> None:
+    before, earlier = purse(), NOW - timedelta(days=10)
+    assert list_ordered_change(NEW_CARD, before, earlier, [lost()]) is None
+    decision = list_ordered_change(NEW_CARD, before, earlier, [lost()], list_at=NOW)
+    assert_declined_with_status_write(decision, before, Status.BLOCKED, today=hk_date(earlier))
+    assert list_ordered_change(NEW_CARD, before, NOW, [lost()], list_at=earlier) is not None
 
 
 def test_action_list_may_be_any_iterable() -> None:

@@ -83,3 +83,102 @@ def test_max_clock_ahead_s_is_configured_and_bad_values_are_exit_2(farebox):
         run = farebox(*tap, "--at", AT)
         run.assert_bad_input()
         assert "terminal.max_clock_ahead_s" in run.err
+
+
+# ---- the action list is never weakened by the clock bound -----------------------------------
+
+DAY_0 = "2026-11-22T08:00:00+08:00"
+DAY_5 = "2026-11-27T08:00:00+08:00"
+DAY_9 = "2026-12-01T08:00:00+08:00"
+DAY_10 = "2026-12-02T08:00:00+08:00"
+DAY_11 = "2026-12-03T08:00:00+08:00"
+
+
+def lost(farebox, at: str, number: str = "12345678"):
+    return farebox.hotlist([{"card": number, "reason": "lost", "at": at}])
+
+
+def idle_ten_days(farebox):
+    """A terminal whose last tap was at day 0, by a card last used then (and never since)."""
+    card = farebox.card(number="12345678")
+    assert farebox.tap(card, "--fare", "5.80", at=DAY_0).json()["clock_trusted"]
+    return card
+
+
+def test_a_card_lost_at_day_9_is_refused_at_a_terminal_idle_10_days(farebox):
+    card = idle_ten_days(farebox)
+    # day 10 is more than max_clock_ahead_s past the mark and the card cannot bear it out: the
+    # rules run at the mark (day 0), but the list is applied at the terminal's own reading
+    result = farebox.tap(card, "--fare", "5.80", at=DAY_10, hotlist=lost(farebox, DAY_9)).json()
+    assert (result["outcome"], result["reason"], result["clock_trusted"]) == (
+        "declined", "blocked", False)
+    assert result["balance_before"] == result["balance_after"] == "144.20"
+    shown = farebox.show(card)
+    assert (shown["status"], shown["balance"], shown["last_payment"]) == (
+        "blocked", "144.20", "2026-11-22")  # the wrong reading never reaches the card's dates
+    assert [(r.type.value, r.clock_trusted) for r in records(farebox)] == [
+        ("payment", True), ("block", False)]
+    declined = farebox.tap(card, "--fare", "5.80", at=DAY_0).json()  # the block is on the card
+    assert (declined["outcome"], declined["reason"]) == ("declined", "blocked")
+
+
+def test_a_card_lost_at_day_9_gets_no_add_value_at_a_terminal_idle_10_days(farebox):
+    card = idle_ten_days(farebox)
+    result = farebox.add_value(card, "100.00", at=DAY_10, hotlist=lost(farebox, DAY_9)).json()
+    assert (result["outcome"], result["reason"], result["clock_trusted"]) == (
+        "declined", "blocked", False)
+    assert farebox.show(card)["status"] == "blocked"
+
+
+def test_a_list_entry_after_the_terminals_reading_does_not_apply(farebox):
+    card = idle_ten_days(farebox)
+    result = farebox.tap(card, "--fare", "5.80", at=DAY_10, hotlist=lost(farebox, DAY_11)).json()
+    assert (result["outcome"], result["clock_trusted"]) == ("approved", False)
+    assert farebox.show(card)["status"] == "active"
+
+
+def test_a_clock_behind_the_mark_still_applies_entries_up_to_the_mark(farebox):
+    card = farebox.card(number="12345678")
+    farebox.tap(farebox.card("other.json"), "--fare", "5.80", at=DAY_10).json()  # the mark
+    # day 5 is behind the mark: the rules (and the list) run at day 10, where a day-9 report
+    # applies though the terminal's reading is before it
+    result = farebox.tap(card, "--fare", "5.80", at=DAY_5, hotlist=lost(farebox, DAY_9)).json()
+    assert (result["outcome"], result["reason"], result["clock_trusted"]) == (
+        "declined", "blocked", False)
+    assert farebox.show(card)["status"] == "blocked"
+
+
+def test_a_card_lost_at_day_9_is_never_refunded_at_a_desk_idle_10_days(farebox):
+    card = idle_ten_days(farebox)
+    good = farebox.card("good.json", number="22345678")
+    before = good.read_bytes()
+    # every card is checked before any is changed, in order: the lost card first is marked;
+    # the good card after it would be refused for the clock
+    refused = farebox("service", "return", card, good, "--hotlist", lost(farebox, DAY_9),
+                      "--at", DAY_10, "--state", farebox.state, "--json")
+    refused.assert_bad_input()
+    assert "blocked" in refused.err and "card.json" in refused.err
+    assert good.read_bytes() == before
+    assert farebox.show(card)["status"] == "blocked"  # marked, as a payment terminal would
+    assert [(r.type.value, r.clock_trusted) for r in records(farebox)] == [
+        ("payment", True), ("block", False)]
+
+
+def test_a_card_lost_at_day_9_is_marked_by_any_service_change_at_a_desk_idle_10_days(farebox):
+    card = idle_ten_days(farebox)
+    refused = farebox("service", "upgrade-limit", card, "--hotlist", lost(farebox, DAY_9),
+                      "--at", DAY_10, "--state", farebox.state, "--json")
+    refused.assert_bad_input()
+    assert "blocked" in refused.err
+    assert farebox.show(card)["status"] == "blocked"
+
+
+def test_a_desk_idle_10_days_refuses_an_unlisted_card_and_names_the_reset(farebox):
+    card = idle_ten_days(farebox)
+    before = card.read_bytes()
+    refused = farebox("service", "return", card, "--hotlist", lost(farebox, DAY_9, "22345678"),
+                      "--at", DAY_10, "--state", farebox.state, "--json")
+    refused.assert_bad_input()
+    assert "check the clock" in refused.err and "farebox terminal clock reset" in refused.err
+    assert card.read_bytes() == before
+    assert [r.type.value for r in records(farebox)] == ["payment"]
