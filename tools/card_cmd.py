@@ -17,6 +17,7 @@ from farebox.terminal.card.keys import published_test_keys
 from farebox.tools import output
 from farebox.tools.common import (
     InputError, config_option, json_option, open_reader, reader_timeout_option, settings,
+    verbose_option,
 )
 from farebox.tools.params import CARD_NUMBER, DATE, POSITIVE_AMOUNT, SIGNED_AMOUNT
 
@@ -82,6 +83,7 @@ def blank(card_file: Path, force: bool, as_json: bool) -> None:
 @click.option("--reader", metavar="SPEC", help="read the card presented to this reader instead "
               "(udp:HOST:PORT, usb[:VID:PID], tty:..., pcsc[:NAME])")
 @reader_timeout_option
+@verbose_option
 @config_option
 @json_option
 def show(card_file: Path | None, reader: str | None, timeout_s: float, config_file,
@@ -145,6 +147,7 @@ def _show(spec: str, keys, as_json: bool, timeout_s: float = 0.0, *,
               help="write the card file here (servable by `farebox sim serve`)")
 @click.option("--force", is_flag=True, help="replace an existing --out file")
 @reader_timeout_option
+@verbose_option
 @json_option
 def dump(reader: str, out: Path | None, force: bool, timeout_s: float, as_json: bool) -> None:
     """Read a presented card into a simulated-card file: a scheme (Lite-S) card's 14 blocks;

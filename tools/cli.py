@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         return done.exit_code
     except click.ClickException as error:
         message = " ".join(error.format_message().split())
-        click.echo(f"farebox: error: {message}", err=True)
+        _error(f"farebox: error: {message}")
         return error.exit_code
     except click.exceptions.Abort:
-        click.echo("farebox: aborted", err=True)
+        _error("farebox: aborted")
         return EXIT_INTERNAL
     except KeyboardInterrupt:
         return 130
@@ -117,14 +117,25 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split())
         status = exit_status(error)
         if status is not None:
-            click.echo(f"farebox: error: {message}", err=True)
+            _error(f"farebox: error: {message}")
             return status
         if os.environ.get("FAREBOX_DEBUG"):  # the one place that turns a bug into exit 1
             raise
-        click.echo(f"farebox: internal error: {type(error).__name__}: {message} "
-                   "(set FAREBOX_DEBUG=1 for a traceback)", err=True)
+        _error(f"farebox: internal error: {type(error).__name__}: {message} "
+               "(set FAREBOX_DEBUG=1 for a traceback)")
         return EXIT_INTERNAL
     return code if isinstance(code, int) else 0  # click returns a command's Exit code
+
+
+def _error(line: str) -> None:
+    """The one line a failed command says on stderr; under systemd (stderr is the journal's
+    stream) it carries priority 3 so that ``journalctl -p err`` finds it."""
+    if "JOURNAL_STREAM" in os.environ:
+        from farebox.terminal.daemon.jsonlog import writes_to_journal
+
+        if writes_to_journal(sys.stderr):
+            line = "<3>" + line
+    click.echo(line, err=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,19 @@ config_option = click.option(
     "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help="terminal configuration (TOML) [env FAREBOX_CONFIG]")
 json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+
+
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    if value:
+        from farebox.terminal.daemon.jsonlog import configure_logging
+        configure_logging("text", value)
+
+
+#: -v: what the command does, on stderr; -vv: every frame to and from the card (and the reader
+#: libraries' own debug output)
+verbose_option = click.option("-v", "--verbose", count=True, expose_value=False,
+                              callback=_set_verbosity,
+                              help="-v: log on stderr; -vv: every frame too")
 reader_timeout_option = click.option(
     "--timeout", "timeout_s", type=click.FloatRange(min=0, max=600), default=5.0,
     show_default=True, help="seconds to wait for a card on --reader")
@@ -50,4 +63,4 @@ open_reader = open_transport
 terminal = open_terminal
 
 __all__ = ["InputError", "config_option", "json_option", "open_reader", "reader_timeout_option",
-           "settings", "state_dir", "state_notice", "state_option", "terminal"]
+           "settings", "state_dir", "state_notice", "state_option", "terminal", "verbose_option"]

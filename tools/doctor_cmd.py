@@ -8,7 +8,7 @@ from farebox.terminal.core.clock import now_utc
 from farebox.terminal.ops.doctor import DEFAULT_CARD_TIMEOUT_S
 
 from farebox.tools import output
-from farebox.tools.common import config_option, json_option, state_option
+from farebox.tools.common import config_option, json_option, state_option, verbose_option
 
 #: exit status when a check fails (0: none fails, warnings allowed; 2: bad input)
 EXIT_CHECK_FAILED = 3
@@ -19,6 +19,7 @@ EXIT_CHECK_FAILED = 3
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, max=60),
               default=DEFAULT_CARD_TIMEOUT_S,
               show_default=True, help="seconds to wait for a card on --reader")
+@verbose_option
 @state_option
 @config_option
 @json_option

@@ -11,7 +11,9 @@ from farebox.protocol.errors import FelicaError
 from farebox.terminal.core.clock import now_utc, utc_iso
 
 from farebox.tools import output
-from farebox.tools.common import InputError, json_option, open_reader, reader_timeout_option
+from farebox.tools.common import (
+    InputError, json_option, open_reader, reader_timeout_option, verbose_option,
+)
 from farebox.tools.params import ANY_TIME
 
 
@@ -30,6 +32,7 @@ def octopus() -> None:
 @click.option("--offset", "forced_offset", type=click.IntRange(min=0, max=100_000),
               help="force the offset (HK$0.10 units) instead of the decoders' date rule")
 @reader_timeout_option
+@verbose_option
 @json_option
 def balance(dump_file: Path | None, reader: str | None, at, forced_offset, timeout_s: float,
             as_json: bool) -> None:

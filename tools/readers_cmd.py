@@ -5,12 +5,13 @@ from __future__ import annotations
 import click
 
 from farebox.tools import output
-from farebox.tools.common import json_option
+from farebox.tools.common import json_option, verbose_option
 
 
 @click.command()
 @click.option("--no-card-check", "skip_cards", is_flag=True,
               help="do not connect to PC/SC readers to see whether a card is present")
+@verbose_option
 @json_option
 def readers(skip_cards: bool, as_json: bool) -> None:
     """List nfcpy USB readers (by vendor/product id in sysfs), the serial ports an nfcpy tty

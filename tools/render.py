@@ -5,9 +5,26 @@ prints for a human, so ``farebox --help`` stays fast."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
+
+
+#: the width of tables in a pipe or a log (``$COLUMNS`` overrides it)
+PIPE_WIDTH = 100
+
+
+def output_width() -> int:
+    """On a terminal: its width. In a pipe or a log: ``$COLUMNS`` when set, else 100 columns.
+    A table wider than that wraps its cells (a hex dump at its spaces) rather than running off
+    the screen or the page."""
+    if sys.stdout.isatty():
+        return max(40, shutil.get_terminal_size((PIPE_WIDTH, 24)).columns)
+    try:
+        return max(40, int(os.environ["COLUMNS"]))
+    except (KeyError, ValueError):
+        return PIPE_WIDTH
 
 
 def render(*items: object) -> str:
@@ -15,11 +32,7 @@ def render(*items: object) -> str:
     from rich.console import Console
 
     buffer = io.StringIO()
-    # On a terminal: its width. In a pipe or a log: wide enough that no cell is cut short (tables
-    # are only as wide as their content).
-    width = (max(100, shutil.get_terminal_size((120, 24)).columns) if sys.stdout.isatty()
-             else 400)
-    console = Console(file=buffer, width=width, color_system=None, force_terminal=False,
+    console = Console(file=buffer, width=output_width(), color_system=None, force_terminal=False,
                       highlight=False, emoji=False)
     for item in items:
         console.print(item, markup=False) if isinstance(item, str) else console.print(item)

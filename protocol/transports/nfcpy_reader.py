@@ -31,6 +31,9 @@ first ``sendto``); and datagrams that arrive after an exchange timed out are dro
 next command, as a real reader that is not receiving would never see them.
 
 Every frame is logged at DEBUG on the ``farebox.protocol.nfcpy`` logger, as hex with timings.
+nfcpy's own "no reader available" error, said at every failed open, is kept out of the log
+unless nfcpy's debug output is on: the daemon reports an outage once as it starts and once as it
+ends.
 """
 
 from __future__ import annotations
@@ -50,6 +53,20 @@ from farebox.protocol.errors import ProtocolError, TransportError, TransportTime
 from farebox.protocol.frames import IDM_SIZE, PMM_SIZE, Polling, PollingResponse
 
 LOG = logging.getLogger("farebox.protocol.nfcpy")
+
+
+class _OnlyWhenTracing(logging.Filter):
+    """nfcpy says "no reader available on path ..." at ERROR on every failed open: once a second
+    while a USB reader is unplugged and the daemon retries. The outage is ours to report (once
+    when it starts, once when it ends: the daemon's reader_down / reader_up events); nfcpy's line
+    goes through only when nfcpy's own debug output is on (``-vv``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (not str(record.msg).startswith("no reader available")
+                or logging.getLogger("nfc").isEnabledFor(logging.DEBUG))
+
+
+logging.getLogger("nfc.clf").addFilter(_OnlyWhenTracing())
 
 #: nfcpy's bitrate/technology string for FeliCa at 212 kbps.
 BRTY_FELICA_212 = "212F"

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -27,33 +26,13 @@ from farebox.terminal.config import TerminalConfig, parse_listen
 from farebox.terminal.core.clock import now_utc
 from farebox.terminal.daemon.background import ActionListReloader, batch_closer, start_uploader
 from farebox.terminal.daemon.events import DaemonEvent, MetricsServing, Started, Stopped
-from farebox.terminal.daemon.jsonlog import JsonFormatter
+from farebox.terminal.daemon.jsonlog import configure_logging
 from farebox.terminal.daemon.loop import Daemon, DaemonStats
 from farebox.terminal.daemon.sdnotify import Notifier
 from farebox.terminal.daemon.supervise import Supervision
 from farebox.terminal.runtime import ReaderSpec, RuntimeSetupError, open_terminal, open_transport
 
 LOOP_LOG = logging.getLogger("farebox.terminal.daemon.loop")
-
-
-def configure_logging(log_format: str, verbose: int = 0) -> None:
-    """The process's log: ``"json"``, one JSON object per line on stdout (journald), at INFO
-    (DEBUG from ``verbose`` 2); ``"text"``, lines on stderr, WARNING (INFO at 1, DEBUG at 2).
-    The readers' libraries (nfcpy, pyscard) say only warnings below ``verbose`` 2."""
-    if log_format == "json":
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(JsonFormatter())
-        logging.basicConfig(handlers=[handler],
-                            level=logging.INFO if verbose < 2 else logging.DEBUG)
-        logging.raiseExceptions = False  # a closed stdout must not fill stderr with tracebacks
-    else:
-        logging.basicConfig(stream=sys.stderr, format="farebox: %(name)s: %(message)s",
-                            level=logging.WARNING if verbose == 0 else
-                            logging.INFO if verbose == 1 else logging.DEBUG)
-    with contextlib.suppress(ImportError):
-        import nfc  # noqa: F401 - importing nfc sets its logger to INFO; set it after that
-    for name in ("nfc", "smartcard"):  # the libraries' own chatter only with -vv
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 
 def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
