@@ -5,6 +5,8 @@ it should before anything was written becomes one of this module's errors, worde
 
 * :class:`NoCard`: no card answered in time (nothing was done);
 * :class:`CardUnusable`: the card does not work with this terminal (nothing was done);
+* :class:`ReaderUnusable`: the reader failed before any card was found (pcscd cannot be
+  reached, the reader went away): nothing was done, and it is not the card's fault;
 * :class:`CardLeft`: the card left the field before anything was written (a simulated
   pull-away): present it again.
 
@@ -23,8 +25,8 @@ from farebox.cardimage.errors import InvalidCard
 from farebox.cardimage.image import decode_image
 from farebox.cardimage.layout import FULL_READ_BLOCKS
 from farebox.cardimage.model import CardImage
-from farebox.protocol.errors import FelicaError
-from farebox.protocol.frames import SYSTEM_CODE_LITE_S
+from farebox.protocol.errors import FelicaError, TransportError, TransportTimeout
+from farebox.protocol.frames import SYSTEM_CODE_LITE_S, PollingResponse
 from farebox.protocol.reader import Reader
 from farebox.protocol.session import LiteSSession
 from farebox.protocol.sim.card import Faults
@@ -42,6 +44,11 @@ class NoCard(BadInput, ValueError):
 class CardUnusable(BadInput, ValueError):
     """The card does not answer as a FeliCa Lite-S card of this scheme should (or does not
     verify), found before anything was written; nothing was done."""
+
+
+class ReaderUnusable(BadInput, ValueError):
+    """The reader failed before any card was found (pcscd cannot be reached, the reader went
+    away): nothing was done, and nothing is wrong with the card."""
 
 
 class CardLeft(Interrupted, RuntimeError):
@@ -87,7 +94,9 @@ class CardReaders:
         try:
             session = LiteSSession(reader)
             if self.wait_s is not None:
-                found = reader.wait_for_card(SYSTEM_CODE_LITE_S, self.wait_s)
+                found = (reader.wait_for_card(SYSTEM_CODE_LITE_S, self.wait_s)
+                         if is_card_file(spec) else
+                         wait_for_card(reader, SYSTEM_CODE_LITE_S, self.wait_s, label(spec)))
                 if found is None:
                     raise NoCard(f"{label(spec)}: no card answered within {self.wait_s:g} s")
                 session.activate(found)
@@ -110,6 +119,20 @@ class CardReaders:
                 raise CardUnusable(f"{label(spec)}: invalid card: {error}") from None
 
 
+def wait_for_card(reader: Reader, system_code: int, timeout_s: float,
+                  name: str | None = None) -> PollingResponse | None:
+    """``reader.wait_for_card``, with the reader's own failure before any card answered (pcscd
+    cannot be reached, the reader went away: a TransportError that is not a timeout) said as
+    :class:`ReaderUnusable`, not blamed on a card."""
+    try:
+        return reader.wait_for_card(system_code, timeout_s)
+    except TransportError as error:
+        if isinstance(error, TransportTimeout):
+            raise
+        raise ReaderUnusable(f"{name or reader.name}: the reader cannot be used: {error}"
+                             ) from None
+
+
 def read_card(session: LiteSSession, keys: SoftwareKeyStore) -> CardImage:
     """Poll (unless the session already has the card), read every data block, verify, decode.
     Raises FelicaError (the card does not answer as a Lite-S should) or InvalidCard."""
@@ -120,5 +143,5 @@ def read_card(session: LiteSSession, keys: SoftwareKeyStore) -> CardImage:
     return decode_image(raw, idm, lambda version: keys.card_key(version, idm))
 
 
-__all__ = ["CardLeft", "CardReaders", "CardUnusable", "NoCard", "is_card_file", "label",
-           "read_card"]
+__all__ = ["CardLeft", "CardReaders", "CardUnusable", "NoCard", "ReaderUnusable", "is_card_file",
+           "label", "read_card", "wait_for_card"]

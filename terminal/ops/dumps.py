@@ -42,6 +42,8 @@ from farebox.protocol.sim.card import (
 )
 from farebox.protocol.files import UntrustedFileError, parse_json, read_limited
 
+from farebox.terminal.card.present import wait_for_card
+
 MAX_DUMP_BYTES = 4 << 20  # a Flipper dump of a large FeliCa Standard card is a few hundred KiB
 MAX_NODES_SEARCHED = 1024
 #: probed with Request Service when a card does not answer Search Service Code
@@ -426,7 +428,7 @@ def dump_from_reader(reader: Reader, now: datetime, *, timeout_s: float) -> Feli
     blocks; any other FeliCa card its system codes, each system's services (Search Service
     Code, or Request Service over a few well-known codes when the card does not answer it) and
     every block of each key-less service that reads."""
-    found = reader.wait_for_card(SYSTEM_CODE_WILDCARD, timeout_s)
+    found = wait_for_card(reader, SYSTEM_CODE_WILDCARD, timeout_s)
     if found is None:
         raise DumpError(f"no card answered on {reader.name} within {timeout_s:g} s")
     session = FelicaSession(reader)

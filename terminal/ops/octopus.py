@@ -25,6 +25,7 @@ from farebox.protocol.frames import (
 from farebox.protocol.reader import Reader
 from farebox.protocol.session import FelicaSession
 
+from farebox.terminal.card.present import wait_for_card
 from farebox.terminal.core.clock import HONG_KONG, require_aware
 from farebox.terminal.errors import BadInput
 
@@ -129,7 +130,7 @@ def read_from_reader(reader: Reader, now: datetime, *, timeout_s: float,
     """Poll system 0x8008 directly (older cards may not answer Request System Code) and read
     service 0x0117 block 0 with Read Without Encryption. Raises OctopusError when no Octopus
     card answers, FelicaError when it stops answering."""
-    found = reader.wait_for_card(SYSTEM_CODE_OCTOPUS, timeout_s)
+    found = wait_for_card(reader, SYSTEM_CODE_OCTOPUS, timeout_s)
     if found is None:
         raise OctopusError(f"no Octopus card (system {SYSTEM_CODE_OCTOPUS:04X}) answered on "
                            f"{reader.name} within {timeout_s:g} s")
