@@ -10,6 +10,8 @@ Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), t
     pcsc_mode = "auto"              # PC/SC frames: "auto" (by reader name/ATR), "acr122u", "part3"
     keys = "test"                   # "test" (published test keys) or "file:/etc/farebox/keys.toml"
     action_list = "/etc/farebox/hotlist.json"
+    action_list_max_skew_s = 300    # a fetched list issued further past this clock is refused
+    action_list_max_serial_jump = 100000  # and one whose serial jumps further past the held one
     minimum_add_value = "50.00"
     retap_window_s = 60
     max_clock_ahead_s = 604800      # a tap time further past the terminal's trusted time is flagged
@@ -47,6 +49,7 @@ from farebox.terminal.store.settlement import (
     DEFAULT_MAX_AGE_S, DEFAULT_MAX_ITEMS, DEFAULT_RETENTION,
 )
 from farebox.terminal.card.tap import DEFAULT_MAX_CLOCK_AHEAD_S, DEFAULT_RETAP_WINDOW_S
+from farebox.terminal.link.signedlist import DEFAULT_MAX_SERIAL_JUMP, DEFAULT_MAX_SKEW_S, ListBounds
 
 ENV_CONFIG = "FAREBOX_CONFIG"
 ENV_STATE = "FAREBOX_STATE"
@@ -67,6 +70,8 @@ class TerminalConfig:
     pcsc_mode: str = "auto"
     keys: str = "test"
     action_list: Path | None = None
+    action_list_max_skew_s: float = DEFAULT_MAX_SKEW_S
+    action_list_max_serial_jump: int = DEFAULT_MAX_SERIAL_JUMP
     tariff: Tariff | None = None
     minimum_add_value_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS
     retap_window_s: float = DEFAULT_RETAP_WINDOW_S
@@ -92,6 +97,11 @@ class TerminalConfig:
             _check_terminal_id(given["terminal_id"], "--terminal-id")
         sources = {**self.sources, **{name: "flag" for name in given}}
         return replace(self, **given, sources=sources)
+
+    @property
+    def list_bounds(self) -> ListBounds:
+        """What a fetched action list must keep to beyond its signature."""
+        return ListBounds(self.action_list_max_skew_s, self.action_list_max_serial_jump)
 
 
 def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> TerminalConfig:
@@ -135,6 +145,8 @@ def _from_toml(path: Path) -> dict:
         "pcsc_mode": ("pcsc_mode", _pcsc_mode),
         "keys": ("keys", _keys),
         "action_list": ("action_list", lambda v, k: Path(_string(v, k))),
+        "action_list_max_skew_s": ("action_list_max_skew_s", _list_skew),
+        "action_list_max_serial_jump": ("action_list_max_serial_jump", _serial_jump),
         "minimum_add_value": ("minimum_add_value_cents", _amount),
         "retap_window_s": ("retap_window_s", _window),
         "max_clock_ahead_s": ("max_clock_ahead_s", _clock_ahead),
@@ -262,6 +274,24 @@ def _clock_ahead(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise ValueError(f"expected a number of seconds from {low} to {high}")
     return float(value)
+
+
+_LIST_SKEW_RANGE_S = (0, 24 * 3600)
+_SERIAL_JUMP_RANGE = (1, 2 ** 53)
+
+
+def _list_skew(value: object, key: str) -> float:
+    low, high = _LIST_SKEW_RANGE_S
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"expected a number of seconds from {low} to {high}")
+    return float(value)
+
+
+def _serial_jump(value: object, key: str) -> int:
+    low, high = _SERIAL_JUMP_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"expected a whole number from {low} to {high}")
+    return value
 
 
 def _retention_days(value: object, key: str) -> int:

@@ -9,6 +9,7 @@ Reader specs: ``sim:CARD.json`` (a simulated card file in this process), ``udp:H
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,13 +31,15 @@ from farebox.terminal.store.identity import (
 )
 from farebox.terminal.store.journal import Journal, JournalError
 from farebox.terminal.card.keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
-from farebox.terminal.link.fetch import fetch, held_list
+from farebox.terminal.link.fetch import HeldList, fetch, held_list, keep_good
 from farebox.terminal.core.rules import ListEntry
+from farebox.terminal.core.clock import now_utc
 from farebox.terminal.link.signedlist import SignedList, SignedListError
 from farebox.terminal.store.settlement import BatchPolicy, Settlement, SettlementError
 from farebox.terminal.card.present import CardReaders
 from farebox.terminal.card.tap import Terminal
 
+LOG = logging.getLogger("farebox.terminal.runtime")
 JOURNAL_FILE = "journal.sqlite3"
 READER_KINDS = ("sim", "udp", "usb", "tty", "pcsc")
 
@@ -186,21 +189,45 @@ def batch_policy(config: TerminalConfig) -> BatchPolicy:
                        timedelta(days=config.batch_retention_days))
 
 
-def load_action_lists(config: TerminalConfig) -> tuple[ListEntry, ...]:
+def fetched_action_list(config: TerminalConfig, now: datetime | None = None) -> HeldList:
+    """The list fetched from the clearing house in force in the state, looked at only (see
+    ``terminal/link/fetch.py``): verified with ``clearing_public_key`` when configured, else
+    with the key kept with it at fetch time; ``now`` (default: this clock) judges "issued in
+    the future"."""
+    return held_list(state_dir(config), config.clearing_public_key,
+                     now if now is not None else now_utc(), config.list_bounds)
+
+
+def action_lists(config: TerminalConfig, now: datetime | None = None
+                 ) -> tuple[tuple[ListEntry, ...], HeldList]:
     """The configured action-list file's entries and those of the list fetched from the
-    clearing house (when ``clearing_public_key`` is configured): both apply at every tap."""
+    clearing house, both applied at every tap with or without a configuration, and the fetched
+    list's state. A fetched list that no longer verifies leaves the last good one in force,
+    said on the log (warning); with no good one, nothing says which cards are listed and the
+    terminal takes no money (RuntimeSetupError)."""
     try:
         entries = load_action_list(config.action_list) if config.action_list else ()
     except ActionListError as error:
         raise RuntimeSetupError(str(error)) from None
-    if config.clearing_public_key is not None:
-        try:
-            fetched = held_list(state_dir(config), config.clearing_public_key)
-        except SignedListError as error:
-            raise RuntimeSetupError(f"fetched action list: {error}") from None
-        if fetched is not None:
-            entries += fetched.entries
-    return entries
+    held = fetched_action_list(config, now)
+    if held.refused:
+        raise RuntimeSetupError(f"fetched action list: {held.alarm}: the terminal takes no "
+                                "money until `farebox actions fetch` replaces it")
+    if held.alarm is not None:
+        LOG.warning("action list alarm: %s", held.alarm)
+    try:
+        keep_good(state_dir(config), held)
+    except OSError as error:
+        LOG.warning("action list: cannot keep the good copy: %s", error.strerror)
+    if held.in_force is not None:
+        entries += held.in_force.entries
+    return entries, held
+
+
+def load_action_lists(config: TerminalConfig, now: datetime | None = None
+                      ) -> tuple[ListEntry, ...]:
+    """The entries of :func:`action_lists`."""
+    return action_lists(config, now)[0]
 
 
 def fetch_action_list(config: TerminalConfig, url: str | None, now: datetime
@@ -213,7 +240,8 @@ def fetch_action_list(config: TerminalConfig, url: str | None, now: datetime
         raise RuntimeSetupError("clearing_public_key is not configured: an action list cannot "
                                 "be verified without it (farebox clearing key prints it)")
     try:
-        return fetch(url, state_dir(config), config.clearing_public_key, now)
+        return fetch(url, state_dir(config), config.clearing_public_key, now,
+                     config.list_bounds)
     except SignedListError as error:
         raise RuntimeSetupError(f"action list refused: {error}") from None
     except Exception as error:  # httpx.HTTPError and OSError: the house cannot be reached
@@ -239,7 +267,7 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
         journal.close()
 
 
-__all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "batch_policy",
-           "card_readers", "default_state_dir", "fetch_action_list", "init_terminal",
-           "load_action_lists", "open_journal", "open_settlement", "open_terminal", "open_transport",
-           "state_dir"]
+__all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "action_lists",
+           "batch_policy", "card_readers", "default_state_dir", "fetch_action_list",
+           "fetched_action_list", "init_terminal", "load_action_lists", "open_journal",
+           "open_settlement", "open_terminal", "open_transport", "state_dir"]

@@ -22,8 +22,9 @@ def actions() -> None:
 @click.option("--url", help="the clearing house [default: clearing_url in --config]")
 @json_option
 def fetch(state_dir, config_file, url, as_json) -> None:
-    """Fetch the signed action list, verify it with clearing_public_key, refuse an expired list or
-    one older than the list held, and keep it: every later tap applies it."""
+    """Fetch the signed action list, verify it with clearing_public_key, refuse an expired list,
+    one issued in the future or one whose serial goes back or jumps too far, and keep it with
+    its key: every later tap applies it, with or without --config."""
     config = settings(config_file, state_dir=state_dir)
     fetched, changed = fetch_action_list(config, url, now_utc())
     obj = {"serial": fetched.serial, "entries": len(fetched.entries),

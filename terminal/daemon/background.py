@@ -10,10 +10,12 @@ from datetime import datetime
 
 from farebox.terminal.card.tap import Terminal
 from farebox.terminal.config import TerminalConfig
-from farebox.terminal.link.fetch import FETCHED_FILE
+from farebox.terminal.link.fetch import FETCHED_FILE, GOOD_FILE
+from farebox.terminal.link.signedlist import SignedList
 from farebox.terminal.link.upload import BackgroundUploader
 from farebox.terminal.runtime import (
-    RuntimeSetupError, batch_policy, fetch_action_list, load_action_lists, open_journal, state_dir,
+    RuntimeSetupError, action_lists, batch_policy, fetch_action_list, fetched_action_list,
+    open_journal, state_dir,
 )
 from farebox.terminal.store.identity import IdentityError, load_identity
 from farebox.terminal.store.settlement import BatchCloser, Settlement, SettlementError
@@ -65,21 +67,37 @@ def start_uploader(config: TerminalConfig, clock: Callable[[], datetime], *,
 
 class ActionListReloader:
     """The daemon's idle hook that puts a newly fetched action list into force: when the held
-    list's file changes, the terminal's entries are loaded again (a list that no longer
-    verifies is logged and the entries in force are kept)."""
+    list's files change, the terminal's entries are loaded again (a list that no longer verifies
+    leaves the last good one in force, with an alarm on the log; with none, the entries in force
+    are kept). ``on_status(alarm, in_force)`` hears at start and after every change whether an
+    alarm stands and which list is in force (the metrics)."""
 
-    def __init__(self, config: TerminalConfig, terminal: Terminal) -> None:
+    def __init__(self, config: TerminalConfig, terminal: Terminal,
+                 on_status: Callable[[bool, SignedList | None], None] | None = None) -> None:
         self.config = config
         self.terminal = terminal
-        self._path = state_dir(config) / FETCHED_FILE
+        self.on_status = on_status
+        directory = state_dir(config)
+        self._paths = (directory / FETCHED_FILE, directory / GOOD_FILE)
         self._stamp = self._current_stamp()
+        held = fetched_action_list(config) if on_status is not None else None
+        self._in_force = held.in_force if held is not None else None
+        self._report(held is not None and held.alarm is not None)
 
-    def _current_stamp(self) -> tuple[int, int] | None:
-        try:
-            stat = self._path.stat()
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
+    def _current_stamp(self) -> tuple:
+        stamps = []
+        for path in self._paths:
+            try:
+                stat = path.stat()
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        return tuple(stamps)
+
+    def _report(self, alarm: bool) -> None:
+        if self.on_status is not None:
+            self.on_status(alarm, self._in_force)
 
     def __call__(self) -> None:
         stamp = self._current_stamp()
@@ -87,8 +105,12 @@ class ActionListReloader:
             return
         self._stamp = stamp
         try:
-            self.terminal.action_list = load_action_lists(self.config)
+            entries, held = action_lists(self.config)
         except RuntimeSetupError as error:
             LOG.warning("%s; keeping the action list in force", error)
+            self._report(True)
             return
+        self.terminal.action_list = entries
+        self._in_force = held.in_force
+        self._report(held.alarm is not None)
         LOG.info("action list reloaded: %d entries", len(self.terminal.action_list))

@@ -15,6 +15,12 @@ only reads numbers the daemon loop and the uploader have set):
   round that sent every batch, or found none to send); +Inf before the first.
 - ``farebox_seconds_since_last_action_list_fetch``: since a list was last fetched and verified;
   +Inf before the first.
+- ``farebox_action_list_alarm``: 1 while the list fetched last cannot be used (it does not
+  verify, was issued in the future, went back or jumped in serial): the last good list is in
+  force, or none (the daemon's action-list reloader).
+- ``farebox_action_list_serial``: the serial of the fetched list in force (NaN: none).
+- ``farebox_action_list_expiry_timestamp_seconds``: when it expires, Unix time (NaN: none); an
+  expired list stays in force, alert on ``time() > ...``.
 - ``farebox_reader_reopens_total``: readers that failed and were opened again.
 - ``farebox_reader_up``: 1 while the reader answers, 0 during an outage.
 """
@@ -27,6 +33,7 @@ import time
 from collections.abc import Callable
 
 from farebox.terminal.config import MetricsError
+from farebox.terminal.link.signedlist import SignedList
 
 LOG = logging.getLogger("farebox.terminal.daemon.metrics")
 
@@ -64,6 +71,17 @@ class TerminalMetrics:
         Gauge("farebox_seconds_since_last_action_list_fetch",
               "Seconds since the action list was last fetched and verified",
               registry=self.registry).set_function(lambda: self._since(self.last_fetch))
+        self.list_alarm = Gauge("farebox_action_list_alarm",
+                                "1 while the action list fetched last cannot be used (the last "
+                                "good list, or none, is in force)", registry=self.registry)
+        self.list_serial = Gauge("farebox_action_list_serial",
+                                 "Serial of the fetched action list in force (NaN: none)",
+                                 registry=self.registry)
+        self.list_expiry = Gauge("farebox_action_list_expiry_timestamp_seconds",
+                                 "When the fetched action list in force expires, Unix time "
+                                 "(NaN: none)", registry=self.registry)
+        self.list_serial.set(math.nan)
+        self.list_expiry.set(math.nan)
         self._reopens_seen = 0
         self._refreshed: float | None = None
         self.server = None
@@ -82,6 +100,12 @@ class TerminalMetrics:
 
     def fetched(self) -> None:
         self.last_fetch = self.clock()
+
+    def action_list(self, alarm: bool, in_force: SignedList | None) -> None:
+        """The action-list reloader's word: whether an alarm stands, and the list in force."""
+        self.list_alarm.set(1 if alarm else 0)
+        self.list_serial.set(math.nan if in_force is None else in_force.serial)
+        self.list_expiry.set(math.nan if in_force is None else in_force.expires.timestamp())
 
     def reader(self, up: bool) -> None:
         self.reader_up.set(1 if up else 0)

@@ -89,7 +89,8 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
             teardown.callback(uploader.stop)  # stopped before the terminal closes
         closer = batch_closer(config, term, clock,
                               on_closed=uploader.wake if uploader else lambda: None)
-        reload_list = ActionListReloader(config, term)
+        reload_list = ActionListReloader(config, term,
+                                         on_status=metrics.action_list if metrics else None)
         unacknowledged = closer.settlement.unacknowledged_count if closer else lambda: 0
 
         def on_idle() -> None:

@@ -12,7 +12,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from farebox.protocol.errors import FelicaError
@@ -23,7 +23,10 @@ from farebox.terminal.store.identity import IDENTITY_FILE, IdentityError, load_i
 from farebox.terminal.store.journal import Journal, JournalError
 from farebox.terminal.card.keys import KeyFileError, load_key_file
 from farebox.terminal.ops.readers import KERNEL_DRIVERS, PcscStatus, Roots, pcsc_readers, pcscd_holds, usb_readers
-from farebox.terminal.runtime import JOURNAL_FILE, RuntimeSetupError, ReaderSpec, open_transport, state_dir
+from farebox.terminal.link.signedlist import span
+from farebox.terminal.runtime import (
+    JOURNAL_FILE, RuntimeSetupError, ReaderSpec, fetched_action_list, open_transport, state_dir,
+)
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 READER_GROUP = "farebox"  # the group hw/'s udev rule gives the readers to
@@ -80,6 +83,7 @@ def run_checks(options: DoctorOptions, now: datetime,
     findings.append(_state_dir(options.config))
     findings.append(_clock(options.config, roots, now))
     findings += _keys(options.config)
+    findings.append(_action_list(options.config, now))
     if options.reader is not None:
         findings.append(_card_in_field(options))
     return findings
@@ -214,6 +218,43 @@ def _keys(config: TerminalConfig) -> list[Finding]:
             f"farebox terminal init --id TERMINAL_ID --state {directory}" if missing else
             f"restore {directory / IDENTITY_FILE} from backup (a new identity needs enrolling)"))
     return out
+
+
+def _action_list(config: TerminalConfig, now: datetime) -> Finding:
+    """The fetched action list in force: which, how old, until when; an alarm (the list
+    fetched last cannot be used) and a list past its expiry fail."""
+    check = "action list"
+    directory = state_dir(config)
+    trust = "" if config.clearing_public_key is not None else " --config F"
+    fetch = f"farebox actions fetch --state {directory}{trust}"
+    held = fetched_action_list(config, now)
+    if held.refused:
+        return Finding(check, FAIL, f"{held.alarm}: every tap is refused",
+                       f"{fetch} (and find out what changed the file)")
+    listed = held.in_force
+    if listed is None:
+        if config.clearing_url is None and config.clearing_public_key is None:
+            return Finding(check, OK, "no action list fetched (no clearing house configured)")
+        return Finding(check, WARN, "no action list fetched yet: lost cards are not refused",
+                       fetch)
+    key = listed.public_key.hex()[:16]
+    age = (f"{span(now - listed.issued)} old" if listed.issued <= now else
+           f"{span(listed.issued - now)} in the future for this clock")
+    found = (f"serial {listed.serial}, {len(listed.entries)} entries, issued "
+             f"{listed.issued_utc} ({age}), verified with key {key}...")
+    if held.alarm is not None:
+        return Finding(check, FAIL, f"{held.alarm}; in force: {found}",
+                       f"{fetch} (and find out what changed the file)")
+    if listed.expires <= now:
+        return Finding(check, FAIL, f"{found}; expired at {listed.expires_utc} "
+                       f"({span(now - listed.expires)} ago): cards listed since are not refused",
+                       f"{fetch} (the daemon fetches from clearing_url every "
+                       "upload_interval_s: can it reach the clearing house?)")
+    if listed.issued > now + timedelta(seconds=config.action_list_max_skew_s):
+        return Finding(check, WARN, f"{found}: this clock is behind the clearing house's "
+                       "(a later list would be refused as issued in the future)",
+                       "sudo timedatectl set-ntp true && timedatectl timesync-status")
+    return Finding(check, OK, f"{found}; valid until {listed.expires_utc}")
 
 
 def _card_in_field(options: DoctorOptions) -> Finding:

@@ -47,9 +47,9 @@ def test_the_held_list_is_in_force_and_reloaded_when_it_changes(tmp_path, caplog
         reload_list()
         assert len(terminal.action_list) == 2
         (tmp_path / FETCHED_FILE).write_text('{"list": "x", "signature": "00"}')
-        reload_list()  # a list that does not verify: the one in force stays
+        reload_list()  # a list that does not verify: the last good one stays in force
         assert len(terminal.action_list) == 2
-        assert "keeping the action list in force" in caplog.text
+        assert "applying the last good list (serial 2)" in caplog.text
 
 
 def test_a_held_list_that_does_not_verify_stops_the_terminal_with_one_line(tmp_path):
