@@ -87,3 +87,40 @@ def test_a_wrong_import_breaks_a_contract(tmp_path, module, line, broken):
     done = _lint_imports(tree, pythonpath=tree)
     assert done.returncode == 1, done.stdout + done.stderr
     assert broken in done.stdout
+
+
+def test_the_sdist_carries_hw_docs_tests_and_an_spdx_license(tmp_path):
+    """Built by the build backend from the files git tracks (as a release would be): the Pi
+    install (hw/), docs, tests and benchmarks are in it, and the license is an SPDX expression
+    (setuptools stops accepting a TOML table there in February 2027)."""
+    import tarfile
+
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    if not any(tracked):
+        pytest.skip("not a git checkout")
+    tree = tmp_path / "tree"
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
+    out = tmp_path / "dist"
+    code = ("import sys, warnings\nfrom setuptools import build_meta\n"
+            "warnings.simplefilter('error', category=DeprecationWarning)\n"
+            "print(build_meta.build_sdist(sys.argv[1]))\n")
+    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code, str(out)],
+                          cwd=tree, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "License classifiers are deprecated" not in done.stderr
+    with tarfile.open(out / done.stdout.strip().splitlines()[-1]) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+        pkg_info = sdist.extractfile(next(m for m in sdist.getmembers()
+                                          if m.name.count("/") == 1 and
+                                          m.name.endswith("/PKG-INFO"))).read().decode()
+    for wanted in ("hw/install.sh", "hw/farebox.service", "hw/terminal.toml", "docs/cli.md",
+                   "tests/test_packaging.py", "bootstrap.sh", "LICENSE", "README.md",
+                   "terminal/store/journal.py"):
+        assert wanted in names, wanted
+    assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
+    assert "License-Expression: MIT" in pkg_info
+    assert "Classifier: Operating System :: POSIX :: Linux" in pkg_info
