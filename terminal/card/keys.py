@@ -96,7 +96,7 @@ class SoftwareKeyStore:
 # ---- key sources (the configuration's `keys`) ------------------------------------------------
 
 @dataclass(frozen=True)
-class TestKeySource:
+class PublishedKeySource:
     """``keys = "test"``: the published test keys."""
 
     def __str__(self) -> str:
@@ -125,7 +125,7 @@ class Pkcs11Source:
         return f"pkcs11 token {self.token!r} ({self.module})"
 
 
-KeySource = TestKeySource | KeyFileSource | Pkcs11Source
+KeySource = PublishedKeySource | KeyFileSource | Pkcs11Source
 _PKCS11_PARAMETERS = ("module", "token", "pin-file", "label", "issue-version")
 _LABEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -133,7 +133,7 @@ _LABEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
 def parse_key_source(text: str) -> KeySource:
     """The key source a ``keys`` value names; ValueError saying what is wrong (one line)."""
     if text == "test":
-        return TestKeySource()
+        return PublishedKeySource()
     if text.startswith("file:"):
         if not text.removeprefix("file:"):
             raise ValueError('file: needs a path ("file:/etc/farebox/keys.toml")')
@@ -188,7 +188,7 @@ def _version(text: str, where: str) -> int:
 
 def open_key_store(source: KeySource) -> SoftwareKeyStore | Pkcs11KeyStore:
     """The key store a source names; KeyFileError (one line naming the file, module or token)."""
-    if isinstance(source, TestKeySource):
+    if isinstance(source, PublishedKeySource):
         return published_test_keys()
     if isinstance(source, KeyFileSource):
         return load_key_file(source.path)

@@ -22,7 +22,7 @@ from farebox.terminal.config import ConfigError, TerminalConfig, load_config
 from farebox.terminal.store.identity import IDENTITY_FILE, IdentityError, load_identity
 from farebox.terminal.store.journal import Journal, JournalError
 from farebox.terminal.card.keys import (
-    KeyFileError, KeyFileSource, TestKeySource, open_key_store, parse_key_source,
+    KeyFileError, KeyFileSource, PublishedKeySource, open_key_store, parse_key_source,
 )
 from farebox.terminal.ops.readers import KERNEL_DRIVERS, PcscStatus, Roots, pcsc_readers, pcscd_holds, usb_readers
 from farebox.terminal.runtime import JOURNAL_FILE, RuntimeSetupError, ReaderSpec, open_transport, state_dir
@@ -197,10 +197,10 @@ def _keys(config: TerminalConfig) -> list[Finding]:
     except ValueError as error:
         source = None
         out.append(Finding("card keys", FAIL, f"keys: {error}", "fix keys in terminal.toml"))
-    if isinstance(source, TestKeySource) and config.allow_test_keys:
+    if isinstance(source, PublishedKeySource) and config.allow_test_keys:
         out.append(Finding("card keys", WARN, "the published test keys (demo cards only)",
                            "keys = \"file:/etc/farebox/keys.toml\" in terminal.toml"))
-    elif isinstance(source, TestKeySource):
+    elif isinstance(source, PublishedKeySource):
         out.append(Finding("card keys", FAIL, "the published test keys, which this "
                            "configuration does not allow: taps and the daemon refuse them",
                            "keys = \"file:/etc/farebox/keys.toml\" (or \"pkcs11:...\") in "
