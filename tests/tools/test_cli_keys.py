@@ -148,7 +148,7 @@ def file_config(farebox, keys: Path, name: str = "file.toml") -> Path:
     return config
 
 
-@pytest.mark.parametrize("file_mode", [0o644, 0o640, 0o604, 0o660, 0o620, 0o601])
+@pytest.mark.parametrize("file_mode", [0o644, 0o640, 0o604, 0o660, 0o620, 0o601], ids=oct)
 def test_a_key_file_others_may_read_is_refused_naming_it(farebox, file_mode):
     keys = key_file(farebox.path("keys.toml"), file_mode)
     config = file_config(farebox, keys)
@@ -167,7 +167,7 @@ def test_a_key_file_others_may_read_is_refused_naming_it(farebox, file_mode):
     assert checks["card keys"]["status"] == "fail" and str(keys) in checks["card keys"]["found"]
 
 
-@pytest.mark.parametrize("file_mode", [0o600, 0o400])
+@pytest.mark.parametrize("file_mode", [0o600, 0o400], ids=oct)
 def test_a_key_file_only_its_owner_may_read_issues_and_approves(farebox, file_mode):
     config = file_config(farebox, key_file(farebox.path("keys.toml"), file_mode))
     issued = farebox("service", "issue", farebox.path("a.json"), "--category", "adult",
@@ -190,7 +190,7 @@ def umask():
     os.umask(previous)
 
 
-@pytest.mark.parametrize("loose", [0o000, 0o022, 0o002])
+@pytest.mark.parametrize("loose", [0o000, 0o022, 0o002], ids=oct)
 def test_the_state_directory_is_0700_and_the_journal_0600_whatever_the_umask(farebox, umask,
                                                                            loose):
     umask(loose)
