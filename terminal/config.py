@@ -144,7 +144,7 @@ def _from_toml(path: Path) -> dict:
         "reader": ("reader", _string),
         "pcsc_mode": ("pcsc_mode", _pcsc_mode),
         "keys": ("keys", _keys),
-        "allow_test_keys": ("allow_test_keys", _flag),
+        "allow_test_keys": ("allow_test_keys", _allow_test_keys),
         "action_list": ("action_list", lambda v, k: Path(_string(v, k))),
         "minimum_add_value": ("minimum_add_value_cents", _amount),
         "retap_window_s": ("retap_window_s", _window),
@@ -249,14 +249,14 @@ def _metrics_listen(value: object, key: str) -> str:
 
 
 def _keys(value: object, key: str) -> str:
-    """"test", "file:PATH" or "pkcs11:module=LIB;token=LABEL;pin-file=PATH[;...]" (the syntax is
-    checked here; the file or token is opened where the keys are used)."""
+    """A key source: "test", "file:PATH" or "pkcs11:module=LIB;token=LABEL;pin-file=PATH[;...]"
+    (the syntax is checked here; the file or token is opened where the keys are used)."""
     text = _string(value, key)
     parse_key_source(text)  # ValueError saying what is wrong
     return text
 
 
-def _flag(value: object, key: str) -> bool:
+def _allow_test_keys(value: object, key: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError("expected true or false")
     return value

@@ -269,11 +269,12 @@ class Pkcs11KeyStore:
     memory (the latest :data:`DERIVED_KEY_CACHE`), never written or logged."""
 
     def __init__(self, source: Pkcs11Source, session, keys: dict[int, object],
-                 issue_version: int, token_error: type[Exception]) -> None:
+                 issue_version: int, mechanism: object, token_error: type[Exception]) -> None:
         self.source = source
         self.issue_version = issue_version
         self._session = session
         self._keys = keys  # version -> the token's key object (a handle: no key material)
+        self._mechanism = mechanism  # CKM_AES_CMAC
         self._token_error = token_error
         self._derived: OrderedDict[tuple[int, bytes], bytes] = OrderedDict()
         self._lock = threading.Lock()
@@ -293,10 +294,8 @@ class Pkcs11KeyStore:
                 return cached
             if self._session is None:
                 raise RuntimeError(f"{self.source}: the key store is closed")
-            from pkcs11 import Mechanism
-
             try:
-                key = bytes(master.sign(message, mechanism=Mechanism.AES_CMAC))
+                key = bytes(master.sign(message, mechanism=self._mechanism))
             except self._token_error as error:  # the token went away mid-run: a fault, exit 1
                 raise RuntimeError(f"{self.source}: the token failed to derive a card key "
                                    f"({type(error).__name__})") from None
@@ -391,7 +390,8 @@ def open_pkcs11(source: Pkcs11Source) -> Pkcs11KeyStore:
         if issue_version not in keys:
             raise KeyFileError(f"{where}: issue-version {issue_version}: no key labelled "
                                f"{source.label}-{issue_version}")
-        store = Pkcs11KeyStore(source, session, keys, issue_version, PKCS11Error)
+        store = Pkcs11KeyStore(source, session, keys, issue_version, Mechanism.AES_CMAC,
+                               PKCS11Error)
         session = None
         return store
     except PKCS11Error as error:

@@ -26,7 +26,7 @@ from farebox.terminal.card.keys import SoftwareKeyStore
 from farebox.terminal.store.journal import Journal
 
 from ..terminal.test_keys_pkcs11 import SoftHsm
-from .test_e2e_udp import Served, run_daemon, served  # noqa: F401 - the fixture
+from .test_e2e_udp import Served, run_daemon
 
 T0 = "2026-11-22T07:00:00+08:00"
 AT = "2026-11-22T08:00:00+08:00"
@@ -91,18 +91,24 @@ def test_the_daemon_refuses_the_test_keys_at_start(farebox):
     assert time.monotonic() - started < 60 and not farebox.state.exists()
 
 
-def test_the_test_keys_work_where_allowed_and_without_a_config_file(farebox, served):
+def test_the_test_keys_work_where_allowed_and_without_a_config_file(farebox):
     card = farebox.card(balance="10.00")
     # the README's walk-through: no configuration file, a simulated card, the test keys
     assert farebox.tap(card, "--fare", "1.00", at=AT).json()["outcome"] == "approved"
     config = farebox.path("demo.toml")
-    config.write_text('[terminal]\nkeys = "test"\nallow_test_keys = true\n[fares]\nadult = "1.00"\n')
+    config.write_text('[terminal]\nkeys = "test"\nallow_test_keys = true\n'
+                      '[fares]\nadult = "1.00"\n')
     run = farebox("tap", card, "--config", config, "--at", LATER, "--state", farebox.state,
                   "--json").json()
     assert run["outcome"] == "approved" and run["balance_after"] == "8.00"
-    server = served(card, "--taps", 1)
-    done, events = run_daemon(server.address, farebox.state, "--config", config, "--max-taps", 1)
-    assert done.returncode == 0, done.stderr
+    server = Served(card, "--taps", 1)
+    try:
+        done, events = run_daemon(server.address, farebox.state, "--config", config,
+                                  "--max-taps", 1)
+        assert done.returncode == 0, done.stderr
+        server.finish()
+    finally:
+        server.kill()
     assert [e["outcome"] for e in events] == ["approved"]
 
 

@@ -451,7 +451,7 @@ def test_the_installed_farebox_started_as_the_unit_does_reaches_a_tap(installed,
             if not path.startswith("var/lib/farebox")} == outside
 
 
-# ---- install.sh and the card keys (issue 17 item 6) -----------------------------------------------
+# ---- install.sh and the card keys (issue 17 item 6) ----------------------------------------------
 
 def test_install_sh_needs_a_key_source_and_never_takes_the_test_keys(tmp_path):
     """Refused before anything is installed: the root stays empty."""
