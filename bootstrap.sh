@@ -15,9 +15,10 @@ fi
 # pcscd (the PC/SC daemon) and vsmartcard-vpcd (its virtual reader driver, which the tests and
 # `farebox sim serve --via vpcd:` use); postgresql (the clearing store's tests start a private
 # cluster; the receiver runs on SQLite by default); kmod (modprobe: the tests check hw/'s module
-# blacklist with it; every Raspberry Pi OS has it); python3-venv provides venv/ensurepip.
+# blacklist with it; every Raspberry Pi OS has it); softhsm2 (a software PKCS#11 token: the tests
+# keep master keys in it for keys = "pkcs11:..."); python3-venv provides venv/ensurepip.
 need=()
-for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd postgresql kmod; do
+for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd postgresql kmod softhsm2; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 command -v gcc >/dev/null || need+=(gcc)

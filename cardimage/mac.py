@@ -27,15 +27,22 @@ def cmac(key: bytes, message: bytes) -> bytes:
     return mac.finalize()
 
 
-def diversify_key(master_key: bytes, idm: bytes, system_code: int) -> bytes:
-    """The card's own key (AN10922 AES-128, 31-byte diversification input)."""
-    if len(master_key) != KEY_SIZE:
-        raise ValueError("master key must be 16 bytes (AES-128)")
+def diversification_message(idm: bytes, system_code: int) -> bytes:
+    """The 32 bytes the master key CMACs into a card's key: ``0x01 || D`` (AN10922 AES-128, a
+    31-byte D). A key store that keeps its master keys in a token (PKCS#11, CKM_AES_CMAC) has the
+    token MAC exactly these bytes."""
     if len(idm) != 8:
         raise ValueError("IDm must be 8 bytes")
     data = b"\x01" + idm + system_code.to_bytes(2, "big") + _DIVERSIFY_LABEL
     assert len(data) == 32
-    return cmac(master_key, data)
+    return data
+
+
+def diversify_key(master_key: bytes, idm: bytes, system_code: int) -> bytes:
+    """The card's own key (AN10922 AES-128, 31-byte diversification input)."""
+    if len(master_key) != KEY_SIZE:
+        raise ValueError("master key must be 16 bytes (AES-128)")
+    return cmac(master_key, diversification_message(idm, system_code))
 
 
 def _mac_input(area: int, key_version: int, idm: bytes, blocks: tuple[int, ...], data: bytes) -> bytes:

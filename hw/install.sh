@@ -4,11 +4,14 @@
 #
 #   apt packages   python3-venv, pcscd, libusb, and what builds pyscard (only those missing)
 #   user, group    farebox (systemd-sysusers, /etc/sysusers.d/farebox.conf)
-#   /opt/farebox   a venv with farebox[nfc,pcsc] from this checkout; /usr/local/bin/farebox
+#   /opt/farebox   a venv with farebox[nfc,pcsc] (and pkcs11 for a token) from this checkout;
+#                  /usr/local/bin/farebox
 #   /etc/systemd/system/farebox.service, /etc/udev/rules.d/60-farebox-readers.rules,
 #   /etc/modprobe.d/farebox-blacklist.conf
-#   /etc/farebox/terminal.toml   the example, only when there is none (never over an edited one)
-#   /var/lib/farebox             the state, with the terminal's identity (`farebox terminal init`)
+#   /etc/farebox/terminal.toml   the example with your key source, only when there is none (never
+#                                over an edited one; --keys sets its keys line)
+#   the key file or PKCS#11 PIN file  made 0600 and owned by farebox, and checked
+#   /var/lib/farebox             the state (0700), with the terminal's identity (`terminal init`)
 #   then reloads systemd and udev and unloads port100 / pn533_usb if loaded.
 #
 # It never enables or starts the service (README: `systemctl enable --now farebox`).
@@ -21,6 +24,11 @@
 #   --no-apt           do not install apt packages (say which are missing instead)
 #   --terminal-id ID   the terminal id for a new config and identity [default: the config's id]
 #   --python PY        the Python (3.11+) the venv is made from [default: python3]
+#   --keys SOURCE      where the card keys are, for a new config or set in yours (asked for on a
+#                      terminal when needed; never the published test keys):
+#                        file:PATH   a key file already at PATH (docs/cli.md "Key file")
+#                        pkcs11:module=LIB;token=LABEL;pin-file=PATH[;label=P][;issue-version=N]
+#                                    the master keys in a PKCS#11 token (docs/cli.md "Card keys")
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -28,9 +36,10 @@ CHECKOUT=$(dirname "$HERE")
 ROOT=/
 APT=1
 TERMINAL_ID=""
+KEYS=""
 PYTHON=${PYTHON:-python3}
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 die() { echo "install: error: $*" >&2; exit 2; }
 say() { echo "install: $*"; }
 
@@ -40,6 +49,7 @@ while (($#)); do
     --no-apt) APT=0; shift ;;
     --terminal-id) [ $# -ge 2 ] || die "--terminal-id needs an id"; TERMINAL_ID=$2; shift 2 ;;
     --python) [ $# -ge 2 ] || die "--python needs a program"; PYTHON=$2; shift 2 ;;
+    --keys) [ $# -ge 2 ] || die "--keys needs file:PATH or pkcs11:..."; KEYS=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
@@ -48,6 +58,15 @@ done
 if [ -n "$TERMINAL_ID" ] && ! [[ $TERMINAL_ID =~ ^[A-Za-z0-9._-]{1,32}$ ]]; then
   die "--terminal-id: 1-32 letters, digits, '.', '_' or '-', got '$TERMINAL_ID'"
 fi
+check_keys_text() {
+  case $1 in
+    test) die "--keys test: the published test keys protect nothing (anyone can make a card" \
+              "they approve); give file:PATH or pkcs11:..." ;;
+    file:?*|pkcs11:?*) ;;
+    *) die "--keys: expected file:PATH or pkcs11:module=LIB;token=LABEL;pin-file=PATH, got '$1'" ;;
+  esac
+}
+[ -z "$KEYS" ] || check_keys_text "$KEYS"
 [ -f "$CHECKOUT/pyproject.toml" ] && [ -d "$CHECKOUT/terminal" ] \
   || die "run me from a farebox checkout (hw/install.sh next to pyproject.toml)"
 if [ "$ROOT" = / ]; then
@@ -62,6 +81,51 @@ else
 fi
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
   || die "farebox needs Python 3.11 or newer as '$PYTHON' (Bookworm's python3 is 3.11)"
+
+# ---- 0. the card keys (decided before anything is installed) --------------------------------
+# A terminal in service never runs on the published test keys: anyone can make a card they
+# approve (`farebox card new`). A new config needs a key source; so does one that still names the
+# test keys without allow_test_keys = true (a demo terminal that says so is left alone).
+CONFIG="$R/etc/farebox/terminal.toml"
+# config_keys FILE: the config's keys (default "test") and allow_test_keys, one per line
+config_keys() { "$PYTHON" -c 'import sys, tomllib
+with open(sys.argv[1], "rb") as f: t = tomllib.load(f).get("terminal", {})
+print(t.get("keys", "test")); print(str(t.get("allow_test_keys", False)).lower())' "$1" 2>/dev/null \
+  || die "/etc/farebox/terminal.toml is not TOML: fix it (farebox doctor --config names the error)"; }
+CURRENT_KEYS=""
+CURRENT_ALLOW=false
+if [ -e "$CONFIG" ]; then
+  current=$(config_keys "$CONFIG")
+  CURRENT_KEYS=${current%%$'\n'*}
+  CURRENT_ALLOW=${current##*$'\n'}
+fi
+if [ -z "$KEYS" ] && { [ ! -e "$CONFIG" ] || { [ "$CURRENT_KEYS" = test ] && [ "$CURRENT_ALLOW" != true ]; }; }; then
+  why="a new /etc/farebox/terminal.toml needs the card keys"
+  [ -e "$CONFIG" ] && why="/etc/farebox/terminal.toml uses the published test keys, which the daemon refuses"
+  if [ -t 0 ]; then
+    say "$why: file:PATH (a key file, mode 0600) or pkcs11:module=LIB;token=LABEL;pin-file=PATH"
+    read -r -p "install: card keys: " KEYS || true
+    check_keys_text "$KEYS"
+  else
+    die "$why: give --keys file:PATH or --keys 'pkcs11:module=LIB;token=LABEL;pin-file=PATH'"
+  fi
+fi
+EFFECTIVE_KEYS=${KEYS:-$CURRENT_KEYS}
+# the files a key source names must be there before the install starts (inside --root DIR)
+key_files() {
+  case $1 in
+    file:*) echo "${1#file:}" ;;
+    pkcs11:*) tr ';' '\n' <<< "${1#pkcs11:}" | sed -n 's/^ *module *= *//p; s/^ *pin-file *= *//p' ;;
+  esac
+}
+while read -r needed; do
+  [ -z "$needed" ] || [ -e "$R$needed" ] || case $EFFECTIVE_KEYS in
+    file:*) die "no key file at $needed: put the scheme's key file there first (docs/cli.md \"Key file\")" ;;
+    *) die "$needed is missing: the PKCS#11 module (SoftHSM2: apt-get install softhsm2) and the PIN file must exist first" ;;
+  esac
+done < <(key_files "$EFFECTIVE_KEYS")
+EXTRAS=nfc,pcsc
+case $EFFECTIVE_KEYS in pkcs11:*) EXTRAS=nfc,pcsc,pkcs11 ;; esac
 
 CHANGED_UNIT=0
 CHANGED_UDEV=0
@@ -132,9 +196,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   say "creating the venv ${VENV#"$R"}"
   "$PYTHON" -m venv "$VENV"
 fi
+SOURCE_HASH="$SOURCE_HASH [$EXTRAS]"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$SOURCE_HASH" ]; then
-  say "installing farebox[nfc,pcsc] from $CHECKOUT into ${VENV#"$R"} (a minute or two)"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$CHECKOUT[nfc,pcsc]"
+  say "installing farebox[$EXTRAS] from $CHECKOUT into ${VENV#"$R"} (a minute or two)"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$CHECKOUT[$EXTRAS]"
   # the same version number from an edited checkout: this checkout's code, always
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
     --force-reinstall "$CHECKOUT"
@@ -155,24 +220,91 @@ put "$HERE/udev/60-farebox-readers.rules" "$R/etc/udev/rules.d/60-farebox-reader
 put "$HERE/modprobe.d/farebox-blacklist.conf" "$R/etc/modprobe.d/farebox-blacklist.conf" 644 \
   || true
 
-# ---- 5. configuration (never over an edited one) ---------------------------------------------
-CONFIG="$R/etc/farebox/terminal.toml"
+# ---- 5. configuration (never over an edited one) and the card keys ---------------------------
+# the key source parsed by farebox itself: "file PATH" or "pkcs11 MODULE PIN-FILE" (exit 2: why)
+parse_keys() { "$VENV/bin/python" -c 'import sys
+from farebox.terminal.card.keys import KeyFileSource, Pkcs11Source, parse_key_source
+try:
+    s = parse_key_source(sys.argv[1])
+except ValueError as error:
+    sys.exit(f"install: error: --keys: {error}")
+if isinstance(s, KeyFileSource): print("file", s.path)
+elif isinstance(s, Pkcs11Source): print("pkcs11", s.module, s.pin_file)
+else: sys.exit("install: error: --keys: the published test keys protect nothing")' "$1" \
+  || exit 2; }
+[ -z "$KEYS" ] || parse_keys "$KEYS" >/dev/null
+# toml_string TEXT: TEXT as a TOML basic string
+toml_string() { "$VENV/bin/python" -c 'import json, sys; print(json.dumps(sys.argv[1]))' "$1"; }
 config_id() { "$VENV/bin/python" -c 'import sys, tomllib
 with open(sys.argv[1], "rb") as f: print(tomllib.load(f).get("terminal", {}).get("id", ""))' "$1"; }
 if [ ! -e "$CONFIG" ]; then
   mkdir -p "$R/etc/farebox"
   tmp=$(mktemp)
-  if [ -n "$TERMINAL_ID" ]; then
-    sed "s/^id = .*/id = \"$TERMINAL_ID\"/" "$HERE/terminal.toml" > "$tmp"
-  else
-    cp "$HERE/terminal.toml" "$tmp"
-  fi
+  keys_line="keys = $(toml_string "$KEYS")"
+  ID="$TERMINAL_ID" KEYS_LINE="$keys_line" awk '
+    /^id = / && ENVIRON["ID"] != "" { print "id = \"" ENVIRON["ID"] "\""; next }
+    /^keys = / { print ENVIRON["KEYS_LINE"]; next }
+    { print }' "$HERE/terminal.toml" > "$tmp"
   install -m 640 "$tmp" "$CONFIG"
   rm -f "$tmp"
   own "root:$FB_GID" "$CONFIG"
   say "installed /etc/farebox/terminal.toml (edit it: reader, fares, clearing_url)"
-elif ! cmp -s "$HERE/terminal.toml" "$CONFIG"; then
-  say "kept your /etc/farebox/terminal.toml (the example is $HERE/terminal.toml)"
+else
+  if [ -n "$KEYS" ] && [ "$KEYS" != "$CURRENT_KEYS" ]; then
+    # --keys on an existing config changes its keys line only (added under [terminal] if none)
+    tmp=$(mktemp)
+    where='^keys[ \t]*='
+    grep -q "$where" "$CONFIG" || where='^\[terminal\]'
+    KEYS_LINE="keys = $(toml_string "$KEYS")" WHERE="$where" awk '
+      $0 ~ ENVIRON["WHERE"] && !done {
+        done = 1
+        if (ENVIRON["WHERE"] ~ /terminal/) print
+        print ENVIRON["KEYS_LINE"]
+        next
+      }
+      { print }' "$CONFIG" > "$tmp"
+    cat "$tmp" > "$CONFIG"
+    rm -f "$tmp"
+    say "set keys in /etc/farebox/terminal.toml (the rest of it is as you left it)"
+  elif [ "$CURRENT_KEYS" = test ]; then
+    say "note: /etc/farebox/terminal.toml allows the published test keys (a demo terminal)"
+  fi
+  if ! cmp -s "$HERE/terminal.toml" "$CONFIG"; then
+    say "kept your /etc/farebox/terminal.toml (the example is $HERE/terminal.toml)"
+  fi
+fi
+# private PATH: the key or PIN file readable by the farebox user only (0600, owned by it)
+private() {
+  local file="$R$1"
+  if [ "$(stat -c %a "$file")" != 600 ]; then
+    chmod 600 "$file"
+    say "made $1 mode 0600"
+  fi
+  if [ "$(id -u)" -eq 0 ] && [ "$(stat -c %u:%g "$file")" != "$FB_UID:$FB_GID" ]; then
+    chown "$FB_UID:$FB_GID" "$file"
+    say "gave $1 to the farebox user"
+  fi
+}
+if [ "$EFFECTIVE_KEYS" != test ]; then
+  parsed=$(parse_keys "$EFFECTIVE_KEYS")
+  read -r KIND FIRST SECOND <<< "$parsed"
+  if [ "$KIND" = file ]; then
+    private "$FIRST"
+    "$VENV/bin/python" -c 'import sys
+from pathlib import Path
+from farebox.terminal.card.keys import KeyFileError, load_key_file
+try:
+    load_key_file(Path(sys.argv[1]))
+except KeyFileError as error:
+    sys.exit(f"install: error: {error}")' "$R$FIRST" || exit 2
+  else
+    private "$SECOND"
+    if [ "$LIVE" = 1 ] && getent group softhsm >/dev/null && [[ $FIRST == *softhsm* ]] \
+        && ! id -nG farebox | tr ' ' '\n' | grep -qx softhsm; then
+      usermod -aG softhsm farebox
+      say "added farebox to the softhsm group (SoftHSM2's token directory)"
+    fi
+  fi
 fi
 CONFIGURED_ID=$(config_id "$CONFIG")
 if [ -n "$TERMINAL_ID" ] && [ -n "$CONFIGURED_ID" ] && [ "$TERMINAL_ID" != "$CONFIGURED_ID" ]; then
@@ -183,7 +315,7 @@ TERMINAL_ID=${TERMINAL_ID:-$CONFIGURED_ID}
 # ---- 6. state and the terminal's identity (once) ---------------------------------------------
 STATE="$R/var/lib/farebox"
 if [ ! -d "$STATE" ]; then
-  install -d -m 750 "$STATE"
+  install -d -m 700 "$STATE"
   own "$FB_UID:$FB_GID" "$STATE"
   say "created /var/lib/farebox"
 fi

@@ -1,14 +1,19 @@
 """The terminal's configuration: one frozen object, read once.
 
 Sources, later ones winning: a TOML file (``--config`` or ``FAREBOX_CONFIG``), the environment
-(``FAREBOX_STATE``), then command-line flags. Every error names the key it is about::
+(``FAREBOX_STATE``), then command-line flags. Every error names the key it is about.
+
+The built-in defaults (no file) are the demo set-up: the published test keys, allowed. A file is
+a deployment: its keys are the test keys only if it says ``allow_test_keys = true`` (left out:
+false), so a file that names no keys, or ``keys = "test"`` alone, is refused where money moves::
 
     [terminal]
     id = "BUS-0042"                 # the journal's own random id if left out
     state = "/var/lib/farebox"      # journal, counters seen, keys, batches
     reader = "usb:054c:06c3"        # sim:CARD.json | udp:HOST:PORT | usb[:VID:PID] | tty:... | pcsc[:NAME]
     pcsc_mode = "auto"              # PC/SC frames: "auto" (by reader name/ATR), "acr122u", "part3"
-    keys = "test"                   # "test" (published test keys) or "file:/etc/farebox/keys.toml"
+    keys = "file:/etc/farebox/keys.toml"  # or "pkcs11:module=LIB;token=LABEL;pin-file=PATH"
+    allow_test_keys = false         # true: keys = "test" (the published test keys) may be used
     action_list = "/etc/farebox/hotlist.json"
     action_list_max_skew_s = 300    # a fetched list issued further past this clock is refused
     action_list_max_serial_jump = 100000  # and one whose serial jumps further past the held one
@@ -50,6 +55,7 @@ from farebox.terminal.store.settlement import (
 )
 from farebox.terminal.card.tap import DEFAULT_MAX_CLOCK_AHEAD_S, DEFAULT_RETAP_WINDOW_S
 from farebox.terminal.link.signedlist import DEFAULT_MAX_SERIAL_JUMP, DEFAULT_MAX_SKEW_S, ListBounds
+from farebox.terminal.card.keys import parse_key_source
 
 ENV_CONFIG = "FAREBOX_CONFIG"
 ENV_STATE = "FAREBOX_STATE"
@@ -68,7 +74,10 @@ class TerminalConfig:
     terminal_id: str | None = None
     reader: str | None = None
     pcsc_mode: str = "auto"
+    # ---- card keys (issue 17 item 6): the source, and whether the published test keys may be
+    # used; True only for the built-in defaults: a configuration file says so or it is False
     keys: str = "test"
+    allow_test_keys: bool = True
     action_list: Path | None = None
     action_list_max_skew_s: float = DEFAULT_MAX_SKEW_S
     action_list_max_serial_jump: int = DEFAULT_MAX_SERIAL_JUMP
@@ -114,6 +123,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
     if path is not None:
         settings = _from_toml(Path(path))
         sources = {name: "file" for name in settings}
+        settings.setdefault("allow_test_keys", False)  # a file allows the test keys only if it says
     if env.get(ENV_STATE):
         settings["state_dir"] = Path(env[ENV_STATE])
         sources["state_dir"] = "env"
@@ -144,6 +154,7 @@ def _from_toml(path: Path) -> dict:
         "reader": ("reader", _string),
         "pcsc_mode": ("pcsc_mode", _pcsc_mode),
         "keys": ("keys", _keys),
+        "allow_test_keys": ("allow_test_keys", _allow_test_keys),
         "action_list": ("action_list", lambda v, k: Path(_string(v, k))),
         "action_list_max_skew_s": ("action_list_max_skew_s", _list_skew),
         "action_list_max_serial_jump": ("action_list_max_serial_jump", _serial_jump),
@@ -250,10 +261,17 @@ def _metrics_listen(value: object, key: str) -> str:
 
 
 def _keys(value: object, key: str) -> str:
+    """A key source: "test", "file:PATH" or "pkcs11:module=LIB;token=LABEL;pin-file=PATH[;...]"
+    (the syntax is checked here; the file or token is opened where the keys are used)."""
     text = _string(value, key)
-    if text != "test" and not text.startswith("file:"):
-        raise ValueError(f'expected "test" or "file:PATH", got {text!r}')
+    parse_key_source(text)  # ValueError saying what is wrong
     return text
+
+
+def _allow_test_keys(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
 
 
 def _amount(value: object, key: str) -> int:

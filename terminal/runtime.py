@@ -30,7 +30,8 @@ from farebox.terminal.store.identity import (
     IDENTITY_FILE, IdentityError, TerminalIdentity, check_terminal_id, init_identity, load_identity,
 )
 from farebox.terminal.store.journal import Journal, JournalError
-from farebox.terminal.card.keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
+from farebox.terminal.store.private import private_directory
+from farebox.terminal.card.keys import KeyFileError, KeyStore, open_key_store, parse_key_source
 from farebox.terminal.link.fetch import HeldList, fetch, held_list, keep_good
 from farebox.terminal.core.rules import ListEntry
 from farebox.terminal.core.clock import now_utc
@@ -131,13 +132,32 @@ def card_readers(*, faults: Faults | None = None, wait_s: float | None = None,
     return CardReaders(partial(open_transport, pcsc_mode=pcsc_mode), faults, wait_s, again)
 
 
-def load_keys(config: TerminalConfig) -> SoftwareKeyStore:
-    if config.keys == "test":
-        return published_test_keys()
+def load_keys(config: TerminalConfig) -> KeyStore:
+    """The configured key store (test keys, a key file, a PKCS#11 token), for looking at cards:
+    :func:`money_keys` is the one for moving money. Close it when done."""
     try:
-        return load_key_file(Path(config.keys.removeprefix("file:")))
-    except KeyFileError as error:
+        return open_key_store(parse_key_source(config.keys))
+    except (KeyFileError, ValueError) as error:
         raise RuntimeSetupError(f"keys: {error}") from None
+
+
+TEST_KEYS_REFUSED = ('keys: the published test keys are refused (anyone can make a card they '
+                     'approve): set keys = "file:PATH" or "pkcs11:..." in the configuration, or '
+                     'allow_test_keys = true for a demo')
+
+
+def refuse_test_keys(config: TerminalConfig) -> None:
+    """RuntimeSetupError when the configuration would move money with the published test keys
+    without saying ``allow_test_keys = true`` (a configuration file that names them, or names no
+    keys; the built-in defaults without a file allow them: the demo, simulated cards)."""
+    if config.keys == "test" and not config.allow_test_keys:
+        raise RuntimeSetupError(TEST_KEYS_REFUSED)
+
+
+def money_keys(config: TerminalConfig) -> KeyStore:
+    """The key store for a terminal that moves money: the test keys only where allowed."""
+    refuse_test_keys(config)
+    return load_keys(config)
 
 
 def open_journal(config: TerminalConfig) -> Journal:
@@ -240,6 +260,7 @@ def fetch_action_list(config: TerminalConfig, url: str | None, now: datetime
         raise RuntimeSetupError("clearing_public_key is not configured: an action list cannot "
                                 "be verified without it (farebox clearing key prints it)")
     try:
+        private_directory(state_dir(config))  # 0700 if this fetch is the first to make it
         return fetch(url, state_dir(config), config.clearing_public_key, now,
                      config.list_bounds)
     except SignedListError as error:
@@ -256,8 +277,12 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
     """A Terminal over the configured state directory's journal, keys and action list. On the
     way out it does the work kept off the in-field path (durable commit marks, checkpoint)."""
     action_list = load_action_lists(config)
-    keys = load_keys(config)
-    journal = open_journal(config)
+    keys = money_keys(config)
+    try:
+        journal = open_journal(config)
+    except BaseException:
+        keys.close()
+        raise
     try:
         terminal = Terminal(journal, keys, action_list, config.minimum_add_value_cents,
                             config.retap_window_s, config.max_clock_ahead_s)
@@ -265,9 +290,11 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
         terminal.idle()
     finally:
         journal.close()
+        keys.close()
 
 
 __all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "action_lists",
            "batch_policy", "card_readers", "default_state_dir", "fetch_action_list",
-           "fetched_action_list", "init_terminal", "load_action_lists", "open_journal",
-           "open_settlement", "open_terminal", "open_transport", "state_dir"]
+           "fetched_action_list", "init_terminal", "load_action_lists", "load_keys", "money_keys",
+           "open_journal", "open_settlement", "open_terminal", "open_transport",
+           "refuse_test_keys", "state_dir"]

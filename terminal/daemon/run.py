@@ -30,7 +30,9 @@ from farebox.terminal.daemon.jsonlog import configure_logging
 from farebox.terminal.daemon.loop import Daemon, DaemonStats
 from farebox.terminal.daemon.sdnotify import Notifier
 from farebox.terminal.daemon.supervise import Supervision
-from farebox.terminal.runtime import ReaderSpec, RuntimeSetupError, open_terminal, open_transport
+from farebox.terminal.runtime import (
+    ReaderSpec, RuntimeSetupError, open_terminal, open_transport, refuse_test_keys,
+)
 
 LOOP_LOG = logging.getLogger("farebox.terminal.daemon.loop")
 
@@ -49,11 +51,13 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
     metrics, and the JSON log when ``config.log_format`` is "json"). ``verbose``: set up the
     process's log (:func:`configure_logging`) at that verbosity; None leaves logging alone.
 
-    Raises :class:`RuntimeSetupError` (a reader spec that does not parse, a card file that cannot
-    be used, a state, key or list file the terminal cannot open, no tariff) or
+    Raises :class:`RuntimeSetupError` (a reader spec that does not parse, the published test keys
+    where the configuration does not allow them, a card file that cannot be used, a state, key
+    or list file or key token the terminal cannot open, no tariff) or
     :class:`~farebox.terminal.config.MetricsError` (the endpoint cannot listen) before any tap.
     """
     spec = reader_spec if isinstance(reader_spec, ReaderSpec) else ReaderSpec.parse(reader_spec)
+    refuse_test_keys(config)  # before anything starts: no metrics, no reader, no journal
     if config.tariff is None:
         raise RuntimeSetupError("no fares are configured ([fares] in the configuration)")
     json_log = config.log_format == "json"

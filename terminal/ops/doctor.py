@@ -21,7 +21,9 @@ from farebox.protocol.frames import SYSTEM_CODE_WILDCARD
 from farebox.terminal.config import ConfigError, TerminalConfig, load_config
 from farebox.terminal.store.identity import IDENTITY_FILE, IdentityError, load_identity
 from farebox.terminal.store.journal import Journal, JournalError
-from farebox.terminal.card.keys import KeyFileError, load_key_file
+from farebox.terminal.card.keys import (
+    KeyFileError, KeyFileSource, PublishedKeySource, open_key_store, parse_key_source,
+)
 from farebox.terminal.ops.readers import KERNEL_DRIVERS, PcscStatus, Roots, pcsc_readers, pcscd_holds, usb_readers
 from farebox.terminal.link.signedlist import span
 from farebox.terminal.runtime import (
@@ -194,18 +196,32 @@ def _clock(config: TerminalConfig, roots: Roots, now: datetime) -> Finding:
 
 def _keys(config: TerminalConfig) -> list[Finding]:
     out = []
-    if config.keys == "test":
+    try:
+        source = parse_key_source(config.keys)
+    except ValueError as error:
+        source = None
+        out.append(Finding("card keys", FAIL, f"keys: {error}", "fix keys in terminal.toml"))
+    if isinstance(source, PublishedKeySource) and config.allow_test_keys:
         out.append(Finding("card keys", WARN, "the published test keys (demo cards only)",
                            "keys = \"file:/etc/farebox/keys.toml\" in terminal.toml"))
-    else:
-        path = Path(config.keys.removeprefix("file:"))
+    elif isinstance(source, PublishedKeySource):
+        out.append(Finding("card keys", FAIL, "the published test keys, which this "
+                           "configuration does not allow: taps and the daemon refuse them",
+                           "keys = \"file:/etc/farebox/keys.toml\" (or \"pkcs11:...\") in "
+                           "terminal.toml; allow_test_keys = true only for a demo"))
+    elif source is not None:
         try:
-            load_key_file(path)
-            out.append(Finding("card keys", OK, f"key file {path} loads"))
+            store = open_key_store(source)
         except KeyFileError as error:
-            out.append(Finding("card keys", FAIL, f"{error}",
-                               f"install the scheme's key file at {path} (mode 0600, owned by "
-                               "the terminal's user)"))
+            fix = (f"install the scheme's key file at {source.path} (mode 0600, owned by the "
+                   "terminal's user)" if isinstance(source, KeyFileSource) else
+                   "check the module, token label, PIN file (mode 0600) and the key labels")
+            out.append(Finding("card keys", FAIL, f"{error}", fix))
+        else:
+            versions = ", ".join(str(v) for v in store.versions)
+            store.close()
+            out.append(Finding("card keys", OK, f"{source} loads: key versions {versions}, "
+                               f"issue version {store.issue_version}"))
     directory = state_dir(config)
     try:
         identity = load_identity(directory)

@@ -35,6 +35,7 @@ from farebox.terminal.core.clock import parse_utc, utc_fixed, utc_iso
 from farebox.terminal.core.rules import Record, RecordType
 from farebox.terminal.core.writecycle import WriteState, check_transition
 from farebox.terminal.errors import TerminalError
+from farebox.terminal.store.private import private_directory, private_file
 
 SCHEMA_VERSION = 3
 DEFAULT_BUSY_TIMEOUT_S = 10.0
@@ -258,8 +259,9 @@ class Journal:
 
     def _open(self, busy_timeout_s: float) -> None:
         self._db = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(self.path.parent)  # 0700 when made here; the journal 0600
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout_s)
+        private_file(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={self._sync}")
         self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")

@@ -178,7 +178,8 @@ def test_the_daemon_uploads_its_batches_in_the_background(farebox, receiver):
     farebox("clearing", "enroll", "--db", db, "--terminal", "BUS-7", "--pubkey",
             made["public_key"]).code == 0
     config = farebox.path("farebox.toml")
-    config.write_text(f'[terminal]\nbatch_max_records = 1\nclearing_url = "{url}"\n'
+    config.write_text('[terminal]\nallow_test_keys = true\n'
+                      f'batch_max_records = 1\nclearing_url = "{url}"\n'
                       "upload_interval_s = 1\n")
     card = farebox.card(balance="10.00")
     server = Served(card, "--taps", 2)
@@ -213,7 +214,8 @@ def test_the_daemon_uploads_its_batches_in_the_background(farebox, receiver):
 def trusting(farebox, db, url, name="trust.toml"):
     key = farebox("clearing", "key", "--db", db, "--json").json()["public_key"]
     config = farebox.path(name)
-    config.write_text(f'[terminal]\nclearing_url = "{url}"\nclearing_public_key = "{key}"\n')
+    config.write_text('[terminal]\nallow_test_keys = true\n'
+                      f'clearing_url = "{url}"\nclearing_public_key = "{key}"\n')
     return config
 
 

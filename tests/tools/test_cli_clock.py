@@ -70,7 +70,8 @@ def test_a_cards_future_date_is_the_cards_anomaly_at_a_trusted_terminal(farebox)
 def test_max_clock_ahead_s_is_configured_and_bad_values_are_exit_2(farebox):
     card = farebox.card()
     config = farebox.path("terminal.toml")
-    config.write_text("[terminal]\nmax_clock_ahead_s = 600\n", encoding="utf-8")
+    config.write_text("[terminal]\nallow_test_keys = true\n"
+                      "max_clock_ahead_s = 600\n", encoding="utf-8")
     tap = ["tap", card, "--fare", "5.80", "--state", farebox.state, "--config", config, "--json"]
     assert farebox(*tap, "--at", AT).json()["clock_trusted"]
     # other cards, last used on their issue day: nothing but the mark to judge the time by
@@ -79,7 +80,8 @@ def test_max_clock_ahead_s_is_configured_and_bad_values_are_exit_2(farebox):
         tap[1] = farebox.card(name)
         assert farebox(*tap, "--at", at).json()["clock_trusted"] is trusted
     for bad in ("0", "-1", "true", '"1d"', "99999999999"):
-        config.write_text(f"[terminal]\nmax_clock_ahead_s = {bad}\n", encoding="utf-8")
+        config.write_text("[terminal]\nallow_test_keys = true\n"
+                          f"max_clock_ahead_s = {bad}\n", encoding="utf-8")
         run = farebox(*tap, "--at", AT)
         run.assert_bad_input()
         assert "terminal.max_clock_ahead_s" in run.err

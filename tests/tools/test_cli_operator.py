@@ -365,7 +365,8 @@ def test_doctor_exit_status_follows_its_worst_finding(farebox, tmp_path):
 def test_doctor_uses_the_configured_reader_and_reports_a_broken_configuration(farebox, tmp_path):
     card = farebox.card()
     config = tmp_path / "terminal.toml"
-    config.write_text(f'[terminal]\nreader = "sim:{card}"\nkeys = "test"\n')
+    config.write_text('[terminal]\nallow_test_keys = true\n'
+                      f'reader = "sim:{card}"\nkeys = "test"\n')
     run = farebox("doctor", "--config", config, "--state", farebox.state, "--json")
     checks = {c["check"]: c for c in json.loads(run.out)["checks"]}
     assert checks["config"]["status"] == "ok" and "reader" in checks["config"]["found"]

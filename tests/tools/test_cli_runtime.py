@@ -155,7 +155,8 @@ def test_a_config_file_gives_fares_state_and_minimum(farebox, tmp_path, monkeypa
     monkeypatch.delenv("FAREBOX_STATE", raising=False)
     state = tmp_path / "from-config"
     config = tmp_path / "terminal.toml"
-    config.write_text(f'[terminal]\nstate = "{state}"\nminimum_add_value = "20.00"\n'
+    config.write_text('[terminal]\nallow_test_keys = true\n'
+                      f'state = "{state}"\nminimum_add_value = "20.00"\n'
                       '[fares]\nadult = "5.80"\nchild = "2.90"\n')
     child = farebox.card("child.json", category="child", balance="10.00")
     run = farebox("tap", child, "--config", config, "--at", AT, "--json").json()
@@ -167,7 +168,8 @@ def test_a_config_file_gives_fares_state_and_minimum(farebox, tmp_path, monkeypa
 
 def test_precedence_is_file_then_environment_then_flags(farebox, tmp_path, monkeypatch):
     config = tmp_path / "terminal.toml"
-    config.write_text(f'[terminal]\nstate = "{tmp_path / "file-state"}"\n[fares]\nadult = "1.00"\n')
+    config.write_text('[terminal]\nallow_test_keys = true\n'
+                      f'state = "{tmp_path / "file-state"}"\n[fares]\nadult = "1.00"\n')
     monkeypatch.setenv("FAREBOX_CONFIG", str(config))
     card = farebox.card(balance="10.00")
     assert farebox("tap", card, "--at", AT, "--json").json()["amount"] == "1.00"
@@ -206,6 +208,7 @@ def test_a_key_file_gives_the_master_keys_and_never_shows_them(farebox, tmp_path
     secret = "00112233445566778899aabbccddeeff"
     keys = tmp_path / "keys.toml"
     keys.write_text(f'issue_version = 1\n[master_keys]\n1 = "{secret[:-2]}"\n')
+    keys.chmod(0o600)  # a key file others may read is refused (test_cli_keys.py)
     config = tmp_path / "terminal.toml"
     config.write_text(f'[terminal]\nkeys = "file:{keys}"\n')
     card = farebox.card(balance="10.00")

@@ -127,7 +127,8 @@ def test_taps_over_udp_show_in_json_logs_metrics_and_sd_notify(farebox, running,
                 made["public_key"], "--json").json()
         house_key = farebox("clearing", "key", "--db", db, "--json").json()["public_key"]
         config = tmp_path / "terminal.toml"
-        config.write_text(f'[terminal]\nbatch_max_records = 1\nclearing_url = "{clearing_url}"\n'
+        config.write_text('[terminal]\nallow_test_keys = true\n'
+                          f'batch_max_records = 1\nclearing_url = "{clearing_url}"\n'
                           f'upload_interval_s = 1\nclearing_public_key = "{house_key}"\n'
                           'metrics_listen = "127.0.0.1:0"\nlog_format = "json"\n')
         card = farebox.card(balance="1.00")

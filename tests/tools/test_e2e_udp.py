@@ -140,7 +140,7 @@ def test_the_daemon_closes_signed_batches_between_taps(farebox, served):
     done = farebox("terminal", "init", "--state", farebox.state, "--id", "BUS-0042", "--json")
     done.json()
     config = farebox.path("farebox.toml")
-    config.write_text("[terminal]\nbatch_max_records = 1\n")
+    config.write_text("[terminal]\nallow_test_keys = true\nbatch_max_records = 1\n")
     card = farebox.card(balance="10.00")
     server = served(card, "--taps", 3)
     run, events = run_daemon(server.address, farebox.state, "--fare", "1.00", "--max-taps", 3,

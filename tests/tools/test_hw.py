@@ -252,6 +252,9 @@ def test_the_example_config_loads_and_names_every_key(tmp_path):
     config = load_config(EXAMPLE, env={})
     assert config.terminal_id and config.tariff is not None and config.log_format == "json"
     ReaderSpec.parse(config.reader)
+    # the shipped config names real keys, never the published test ones, and does not allow them
+    assert config.keys.startswith("file:") and config.allow_test_keys is False
+    assert not re.search(r'^\s*keys\s*=\s*"test"', EXAMPLE.read_text(), flags=re.MULTILINE)
     # with the commented-out keys switched on, every setting comes from the file
     text = re.sub(r"^# (\w+ = )", r"\1", EXAMPLE.read_text(), flags=re.MULTILINE)
     (tmp_path / "all.toml").write_text(text)
@@ -283,8 +286,24 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 
 def install(root: Path, *options: str) -> subprocess.CompletedProcess:
+    """Non-interactive (no terminal on stdin: install.sh never asks, it says what to give)."""
     return subprocess.run(["bash", str(INSTALL), "--root", str(root), *options],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+
+
+MASTER = bytes.fromhex("5a17c3e2d1b0a99887766554433221f0")
+KEY_FILE = "/etc/farebox/keys.toml"
+FILE_KEYS = f"file:{KEY_FILE}"
+
+
+def put_key_file(root: Path, mode: int = 0o644) -> Path:
+    """The scheme's key file where the operator puts it before installing (left group and world
+    readable here: install.sh makes it 0600 and the farebox user's)."""
+    path = root / KEY_FILE.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'issue_version = 1\n[master_keys]\n1 = "{MASTER.hex()}"\n')
+    path.chmod(mode)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -293,9 +312,19 @@ def installed(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("install.sh creates a user and owns files for it: run as root")
     root = tmp_path_factory.mktemp("pi") / "root"
-    first = install(root, "--terminal-id", "BUS-0042")
+    put_key_file(root)
+    first = install(root, "--terminal-id", "BUS-0042", "--keys", FILE_KEYS)
     assert first.returncode == 0, first.stdout + first.stderr
     return root, first
+
+
+def mapped_config(root: Path, directory: Path) -> Path:
+    """The installed config with its /etc/farebox/ paths (the key or PIN file) inside the root,
+    as the unit's own arguments are mapped below."""
+    text = (root / "etc/farebox/terminal.toml").read_text()
+    copy = directory / "terminal.toml"
+    copy.write_text(text.replace("/etc/farebox/", f"{root}/etc/farebox/"))
+    return copy
 
 
 def test_install_sh_lays_out_a_pi_and_a_second_run_changes_nothing(installed):
@@ -312,10 +341,17 @@ def test_install_sh_lays_out_a_pi_and_a_second_run_changes_nothing(installed):
     uid, gid = int(user[2]), int(user[3])
     state = root / "var/lib/farebox"
     assert all(p.stat().st_uid == uid for p in [state, *state.iterdir()])
-    assert oct(state.stat().st_mode & 0o777) == "0o750"
+    assert oct(state.stat().st_mode & 0o777) == "0o700"
+    assert oct((state / "journal.sqlite3").stat().st_mode & 0o777) == "0o600"
     config = root / "etc/farebox/terminal.toml"
     assert config.stat().st_gid == gid and oct(config.stat().st_mode & 0o777) == "0o640"
     assert load_config(config, env={}).terminal_id == "BUS-0042"
+    # the key source given, the key file made the farebox user's alone
+    assert load_config(config, env={}).keys == FILE_KEYS
+    assert load_config(config, env={}).allow_test_keys is False
+    key_file = root / KEY_FILE.lstrip("/")
+    assert (key_file.stat().st_uid, key_file.stat().st_mode & 0o777) == (uid, 0o600)
+    assert f"made {KEY_FILE} mode 0600" in first.stdout
     assert json.loads((state / "identity.json").read_text())["terminal_id"] == "BUS-0042"
     assert "terminal BUS-0042 initialised" in first.stdout
 
@@ -347,6 +383,7 @@ def test_install_sh_keeps_an_edited_config_and_refuses_another_id(installed):
 def test_install_sh_options(tmp_path):
     done = subprocess.run(["bash", str(INSTALL), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--root DIR" in done.stdout and "set -e" not in done.stdout
+    assert "--keys SOURCE" in done.stdout
     bad_id = install(tmp_path / "root", "--terminal-id", "BUS/42")
     assert bad_id.returncode == 2 and "--terminal-id" in bad_id.stderr
     assert not (tmp_path / "root").exists()
@@ -377,7 +414,12 @@ def test_the_installed_farebox_started_as_the_unit_does_reaches_a_tap(installed,
                .replace("/etc/farebox/", f"{root}/etc/farebox/")
             for arg in shlex.split(service["ExecStart"])]
     environment = dict(pair.split("=", 1) for pair in shlex.split(service["Environment"]))
-    card = farebox.card(balance="10.00")
+    config = mapped_config(root, tmp_path)
+    argv[argv.index("--config") + 1] = str(config)
+    # a card of this scheme: issued under the installed key file (a test-key card is no card)
+    card = farebox.path("card.json")
+    farebox("service", "issue", card, "--category", "adult", "--config", config, "--at",
+            "2026-11-22T07:00:00+08:00", "--state", tmp_path / "desk", "--json").json()
     server = Served(card, "--taps", 1)
     notify = NotifySocket(tmp_path / "notify")
     state = root / "var/lib/farebox"
@@ -398,14 +440,120 @@ def test_the_installed_farebox_started_as_the_unit_does_reaches_a_tap(installed,
     events = [json.loads(line) for line in done.stdout.splitlines()]
     taps = [e for e in events if e["event"] == "tap"]
     assert len(taps) == 1 and taps[0]["outcome"] == "approved"
-    assert taps[0]["amount"] == "5.80" and taps[0]["balance_after"] == "4.20"  # the example fares
+    assert taps[0]["amount"] == "5.80" and taps[0]["balance_after"] == "144.20"  # example fares
     start = next(e for e in events if e["event"] == "start")
     assert start["terminal_id"] == "BUS-0042"
     assert notify.receive_until(lambda m: m.get("READY") == "1")
     notify.close()
-    assert farebox.show(card)["balance"] == "4.20"
+    shown = farebox("card", "show", card, "--config", config, "--json").json()
+    assert shown["balance"] == "144.20"
     assert {path: seen for path, seen in snapshot(root).items()
             if not path.startswith("var/lib/farebox")} == outside
+
+
+# ---- install.sh and the card keys (issue 17 item 6) ----------------------------------------------
+
+def test_install_sh_needs_a_key_source_and_never_takes_the_test_keys(tmp_path):
+    """Refused before anything is installed: the root stays empty."""
+    root = tmp_path / "root"
+    test_keys = install(root, "--terminal-id", "BUS-1", "--keys", "test")
+    assert test_keys.returncode == 2 and "published test keys protect nothing" in test_keys.stderr
+    assert not root.exists()
+    other = install(root, "--terminal-id", "BUS-1", "--keys", "vault:x")
+    assert other.returncode == 2 and "expected file:PATH or pkcs11:" in other.stderr
+    none = install(root, "--terminal-id", "BUS-1")
+    assert none.returncode == 2 and "give --keys file:PATH" in none.stderr
+    missing = install(root, "--terminal-id", "BUS-1", "--keys", FILE_KEYS)
+    assert missing.returncode == 2 and f"no key file at {KEY_FILE}" in missing.stderr
+    token = install(root, "--terminal-id", "BUS-1", "--keys",
+                    "pkcs11:module=/nonexistent/lib.so;token=t;pin-file=/etc/farebox/pin")
+    assert token.returncode == 2 and "/nonexistent/lib.so is missing" in token.stderr
+    assert list(root.rglob("*")) == []
+    for done in (test_keys, other, none, missing, token):
+        assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_install_sh_on_a_config_with_the_test_keys(installed):
+    root, _ = installed
+    config = root / "etc/farebox/terminal.toml"
+    key_file = root / KEY_FILE.lstrip("/")
+    original = config.read_text()
+    try:
+        config.write_text(original.replace(f'\nkeys = "{FILE_KEYS}"\n', '\nkeys = "test"\n')
+                          .replace('reader = "usb:054c:06c3"', 'reader = "pcsc"'))
+        before = snapshot(root)
+        refused = install(root)
+        assert refused.returncode == 2 and "uses the published test keys" in refused.stderr
+        assert "give --keys" in refused.stderr and snapshot(root) == before
+        # a demo terminal that says so is left alone
+        config.write_text(config.read_text().replace("# allow_test_keys = false",
+                                                     "allow_test_keys = true"))
+        demo = install(root)
+        assert demo.returncode == 0 and "allows the published test keys" in demo.stdout
+        # --keys puts the key source in, and changes nothing else of the operator's file
+        edited = config.read_text()
+        fixed = install(root, "--keys", FILE_KEYS)
+        assert fixed.returncode == 0 and "set keys in /etc/farebox/terminal.toml" in fixed.stdout
+        assert config.read_text() == edited.replace('\nkeys = "test"\n',
+                                                    f'\nkeys = "{FILE_KEYS}"\n')
+        assert load_config(config, env={}).reader == "pcsc"
+        # an upgrade from an install that left the key file 0640 root:farebox
+        key_file.chmod(0o640)
+        os.chown(key_file, 0, config.stat().st_gid)
+        upgraded = install(root)
+        assert upgraded.returncode == 0, upgraded.stderr
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert key_file.stat().st_uid == (root / "var/lib/farebox").stat().st_uid
+        # a key file that does not load stops it, naming the file
+        key_file.write_text('issue_version = 1\n[master_keys]\n1 = "00"\n')
+        broken = install(root)
+        assert broken.returncode == 2 and str(key_file) in broken.stderr
+    finally:
+        config.write_text(original)
+        put_key_file(root, 0o600)
+
+
+def test_install_sh_with_the_master_keys_in_a_pkcs11_token(installed, farebox, tmp_path):
+    """The last test on the installed root: it leaves it on the token's keys. The installed
+    farebox (its venv now with python-pkcs11) takes a tap with the key in SoftHSM2 on a card
+    issued under the key file holding the same master key."""
+    from ..terminal.test_keys_pkcs11 import MODULE, SoftHsm
+
+    root, _ = installed
+    hsm = SoftHsm(tmp_path / "softhsm").init()
+    hsm.import_key("farebox-master-1", MASTER)
+    module = root / str(MODULE).lstrip("/")
+    module.parent.mkdir(parents=True, exist_ok=True)
+    if not module.is_symlink():
+        module.symlink_to(MODULE)  # the image's own softhsm2 package
+    pin = root / "etc/farebox/pin"
+    pin.write_text(hsm.pin + "\n")
+    pin.chmod(0o644)
+    spec = f"pkcs11:module={MODULE};token={hsm.token};pin-file=/etc/farebox/pin"
+    done = install(root, "--keys", spec)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "farebox[nfc,pcsc,pkcs11]" in done.stdout
+    assert pin.stat().st_mode & 0o777 == 0o600
+    config = root / "etc/farebox/terminal.toml"
+    assert load_config(config, env={}).keys == spec
+    before = snapshot(root)
+    again = install(root)
+    assert again.returncode == 0 and snapshot(root) == before, again.stdout
+
+    card = farebox.path("card.json")
+    file_keys = tmp_path / "file-keys.toml"
+    file_keys.write_text(f'[terminal]\nkeys = "file:{root / KEY_FILE.lstrip("/")}"\n')
+    farebox("service", "issue", card, "--category", "adult", "--config", file_keys, "--at",
+            "2026-11-22T07:00:00+08:00", "--state", tmp_path / "desk", "--json").json()
+    tap = subprocess.run(
+        [str(root / "opt/farebox/bin/farebox"), "tap", str(card), "--config",
+         str(mapped_config(root, tmp_path)), "--at", "2026-11-22T08:00:00+08:00", "--state",
+         str(tmp_path / "state"), "--json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **hsm.env})
+    assert tap.returncode == 0, tap.stderr
+    result = json.loads(tap.stdout)
+    assert (result["outcome"], result["balance_after"]) == ("approved", "144.20")
+    assert MASTER.hex() not in tap.stdout + tap.stderr + done.stdout + done.stderr
 
 
 # ---- MemoryDenyWriteExecute=yes, checked with the kernel's own equivalent ------------------------
