@@ -21,7 +21,7 @@ from farebox.terminal.card.desk import (
 from farebox.terminal.card.issue import IssueRequest
 from farebox.terminal.card.tap import TapResult
 from farebox.terminal.core.cardnumber import format_number
-from farebox.terminal.core.clock import hk_date, now_utc
+from farebox.terminal.core.clock import hk_date, now_utc, utc_iso
 from farebox.terminal.core.rules import RecordType, is_inactive
 from farebox.terminal.core.service import (
     ServiceRefused, decide_aavs, decide_reactivate, decide_renew_student, decide_upgrade_limit,
@@ -81,7 +81,8 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
           at, state_dir, config_file, as_json) -> None:
     """Issue new cards into the files CARD... (at most five), or the blank card held to
     --reader: deposit, initial value and, for a Personalised card, the HK$20 administrative fee
-    are collected and journalled."""
+    are collected and journalled. Run again after a crash, a card this terminal already issued
+    (and nothing has changed since) is reported with what its issue collected, not redone."""
     if reader_spec is not None and card_files:
         raise click.UsageError("give CARD files or --reader, not both")
     if reader_spec is None and not card_files:
@@ -106,6 +107,7 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
         "file": None if card.path is None else str(card.path),
         "reader": reader_spec if card.path is None else None,
         "completed_from": card.completed_from,
+        "completed_at": card.completed_at and utc_iso(card.completed_at),
         "kind": card.identity.kind.label, "category": card.identity.category.label,
         "issued": card.identity.issued.isoformat(),
         "deposit": fmt(card.charges.deposit_cents),
@@ -117,9 +119,12 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
     human = "\n".join(f"ISSUED card {c['card']} ({c['kind']} {c['category']}) -> "
                       f"{c['file'] or c['reader']}  "
                       f"deposit {c['deposit']} + value {c['initial_value']} + fee {c['fee']} "
-                      f"= {c['collected']}" for c in issued_cards)
+                      f"= {c['collected']}"
+                      + (f"  (completes issue {c['completed_from']}: nothing more was done)"
+                         if c["completed_from"] else "") for c in issued_cards)
     output.emit({"cards": issued_cards, "collected": fmt(total)}, as_json,
-                f"{human}\ncollect {fmt(total)}")
+                f"{human}\ncollect {fmt(total)}" + _once("issue", issued_cards, "collected",
+                                                         "collect it once"))
     state_notice(config)
 
 
@@ -140,7 +145,9 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
 def return_(card_files, damaged, reader_spec, wait_s, at, state_dir, config_file, hotlist,
             leave_after, torn_write, as_json) -> None:
     """Return On-Loan cards (at most five): refund the deposit and the value less the fees; each
-    card is cancelled. Every card is checked before any is changed."""
+    card is cancelled. Every card is checked before any is changed. A card whose last change is
+    this terminal's return (the command run again after a crash, however long after) is
+    reported with that return's refund (completed_from), never refunded twice."""
     specs = _specs(card_files, reader_spec, leave_after, torn_write, many=True)
     config = settings(config_file, state_dir=state_dir, action_list=hotlist)
     cards = card_readers(faults=_faults(leave_after, torn_write), wait_s=wait_s, again="present")
@@ -162,10 +169,27 @@ def _emit_returns(results: list[dict], as_json: bool) -> None:
         f"- handling {r['handling_fee']} - damage {r['damage_fee']} - personalisation "
         f"{r['personalisation_fee']} = refund {r['refund']}"
         + (f" (waived {r['waived']})" if r["waived"] != "0.00" else "")
-        + ("  (completes the interrupted return)" if r["completed_from"] else "")
+        + (f"  (completes return {r['completed_from']}: nothing more was done)"
+           if r["completed_from"] else "")
         for r in results)
     output.emit({"cards": results, "refund": fmt(total)}, as_json,
-                f"{human}\npay out {fmt(total)}")
+                f"{human}\npay out {fmt(total)}" + _once("return", results, "refund",
+                                                         "pay it once"))
+
+
+def _once(what: str, cards: list[dict], amount: str, advice: str) -> str:
+    """The total's note when it holds changes booked before this run (reported, not made
+    again): which ones, when they were booked, and that their money changes hands once."""
+    earlier = [c for c in cards if c["completed_from"]]
+    if not earlier:
+        return ""
+    if len(cards) == 1:
+        only = earlier[0]
+        noun = "the refund of " if what == "return" else ""
+        return f" ({noun}{what} {only['completed_from']}, booked {only['completed_at']}: {advice})"
+    named = "; ".join(f"{what} {c['completed_from']} {c[amount]}, booked {c['completed_at']}"
+                      for c in earlier)
+    return f" (includes {named}: each once)"
 
 
 def _return_json(result: TapResult) -> dict:
@@ -183,6 +207,7 @@ def _return_json(result: TapResult) -> dict:
         "waived": fmt(amounts.get(RecordType.WAIVED, 0)),
         "status": "cancelled",
         **_common(result),
+        "completed_at": result.completed_at and utc_iso(result.completed_at),
         "_refund_cents": refund,
     }
 
@@ -344,6 +369,9 @@ def _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, le
     extra = "  ".join(f"{k} {v}" for k, v in obj.items()
                       if k not in ("card", "records", "counter", "completed_from",
                                    "clock_trusted") and v is not None)
+    if result.completed_from:  # a change cut off earlier, completed now: reported, not redone
+        extra += f"  (completes {kind.replace('_', ' ')} {result.completed_from}: nothing more " \
+                 "was done)"
     output.emit(obj, as_json, f"{head}  card {obj['card']}  {extra}")
     state_notice(config)
 

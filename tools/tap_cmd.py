@@ -73,6 +73,10 @@ def tap(card_file, fare, fares, at, state_dir, config_file, hotlist, leave_after
 @click.option("--minimum", type=AMOUNT, default=None,
               help="this terminal's smallest add value "
                    f"[default: {fmt(DEFAULT_MINIMUM_ADD_VALUE_CENTS)}]")
+@click.option("--again", is_flag=True,
+              help="add AMOUNT even though the card's last change is this terminal's add value "
+                   "of AMOUNT (without it, that one is reported as the command run again; a "
+                   "cut-off add value is reported first all the same)")
 @at_option
 @state_option
 @config_option
@@ -80,15 +84,17 @@ def tap(card_file, fare, fares, at, state_dir, config_file, hotlist, leave_after
 @leave_after_option
 @torn_write_option
 @json_option
-def add_value(card_file, amount, minimum, at, state_dir, config_file, hotlist, leave_after,
-              torn_write, as_json) -> None:
-    """Add cash value to the card in CARD."""
+def add_value(card_file, amount, minimum, again, at, state_dir, config_file, hotlist,
+              leave_after, torn_write, as_json) -> None:
+    """Add cash value to the card in CARD. Run again after a crash, an add value the card
+    already got from this terminal is reported (completed_from: collect its cash once), not
+    added twice."""
     config = settings(config_file, state_dir=state_dir, action_list=hotlist,
                       minimum_add_value_cents=minimum)
     cards = card_readers(faults=_faults(leave_after, torn_write))
     with cards.session(f"sim:{card_file}") as session, \
             terminal(config) as term:
-        result = term.add_value(session, amount, at or now_utc())
+        result = term.add_value(session, amount, at or now_utc(), again=again)
         output.emit(output.tap_json(result, with_fare_class=False), as_json,
                     output.tap_human(result, "add value"))
     state_notice(config)

@@ -10,10 +10,17 @@ not be written voids its intent, so nothing is settled for it. An intent whose c
 came to be (the process died before writing it) stays in doubt (`journal list` shows it) and
 its records are never settled.
 
+A request made again after a crash (issue 17 item 1) is told what the card already got: a card
+file (or a card on a reader) whose last change is this terminal's issue is that issue, completed
+(committed as seen on the card) if it was in doubt, and reported with what to collect
+(``completed_from``) however long ago it was made; nothing is written or collected twice. A card
+changed since (used anywhere) is not reported: its file exists, the request is refused.
+
 The other changes (return, reactivate, AAVS, student status, limit upgrade) go through the
 terminal's transaction (:meth:`Terminal.service`): :func:`change_card`. A return of several
 cards is all or nothing as far as checks go: every card file is checked before the first card
-is changed (:func:`return_cards`).
+is changed (:func:`return_cards`). A card whose last change is this terminal's return is
+reported (its refund, ``completed_from``), not refused: the return run again after a crash.
 """
 
 from __future__ import annotations
@@ -27,21 +34,22 @@ from pathlib import Path
 from farebox.cardimage.errors import InvalidCard
 from farebox.cardimage.image import decode_image
 from farebox.cardimage.layout import (
-    IDENTITY_BLOCKS, JOURNEY_BLOCKS, LOG_BLOCKS, PURSE_SLOT_BLOCKS, USER_BLOCKS, log_block_for,
+    FULL_READ_BLOCKS, IDENTITY_BLOCKS, JOURNEY_BLOCKS, LOG_BLOCKS, PURSE_SLOT_BLOCKS, USER_BLOCKS,
+    log_block_for,
 )
-from farebox.cardimage.model import CardImage, Identity
+from farebox.cardimage.model import CardImage, Identity, Status
 from farebox.protocol.errors import FelicaError
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.sim.card import SimulatedLiteS
-from farebox.protocol.sim.cardfile import save_card
+from farebox.protocol.sim.card import CardFileError, SimulatedLiteS
+from farebox.protocol.sim.cardfile import load_card, save_card
 
 from farebox.terminal import failpoints
 from farebox.terminal.core.clock import hk_date, require_aware
 from farebox.terminal.card.issue import IssueError, IssueRequest, issue, new_idm
 from farebox.terminal.errors import Interrupted, TerminalError
-from farebox.terminal.store.journal import Journal
+from farebox.terminal.store.journal import CardWrite, Journal
 from farebox.terminal.card.keys import SoftwareKeyStore
-from farebox.terminal.card.present import CardReaders, is_card_file, label
+from farebox.terminal.card.present import CardReaders, CardUnusable, is_card_file, label
 from farebox.terminal.card.tap import RequestRefused, TapResult, Terminal, untrusted_clock
 from farebox.terminal.core.rules import Decision, Reason, Record, RecordType
 from farebox.terminal.core.service import (
@@ -71,7 +79,10 @@ class IssuedCard:
     charges: IssueCharges
     aavs_reload_cents: int
     tap_id: str
-    completed_from: str | None = None  # an earlier cut-off issue onto this card, now completed
+    #: an earlier issue of this terminal's that this card is (cut off, now completed, or made
+    #: before and reported again): nothing was collected this time beyond what it booked
+    completed_from: str | None = None
+    completed_at: datetime | None = None  # when that issue was made
 
 
 class IssueInterrupted(Interrupted):
@@ -100,11 +111,15 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
                              f"({high_water.isoformat()}): check the clock "
                              "(`farebox terminal clock reset` if that time is wrong)")
     request = replace(request, issued=hk_date(at), balance_cents=None, last_add_value=None)
-    prepared = []
+    prepared: list[tuple[Path, tuple | _EarlierIssue]] = []
     for path in paths:
         path = Path(path)
         if path.exists():
-            raise ServiceRefused(f"{path}: already exists (a new card needs a new file)")
+            earlier = _issued_here(journal, keys, path)
+            if earlier is None:
+                raise ServiceRefused(f"{path}: already exists (a new card needs a new file)")
+            prepared.append((path, earlier))  # this request made again: reported, not redone
+            continue
         if not path.parent.is_dir():
             raise ServiceRefused(f"{path.parent}: no such directory")
         idm = new_idm()
@@ -116,10 +131,14 @@ def issue_cards(journal: Journal, keys: SoftwareKeyStore, paths: list[Path],
         charges = issue_charges(identity.kind, identity.category)
         if purse.balance_cents != charges.initial_value_cents:
             raise AssertionError("issue() and issue_charges() disagree on the initial value")
-        prepared.append((path, idm, identity, purse, blocks, charges))
+        prepared.append((path, (idm, identity, purse, blocks, charges)))
 
     issued = []
-    for path, idm, identity, purse, blocks, charges in prepared:
+    for path, item in prepared:
+        if isinstance(item, _EarlierIssue):
+            issued.append(_completed_issue(journal, path, item, at))
+            continue
+        idm, identity, purse, blocks, charges = item
         write = _record_intent(journal, idm, identity, purse, blocks, charges, at)
         try:
             save_card(SimulatedLiteS(idm, blocks=blocks), path)
@@ -160,12 +179,11 @@ def issue_on_card(journal: Journal, keys: SoftwareKeyStore, session: LiteSSessio
     plan = issue_on_card_step(earlier, card is not None, slot,
                               all(data == bytes(len(data)) for data in current.values()))
     if plan.step is IssueStep.COMPLETE:  # that issue landed: complete it, collect nothing
-        done = journal.resolve_write(plan.writes[0], WriteState.COMMITTED, at,
-                                     log_confirmed=True)
-        charges = issue_charges(card.identity.kind, card.identity.category)
-        return IssuedCard(None, card.identity, charges, card.purse.aavs_reload_cents,
-                          done.tap_id, completed_from=done.tap_id)
+        return _completed_issue(journal, None, _EarlierIssue(plan.writes[0], card), at)
     if plan.step is IssueStep.ALREADY_ISSUED:
+        earlier = _earlier_issue(journal, card, current)
+        if earlier is not None:  # still as this terminal issued it: the request made again
+            return _completed_issue(journal, None, earlier, at)
         raise ServiceRefused(f"the card is already issued (card "
                              f"{card.identity.card_number:08d}): only a blank card is issued")
     if plan.step is IssueStep.NOT_BLANK:
@@ -213,6 +231,59 @@ def _record_intent(journal: Journal, idm: bytes, identity: Identity, purse, bloc
     return write
 
 
+@dataclass(frozen=True)
+class _EarlierIssue:
+    """A card this terminal issued and nothing has changed since: the write that issued it (in
+    doubt, or committed) and the card."""
+
+    write: CardWrite
+    card: CardImage
+
+
+def _issued_here(journal: Journal, keys: SoftwareKeyStore, path: Path) -> _EarlierIssue | None:
+    """The card file ``path`` as this terminal issued it, or None (not a card of ours, not as
+    issued any more, not readable: the file is someone else's or the card has moved on)."""
+    try:
+        card_file = load_card(path)
+    except (CardFileError, OSError):
+        return None
+    if not isinstance(card_file, SimulatedLiteS):
+        return None
+    blocks = dict(enumerate(card_file.blocks))
+    return _earlier_issue(journal, _decoded(blocks, card_file.idm, keys), blocks)
+
+
+def _earlier_issue(journal: Journal, card: CardImage | None,
+                   blocks: dict[int, bytes]) -> _EarlierIssue | None:
+    """The issue of this terminal's that ``card`` (its ``blocks``) still is: its last change is
+    that issue's write, in doubt (its purse slot landed) or committed. None for a card changed
+    since (anywhere), or another terminal's."""
+    if card is None or card.purse.counter != 1:
+        return None
+    slot = b"".join(blocks[b] for b in PURSE_SLOT_BLOCKS[card.purse_slot])
+    plan = issue_on_card_step(journal.open_writes_for_idm(card.idm, ISSUE), True, slot, False)
+    if plan.step is IssueStep.COMPLETE:
+        return _EarlierIssue(plan.writes[0], card)
+    done = journal.last_change(card.identity.card_number, 1, slot)
+    if done is not None and done.kind == ISSUE and done.idm == card.idm:
+        return _EarlierIssue(done, card)
+    return None
+
+
+def _completed_issue(journal: Journal, path: Path | None, earlier: _EarlierIssue,
+                     at: datetime) -> IssuedCard:
+    """An earlier issue reported: committed first if it was in doubt (the card shows its purse:
+    seen, ``observed``); what it collected, nothing more."""
+    write = earlier.write
+    if write.state is WriteState.INTENT:
+        write = journal.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=True,
+                                      observed=True)
+    card = earlier.card
+    charges = issue_charges(card.identity.kind, card.identity.category)
+    return IssuedCard(path, card.identity, charges, card.purse.aavs_reload_cents, write.tap_id,
+                      completed_from=write.tap_id, completed_at=write.created)
+
+
 def _decoded(blocks: dict[int, bytes], idm: bytes, keys: SoftwareKeyStore):
     """The card image if the blocks verify with this terminal's keys, else None."""
     try:
@@ -251,13 +322,14 @@ class PartlyReturned(TerminalError):
 
 def change_card(terminal: Terminal, cards: CardReaders, spec: str, at: datetime, kind: str,
                 decide: Callable[[CardImage, date], Decision], *,
-                inject_faults: bool = True) -> TapResult:
+                inject_faults: bool = True, repeats: bool = False) -> TapResult:
     """One service change to the card ``spec`` names, through the terminal's transaction. A
     refusal names the card (RequestRefused); a card declined is CardDeclined; a write cut off
-    is TapInterrupted; the card errors are those of :meth:`CardReaders.session`."""
+    is TapInterrupted; the card errors are those of :meth:`CardReaders.session`. ``repeats``:
+    see :meth:`Terminal.service` (a change the card can have only once, reported again)."""
     with cards.session(spec, inject_faults=inject_faults) as session:
         try:
-            result = terminal.service(session, at, kind, decide)
+            result = terminal.service(session, at, kind, decide, repeats=repeats)
         except RequestRefused as error:
             raise RequestRefused(f"{label(spec)}: {error}; nothing was done") from None
     if not result.approved:
@@ -279,7 +351,9 @@ def return_cards(terminal: Terminal, cards: CardReaders, specs: Sequence[str], a
     """Return On-Loan cards (at most five): each refunded and cancelled. Every card file is
     checked first (:func:`check_return`), so a refusal changes no card; a card held to a reader
     is checked by its change (it is presented once). A card that fails after others were
-    returned raises PartlyReturned with those (their refunds are due)."""
+    returned raises PartlyReturned with those (their refunds are due). A card whose last change
+    is this terminal's return (cut off by a crash, or made before) is that return, reported
+    (``completed_from``, its refund) whatever the time: it is never refunded twice."""
     check_request_size(len(specs))
 
     def decide(card: CardImage, day: date) -> Decision:
@@ -289,7 +363,7 @@ def return_cards(terminal: Terminal, cards: CardReaders, specs: Sequence[str], a
     results: list[TapResult] = []
     for number, spec in enumerate(specs, 1):
         try:
-            result = change_card(terminal, cards, spec, at, RETURN, decide)
+            result = change_card(terminal, cards, spec, at, RETURN, decide, repeats=True)
         except Exception as error:
             if not results:
                 raise
@@ -309,9 +383,12 @@ def check_return(terminal: Terminal, cards: CardReaders, specs: Sequence[str], a
     (CardDeclined), even when the clock is not trusted: a doubtful clock never spares it."""
     today = hk_date(at)
     for spec in filter(is_card_file, specs):
-        image = cards.look(spec, terminal.keys)
+        image, slot = _look(cards, spec, terminal.keys)
         if has_in_doubt(terminal.journal.unresolved_writes(image.identity.card_number), RETURN):
             continue  # an interrupted return: its change completes or voids it
+        if image.purse.status is Status.CANCELLED and _returned_here(terminal.journal, image,
+                                                                     slot):
+            continue  # this terminal's return, made again: its change reports it
         listed = terminal.list_status(image, at) > image.purse.status
         if terminal.clock_trusted(image, at):
             try:
@@ -323,6 +400,28 @@ def check_return(terminal: Terminal, cards: CardReaders, specs: Sequence[str], a
         if listed:  # marks the card (as a payment would) and stops
             change_card(terminal, cards, spec, at, RETURN, decide, inject_faults=False)
             raise AssertionError("the action list's decline was not made")
+
+
+def _look(cards: CardReaders, spec: str, keys: SoftwareKeyStore) -> tuple[CardImage, bytes]:
+    """The card ``spec`` names, read and verified (:meth:`CardReaders.look`), and the bytes of
+    its current purse slot (what a write of this terminal's would have left there)."""
+    with cards.session(spec, look=True) as session:
+        if session.idm is None:
+            session.poll()
+        idm = session.idm
+        raw = dict(zip(FULL_READ_BLOCKS, session.read_blocks(FULL_READ_BLOCKS)))
+    try:
+        image = decode_image(raw, idm, lambda version: keys.card_key(version, idm))
+    except InvalidCard as error:
+        raise CardUnusable(f"{label(spec)}: invalid card: {error}") from None
+    return image, b"".join(raw[b] for b in PURSE_SLOT_BLOCKS[image.purse_slot])
+
+
+def _returned_here(journal: Journal, image: CardImage, slot: bytes) -> bool:
+    """Whether the card's last change is this terminal's return (its purse slot holds exactly
+    the bytes that return wrote)."""
+    done = journal.last_change(image.identity.card_number, image.purse.counter, slot)
+    return done is not None and done.kind == RETURN
 
 
 def issue_on_reader(terminal: Terminal, cards: CardReaders, spec: str, request: IssueRequest,

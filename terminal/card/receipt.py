@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from farebox.cardimage.money import format_cents as fmt
 from farebox.terminal.card.tap import TapResult
+from farebox.terminal.core.clock import utc_iso
 from farebox.terminal.core.cardnumber import format_number
 
 
@@ -41,7 +42,11 @@ def tap_fields(result: TapResult, *, with_fare_class: bool) -> dict:
 def tap_summary(result: TapResult, what: str) -> str:
     """One line for a person: the outcome, the card, ``what`` was charged, the balance."""
     head = "APPROVED" if result.approved else f"DECLINED ({result.reason.value})"
-    if result.completed_from:
+    if result.completed_from and what == "add value":  # the cash is collected once
+        booked = "" if result.completed_at is None else f", booked {utc_iso(result.completed_at)}"
+        head += (f" (completes add value {result.completed_from}{booked}: nothing more added; "
+                 f"collect {fmt(result.amount_cents)} once)")
+    elif result.completed_from:
         head += f" (completes the interrupted tap {result.completed_from}; nothing more charged)"
     if not result.clock_trusted:
         head += " [clock untrusted]"

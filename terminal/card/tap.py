@@ -85,9 +85,12 @@ class TapResult:
     counter: int | None = None  # the card's counter after the tap
     commands: int = 0  # card commands this tap used, poll included
     tap_id: str | None = None
-    completed_from: str | None = None  # a re-tap that completed this earlier in-doubt tap
+    #: the earlier write of this terminal's this result reports (nothing more done): a tap
+    #: in doubt this one completed, or the card's last change made again (an add value, a return)
+    completed_from: str | None = None
     clock_trusted: bool = True
     idm: bytes | None = None
+    completed_at: datetime | None = None  # when the write ``completed_from`` names was made
 
     def outcome(self) -> dict:
         """What a re-tap needs to report this result again (stored with the write's intent)."""
@@ -120,6 +123,10 @@ class _Request:
     amount_cents: int  # shown when the card cannot be read (the adult fare for a payment)
     #: the decision at a time the terminal trusts (rules_at, trusted)
     decide: Callable[[CardImage, datetime, bool], Decision]
+    #: whether this request, made on a card whose last change is this terminal's write of the
+    #: same kind, is that write made again (then reported, nothing more done); None: never (a
+    #: payment: a tap after the re-tap window is a new journey)
+    repeats: Callable[[CardWrite], bool] | None = None
 
 
 class Terminal:
@@ -144,15 +151,23 @@ class Terminal:
                 card.identity, card.purse, tariff, rules_at, self.action_list,
                 aavs_allowed=trusted, list_at=at)))
 
-    def add_value(self, session: LiteSSession, amount_cents: int, at: datetime) -> TapResult:
+    def add_value(self, session: LiteSSession, amount_cents: int, at: datetime, *,
+                  again: bool = False) -> TapResult:
+        """A cash add value. A card whose last change is this terminal's add value of the same
+        amount (or one cut off, of any amount, whose write the card shows) gets that one
+        reported (``completed_from``: the cash is collected once), whatever the time: the
+        command run again after a crash. ``again``: a new add value of that amount all the
+        same (the earlier one was reported and collected)."""
         return self._tap(session, at, _Request(
             ADD_VALUE, amount_cents,
             lambda card, rules_at, trusted: decide_add_value(
                 card.identity, card.purse, amount_cents, rules_at, self.action_list,
-                self.minimum_add_value_cents, restart_inactivity=trusted, list_at=at)))
+                self.minimum_add_value_cents, restart_inactivity=trusted, list_at=at),
+            None if again else lambda write: write.outcome["amount_cents"] == amount_cents))
 
     def service(self, session: LiteSSession, at: datetime, kind: str,
-                decide: Callable[[CardImage, date], Decision]) -> TapResult:
+                decide: Callable[[CardImage, date], Decision], *,
+                repeats: bool = False) -> TapResult:
         """A service terminal's change to the card (terminal/core/service.py: return, reactivate,
         AAVS, student status, limit upgrade), made as safely as a payment: journal intent, the
         two-block purse write, in-doubt resolution and completion, rollback checks. ``decide``
@@ -162,7 +177,12 @@ class Terminal:
         whatever the clock (the list at the later of the rules' time and ``at``: a doubtful
         clock never spares a listed card). A service change itself needs a trusted clock (it
         may restart the inactivity clock or cancel the card): a time behind the card or this
-        terminal, or too far past this terminal's, is refused."""
+        terminal, or too far past this terminal's, is refused.
+
+        A change cut off after its write landed is completed by the next request of its kind
+        (reported, nothing more done) whatever the time. ``repeats``: the request cannot be
+        served twice on one card (a return): while the card's last change is this terminal's
+        change of this kind, the request is that change made again and reports it."""
         def run(card: CardImage, rules_at: datetime, trusted: bool) -> Decision:
             listed = list_ordered_change(card.identity, card.purse, rules_at, self.action_list,
                                          list_at=at)
@@ -175,7 +195,8 @@ class Terminal:
             except ServiceRefused as error:
                 raise RequestRefused(str(error)) from None
 
-        return self._tap(session, at, _Request(kind, 0, run))
+        return self._tap(session, at, _Request(kind, 0, run,
+                                               (lambda write: True) if repeats else None))
 
     def idle(self) -> None:
         """Call once the card has left the field: makes the last tap's commit marks durable and
@@ -229,6 +250,11 @@ class Terminal:
             return TapResult(False, Reason.ROLLBACK, number, request.amount_cents,
                              card.purse.balance_cents, card.purse.balance_cents, counter=counter,
                              commands=session.commands, clock_trusted=trusted, idm=idm)
+        if request.repeats is not None and memory is not None and (
+                memory.counter, memory.slot) == (counter, slot_bytes[counter]):
+            done = self._repeated(card, slot_bytes, request, rules_at, at)
+            if done is not None:
+                return self._report(session, card, done)
 
         decision = request.decide(card, rules_at, trusted)
         if card_ahead and decision.new_purse is not None:
@@ -349,18 +375,43 @@ class Terminal:
     def _complete(self, session: LiteSSession, card: CardImage,
                   resolved: list[tuple[CardWrite, CardWrite]], request: _Request,
                   at: datetime) -> TapResult | None:
-        """A re-tap of a card whose last tap here was cut off after its write landed, within the
-        re-tap window and for the same kind of request: report that tap, charge nothing more."""
+        """A re-tap of a card whose last tap here was cut off after its write landed, for the
+        same kind of request: report that tap, charge nothing more. A payment within the re-tap
+        window only (later, the customer pays a new journey); any other request whatever the
+        time (an add value or a service change run again after a crash and a reboot: the
+        operator learns what the card already got)."""
+        window = self.retap_window if request.kind == PAYMENT else timedelta.max
         now = retap_completes(((before.state, now) for before, now in resolved), request.kind,
-                              card.purse.counter, at, self.retap_window)
+                              card.purse.counter, at, window)
         if now is None:
             return None
+        return self._report(session, card, now)
+
+    def _repeated(self, card: CardImage, slot_bytes: dict[int, bytes], request: _Request,
+                  rules_at: datetime, at: datetime) -> CardWrite | None:
+        """The card's last change, if it is this terminal's write that ``request`` makes again
+        (see :attr:`_Request.repeats`); None if the action list orders the card a status it
+        does not carry (the request then marks it, as any request does)."""
+        counter = card.purse.counter
+        done = self.journal.last_change(card.identity.card_number, counter, slot_bytes[counter])
+        if (done is None or done.kind != request.kind or done.outcome is None
+                or not request.repeats(done)):
+            return None
+        if list_ordered_change(card.identity, card.purse, rules_at, self.action_list,
+                               list_at=at) is not None:
+            return None
+        return done
+
+    def _report(self, session: LiteSSession, card: CardImage, write: CardWrite) -> TapResult:
+        """What ``write`` (this terminal's, on the card now) did, reported again: nothing more
+        charged or written but its log block, if that was never confirmed."""
         repair = self.journal.unconfirmed_log(card.identity.card_number, card.purse.counter)
         if repair is not None and self._try_write(session, (repair.log_block, repair.log_data)):
             self.journal.confirm_log(repair)
         return TapResult.from_outcome(
-            now.outcome, card_number=card.identity.card_number, commands=session.commands,
-            tap_id=now.tap_id, completed_from=now.tap_id, idm=card.idm)
+            write.outcome, card_number=card.identity.card_number, commands=session.commands,
+            tap_id=write.tap_id, completed_from=write.tap_id, idm=card.idm,
+            completed_at=write.created)
 
     def _result(self, decision: Decision, card: CardImage, counter: int, session: LiteSSession,
                 tap_id: str | None = None, *, trusted: bool) -> TapResult:

@@ -677,6 +677,21 @@ class Journal:
             "SELECT count(*) FROM records r JOIN card_writes w USING (tap_id) "
             "WHERE w.state = 'intent'").fetchone()[0]
 
+    # ---- for a request made again (issue 17 item 1): read only ----------------------------
+
+    def last_change(self, card_number: int, counter: int, slot: bytes) -> CardWrite | None:
+        """This terminal's committed write that left the card at ``counter`` with exactly the
+        purse slot bytes ``slot``: the card's last change, when the card shows those bytes now
+        (None: what the card shows is not a write of this terminal's). The newest such write;
+        the scan goes back from the newest write and stops there (callers ask only when the
+        card's state is one this terminal remembers)."""
+        self._flush()
+        row = self._db.execute(
+            f"SELECT {_WRITE_COLUMNS} FROM card_writes WHERE card_number = ? "
+            "AND counter_after = ? AND expected_slot = ? AND state = 'committed' "
+            "ORDER BY rowid DESC LIMIT 1", (card_number, counter, slot.hex())).fetchone()
+        return None if row is None else CardWrite._from_row(row)
+
 
 
 

@@ -183,14 +183,19 @@ def test_return_negative_value(farebox, balance, refund, offset, waived, damaged
 
 
 def test_a_returned_card_is_cancelled_and_cannot_be_returned_or_used_again(farebox):
+    """Returned again here, the card's last change is this terminal's return: that return is
+    reported (issue 17 item 1), nothing is refunded twice; elsewhere it is refused."""
     card = farebox.card(issued="2020-01-01")
     one_return(farebox, card, at(date(2020, 6, 1)))
     shown = farebox.show(card)
     assert (shown["status"], shown["balance"]) == ("cancelled", "0.00")
     assert shown["history"][0]["operation"] == "return"
     before = card.read_bytes()
+    again = one_return(farebox, card, at(date(2020, 6, 2)))
+    assert again["refund"] == "200.00" and again["completed_from"] is not None
+    assert [r.type.value for r in journal_records(farebox)].count("refund") == 1
     farebox("service", "return", card, "--at", at(date(2020, 6, 2)), "--state",
-            farebox.state).assert_bad_input()
+            farebox.path("elsewhere")).assert_bad_input()
     assert card.read_bytes() == before
     declined = farebox.tap(card, "--fare", "1.00", at=at(date(2020, 6, 3))).json()
     assert declined["reason"] == "cancelled"
@@ -269,8 +274,10 @@ def test_a_return_cut_off_by_a_crash_is_completed_or_voided_by_the_next_attempt(
         assert refunds == [(20000, WriteState.COMMITTED)]
     else:
         assert refunds == [(20000, WriteState.VOID), (20000, WriteState.COMMITTED)]
-    farebox("service", "return", card, "--at", at(date(2020, 6, 1), "10:01:00"), "--state",
-            farebox.state).assert_bad_input()
+    # once more: the same return reported again (issue 17 item 1), nothing refunded twice
+    again = one_return(farebox, card, at(date(2020, 6, 1), "10:01:00"))
+    assert again["refund"] == "200.00" and again["completed_from"] is not None
+    assert len([r for r in journal_records(farebox) if r.type.value == "refund"]) == len(refunds)
 
 
 def test_a_card_reported_lost_is_never_refunded_and_is_marked_blocked(farebox):
