@@ -75,8 +75,8 @@ def tap(card_file, fare, fares, at, state_dir, config_file, hotlist, leave_after
                    f"[default: {fmt(DEFAULT_MINIMUM_ADD_VALUE_CENTS)}]")
 @click.option("--again", is_flag=True,
               help="add AMOUNT even though the card's last change is this terminal's add value "
-                   "of AMOUNT (without it, that one is reported as the command run again; a "
-                   "cut-off add value is reported first all the same)")
+                   "of AMOUNT whose result was never shown (without it, that one is reported as "
+                   "the command run again; a cut-off add value is reported first all the same)")
 @at_option
 @state_option
 @config_option

@@ -143,6 +143,7 @@ class Terminal:
         self.minimum_add_value_cents = minimum_add_value_cents
         self.retap_window = timedelta(seconds=retap_window_s)
         self.max_clock_ahead = timedelta(seconds=max_clock_ahead_s)
+        self._shown: list[str] = []  # add values whose result the caller has yet to show
 
     def pay(self, session: LiteSSession, tariff: Tariff, at: datetime) -> TapResult:
         return self._tap(session, at, _Request(
@@ -154,16 +155,22 @@ class Terminal:
     def add_value(self, session: LiteSSession, amount_cents: int, at: datetime, *,
                   again: bool = False) -> TapResult:
         """A cash add value. A card whose last change is this terminal's add value of the same
-        amount (or one cut off, of any amount, whose write the card shows) gets that one
-        reported (``completed_from``: the cash is collected once), whatever the time: the
-        command run again after a crash. ``again``: a new add value of that amount all the
-        same (the earlier one was reported and collected)."""
-        return self._tap(session, at, _Request(
+        amount whose result was never shown (the process died before :meth:`idle`, which the
+        caller calls once it has shown the result), or one cut off, of any amount, whose write
+        the card shows, gets that one reported (``completed_from``: the cash is collected once),
+        whatever the time: the command run again after a crash. Once shown, the same amount again
+        is a new add value (two in a row add both). ``again``: a new add value of that amount
+        all the same."""
+        result = self._tap(session, at, _Request(
             ADD_VALUE, amount_cents,
             lambda card, rules_at, trusted: decide_add_value(
                 card.identity, card.purse, amount_cents, rules_at, self.action_list,
                 self.minimum_add_value_cents, restart_inactivity=trusted, list_at=at),
-            None if again else lambda write: write.outcome["amount_cents"] == amount_cents))
+            None if again else lambda write: (write.outcome["amount_cents"] == amount_cents
+                                              and not write.outcome.get("shown"))))
+        if result.approved and result.tap_id is not None:
+            self._shown.append(result.tap_id)  # marked shown by idle(), after the caller showed it
+        return result
 
     def service(self, session: LiteSSession, at: datetime, kind: str,
                 decide: Callable[[CardImage, date], Decision], *,
@@ -201,6 +208,9 @@ class Terminal:
     def idle(self) -> None:
         """Call once the card has left the field: makes the last tap's commit marks durable and
         checkpoints the journal, off the in-field path."""
+        if self._shown:  # the caller has shown these add values' results
+            self.journal.mark_shown(self._shown)
+            self._shown.clear()
         if self.journal.unsynced:
             failpoints.hit("before-durable-mark")
         self.journal.idle()

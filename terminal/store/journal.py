@@ -692,7 +692,14 @@ class Journal:
             "ORDER BY rowid DESC LIMIT 1", (card_number, counter, slot.hex())).fetchone()
         return None if row is None else CardWrite._from_row(row)
 
-
+    def mark_shown(self, tap_ids: Sequence[str]) -> None:
+        """The results of these writes were shown (``"shown": true`` in their outcome): a later
+        request is not taken for the same one run again after a crash. Not waited for: lost to a
+        crash, the write is reported once more rather than made twice."""
+        with self._quick():
+            self._db.executemany(
+                "UPDATE card_writes SET outcome = json_set(outcome, '$.shown', json('true')) "
+                "WHERE tap_id = ? AND outcome IS NOT NULL", [(tap_id,) for tap_id in tap_ids])
 
 
 def _record_from_row(row: Sequence) -> JournalRecord:

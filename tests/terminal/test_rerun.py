@@ -159,15 +159,29 @@ def test_a_return_made_elsewhere_is_not_reported(tmp_path, journal, terminal):
 
 
 @pytest.mark.parametrize("options, reported", [({}, True), ({"again": True}, False)])
-def test_the_same_add_value_again_is_reported_unless_asked_again(journal, terminal, options,
+def test_an_add_value_never_shown_is_reported_unless_asked_again(journal, terminal, options,
                                                                  reported):
+    """The process died after the write's commit mark, before its result was shown (no idle):
+    the same request again is that add value, reported; ``again`` adds anew."""
     card = new_card()
     first = add(terminal, card, 5_000, AT)
-    terminal.idle()
-    second = add(terminal, card, 5_000, LATER, **options)
+    journal.sync()  # the commit mark is kept; the result was never shown (idle() not called)
+    after_restart = Terminal(journal, KEYS)
+    second = add(after_restart, card, 5_000, LATER, **options)
     assert (second.completed_from == first.tap_id) is reported
     assert second.balance_after_cents == (15_000 if reported else 20_000)
     assert committed(journal, RecordType.ADD_VALUE) == [5_000] * (1 if reported else 2)
+
+
+def test_an_add_value_shown_then_the_same_again_is_a_new_one(journal, terminal):
+    """Once its result was shown (idle() after it), the same amount again adds again: two add
+    values in a row add both."""
+    card = new_card()
+    add(terminal, card, 5_000, AT)
+    terminal.idle()
+    second = add(terminal, card, 5_000, LATER)
+    assert second.completed_from is None and second.balance_after_cents == 20_000
+    assert committed(journal, RecordType.ADD_VALUE) == [5_000, 5_000]
 
 
 def test_an_add_value_of_another_amount_is_served(journal, terminal):

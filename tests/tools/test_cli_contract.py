@@ -584,10 +584,19 @@ def test_add_value_minimum_is_configurable(farebox, minimum, amount, outcome):
 def test_add_value_over_old_stored_value_limit(farebox):
     card = farebox.card(issued="2019-11-30", last_add_value="2026-06-01", balance="950.00")
     approved(farebox.add_value(card, "50.00", at=AT))
-    # another amount: the same 50.00 again would be that add value made again (reported, issue
-    # 17 item 1) unless given --again
-    declined(farebox.add_value(card, "60.00", at="2026-11-22T08:01:00+08:00"), "over_limit")
+    declined(farebox.add_value(card, "50.00", at="2026-11-22T08:01:00+08:00"), "over_limit")
     assert farebox.show(card)["balance"] == "1000.00"
+
+
+def test_two_add_values_of_the_same_amount_both_credit(farebox):
+    """The second of two completed add values is a new one (only an add value whose result was
+    never shown is reported when the command runs again)."""
+    card = farebox.card(balance="10.00")
+    approved(farebox.add_value(card, "50.00", at=AT))
+    second = farebox.add_value(card, "50.00", at="2026-11-22T08:01:00+08:00")
+    approved(second)
+    assert second.json()["balance_after"] == "110.00"
+    assert farebox.show(card)["balance"] == "110.00"
 
 
 # ==== invalid card ==============================================================================
