@@ -31,7 +31,7 @@ from farebox.terminal.runtime import card_readers, load_keys
 from farebox.tools import output
 from farebox.tools.common import (
     InputError, config_option, json_option, settings, state_notice, state_option,
-    terminal,
+    terminal, verbose_option,
 )
 from farebox.tools.params import DATE, POSITIVE_AMOUNT, TIME
 from farebox.tools.tap_cmd import _faults, hotlist_option, leave_after_option, torn_write_option
@@ -48,9 +48,14 @@ card_argument = click.argument("card_file", metavar="[CARD]", required=False,
                                type=click.Path(dir_okay=False, path_type=Path))
 at_option = click.option("--at", type=TIME, help="time of the operation, ISO 8601 with offset "
                          "[default: now]")
-reader_option = click.option("--reader", "reader_spec", metavar="SPEC",
-                             help="the card presented to this reader (udp:HOST:PORT, usb, pcsc...) "
-                                  "instead of a CARD file")
+_reader = click.option("--reader", "reader_spec", metavar="SPEC",
+                       help="the card presented to this reader (udp:HOST:PORT, usb, pcsc...) "
+                            "instead of a CARD file")
+
+
+def reader_option(command):
+    """``--reader SPEC``, with ``-v``/``-vv`` (every frame) for debugging that reader."""
+    return _reader(verbose_option(command))
 wait_option = click.option("--wait", "wait_s", type=click.FloatRange(min=0.1, max=600),
                            default=DEFAULT_WAIT_S, show_default=True,
                            help="with --reader: seconds to wait for the card")
