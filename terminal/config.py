@@ -57,6 +57,11 @@ from farebox.terminal.card.tap import DEFAULT_MAX_CLOCK_AHEAD_S, DEFAULT_RETAP_W
 from farebox.terminal.link.signedlist import DEFAULT_MAX_SERIAL_JUMP, DEFAULT_MAX_SKEW_S, ListBounds
 from farebox.terminal.card.keys import parse_key_source
 
+#: the configuration file's own name of a setting, where it differs from the field's (what
+#: ``doctor`` says: an operator edits the file, not this module)
+FILE_KEYS = {"terminal_id": "id", "state_dir": "state",
+             "minimum_add_value_cents": "minimum_add_value", "tariff": "[fares]"}
+
 ENV_CONFIG = "FAREBOX_CONFIG"
 ENV_STATE = "FAREBOX_STATE"
 _TERMINAL_ID = TERMINAL_ID_PATTERN

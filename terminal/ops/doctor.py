@@ -18,13 +18,14 @@ from pathlib import Path
 from farebox.protocol.errors import FelicaError
 from farebox.protocol.frames import SYSTEM_CODE_WILDCARD
 
-from farebox.terminal.config import ConfigError, TerminalConfig, load_config
+from farebox.terminal.config import FILE_KEYS, ConfigError, TerminalConfig, load_config
 from farebox.terminal.store.identity import IDENTITY_FILE, IdentityError, load_identity
 from farebox.terminal.store.journal import Journal, JournalError
 from farebox.terminal.card.keys import (
     KeyFileError, KeyFileSource, PublishedKeySource, open_key_store, parse_key_source,
 )
 from farebox.terminal.ops.readers import KERNEL_DRIVERS, PcscStatus, Roots, pcsc_readers, pcscd_holds, usb_readers
+from farebox.terminal.link.actionlist import ActionListError, load_action_list
 from farebox.terminal.link.signedlist import span
 from farebox.terminal.runtime import (
     JOURNAL_FILE, RuntimeSetupError, ReaderSpec, fetched_action_list, open_transport, state_dir,
@@ -65,7 +66,8 @@ def load_checked_config(config_file: Path | None, **flags) -> tuple[TerminalConf
         return (TerminalConfig(**given),
                 Finding("config", FAIL, str(error), "fix the key named above "
                         "(the README's Configuration section lists them)"))
-    from_file = sorted(name for name, source in config.sources.items() if source == "file")
+    from_file = sorted(FILE_KEYS.get(name, name) for name, source in config.sources.items()
+                       if source == "file")
     where = (f"{len(from_file)} settings from the file ({', '.join(from_file)})" if from_file
              else "no configuration file (defaults and flags)")
     return config, Finding("config", OK, where)
@@ -86,6 +88,8 @@ def run_checks(options: DoctorOptions, now: datetime,
     findings.append(_clock(options.config, roots, now))
     findings += _keys(options.config)
     findings.append(_action_list(options.config, now))
+    if options.config.action_list is not None:
+        findings.append(_hotlist(options.config.action_list))
     if options.reader is not None:
         findings.append(_card_in_field(options))
     return findings
@@ -271,6 +275,17 @@ def _action_list(config: TerminalConfig, now: datetime) -> Finding:
                        "(a later list would be refused as issued in the future)",
                        "sudo timedatectl set-ntp true && timedatectl timesync-status")
     return Finding(check, OK, f"{found}; valid until {listed.expires_utc}")
+
+
+def _hotlist(path: Path) -> Finding:
+    """The configured ``action_list`` file (``--hotlist``): every tap reads it, so one that is
+    missing or does not parse stops every tap (exit 2)."""
+    try:
+        entries = load_action_list(path)
+    except ActionListError as error:
+        return Finding("hotlist", FAIL, f"action_list: {error}: every tap is refused",
+                       f"fix or replace {path}, or remove action_list from the configuration")
+    return Finding("hotlist", OK, f"action_list {path}: {len(entries)} entries")
 
 
 def _card_in_field(options: DoctorOptions) -> Finding:
