@@ -44,6 +44,12 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   "$PYTHON" -m venv .venv
 fi
+# The dependencies at the versions and hashes requirements.lock pins (hw/lock.sh makes it from
+# pyproject.toml), then farebox itself on top, built offline with the pinned setuptools.
+echo "bootstrap: installing the pinned dependencies (requirements.lock, hash-checked) into .venv"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes \
+  -r requirements.lock
 echo "bootstrap: installing farebox into .venv"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --editable '.[all,test]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+  --no-build-isolation --editable .
 echo "bootstrap: ready: .venv/bin/farebox"

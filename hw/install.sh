@@ -19,8 +19,9 @@
 # the venv is rebuilt only when the checkout's code changed, the identity is made once).
 #
 # Options:
-#   --root DIR         install into DIR as if it were / (a test, an image being built): no apt,
-#                      no reloads, no modules unloaded
+#   --root DIR         install into DIR as if it were / (for tests): no apt, no reloads, no
+#                      modules unloaded. The venv's scripts name their Python under DIR, so the
+#                      tree is not an image to copy onto another machine: install there instead
 #   --no-apt           do not install apt packages (say which are missing instead)
 #   --terminal-id ID   the terminal id for a new config and identity [default: the config's id]
 #   --python PY        the Python (3.11+) the venv is made from [default: python3]
@@ -199,10 +200,13 @@ fi
 SOURCE_HASH="$SOURCE_HASH [$EXTRAS]"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$SOURCE_HASH" ]; then
   say "installing farebox[$EXTRAS] from $CHECKOUT into ${VENV#"$R"} (a minute or two)"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$CHECKOUT[$EXTRAS]"
-  # the same version number from an edited checkout: this checkout's code, always
+  # the dependencies at the versions and hashes hw/requirements.lock pins (the extras nfc, pcsc
+  # and pkcs11, and the build backend), then this checkout's code on top, built offline; the same
+  # version number from an edited checkout is reinstalled all the same
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes \
+    -r "$CHECKOUT/hw/requirements.lock"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
-    --force-reinstall "$CHECKOUT"
+    --no-build-isolation --force-reinstall "$CHECKOUT"
   echo "$SOURCE_HASH" > "$STAMP"
 fi
 FAREBOX="$VENV/bin/farebox"
