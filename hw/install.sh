@@ -7,7 +7,7 @@
 #   /opt/farebox   a venv with farebox[nfc,pcsc] (and pkcs11 for a token) from this checkout;
 #                  /usr/local/bin/farebox
 #   /etc/systemd/system/farebox.service, /etc/udev/rules.d/60-farebox-readers.rules,
-#   /etc/modprobe.d/farebox-blacklist.conf
+#   /etc/modprobe.d/farebox-blacklist.conf, /etc/polkit-1/rules.d/60-farebox-pcscd.rules
 #   /etc/farebox/terminal.toml   the example with your key source, only when there is none (never
 #                                over an edited one; --keys sets its keys line)
 #   the key file or PKCS#11 PIN file  made 0600 and owned by farebox, and checked
@@ -221,6 +221,10 @@ put "$HERE/README.md" "$VENV/share/doc/farebox/README.md" 644 || true
 put "$HERE/farebox.service" "$R/etc/systemd/system/farebox.service" 644 && CHANGED_UNIT=1
 put "$HERE/udev/60-farebox-readers.rules" "$R/etc/udev/rules.d/60-farebox-readers.rules" 644 \
   && CHANGED_UDEV=1
+# pcsc-lite with polkit (pcsc-lite 2.x) refuses a service user without a login session: this
+# rule lets the farebox user (only) use pcscd and the card on its reader; polkitd reloads it
+put "$HERE/polkit/60-farebox-pcscd.rules" "$R/etc/polkit-1/rules.d/60-farebox-pcscd.rules" 644 \
+  || true
 put "$HERE/modprobe.d/farebox-blacklist.conf" "$R/etc/modprobe.d/farebox-blacklist.conf" 644 \
   || true
 

@@ -84,6 +84,9 @@ def run_checks(options: DoctorOptions, now: datetime,
     findings += _usb_checks(usb, user)
     findings.append(_kernel_modules(roots))
     findings += _pcscd(status, usb, options.reader)
+    polkit = _pcscd_polkit(roots, options.reader)
+    if polkit is not None:
+        findings.append(polkit)
     findings.append(_state_dir(options.config))
     findings.append(_clock(options.config, roots, now))
     findings += _keys(options.config)
@@ -145,6 +148,28 @@ def _pcscd(status: PcscStatus, usb, reader: str | None) -> list[Finding]:
                 f"use --reader 'pcsc:{held}' or free it for nfcpy: "
                 "sudo systemctl disable --now pcscd.socket pcscd.service"))
     return out
+
+
+#: pcsc-lite's polkit policy (installed when pcscd asks polkit) and the rule hw/install.sh puts
+PCSC_POLKIT_POLICY = "share/polkit-1/actions/org.debian.pcsc-lite.policy"
+FAREBOX_POLKIT_RULE = "polkit-1/rules.d/60-farebox-pcscd.rules"
+
+
+def _pcscd_polkit(roots: Roots, reader: str | None) -> Finding | None:
+    """pcsc-lite built with polkit (2.x on Debian trixie / Raspberry Pi OS) refuses a client
+    without an active login session, such as the farebox service user, unless a rule allows
+    it. None when this pcscd does not ask polkit."""
+    if not (roots.usr / PCSC_POLKIT_POLICY).is_file():
+        return None
+    rule = roots.etc / FAREBOX_POLKIT_RULE
+    if rule.is_file():
+        return Finding("pcscd polkit", OK, f"pcscd asks polkit; {rule} allows the farebox user")
+    wants_pcsc = reader is not None and reader.startswith("pcsc")
+    return Finding("pcscd polkit", FAIL if wants_pcsc else WARN,
+                   "pcscd asks polkit, and no rule allows the farebox user: the service is "
+                   "refused by pcscd (SCardEstablishContext: access denied)",
+                   f"sudo install -m 644 hw/polkit/60-farebox-pcscd.rules {rule} "
+                   "(or run sudo hw/install.sh)")
 
 
 def _state_dir(config: TerminalConfig) -> Finding:

@@ -35,6 +35,8 @@ class Roots:
     sys: Path = Path("/sys")
     dev: Path = Path("/dev")
     run: Path = Path("/run")
+    etc: Path = Path("/etc")
+    usr: Path = Path("/usr")
 
 
 @dataclass

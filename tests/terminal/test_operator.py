@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -207,7 +208,8 @@ def fake_usb(root: Path, name: str, vid: str, pid: str, bus: int, dev: int, *,
 
 
 def roots(tmp_path: Path) -> Roots:
-    return Roots(sys=tmp_path / "sys", dev=tmp_path / "dev", run=tmp_path / "run")
+    return Roots(sys=tmp_path / "sys", dev=tmp_path / "dev", run=tmp_path / "run",
+                 etc=tmp_path / "etc", usr=tmp_path / "usr")
 
 
 def test_usb_readers_found_by_id_with_their_problems(tmp_path):
@@ -403,3 +405,50 @@ def test_any_flipper_text_loads_or_is_a_dump_error(tmp_path, lines):
         to_card_json(dumped)
     except DumpError:
         pass
+
+
+@pytest.mark.parametrize("policy, rule, reader, status", [
+    (False, False, None, None),  # this pcscd does not ask polkit: nothing to say
+    (True, False, None, "warn"),
+    (True, False, "pcsc", "fail"),  # the configured reader cannot be used by the service
+    (True, True, "pcsc", "ok"),
+])
+def test_doctor_pcscd_polkit_rule_for_the_service_user(tmp_path, policy, rule, reader, status):
+    """pcsc-lite 2.x (Debian trixie, Raspberry Pi OS) asks polkit, which refuses a service
+    user without a login session unless a rule (hw/polkit/) allows it."""
+    base = roots(tmp_path)
+    if policy:
+        (base.usr / doctor.PCSC_POLKIT_POLICY).parent.mkdir(parents=True)
+        (base.usr / doctor.PCSC_POLKIT_POLICY).write_text("<policyconfig/>")
+    if rule:
+        (base.etc / doctor.FAREBOX_POLKIT_RULE).parent.mkdir(parents=True)
+        shutil.copy(Path(__file__).parents[2] / "hw" / "polkit" / "60-farebox-pcscd.rules",
+                    base.etc / doctor.FAREBOX_POLKIT_RULE)
+    found = doctor._pcscd_polkit(base, reader)
+    assert (found and found.status) == status
+    if status in ("warn", "fail"):
+        assert "60-farebox-pcscd.rules" in found.fix
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no JavaScript engine (node) to run it")
+@pytest.mark.parametrize("action, user, allowed", [
+    ("org.debian.pcsc-lite.access_pcsc", "farebox", True),
+    ("org.debian.pcsc-lite.access_card", "farebox", True),
+    ("org.debian.pcsc-lite.access_pcsc", "pi", False),
+    ("org.freedesktop.login1.reboot", "farebox", False),
+])
+def test_the_polkit_rule_allows_the_farebox_user_pcscd_and_nothing_else(action, user, allowed):
+    """The rule run as polkitd runs it (JavaScript, polkit.addRule), with node standing in for
+    polkitd's engine."""
+    import json as _json
+    import subprocess
+
+    rule = (Path(__file__).parents[2] / "hw" / "polkit" / "60-farebox-pcscd.rules").read_text()
+    script = ("const rules = []; const polkit = {Result: {YES: 'yes'}, "
+              "addRule: (f) => rules.push(f)};\n" + rule +
+              f"\nconst answers = rules.map((f) => f({{id: {_json.dumps(action)}}}, "
+              f"{{user: {_json.dumps(user)}}}));\n"
+              "console.log(JSON.stringify(answers.filter((a) => a !== undefined)));\n")
+    done = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert _json.loads(done.stdout) == (["yes"] if allowed else [])
