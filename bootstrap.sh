@@ -16,9 +16,11 @@ fi
 # `farebox sim serve --via vpcd:` use); postgresql (the clearing store's tests start a private
 # cluster; the receiver runs on SQLite by default); kmod (modprobe: the tests check hw/'s module
 # blacklist with it; every Raspberry Pi OS has it); softhsm2 (a software PKCS#11 token: the tests
-# keep master keys in it for keys = "pkcs11:..."); python3-venv provides venv/ensurepip.
+# keep master keys in it for keys = "pkcs11:..."); prometheus (its promtool checks the alert
+# rules in hw/prometheus/; the server itself is not left running); python3-venv provides
+# venv/ensurepip.
 need=()
-for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd postgresql kmod softhsm2; do
+for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd postgresql kmod softhsm2 prometheus; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 command -v gcc >/dev/null || need+=(gcc)
@@ -38,6 +40,11 @@ if ((${#need[@]})); then
   echo "bootstrap: installing system packages: ${need[*]}"
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+  # prometheus is here for its promtool (the tests check hw/prometheus/ with it), not to run a
+  # server on this machine: where systemd started one, stop it again
+  if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    $sudo systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -23,6 +23,12 @@ only reads numbers the daemon loop and the uploader have set):
   expired list stays in force, alert on ``time() > ...``.
 - ``farebox_reader_reopens_total``: readers that failed and were opened again.
 - ``farebox_reader_up``: 1 while the reader answers, 0 during an outage.
+- ``farebox_action_list_alarm``, ``farebox_action_list_serial``,
+  ``farebox_action_list_expiry_timestamp_seconds``: the action list in force (the reloader).
+- ``process_*`` (CPU seconds, resident memory, open files, start time), ``python_info`` and
+  ``python_gc_*``: prometheus-client's standard process, platform and GC collectors.
+
+Alert rules for these are in ``hw/prometheus/farebox-alerts.yml`` (checked by promtool).
 """
 
 from __future__ import annotations
@@ -44,10 +50,17 @@ REFRESH_EVERY_S = 1.0
 
 class TerminalMetrics:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge,
+            Histogram,
+        )
 
         self.clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
+        # the process (CPU seconds, resident memory, open files, start time), the Python
+        # interpreter and its garbage collector, as every Prometheus client exports them
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
         self.taps = Counter("farebox_taps", "Card presentations by outcome and decline reason",
                             ["outcome", "reason"], registry=self.registry)
         self.tap_seconds = Histogram("farebox_tap_duration_seconds",
