@@ -6,7 +6,9 @@ it the same way.
 What it sets up, in order, and takes down in the reverse order: the log (when asked to), the
 metrics endpoint, sd_notify, the first attempt to open the reader (a card file that cannot be
 used is bad input; any other reader that does not open yet is waited for), the terminal (journal,
-keys, action lists), the uploader thread, the batch closer and the action-list reloader, then
+keys, action lists), the journal's start-up check (``Journal.ensure_whole``: a journal whose
+chains are not whole or whose tables disagree with them stops the daemon before it serves a
+card), the uploader thread, the batch closer and the action-list reloader, then
 SIGTERM/SIGINT handlers that only ask the loop to stop: the tap in progress finishes first.
 """
 
@@ -18,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
@@ -34,6 +37,9 @@ from farebox.terminal.daemon.supervise import Supervision
 from farebox.terminal.runtime import ReaderSpec, RuntimeSetupError, open_terminal, open_transport
 
 LOOP_LOG = logging.getLogger("farebox.terminal.daemon.loop")
+#: how often, between cards, the daemon verifies the journal's new chain entries and moves the
+#: checkpoint its next start verifies from (so that start stays short however long it ran)
+CHECKPOINT_EVERY_S = 60.0
 
 
 def configure_logging(log_format: str, verbose: int = 0) -> None:
@@ -71,8 +77,9 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
     process's log (:func:`configure_logging`) at that verbosity; None leaves logging alone.
 
     Raises :class:`RuntimeSetupError` (a reader spec that does not parse, a card file that cannot
-    be used, a state, key or list file the terminal cannot open, no tariff) or
-    :class:`~farebox.terminal.config.MetricsError` (the endpoint cannot listen) before any tap.
+    be used, a state, key or list file the terminal cannot open, no tariff),
+    :class:`~farebox.terminal.config.MetricsError` (the endpoint cannot listen) or
+    :class:`~farebox.terminal.store.journal.JournalBroken` (a damaged journal) before any tap.
     """
     spec = reader_spec if isinstance(reader_spec, ReaderSpec) else ReaderSpec.parse(reader_spec)
     if config.tariff is None:
@@ -103,6 +110,7 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
         open_reader = _ReaderOpener(spec, config.pcsc_mode)
         teardown.callback(open_reader.close)
         term = teardown.enter_context(open_terminal(config))
+        term.journal.ensure_whole()  # a broken journal: JournalBroken (exit 3), no card served
         uploader = start_uploader(config, clock,
                                   on_synced=metrics.uploaded if metrics else lambda: None,
                                   on_fetched=metrics.fetched if metrics else lambda: None)
@@ -112,11 +120,16 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
                               on_closed=uploader.wake if uploader else lambda: None)
         reload_list = ActionListReloader(config, term)
         unacknowledged = closer.settlement.unacknowledged_count if closer else lambda: 0
+        checkpointed = time.monotonic()
 
         def on_idle() -> None:
+            nonlocal checkpointed
             if closer is not None:
                 closer()
             reload_list()
+            if time.monotonic() - checkpointed >= CHECKPOINT_EVERY_S:
+                term.journal.advance_checkpoint()  # a chain broken meanwhile: JournalBroken
+                checkpointed = time.monotonic()
             watch.idle(term.journal.in_doubt_count, unacknowledged)
 
         def on_pass() -> None:
@@ -133,6 +146,7 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
         with _stop_on_signals(daemon.stop, handle_signals):
             try:
                 daemon.run()
+                term.journal.advance_checkpoint()
             finally:
                 publish(Stopped(daemon.stats.taps, daemon.stats.reader_reopens))
     return daemon.stats
