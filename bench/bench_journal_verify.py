@@ -49,7 +49,7 @@ def build(path: Path, n: int, n_cards: int) -> None:
     db.execute("PRAGMA synchronous=OFF")
     db.execute("BEGIN")
     record_previous, mark_previous = GENESIS_HASH, GENESIS_HASH
-    seq = writes = writes_sum = writes_fp = cards = cards_sum = 0
+    seq = writes = writes_sum = writes_fp = writes_fp2 = cards = cards_sum = 0
     latest: dict[int, tuple[int, int, str]] = {}  # card -> (counter, slot hex, its entry)
     balance = 10**12
     insert_write = (f"INSERT INTO card_writes ({', '.join(WRITE_BODY_COLUMNS)}, state, "
@@ -80,16 +80,20 @@ def build(path: Path, n: int, n_cards: int) -> None:
         # the intent: a new write, its digest, the newest record
         seq, writes = seq + 1, writes + 1
         writes_sum += seq
-        writes_fp += write_fingerprint(seq, "intent", 0, 0)
+        x, x2 = write_fingerprint(seq, "intent", 0, 0)
+        writes_fp, writes_fp2 = writes_fp + x, writes_fp2 + x2
         intent = (seq, tap_id, "intent", None, 0, 0, write_body_digest(body), None, None, None,
-                  i + 1, record_previous, writes, writes_sum, writes_fp, cards, cards_sum)
+                  i + 1, record_previous, writes, writes_sum, writes_fp, writes_fp2, cards,
+                  cards_sum)
         mark_previous = mark_hash(mark_previous, intent)
         rows_m.append((*intent, mark_previous))
         # the commit: the write committed, the card's memory moved
         seq += 1
         writes_sum += seq - (seq - 1)
-        writes_fp += (write_fingerprint(seq, "committed", 1, 0)
-                      - write_fingerprint(seq - 1, "intent", 0, 0))
+        x, x2 = write_fingerprint(seq, "committed", 1, 0)
+        writes_fp, writes_fp2 = writes_fp + x, writes_fp2 + x2
+        x, x2 = write_fingerprint(seq - 1, "intent", 0, 0)
+        writes_fp, writes_fp2 = writes_fp - x, writes_fp2 - x2
         if card in latest:
             cards_sum -= latest[card][2]
         else:
@@ -97,7 +101,7 @@ def build(path: Path, n: int, n_cards: int) -> None:
         cards_sum += seq
         latest[card] = (counter_after, slot, seq)
         commit = (seq, tap_id, "committed", at, 1, 0, None, card, counter_after, slot, None,
-                  None, writes, writes_sum, writes_fp, cards, cards_sum)
+                  None, writes, writes_sum, writes_fp, writes_fp2, cards, cards_sum)
         mark_previous = mark_hash(mark_previous, commit)
         rows_m.append((*commit, mark_previous))
         rows_w.append((*body, "committed", at, 1, 0, seq))

@@ -92,12 +92,13 @@ def record_columns(alias: str = "") -> str:
 #: (:data:`WRITE_BODY_COLUMNS`); ``card_number`` .. ``slot`` what a card's memory became, NULL
 #: when it did not move; ``record_seq``/``record_hash`` the records chain's newest record when
 #: the entry came with new records; ``writes``/``cards`` the rows of ``card_writes``/``cards``,
-#: ``writes_sum``/``cards_sum`` the sums of their ``mark_seq`` and ``writes_fp`` the sum of the
-#: ``card_writes`` rows' fingerprints (:func:`write_fingerprint`) once the entry is applied.
+#: ``writes_sum``/``cards_sum`` the sums of their ``mark_seq``, ``writes_fp``/``writes_fp2`` the
+#: sums of the ``card_writes`` rows' fingerprints (:func:`write_fingerprint`), all once the entry
+#: is applied.
 MARK_FIELDS: tuple[str, ...] = (
     "seq", "tap_id", "state", "resolved_utc", "log_confirmed", "observed", "body",
     "card_number", "counter", "slot", "record_seq", "record_hash",
-    "writes", "writes_sum", "writes_fp", "cards", "cards_sum",
+    "writes", "writes_sum", "writes_fp", "writes_fp2", "cards", "cards_sum",
 )
 #: The columns of a card write that never change once it is made (a new write's entry holds
 #: their digest).
@@ -121,6 +122,7 @@ _MARKS_TABLE = """CREATE TABLE IF NOT EXISTS marks (
     writes INTEGER NOT NULL,
     writes_sum INTEGER NOT NULL,
     writes_fp INTEGER NOT NULL,
+    writes_fp2 INTEGER NOT NULL,
     cards INTEGER NOT NULL,
     cards_sum INTEGER NOT NULL,
     hash TEXT NOT NULL
@@ -142,30 +144,44 @@ _FP_PRIME = 2_147_483_647
 _STATE_CODES = {"intent": 1, "committed": 2, "void": 3, "unresolved": 4}
 
 
-def write_fingerprint(mark_seq: int, state: str, log_confirmed: int, observed: int) -> int:
+def write_fingerprint(mark_seq: int, state: str, log_confirmed: int, observed: int
+                      ) -> tuple[int, int]:
     """A ``card_writes`` row's fingerprint: the chain entry it names, its state, its log block
-    confirmed and observed, mixed (what :data:`_WRITE_FINGERPRINT` computes in SQL). The newest
-    chain entry holds the rows' sum, so one scan of the table finds a row edited alone."""
+    confirmed and observed, mixed into ``x`` below 2**31, and ``x * x`` modulo the same prime
+    (what :func:`_fingerprint_sql` computes in SQL). The newest chain entry holds the sums of
+    both over the rows: a row edited alone changes ``x`` and so the first sum, whatever it
+    holds; rows edited together (states swapped) change the second."""
     x = ((mark_seq % _FP_PRIME) * 48271 + _STATE_CODES[state] * 16807 + log_confirmed * 69621
          + observed * 65539 + 1) % _FP_PRIME
-    return x * x % _FP_PRIME
+    return x, x * x % _FP_PRIME
 
 
 def _fingerprint_sql(seq: str, state: str, log_confirmed: str, observed: str) -> str:
+    """SQL selecting ``x`` of :func:`write_fingerprint` (a value that is not a state, an integer
+    or NULL gives another ``x``)."""
     codes = " ".join(f"WHEN '{name}' THEN {code}" for name, code in _STATE_CODES.items())
-    x = (f"((coalesce({seq}, 0) % {_FP_PRIME}) * 48271 + (CASE {state} {codes} "
-         f"ELSE 5 + coalesce(length({state}), 0) END) * 16807 "
-         f"+ coalesce({log_confirmed}, 7) * 69621 + coalesce({observed}, 7) * 65539 + 1) "
-         f"% {_FP_PRIME}")
-    return f"({x}) * ({x}) % {_FP_PRIME}"
+    return (f"((coalesce({seq}, 0) % {_FP_PRIME}) * 48271 + (CASE {state} {codes} "
+            f"ELSE 5 + coalesce(length({state}), 0) END) * 16807 "
+            f"+ coalesce({log_confirmed}, 7) * 69621 + coalesce({observed}, 7) * 65539 + 1) "
+            f"% {_FP_PRIME}")
 
 
-#: SQL: :func:`write_fingerprint` of the ``card_writes`` row ``w``
-_WRITE_FINGERPRINT = _fingerprint_sql("w.mark_seq", "w.state", "w.log_confirmed", "w.observed")
-#: SQL: the same of the ``marks`` entry ``m`` (what its row must be)
-_ENTRY_FINGERPRINT = _fingerprint_sql("m.seq", "m.state", "m.log_confirmed", "m.observed")
-_HEAD = ("SELECT seq, hash, writes, writes_sum, writes_fp, cards, cards_sum FROM marks "
-         "ORDER BY seq DESC LIMIT 1")
+#: SQL: the count, the sum of ``mark_seq`` and the two sums of :func:`write_fingerprint` of
+#: the ``card_writes`` rows (one scan; the subquery is kept whole so ``x`` is computed once)
+_WRITES_SUMS = (
+    f"SELECT count(*), coalesce(sum(named), 0), coalesce(sum(x), 0), "
+    f"coalesce(sum(x * x % {_FP_PRIME}), 0) FROM (SELECT w.mark_seq AS named, "
+    f"{_fingerprint_sql('w.mark_seq', 'w.state', 'w.log_confirmed', 'w.observed')} AS x "
+    "FROM card_writes w LIMIT -1)")
+#: SQL: the same over the latest ``marks`` entry of each write (what the rows must be)
+_ENTRY_SUMS = (
+    f"SELECT count(*), coalesce(sum(named), 0), coalesce(sum(x), 0), "
+    f"coalesce(sum(x * x % {_FP_PRIME}), 0) FROM (SELECT m.seq AS named, "
+    f"{_fingerprint_sql('m.seq', 'm.state', 'm.log_confirmed', 'm.observed')} AS x "
+    "FROM marks m JOIN (SELECT max(seq) AS latest FROM marks WHERE tap_id IS NOT NULL "
+    "GROUP BY tap_id) l ON m.seq = l.latest LIMIT -1)")
+_HEAD = ("SELECT seq, hash, writes, writes_sum, writes_fp, writes_fp2, cards, cards_sum "
+         "FROM marks ORDER BY seq DESC LIMIT 1")
 
 
 def write_body_digest(values: Sequence) -> str:
@@ -605,7 +621,7 @@ class Journal:
         one per card's memory, then one holding the newest record. Runs in the migration's
         transaction; the records are verified at the next start (the checkpoint stays at 0)."""
         seq, previous = 0, GENESIS_HASH
-        writes = writes_sum = writes_fp = cards = cards_sum = 0
+        writes = writes_sum = writes_fp = writes_fp2 = cards = cards_sum = 0
         body = ", ".join(WRITE_BODY_COLUMNS)
         last = None
         try:
@@ -620,10 +636,11 @@ class Journal:
                 for row in rows:
                     seq, writes = seq + 1, writes + 1
                     writes_sum += seq
-                    writes_fp += write_fingerprint(seq, *row[12:13], *row[14:16])
+                    x, x2 = write_fingerprint(seq, *row[12:13], *row[14:16])
+                    writes_fp, writes_fp2 = writes_fp + x, writes_fp2 + x2
                     fields = (seq, row[1], *row[12:16], write_body_digest(row[1:12]),
                               None, None, None, None, None, writes, writes_sum, writes_fp,
-                              cards, cards_sum)
+                              writes_fp2, cards, cards_sum)
                     previous = mark_hash(previous, fields)
                     entries.append((*fields, previous))
                     links.append((seq, row[0]))
@@ -637,7 +654,8 @@ class Journal:
                 seq, cards = seq + 1, cards + 1
                 cards_sum += seq
                 fields = (seq, None, None, None, None, None, None, number, counter, slot,
-                          None, None, writes, writes_sum, writes_fp, cards, cards_sum)
+                          None, None, writes, writes_sum, writes_fp, writes_fp2, cards,
+                          cards_sum)
                 previous = mark_hash(previous, fields)
                 entries.append((*fields, previous))
                 links.append((seq, number))
@@ -1039,11 +1057,9 @@ class Journal:
         fingerprints (:func:`write_fingerprint`) must be the newest entry's; ``cards`` row by
         row against its entry (so is ``card_writes`` when ``exact``, :meth:`verify`'s)."""
         head = _parsed(_chain_head, self._db.execute(_HEAD).fetchone(), "newest marks entry")
-        _, _, writes, writes_sum, writes_fp, cards, cards_sum = head
-        rows, sum_, fingerprints = self._db.execute(
-            f"SELECT count(*), coalesce(sum(w.mark_seq), 0), "
-            f"coalesce(sum({_WRITE_FINGERPRINT}), 0) FROM card_writes w").fetchone()
-        if exact or (rows, sum_, fingerprints) != (writes, writes_sum, writes_fp):
+        _, _, writes, writes_sum, writes_fp, writes_fp2, cards, cards_sum = head
+        rows, sum_, *fingerprints = self._db.execute(_WRITES_SUMS).fetchone()
+        if exact or (rows, sum_, *fingerprints) != (writes, writes_sum, writes_fp, writes_fp2):
             if self._db.execute(f"SELECT 1 FROM card_writes w LEFT JOIN marks m "
                                 f"ON m.seq = w.mark_seq WHERE {_WRITE_DIFFERS} LIMIT 1"
                                 ).fetchone():
@@ -1051,7 +1067,7 @@ class Journal:
         problem = self._counted("card_writes", rows, writes, sum_, writes_sum)
         if problem is not None:
             return problem
-        if fingerprints != writes_fp:
+        if fingerprints != [writes_fp, writes_fp2]:
             return _broken_at("card_writes", None, "the rows' fingerprints are not the chain's")
         rows, sum_, bad = self._db.execute(
             f"SELECT count(*), coalesce(sum(c.mark_seq), 0), coalesce(sum({_CARD_DIFFERS}), 0) "
@@ -1125,14 +1141,12 @@ class Journal:
             if problem is not None:
                 return problem
         head = _parsed(_chain_head, self._db.execute(_HEAD).fetchone(), "newest marks entry")
-        for held, (key, column), fingerprint, names in (
-                (head[2:5], ("tap_id", "tap_id"), _ENTRY_FINGERPRINT, "card writes"),
-                (head[5:7], ("card_number", "counter"), None, "cards")):
-            real = self._db.execute(
-                f"SELECT count(*), coalesce(sum(m.seq), 0)"
-                + (f", coalesce(sum({fingerprint}), 0)" if fingerprint else "")
-                + f" FROM marks m JOIN (SELECT max(seq) AS latest FROM marks "
-                f"WHERE {column} IS NOT NULL GROUP BY {key}) l ON m.seq = l.latest").fetchone()
+        for held, query, names in (
+                (head[2:6], _ENTRY_SUMS, "card writes"),
+                (head[6:8], "SELECT count(*), coalesce(sum(latest), 0) FROM (SELECT max(seq) "
+                 "AS latest FROM marks WHERE counter IS NOT NULL GROUP BY card_number)",
+                 "cards")):
+            real = self._db.execute(query).fetchone()
             if tuple(real) != tuple(held):
                 return _broken_at("marks", head[0], f"its count and sums of {names} "
                                   f"{tuple(held)} are not the chain's {tuple(real)}")
@@ -1222,7 +1236,7 @@ class Journal:
         write ``tap_id`` as its row now stands (``body``: a new write's digest), the memory of
         card ``card_number`` as its row now stands, and with ``records_head`` the records
         chain's newest record. The rows then name the entry (``mark_seq``); its sequence."""
-        seq, previous, writes, writes_sum, writes_fp, cards, cards_sum = _parsed(
+        seq, previous, writes, writes_sum, writes_fp, writes_fp2, cards, cards_sum = _parsed(
             _chain_head, self._db.execute(_HEAD).fetchone(), "newest marks entry")
         seq += 1
         write: tuple = (None, None, None, None, None)
@@ -1238,12 +1252,13 @@ class Journal:
             else:
                 old = self._db.execute("SELECT state, log_confirmed, observed FROM marks "
                                        "WHERE seq = ?", (before,)).fetchone()
-                writes_sum -= before
-                writes_fp -= _parsed(lambda r: write_fingerprint(before, *r), old,
-                                     f"marks entry {before}")
-            writes_sum += seq
-            writes_fp += _parsed(lambda r: write_fingerprint(seq, *r), (row[0], *row[2:4]),
-                                 f"card_writes row {tap_id!r}")
+                x, x2 = _parsed(lambda r: write_fingerprint(before, *r), old,
+                                f"marks entry {before}")
+                writes_sum, writes_fp, writes_fp2 = (writes_sum - before, writes_fp - x,
+                                                     writes_fp2 - x2)
+            x, x2 = _parsed(lambda r: write_fingerprint(seq, *r), (row[0], *row[2:4]),
+                            f"card_writes row {tap_id!r}")
+            writes_sum, writes_fp, writes_fp2 = writes_sum + seq, writes_fp + x, writes_fp2 + x2
             write = (tap_id, *row[:4])
             if before != seq:
                 self._db.execute("UPDATE card_writes SET mark_seq = ? WHERE tap_id = ?",
@@ -1262,8 +1277,8 @@ class Journal:
             row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
                                    ).fetchone()
             record = tuple(row) if row is not None else (0, GENESIS_HASH)
-        fields = (seq, *write[:5], body, *card, *record, writes, writes_sum, writes_fp, cards,
-                  cards_sum)
+        fields = (seq, *write[:5], body, *card, *record, writes, writes_sum, writes_fp,
+                  writes_fp2, cards, cards_sum)
         self._db.execute(_INSERT_MARK, (*fields, _parsed(
             lambda f: mark_hash(previous, f), fields, f"marks entry {seq}")))
         return seq
@@ -1512,11 +1527,11 @@ def _optional_integer(value: object) -> int | None:
     return None if value is None else _integer(value)
 
 
-def _chain_head(row: Sequence | None) -> tuple[int, str, int, int, int, int, int]:
+def _chain_head(row: Sequence | None) -> tuple[int, str, int, int, int, int, int, int]:
     """The newest ``marks`` entry's sequence, hash, counts and sums (:data:`_HEAD`; an empty
     chain's, with no row)."""
     if row is None:
-        return 0, GENESIS_HASH, 0, 0, 0, 0, 0
+        return 0, GENESIS_HASH, 0, 0, 0, 0, 0, 0
     if not isinstance(row[1], str):
         raise TypeError("the hash is not text")
     return (_integer(row[0]), row[1], *(_integer(value) for value in row[2:]))
