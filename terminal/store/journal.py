@@ -15,9 +15,10 @@
   the row became; a new write's entry also holds a digest of its fixed columns and the records
   chain's newest record. ``card_writes`` and ``cards`` are the fast indexes of that chain: each
   row names its latest entry (``mark_seq``), and the newest entry counts the rows and sums their
-  ``mark_seq``, so that a row that disagrees with the chain is found by one set-based query
-  (:meth:`Journal.verify_since_checkpoint`, at the daemon's start) without rehashing history
-  (:meth:`Journal.verify`, ``farebox journal verify``, rehashes everything).
+  ``mark_seq`` and the writes' fingerprints, so that a row that disagrees with the chain is
+  found by one scan of each table (:meth:`Journal.verify_since_checkpoint`, at the daemon's
+  start) without rehashing history (:meth:`Journal.verify`, ``farebox journal verify``,
+  rehashes everything).
 * ``meta``: terminal id, schema version, the time high-water mark (the latest trusted tap time)
   and the checkpoint the chains were last verified to (``verified_through``).
 
@@ -388,8 +389,8 @@ class JournalError(TerminalError):
 
 class JournalBroken(JournalError):
     """The journal is damaged: its file does not read (a flipped bit), a row does not parse, or
-    its chains are not whole. Nothing may be settled or served from it (``farebox journal
-    verify`` says where; exit 3)."""
+    its chains are not whole. The daemon does not start on it and no batch settles from it
+    (``farebox journal verify`` says where; exit 3)."""
 
 
 #: what a row that does not parse raises while it is turned into values
@@ -416,6 +417,19 @@ def _damage(path: Path, error: Exception) -> JournalBroken:
     return JournalBroken(f"{path}: the journal is damaged ({text}); see farebox journal verify")
 
 
+def _guarded(path: Path, call, *args):
+    """``call(*args)`` on the journal's connection or a cursor of it, a damaged file raising
+    :class:`JournalBroken`."""
+    try:
+        return call(*args)
+    except sqlite3.Error as error:
+        if _damaged(error):
+            raise _damage(path, error) from None
+        raise
+    except UnicodeDecodeError as error:  # SQLite's message quotes a damaged schema
+        raise _damage(path, error) from None
+
+
 class _GuardedCursor:
     """A cursor of :class:`_GuardedConnection`: reading a damaged page raises JournalBroken."""
 
@@ -426,14 +440,7 @@ class _GuardedCursor:
         self._path = path
 
     def _guard(self, call, *args):
-        try:
-            return call(*args)
-        except sqlite3.Error as error:
-            if _damaged(error):
-                raise _damage(self._path, error) from None
-            raise
-        except UnicodeDecodeError as error:  # SQLite's message quotes a damaged schema
-            raise _damage(self._path, error) from None
+        return _guarded(self._path, call, *args)
 
     def fetchone(self):
         return self._guard(self._cursor.fetchone)
@@ -467,14 +474,7 @@ class _GuardedConnection:
         self._path = path
 
     def _guard(self, call, *args):
-        try:
-            return call(*args)
-        except sqlite3.Error as error:
-            if _damaged(error):
-                raise _damage(self._path, error) from None
-            raise
-        except UnicodeDecodeError as error:  # SQLite's message quotes a damaged schema
-            raise _damage(self._path, error) from None
+        return _guarded(self._path, call, *args)
 
     def execute(self, sql: str, parameters: Sequence = ()) -> _GuardedCursor:
         return _GuardedCursor(self._guard(self.raw.execute, sql, parameters), self._path)
@@ -595,8 +595,10 @@ class Journal:
     # ---- for the settlement tables kept in the same file (settlement.py) ------------------
 
     @property
-    def connection(self) -> sqlite3.Connection:
-        """The journal's connection (autocommit; use :meth:`transaction` to change anything)."""
+    def connection(self) -> _GuardedConnection:
+        """The journal's connection (autocommit; use :meth:`transaction` to change anything):
+        ``execute``, ``executemany``, ``executescript`` and their cursors as sqlite3's, a
+        damaged file raising :class:`JournalBroken`."""
         self._flush()
         return self._db
 
@@ -619,7 +621,8 @@ class Journal:
         """Start the marks chain of a journal written before it (schema 3 or older) from its
         tables as they stand: one entry per card write (its row, its fixed columns' digest),
         one per card's memory, then one holding the newest record. Runs in the migration's
-        transaction; the records are verified at the next start (the checkpoint stays at 0)."""
+        transaction. The checkpoint is left at the seeded chain's end and at no record: the
+        next start rehashes the records chain once."""
         seq, previous = 0, GENESIS_HASH
         writes = writes_sum = writes_fp = writes_fp2 = cards = cards_sum = 0
         body = ", ".join(WRITE_BODY_COLUMNS)
@@ -857,8 +860,7 @@ class Journal:
         with self._reading():
             check = self._verify_recent(caches=False)
         if not check:
-            raise JournalBroken(f"{self.path}: journal chain BROKEN at {check.where}: "
-                                f"{check.problem}; see farebox journal verify")
+            raise self._broken(check)
         self._save_checkpoint(check)
         return check
 
@@ -867,8 +869,7 @@ class Journal:
         where) when the journal is not whole: what the daemon does before it serves a card."""
         check = self.verify_since_checkpoint()
         if not check:
-            raise JournalBroken(f"{self.path}: journal chain BROKEN at {check.where}: "
-                                f"{check.problem}; see farebox journal verify")
+            raise self._broken(check)
         return check
 
     def check_writes(self, tap_ids: Sequence[str]) -> None:
@@ -882,9 +883,8 @@ class Journal:
                 f"WHERE w.tap_id IN ({', '.join('?' * len(part))}) AND ({_WRITE_DIFFERS}) "
                 "LIMIT 1", part).fetchone()
             if row is not None:
-                check = self._write_differs(row[0])
-                raise JournalBroken(f"{self.path}: journal chain BROKEN at {check.where}: "
-                                    f"{check.problem}; nothing was settled")
+                raise self._broken(self._write_differs(row[0]),
+                                   "nothing was settled; see farebox journal verify")
 
     def _reading(self):
         """One read transaction: every check sees the same moment of the file (a daemon may be
@@ -909,7 +909,7 @@ class Journal:
                                          "marks": marks.marks})
             return ChainCheck(True, records.records, marks=marks.marks)
         except JournalBroken as error:
-            return _broken_at(None, None, str(error))
+            return _broken_at(None, None, self._damage_text(error))
 
     def _verify_recent(self, *, caches: bool) -> ChainCheck:
         try:
@@ -932,7 +932,17 @@ class Journal:
                                          "marks": marks.marks})
             return ChainCheck(True, records.records, marks=marks.marks)
         except JournalBroken as error:
-            return _broken_at(None, None, str(error))
+            return _broken_at(None, None, self._damage_text(error))
+
+    def _damage_text(self, error: JournalBroken) -> str:
+        """A damaged file's message without the path and the pointer to ``journal verify``."""
+        return str(error).removeprefix(f"{self.path}: ").removesuffix(
+            "; see farebox journal verify")
+
+    def _broken(self, check: ChainCheck, then: str = "see farebox journal verify"
+                ) -> JournalBroken:
+        return JournalBroken(f"{self.path}: journal chain BROKEN at {check.where}: "
+                             f"{check.problem}; {then}")
 
     def _verify_records(self, after_seq: int, after_hash: str) -> ChainCheck:
         """The records chain after record ``after_seq`` (whose hash is ``after_hash``)."""
@@ -1018,14 +1028,20 @@ class Journal:
         return None
 
     def _save_checkpoint(self, check: ChainCheck) -> None:
-        """Remember the chains as verified up to where ``check`` (whole) reached."""
-        with self._transaction():
-            point = []
-            for table, seq in (("records", check.records), ("marks", check.marks)):
-                row = self._db.execute(f"SELECT hash FROM {table} WHERE seq = ?", (seq,)
-                                       ).fetchone()
-                point.append((seq, row[0]) if seq and row is not None else (0, GENESIS_HASH))
-            self._write_checkpoint(*point)
+        """Remember the chains as verified up to where ``check`` (whole) reached. A shortcut
+        for the next check only: a file that cannot be written now (read-only, another writer
+        holding it) is left as it is."""
+        try:
+            with self._transaction():
+                point = []
+                for table, seq in (("records", check.records), ("marks", check.marks)):
+                    row = self._db.execute(f"SELECT hash FROM {table} WHERE seq = ?", (seq,)
+                                           ).fetchone()
+                    point.append((seq, row[0]) if seq and row is not None
+                                 else (0, GENESIS_HASH))
+                self._write_checkpoint(*point)
+        except sqlite3.OperationalError:
+            pass
 
     def _write_checkpoint(self, records: tuple[int, str], marks: tuple[int, str]) -> None:
         self._db.execute("INSERT INTO meta (key, value) VALUES ('verified_through', ?) "
