@@ -29,7 +29,7 @@ from farebox.terminal.config import ConfigError, TerminalConfig
 from farebox.terminal.store.identity import (
     IDENTITY_FILE, IdentityError, TerminalIdentity, check_terminal_id, init_identity, load_identity,
 )
-from farebox.terminal.store.journal import Journal, JournalError
+from farebox.terminal.store.journal import Journal, JournalBroken, JournalError
 from farebox.terminal.store.private import private_directory
 from farebox.terminal.card.keys import KeyFileError, KeyStore, open_key_store, parse_key_source
 from farebox.terminal.link.fetch import HeldList, fetch, held_list, keep_good
@@ -163,6 +163,8 @@ def money_keys(config: TerminalConfig) -> KeyStore:
 def open_journal(config: TerminalConfig) -> Journal:
     try:
         return Journal(state_dir(config) / JOURNAL_FILE, terminal_id=config.terminal_id)
+    except JournalBroken:
+        raise  # a damaged journal is not bad input: exit 3
     except JournalError as error:
         raise RuntimeSetupError(str(error)) from None
 
@@ -180,6 +182,8 @@ def init_terminal(config: TerminalConfig, terminal_id: str, now: datetime) -> Te
             load_identity(directory)  # says what is there, or that it is damaged
         Journal(directory / JOURNAL_FILE, terminal_id=terminal_id).close()
         return init_identity(directory, terminal_id, now)
+    except JournalBroken:
+        raise
     except (IdentityError, JournalError) as error:
         raise RuntimeSetupError(str(error)) from None
     except OSError as error:

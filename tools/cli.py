@@ -47,10 +47,11 @@ COMMANDS = {
 }
 
 
-#: Exit statuses of errors (a command's own statuses, e.g. 3 for a broken chain, are its own).
+#: Exit statuses of errors (a command's own statuses, e.g. 3 for a failed check, are its own).
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 1
 EXIT_BAD_INPUT = 2
+EXIT_JOURNAL_BROKEN = 3
 
 
 def exit_status(error: Exception) -> int | None:
@@ -58,12 +59,16 @@ def exit_status(error: Exception) -> int | None:
     one line), or None for an internal error (a bug: told with its type). Bad input (exit 2) is
     the terminal's :class:`BadInput` and, from the layers it stands on, a card file or a served
     card that cannot be used and a clearing store that cannot be opened; a card write cut off
-    midway (:class:`Interrupted`, the journal holds it in doubt) is exit 1."""
+    midway (:class:`Interrupted`, the journal holds it in doubt) is exit 1; a damaged journal
+    (:class:`JournalBroken`: a file that does not read, chains that are not whole) is exit 3."""
     from farebox.clearing.store import StoreError
     from farebox.protocol.sim.card import CardFileError
     from farebox.protocol.sim.serve import ServeError
     from farebox.terminal.errors import BadInput, Interrupted
+    from farebox.terminal.store.journal import JournalBroken
 
+    if isinstance(error, JournalBroken):
+        return EXIT_JOURNAL_BROKEN
     if isinstance(error, (BadInput, CardFileError, ServeError, StoreError)):
         return EXIT_BAD_INPUT
     if isinstance(error, Interrupted):

@@ -1,5 +1,6 @@
 """``farebox journal list|show|verify``: what the terminal's journal holds (each record with its
-settlement batch and upload state), one record whole, and whether the hash chain is whole."""
+settlement batch and upload state), one record whole, and whether the journal is whole (its
+chains, and its tables against them)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from farebox.terminal.core.writecycle import IN_DOUBT
 from farebox.tools import output
 from farebox.tools.common import InputError, config_option, json_option, settings, state_option
 
-#: exit status of ``journal verify`` when the chain is broken (0: whole; 2: bad input)
+#: exit status of ``journal verify`` when the journal is broken (0: whole; 2: bad input); any
+#: command that meets a damaged journal exits 3 too (tools/cli.py)
 EXIT_VERIFY_FAILED = 3
 
 
@@ -94,17 +96,20 @@ def show(key, state_dir, config_file, as_json) -> None:
 @config_option
 @json_option
 def verify(state_dir, config_file, as_json) -> None:
-    """Check the hash chain and the gapless sequence (exit 3 if broken)."""
+    """Check the whole journal: the file, the records' hash chain and gapless sequence, the
+    chain of write states and card memory, and that the tables agree with it (exit 3 if
+    broken)."""
     config = settings(config_file, state_dir=state_dir)
     book = open_journal(config)
     try:
-        check = book.verify_chain()
+        check = book.verify()
     finally:
         book.close()
-    obj = {"ok": check.ok, "records": check.records, "bad_seq": check.bad_seq,
+    obj = {"ok": check.ok, "records": check.records, "marks": check.marks,
+           "bad_seq": check.bad_seq, "table": check.table, "row": check.row,
            "problem": check.problem}
-    human = (f"journal chain whole: {check.records} records" if check.ok else
-             f"journal chain BROKEN at record {check.bad_seq}: {check.problem}")
+    human = (f"journal chain whole: {check.records} records, {check.marks} chain entries"
+             if check.ok else f"journal chain BROKEN at {check.where}: {check.problem}")
     output.emit(obj, as_json, human)
     if not check.ok:
         raise click.exceptions.Exit(EXIT_VERIFY_FAILED)

@@ -167,7 +167,7 @@ class Terminal:
                 card.identity, card.purse, amount_cents, rules_at, self.action_list,
                 self.minimum_add_value_cents, restart_inactivity=trusted, list_at=at),
             None if again else lambda write: (write.outcome["amount_cents"] == amount_cents
-                                              and not write.outcome.get("shown"))))
+                                              and not self.journal.was_shown(write.tap_id))))
         if result.approved and result.tap_id is not None:
             self._shown.append(result.tap_id)  # marked shown by idle(), after the caller showed it
         return result

@@ -6,7 +6,9 @@ it the same way.
 What it sets up, in order, and takes down in the reverse order: the log (when asked to), the
 metrics endpoint, sd_notify, the first attempt to open the reader (a card file that cannot be
 used is bad input; any other reader that does not open yet is waited for), the terminal (journal,
-keys, action lists), the uploader thread, the batch closer and the action-list reloader, then
+keys, action lists), the journal's start-up check (``Journal.ensure_whole``: a journal whose
+chains are not whole or whose tables disagree with them stops the daemon before it serves a
+card), the uploader thread, the batch closer and the action-list reloader, then
 SIGTERM/SIGINT handlers that only ask the loop to stop: the tap in progress finishes first.
 """
 
@@ -17,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
@@ -35,6 +38,9 @@ from farebox.terminal.runtime import (
 )
 
 LOOP_LOG = logging.getLogger("farebox.terminal.daemon.loop")
+#: how often, between cards, the daemon verifies the journal's new chain entries and moves the
+#: checkpoint its next start verifies from (so that start stays short however long it ran)
+CHECKPOINT_EVERY_S = 60.0
 
 
 def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
@@ -53,8 +59,9 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
 
     Raises :class:`RuntimeSetupError` (a reader spec that does not parse, the published test keys
     where the configuration does not allow them, a card file that cannot be used, a state, key
-    or list file or key token the terminal cannot open, no tariff) or
-    :class:`~farebox.terminal.config.MetricsError` (the endpoint cannot listen) before any tap.
+    or list file or key token the terminal cannot open, no tariff),
+    :class:`~farebox.terminal.config.MetricsError` (the endpoint cannot listen) or
+    :class:`~farebox.terminal.store.journal.JournalBroken` (a damaged journal) before any tap.
     """
     spec = reader_spec if isinstance(reader_spec, ReaderSpec) else ReaderSpec.parse(reader_spec)
     refuse_test_keys(config)  # before anything starts: no metrics, no reader, no journal
@@ -86,6 +93,7 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
         open_reader = _ReaderOpener(spec, config.pcsc_mode)
         teardown.callback(open_reader.close)
         term = teardown.enter_context(open_terminal(config))
+        term.journal.ensure_whole()  # a broken journal: JournalBroken (exit 3), no card served
         uploader = start_uploader(config, clock,
                                   on_synced=metrics.uploaded if metrics else lambda: None,
                                   on_fetched=metrics.fetched if metrics else lambda: None)
@@ -96,11 +104,16 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
         reload_list = ActionListReloader(config, term,
                                          on_status=metrics.action_list if metrics else None)
         unacknowledged = closer.settlement.unacknowledged_count if closer else lambda: 0
+        checkpointed = time.monotonic()
 
         def on_idle() -> None:
+            nonlocal checkpointed
             if closer is not None:
                 closer()
             reload_list()
+            if time.monotonic() - checkpointed >= CHECKPOINT_EVERY_S:
+                term.journal.advance_checkpoint()  # a chain broken meanwhile: JournalBroken
+                checkpointed = time.monotonic()
             watch.idle(term.journal.in_doubt_count, unacknowledged)
 
         def on_pass() -> None:
@@ -117,6 +130,7 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
         with _stop_on_signals(daemon.stop, handle_signals):
             try:
                 daemon.run()
+                term.journal.advance_checkpoint()
             finally:
                 publish(Stopped(daemon.stats.taps, daemon.stats.reader_reopens))
     return daemon.stats

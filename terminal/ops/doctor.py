@@ -20,7 +20,7 @@ from farebox.protocol.frames import SYSTEM_CODE_WILDCARD
 
 from farebox.terminal.config import FILE_KEYS, ConfigError, TerminalConfig, load_config
 from farebox.terminal.store.identity import IDENTITY_FILE, IdentityError, load_identity
-from farebox.terminal.store.journal import Journal, JournalError
+from farebox.terminal.store.journal import Journal, JournalBroken, JournalError
 from farebox.terminal.card.keys import (
     KeyFileError, KeyFileSource, PublishedKeySource, open_key_store, parse_key_source,
 )
@@ -88,6 +88,7 @@ def run_checks(options: DoctorOptions, now: datetime,
     if polkit is not None:
         findings.append(polkit)
     findings.append(_state_dir(options.config))
+    findings.append(_journal(options.config))
     findings.append(_clock(options.config, roots, now))
     findings += _keys(options.config)
     findings.append(_action_list(options.config, now))
@@ -190,6 +191,33 @@ def _state_dir(config: TerminalConfig) -> Finding:
                        f"sudo install -d -o $(id -un) -g $(id -gn) -m 0750 {directory}")
     where = "exists" if probe == directory else f"will be created (in {probe})"
     return Finding("state dir", OK, f"{directory} {where} and is writable")
+
+
+def _journal(config: TerminalConfig) -> Finding:
+    """The daemon's start-up check of the journal (its chains from the last checkpoint, its
+    tables against them), run without moving the checkpoint: the daemon refuses what fails."""
+    directory = state_dir(config)
+    journal_path = directory / JOURNAL_FILE
+    fix = f"farebox journal verify --state {directory} (says where; restore the journal " \
+          "from a backup, the clearing house holds what was uploaded)"
+    if not journal_path.exists():
+        return Finding("journal", OK, f"no journal yet at {journal_path} (the first tap makes it)")
+    try:
+        journal = Journal(journal_path)
+        try:
+            check = journal.verify_since_checkpoint(save=False)
+        finally:
+            journal.close()
+    except JournalBroken as error:
+        return Finding("journal", FAIL, str(error), fix)
+    except JournalError as error:
+        return Finding("journal", FAIL, f"journal {journal_path} cannot be opened: {error}",
+                       f"farebox journal verify --state {directory}")
+    if not check:
+        return Finding("journal", FAIL, f"{journal_path}: journal chain BROKEN at {check.where}: "
+                       f"{check.problem}; the daemon will not start on it", fix)
+    return Finding("journal", OK, f"{journal_path}: chains whole ({check.records} records, "
+                   f"{check.marks} chain entries), tables agree with them")
 
 
 def _clock(config: TerminalConfig, roots: Roots, now: datetime) -> Finding:

@@ -10,7 +10,20 @@
   it saw at that counter. A card presenting a lower counter is an older copy; one presenting the
   same counter with other bytes is a copy that was restored and written again (a fork). Both are
   declined as rollback.
-* ``meta``: terminal id, schema version, and the time high-water mark (the latest trusted tap time).
+* ``marks``: the hash chain of the two tables above. Every state change of a card write (and
+  its log block's confirmation) and every move of a card's memory appends one entry holding what
+  the row became; a new write's entry also holds a digest of its fixed columns and the records
+  chain's newest record. ``card_writes`` and ``cards`` are the fast indexes of that chain: each
+  row names its latest entry (``mark_seq``), and the newest entry counts the rows and sums their
+  ``mark_seq`` and the writes' fingerprints, so that a row that disagrees with the chain is
+  found by one scan of each table (:meth:`Journal.verify_since_checkpoint`, at the daemon's
+  start) without rehashing history (:meth:`Journal.verify`, ``farebox journal verify``,
+  rehashes everything).
+* ``meta``: terminal id, schema version, the time high-water mark (the latest trusted tap time)
+  and the checkpoint the chains were last verified to (``verified_through``).
+
+A damaged file (a flipped bit: SQLite's "malformed", text that is not UTF-8, a row whose values
+do not parse, a schema that is not the journal's) is :class:`JournalBroken`, whoever reads it.
 
 Durability: the intent is the tap's one fsync (``synchronous=FULL``). Marks made while the card is
 in the field (commit, log confirmed) are committed without waiting for the disk; :meth:`sync`
@@ -20,6 +33,8 @@ makes them durable and :meth:`idle` also checkpoints the WAL. Call ``idle`` once
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -33,11 +48,11 @@ from farebox.protocol.settlement import GENESIS_HASH, record_hash
 
 from farebox.terminal.core.clock import parse_utc, utc_fixed, utc_iso
 from farebox.terminal.core.rules import Record, RecordType
-from farebox.terminal.core.writecycle import WriteState, check_transition
+from farebox.terminal.core.writecycle import IllegalTransition, WriteState, check_transition
 from farebox.terminal.errors import TerminalError
 from farebox.terminal.store.private import private_directory, private_file
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 _WAL_AUTOCHECKPOINT_PAGES = 10_000  # a backstop only: checkpoints normally run in idle()
 
@@ -73,6 +88,110 @@ def record_columns(alias: str = "") -> str:
     return ", ".join(alias + name for name in RECORD_FIELDS)
 
 
+#: One entry of the ``marks`` chain, the columns its hash covers (with the previous entry's
+#: hash), in order. A write's columns (``tap_id`` .. ``observed``) are what its row became, NULL
+#: when the entry does not change a write; ``body`` is a new write's digest of its fixed columns
+#: (:data:`WRITE_BODY_COLUMNS`); ``card_number`` .. ``slot`` what a card's memory became, NULL
+#: when it did not move; ``record_seq``/``record_hash`` the records chain's newest record when
+#: the entry came with new records; ``writes``/``cards`` the rows of ``card_writes``/``cards``,
+#: ``writes_sum``/``cards_sum`` the sums of their ``mark_seq``, ``writes_fp``/``writes_fp2`` the
+#: sums of the ``card_writes`` rows' fingerprints (:func:`write_fingerprint`), all once the entry
+#: is applied.
+MARK_FIELDS: tuple[str, ...] = (
+    "seq", "tap_id", "state", "resolved_utc", "log_confirmed", "observed", "body",
+    "card_number", "counter", "slot", "record_seq", "record_hash",
+    "writes", "writes_sum", "writes_fp", "writes_fp2", "cards", "cards_sum",
+)
+#: The columns of a card write that never change once it is made (a new write's entry holds
+#: their digest).
+WRITE_BODY_COLUMNS: tuple[str, ...] = (
+    "tap_id", "card_number", "idm", "kind", "counter_before", "counter_after", "expected_slot",
+    "created_utc", "outcome", "log_block", "log_data",
+)
+_MARKS_TABLE = """CREATE TABLE IF NOT EXISTS marks (
+    seq INTEGER PRIMARY KEY,
+    tap_id TEXT,
+    state TEXT,
+    resolved_utc TEXT,
+    log_confirmed INTEGER,
+    observed INTEGER,
+    body TEXT,
+    card_number INTEGER,
+    counter INTEGER,
+    slot TEXT,
+    record_seq INTEGER,
+    record_hash TEXT,
+    writes INTEGER NOT NULL,
+    writes_sum INTEGER NOT NULL,
+    writes_fp INTEGER NOT NULL,
+    writes_fp2 INTEGER NOT NULL,
+    cards INTEGER NOT NULL,
+    cards_sum INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+_INSERT_MARK = (f"INSERT INTO marks ({', '.join(MARK_FIELDS)}, hash) "
+                f"VALUES ({', '.join('?' * (len(MARK_FIELDS) + 1))})")
+
+
+def mark_hash(previous: str, fields: Sequence) -> str:
+    """The hash of a ``marks`` entry: SHA-256 over the previous entry's hash and the entry's
+    :data:`MARK_FIELDS` values, as compact JSON."""
+    text = json.dumps(["farebox-mark-1", previous, *fields], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+#: the fingerprint's modulus (a prime below 2**31: every product stays a 64-bit integer in SQL)
+_FP_PRIME = 2_147_483_647
+_STATE_CODES = {"intent": 1, "committed": 2, "void": 3, "unresolved": 4}
+
+
+def write_fingerprint(mark_seq: int, state: str, log_confirmed: int, observed: int
+                      ) -> tuple[int, int]:
+    """A ``card_writes`` row's fingerprint: the chain entry it names, its state, its log block
+    confirmed and observed, mixed into ``x`` below 2**31, and ``x * x`` modulo the same prime
+    (what :func:`_fingerprint_sql` computes in SQL). The newest chain entry holds the sums of
+    both over the rows: a row edited alone changes ``x`` and so the first sum, whatever it
+    holds; rows edited together (states swapped) change the second."""
+    x = ((mark_seq % _FP_PRIME) * 48271 + _STATE_CODES[state] * 16807 + log_confirmed * 69621
+         + observed * 65539 + 1) % _FP_PRIME
+    return x, x * x % _FP_PRIME
+
+
+def _fingerprint_sql(seq: str, state: str, log_confirmed: str, observed: str) -> str:
+    """SQL selecting ``x`` of :func:`write_fingerprint` (a value that is not a state, an integer
+    or NULL gives another ``x``)."""
+    codes = " ".join(f"WHEN '{name}' THEN {code}" for name, code in _STATE_CODES.items())
+    return (f"((coalesce({seq}, 0) % {_FP_PRIME}) * 48271 + (CASE {state} {codes} "
+            f"ELSE 5 + coalesce(length({state}), 0) END) * 16807 "
+            f"+ coalesce({log_confirmed}, 7) * 69621 + coalesce({observed}, 7) * 65539 + 1) "
+            f"% {_FP_PRIME}")
+
+
+#: SQL: the count, the sum of ``mark_seq`` and the two sums of :func:`write_fingerprint` of
+#: the ``card_writes`` rows (one scan; the subquery is kept whole so ``x`` is computed once)
+_WRITES_SUMS = (
+    f"SELECT count(*), coalesce(sum(named), 0), coalesce(sum(x), 0), "
+    f"coalesce(sum(x * x % {_FP_PRIME}), 0) FROM (SELECT w.mark_seq AS named, "
+    f"{_fingerprint_sql('w.mark_seq', 'w.state', 'w.log_confirmed', 'w.observed')} AS x "
+    "FROM card_writes w LIMIT -1)")
+#: SQL: the same over the latest ``marks`` entry of each write (what the rows must be)
+_ENTRY_SUMS = (
+    f"SELECT count(*), coalesce(sum(named), 0), coalesce(sum(x), 0), "
+    f"coalesce(sum(x * x % {_FP_PRIME}), 0) FROM (SELECT m.seq AS named, "
+    f"{_fingerprint_sql('m.seq', 'm.state', 'm.log_confirmed', 'm.observed')} AS x "
+    "FROM marks m JOIN (SELECT max(seq) AS latest FROM marks WHERE tap_id IS NOT NULL "
+    "GROUP BY tap_id) l ON m.seq = l.latest LIMIT -1)")
+_HEAD = ("SELECT seq, hash, writes, writes_sum, writes_fp, writes_fp2, cards, cards_sum "
+         "FROM marks ORDER BY seq DESC LIMIT 1")
+
+
+def write_body_digest(values: Sequence) -> str:
+    """The digest of a card write's fixed columns (:data:`WRITE_BODY_COLUMNS`, as stored)."""
+    text = json.dumps(["farebox-write-1", *values], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 _RECORDS_TABLE = ("CREATE TABLE IF NOT EXISTS records (\n"
                   + ",\n".join(f"    {name} {sql}" for name, sql in RECORD_COLUMNS) + "\n);\n")
 _INSERT_RECORD = (f"INSERT INTO records ({record_columns()}) "
@@ -95,14 +214,21 @@ CREATE TABLE IF NOT EXISTS card_writes (
     log_block INTEGER,
     log_data TEXT,
     log_confirmed INTEGER NOT NULL DEFAULT 1,
-    observed INTEGER NOT NULL DEFAULT 0
+    observed INTEGER NOT NULL DEFAULT 0,
+    mark_seq INTEGER
 );
 """ + _RECORDS_TABLE + """CREATE TABLE IF NOT EXISTS cards (
     card_number INTEGER PRIMARY KEY,
     highest_counter INTEGER NOT NULL,
-    highest_slot TEXT NOT NULL
+    highest_slot TEXT NOT NULL,
+    mark_seq INTEGER
+);
+""" + _MARKS_TABLE + """CREATE TABLE IF NOT EXISTS shown (
+    tap_id TEXT PRIMARY KEY
 );
 """
+#: ``shown``: the writes whose result the terminal's caller has shown (an add value: a request
+#: made again is a new one, not the same run again after a crash). Not money: outside the chain.
 # Partial indexes keep every per-tap query independent of the journal's size.
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS card_writes_open ON card_writes (card_number) WHERE state = 'intent';
@@ -110,6 +236,8 @@ CREATE INDEX IF NOT EXISTS card_writes_void ON card_writes (card_number, counter
     WHERE state = 'void';
 CREATE INDEX IF NOT EXISTS card_writes_log ON card_writes (card_number, counter_after)
     WHERE log_confirmed = 0 AND state = 'committed';
+CREATE INDEX IF NOT EXISTS card_writes_change ON card_writes (card_number, counter_after)
+    WHERE state = 'committed';
 """
 _MIGRATE_1_TO_2 = """
 ALTER TABLE card_writes ADD COLUMN kind TEXT NOT NULL DEFAULT 'payment';
@@ -124,6 +252,12 @@ ALTER TABLE records ADD COLUMN clock_trusted INTEGER NOT NULL DEFAULT 1;
 #: change once).
 _MIGRATE_2_TO_3 = """
 ALTER TABLE card_writes ADD COLUMN observed INTEGER NOT NULL DEFAULT 0;
+"""
+
+#: Schema 4: the chain of write states and card memory (``marks``), seeded from the tables.
+_MIGRATE_3_TO_4 = """
+ALTER TABLE card_writes ADD COLUMN mark_seq INTEGER;
+ALTER TABLE cards ADD COLUMN mark_seq INTEGER;
 """
 
 _WRITE_COLUMNS = ("tap_id, card_number, idm, kind, counter_before, counter_after, expected_slot, "
@@ -151,10 +285,24 @@ class CardWrite:
 
     @classmethod
     def _from_row(cls, row: Sequence) -> CardWrite:
-        return cls(row[0], row[1], bytes.fromhex(row[2]), row[3], row[4], row[5],
-                   bytes.fromhex(row[6]), WriteState(row[7]), row[8], row[9],
-                   None if row[10] is None else json.loads(row[10]), row[11],
-                   None if row[12] is None else bytes.fromhex(row[12]), bool(row[13]))
+        try:
+            write = cls(row[0], _integer(row[1]), bytes.fromhex(row[2]), row[3],
+                        _integer(row[4]), _integer(row[5]), bytes.fromhex(row[6]),
+                        WriteState(row[7]), row[8], row[9],
+                        None if row[10] is None else json.loads(row[10]),
+                        None if row[11] is None else _integer(row[11]),
+                        None if row[12] is None else bytes.fromhex(row[12]), bool(row[13]))
+            if not isinstance(write.tap_id, str) or not isinstance(write.kind, str) \
+                    or not isinstance(write.outcome, (dict, type(None))):
+                raise TypeError("a text column holds something else")
+            parse_utc(write.created_utc)
+            if write.resolved_utc is not None:
+                parse_utc(write.resolved_utc)
+        except _MALFORMED as error:
+            raise JournalBroken(f"the journal is damaged: card_writes row {row[0]!r} does not "
+                                f"parse ({type(error).__name__}: {error}); see farebox journal "
+                                "verify") from None
+        return write
 
     @property
     def created(self) -> datetime:
@@ -190,15 +338,37 @@ class JournalRecord:
 
 @dataclass(frozen=True)
 class ChainCheck:
-    """The result of :meth:`Journal.verify_chain`; true when the chain is whole."""
+    """The result of :meth:`Journal.verify_chain` (the records chain), :meth:`Journal.verify`
+    (everything) and :meth:`Journal.verify_since_checkpoint`; true when the chain is whole.
+    ``bad_seq``: the record where the records chain breaks; ``table`` and ``row``: where
+    anything else is wrong (``table`` None with a problem: the file itself)."""
 
     ok: bool
     records: int
     bad_seq: int | None = None
     problem: str | None = None
+    marks: int = 0
+    table: str | None = None
+    row: str | None = None
 
     def __bool__(self) -> bool:
         return self.ok
+
+    @property
+    def where(self) -> str:
+        """Where the chain breaks, in words ("record 5", "card_writes row 8f2c..")."""
+        if self.table == "records" and self.bad_seq is not None:
+            return f"record {self.bad_seq}"
+        if self.table is None:
+            return "the file"
+        return self.table if self.row is None else f"{self.table} row {self.row}"
+
+
+def _broken_at(table: str | None, row: object, problem: str, records: int = 0,
+               marks: int = 0) -> ChainCheck:
+    bad_seq = row if table == "records" and isinstance(row, int) else None
+    return ChainCheck(False, records, bad_seq, problem, marks, table,
+                      None if row is None else str(row))
 
 
 @dataclass(frozen=True)
@@ -223,6 +393,108 @@ class CardMemory:
 
 class JournalError(TerminalError):
     """The journal cannot be opened or is not ours."""
+
+
+class JournalBroken(JournalError):
+    """The journal is damaged: its file does not read (a flipped bit), a row does not parse, or
+    its chains are not whole. The daemon does not start on it and no batch settles from it
+    (``farebox journal verify`` says where; exit 3)."""
+
+
+#: what a row that does not parse raises while it is turned into values
+_MALFORMED = (ValueError, TypeError, KeyError, AttributeError, UnicodeError, OverflowError,
+              IndexError)
+#: SQLite errors that say the file (not the caller, not the disk) is wrong
+_DAMAGE_WORDS = ("malformed", "corrupt", "not a database", "could not decode", "no such column",
+                 "has no column", "columns but", "values were supplied", "foreign key mismatch")
+
+
+def _damaged(error: sqlite3.Error) -> bool:
+    """Whether a SQLite error means the journal file is damaged. Busy, locked, I/O and full
+    disks, a missing table (a settlement table not made yet) and misuse are not."""
+    if isinstance(error, sqlite3.ProgrammingError) or not isinstance(error, sqlite3.DatabaseError):
+        return False
+    if isinstance(error, sqlite3.OperationalError):
+        text = str(error).lower()
+        return any(word in text for word in _DAMAGE_WORDS)
+    return True  # DatabaseError itself (corrupt, not a database), Integrity, Data, Internal
+
+
+def _damage(path: Path, error: Exception) -> JournalBroken:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return JournalBroken(f"{path}: the journal is damaged ({text}); see farebox journal verify")
+
+
+def _guarded(path: Path, call, *args):
+    """``call(*args)`` on the journal's connection or a cursor of it, a damaged file raising
+    :class:`JournalBroken`."""
+    try:
+        return call(*args)
+    except sqlite3.Error as error:
+        if _damaged(error):
+            raise _damage(path, error) from None
+        raise
+    except UnicodeDecodeError as error:  # SQLite's message quotes a damaged schema
+        raise _damage(path, error) from None
+
+
+class _GuardedCursor:
+    """A cursor of :class:`_GuardedConnection`: reading a damaged page raises JournalBroken."""
+
+    __slots__ = ("_cursor", "_path")
+
+    def __init__(self, cursor: sqlite3.Cursor, path: Path) -> None:
+        self._cursor = cursor
+        self._path = path
+
+    def _guard(self, call, *args):
+        return _guarded(self._path, call, *args)
+
+    def fetchone(self):
+        return self._guard(self._cursor.fetchone)
+
+    def fetchall(self) -> list:
+        return self._guard(self._cursor.fetchall)
+
+    def fetchmany(self, size: int = 1) -> list:
+        return self._guard(self._cursor.fetchmany, size)
+
+    def __iter__(self) -> _GuardedCursor:
+        return self
+
+    def __next__(self):
+        return self._guard(next, self._cursor)
+
+    def __getattr__(self, name: str):
+        return getattr(self._cursor, name)  # rowcount, lastrowid, description, close
+
+
+class _GuardedConnection:
+    """The journal's SQLite connection as every user of the journal gets it: a statement that
+    meets a damaged file raises :class:`JournalBroken` (one line) instead of a SQLite error, so
+    a flipped bit is never an internal error, whoever runs the statement (the journal, the
+    settlement batches, the CLI's looks)."""
+
+    __slots__ = ("raw", "_path")
+
+    def __init__(self, raw: sqlite3.Connection, path: Path) -> None:
+        self.raw = raw
+        self._path = path
+
+    def _guard(self, call, *args):
+        return _guarded(self._path, call, *args)
+
+    def execute(self, sql: str, parameters: Sequence = ()) -> _GuardedCursor:
+        return _GuardedCursor(self._guard(self.raw.execute, sql, parameters), self._path)
+
+    def executemany(self, sql: str, rows) -> _GuardedCursor:
+        return _GuardedCursor(self._guard(self.raw.executemany, sql, rows), self._path)
+
+    def executescript(self, script: str) -> _GuardedCursor:
+        return _GuardedCursor(self._guard(self.raw.executescript, script), self._path)
+
+    def __getattr__(self, name: str):
+        return getattr(self.raw, name)  # close, in_transaction, total_changes, ...
 
 
 class Journal:
@@ -260,7 +532,8 @@ class Journal:
     def _open(self, busy_timeout_s: float) -> None:
         self._db = None
         private_directory(self.path.parent)  # 0700 when made here; the journal 0600
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout_s)
+        self._db = _GuardedConnection(
+            sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout_s), self.path)
         private_file(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={self._sync}")
@@ -269,21 +542,27 @@ class Journal:
         with self._transaction():
             existing = {row[0] for row in self._db.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
-            fresh = "meta" not in existing
+            fresh, seed = "meta" not in existing, False
             if "card_writes" in existing and "meta" in existing:
                 version = self._db.execute(
                     "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                steps = {"1": _MIGRATE_1_TO_2 + _MIGRATE_2_TO_3, "2": _MIGRATE_2_TO_3}
+                steps = {"1": _MIGRATE_1_TO_2 + _MIGRATE_2_TO_3 + _MIGRATE_3_TO_4,
+                         "2": _MIGRATE_2_TO_3 + _MIGRATE_3_TO_4, "3": _MIGRATE_3_TO_4}
                 if version is not None and version[0] in steps:
                     for statement in filter(str.strip, steps[version[0]].split(";")):
                         self._db.execute(statement)
                     self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                                      (str(SCHEMA_VERSION),))
+                    seed = True
             for statement in filter(str.strip, (_SCHEMA + _INDEXES).split(";")):
                 self._db.execute(statement)
+            self._check_schema()
+            if seed:
+                self._seed_chain()
             self.terminal_id = self._meta(
                 "terminal_id", lambda: self._wanted_id or "T" + secrets.token_hex(4).upper())
-            version = int(self._meta("schema_version", lambda: str(SCHEMA_VERSION)))
+            version = _parsed(int, self._meta("schema_version", lambda: str(SCHEMA_VERSION)),
+                              "schema version")
         if version != SCHEMA_VERSION:
             raise JournalError(f"{self.path}: journal schema {version}, expected {SCHEMA_VERSION}")
         self._high_water = None  # the latest trusted time: the meta row or the newest record's
@@ -292,7 +571,7 @@ class Journal:
                                      "ORDER BY seq DESC LIMIT 1")):
             value = row.fetchone()
             if value is not None:
-                self._note_high_water(parse_utc(value[0]))
+                self._note_high_water(_parsed(parse_utc, value[0], "time high-water mark"))
         self._high_water_saved = self._high_water
         if self._wanted_id is not None and self._wanted_id != self.terminal_id:
             raise JournalError(f"{self.path}: this journal belongs to terminal {self.terminal_id}, "
@@ -325,8 +604,10 @@ class Journal:
     # ---- for the settlement tables kept in the same file (settlement.py) ------------------
 
     @property
-    def connection(self) -> sqlite3.Connection:
-        """The journal's connection (autocommit; use :meth:`transaction` to change anything)."""
+    def connection(self) -> _GuardedConnection:
+        """The journal's connection (autocommit; use :meth:`transaction` to change anything):
+        ``execute``, ``executemany``, ``executescript`` and their cursors as sqlite3's, a
+        damaged file raising :class:`JournalBroken`."""
         self._flush()
         return self._db
 
@@ -334,6 +615,71 @@ class Journal:
         """A durable ``BEGIN IMMEDIATE`` .. ``COMMIT``: one writer at a time across processes."""
         self._flush()
         return self._transaction()
+
+    def _check_schema(self) -> None:
+        """The journal's tables have the journal's columns (a flipped bit in the schema makes
+        every statement fail or mean something else: it is a damaged journal, said once)."""
+        for table, expected in _expected_columns().items():
+            found = [tuple(row[1:]) for row in self._db.execute(f"PRAGMA table_info({table})")]
+            if found != expected:
+                raise JournalBroken(f"{self.path}: the journal is damaged (its table {table} "
+                                    "does not have the journal's columns); see farebox "
+                                    "journal verify")
+
+    def _seed_chain(self) -> None:
+        """Start the marks chain of a journal written before it (schema 3 or older) from its
+        tables as they stand: one entry per card write (its row, its fixed columns' digest),
+        one per card's memory, then one holding the newest record. Runs in the migration's
+        transaction. The checkpoint is left at the seeded chain's end and at no record: the
+        next start rehashes the records chain once."""
+        seq, previous = 0, GENESIS_HASH
+        writes = writes_sum = writes_fp = writes_fp2 = cards = cards_sum = 0
+        body = ", ".join(WRITE_BODY_COLUMNS)
+        last = None
+        try:
+            while True:
+                rows = self._db.execute(
+                    f"SELECT rowid, {body}, state, resolved_utc, log_confirmed, observed "
+                    "FROM card_writes WHERE rowid > ? ORDER BY rowid LIMIT 5000",
+                    (last if last is not None else -(2 ** 63),)).fetchall()
+                if not rows:
+                    break
+                entries, links = [], []
+                for row in rows:
+                    seq, writes = seq + 1, writes + 1
+                    writes_sum += seq
+                    x, x2 = write_fingerprint(seq, *row[12:13], *row[14:16])
+                    writes_fp, writes_fp2 = writes_fp + x, writes_fp2 + x2
+                    fields = (seq, row[1], *row[12:16], write_body_digest(row[1:12]),
+                              None, None, None, None, None, writes, writes_sum, writes_fp,
+                              writes_fp2, cards, cards_sum)
+                    previous = mark_hash(previous, fields)
+                    entries.append((*fields, previous))
+                    links.append((seq, row[0]))
+                self._db.executemany(_INSERT_MARK, entries)
+                self._db.executemany("UPDATE card_writes SET mark_seq = ? WHERE rowid = ?", links)
+                last = rows[-1][0]
+            entries, links = [], []
+            for number, counter, slot in self._db.execute(
+                    "SELECT card_number, highest_counter, highest_slot FROM cards "
+                    "ORDER BY card_number").fetchall():
+                seq, cards = seq + 1, cards + 1
+                cards_sum += seq
+                fields = (seq, None, None, None, None, None, None, number, counter, slot,
+                          None, None, writes, writes_sum, writes_fp, writes_fp2, cards,
+                          cards_sum)
+                previous = mark_hash(previous, fields)
+                entries.append((*fields, previous))
+                links.append((seq, number))
+            self._db.executemany(_INSERT_MARK, entries)
+            self._db.executemany("UPDATE cards SET mark_seq = ? WHERE card_number = ?", links)
+        except _MALFORMED as error:
+            raise JournalBroken(f"{self.path}: the journal is damaged: a row does not parse "
+                                f"({type(error).__name__}: {error})") from None
+        if seq or self._db.execute("SELECT 1 FROM records LIMIT 1").fetchone():
+            seq = self._chain(records_head=True)
+            head = self._db.execute("SELECT hash FROM marks WHERE seq = ?", (seq,)).fetchone()
+            self._write_checkpoint((0, GENESIS_HASH), (seq, head[0]))
 
     def _meta(self, key: str, default) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -388,7 +734,9 @@ class Journal:
         self._flush()
         row = self._db.execute("SELECT highest_counter, highest_slot FROM cards "
                                "WHERE card_number = ?", (card_number,)).fetchone()
-        return None if row is None else CardMemory(row[0], bytes.fromhex(row[1]))
+        return None if row is None else _parsed(
+            lambda r: CardMemory(_integer(r[0]), bytes.fromhex(r[1])), row,
+            f"cards row {card_number}")
 
     def highest_counter(self, card_number: int) -> int | None:
         memory = self.card_memory(card_number)
@@ -474,24 +822,402 @@ class Journal:
         cursor = self._db.execute(query, () if card_number is None else (card_number,))
         return [_record_from_row(row) for row in cursor]
 
+    # ---- verifying -----------------------------------------------------------------------
+
     def verify_chain(self) -> ChainCheck:
         """Recompute every record's hash: the sequence must be gapless from 1 and each record
-        must hash to its stored hash and link to the one before."""
-        previous, expected_seq, count = GENESIS_HASH, 1, 0
-        cursor = self._db.execute(f"SELECT {record_columns()} FROM records ORDER BY seq")
+        must hash to its stored hash and link to the one before (the records chain only;
+        :meth:`verify` checks everything)."""
+        self._flush()
+        with self._reading():
+            return self._verify_records(0, GENESIS_HASH)
+
+    def verify(self, *, save: bool = True) -> ChainCheck:
+        """Everything, from the start (``farebox journal verify``): SQLite's own check of the
+        file, the records chain, the marks chain (every entry rehashed, every write's life cycle
+        legal, every card's memory only moving up, every record it names the journal's, every
+        write's fixed columns their digest), and ``card_writes`` and ``cards`` each row at its
+        latest entry and equal to it. A whole journal moves the start-up checkpoint here
+        (unless ``save`` is false)."""
+        self._flush()
+        with self._reading():
+            check = self._verify_all()
+        if check and save:
+            self._save_checkpoint(check)
+        return check
+
+    def verify_since_checkpoint(self, *, save: bool = True) -> ChainCheck:
+        """The start-up check (the daemon's, ``doctor``'s), independent of the journal's size
+        but for one set-based query per table: both chains from the checkpoint where they were
+        last verified (the entries there unchanged), the records chain's newest record the one
+        the marks chain holds, and every row of ``card_writes`` and ``cards``, old or new, equal
+        to the chain entry it names and at its latest one (the newest entry's counts and sums).
+        A whole journal moves the checkpoint (unless ``save`` is false). What it cannot see: an
+        old chain entry rewritten together with its row (:meth:`verify` rehashes them)."""
+        self._flush()
+        with self._reading():
+            check = self._verify_recent(caches=True)
+        if check and save:
+            self._save_checkpoint(check)
+        return check
+
+    def advance_checkpoint(self) -> ChainCheck:
+        """Verify both chains from the checkpoint and move it to their ends (no table scan:
+        a few milliseconds after a few taps). The daemon calls it while it runs, so that its
+        next start has little to rehash; a chain not whole is :class:`JournalBroken`."""
+        self._flush()
+        with self._reading():
+            check = self._verify_recent(caches=False)
+        if not check:
+            raise self._broken(check)
+        self._save_checkpoint(check)
+        return check
+
+    def ensure_whole(self) -> ChainCheck:
+        """:meth:`verify_since_checkpoint`, raising :class:`JournalBroken` (one line saying
+        where) when the journal is not whole: what the daemon does before it serves a card."""
+        check = self.verify_since_checkpoint()
+        if not check:
+            raise self._broken(check)
+        return check
+
+    def check_writes(self, tap_ids: Sequence[str]) -> None:
+        """The card writes a settlement batch is about to carry agree with the chain entries
+        their rows name (state, log block, times); :class:`JournalBroken` if one does not."""
+        ids = list(dict.fromkeys(tap_ids))
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            row = self._db.execute(
+                f"SELECT w.rowid FROM card_writes w LEFT JOIN marks m ON m.seq = w.mark_seq "
+                f"WHERE w.tap_id IN ({', '.join('?' * len(part))}) AND ({_WRITE_DIFFERS}) "
+                "LIMIT 1", part).fetchone()
+            if row is not None:
+                raise self._broken(self._write_differs(row[0]),
+                                   "nothing was settled; see farebox journal verify")
+
+    def _reading(self):
+        """One read transaction: every check sees the same moment of the file (a daemon may be
+        writing to it)."""
+        return _Reading(self._db)
+
+    def _verify_all(self) -> ChainCheck:
+        try:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                return _broken_at(None, None, f"SQLite finds the file damaged: {problems[0]}")
+            records = self._verify_records(0, GENESIS_HASH)
+            if not records:
+                return records
+            marks = self._verify_marks(0, GENESIS_HASH, full=True)
+            if not marks:
+                return ChainCheck(**{**marks.__dict__, "records": records.records})
+            for check in (self._checkpoint_holds(), self._check_records_tail(),
+                          self._check_caches(exact=True), self._check_history()):
+                if check is not None:
+                    return ChainCheck(**{**check.__dict__, "records": records.records,
+                                         "marks": marks.marks})
+            return ChainCheck(True, records.records, marks=marks.marks)
+        except JournalBroken as error:
+            return _broken_at(None, None, self._damage_text(error))
+
+    def _verify_recent(self, *, caches: bool) -> ChainCheck:
+        try:
+            point = self._checkpoint()
+            if isinstance(point, ChainCheck):
+                return point
+            (record_seq, record_hash_), (mark_seq, mark_hash_) = point
+            held = self._checkpoint_holds(point)
+            if held is not None:
+                return held
+            records = self._verify_records(record_seq, record_hash_)
+            if not records:
+                return records
+            marks = self._verify_marks(mark_seq, mark_hash_)
+            if not marks:
+                return ChainCheck(**{**marks.__dict__, "records": records.records})
+            for check in (self._check_records_tail(), self._check_caches() if caches else None):
+                if check is not None:
+                    return ChainCheck(**{**check.__dict__, "records": records.records,
+                                         "marks": marks.marks})
+            return ChainCheck(True, records.records, marks=marks.marks)
+        except JournalBroken as error:
+            return _broken_at(None, None, self._damage_text(error))
+
+    def _damage_text(self, error: JournalBroken) -> str:
+        """A damaged file's message without the path and the pointer to ``journal verify``."""
+        return str(error).removeprefix(f"{self.path}: ").removesuffix(
+            "; see farebox journal verify")
+
+    def _broken(self, check: ChainCheck, then: str = "see farebox journal verify"
+                ) -> JournalBroken:
+        return JournalBroken(f"{self.path}: journal chain BROKEN at {check.where}: "
+                             f"{check.problem}; {then}")
+
+    def _verify_records(self, after_seq: int, after_hash: str) -> ChainCheck:
+        """The records chain after record ``after_seq`` (whose hash is ``after_hash``)."""
+        previous, expected_seq = after_hash, after_seq + 1
+        cursor = self._db.execute(f"SELECT {record_columns()} FROM records WHERE seq > ? "
+                                  "ORDER BY seq", (after_seq,))
         for row in cursor:
-            count += 1
             fields = dict(zip(RECORD_FIELDS, row))
             seq = fields["seq"]
             if seq != expected_seq:
-                return ChainCheck(False, count, seq, f"sequence jumps from {expected_seq - 1} to {seq}")
+                return _broken_at("records", seq, f"sequence jumps from {expected_seq - 1} to "
+                                  f"{seq}", expected_seq - 1)
             fields["clock_trusted"] = bool(fields["clock_trusted"])
             if fields["prev_hash"] != previous:
-                return ChainCheck(False, count, seq, "does not link to the record before it")
-            if record_hash(fields) != fields["hash"]:
-                return ChainCheck(False, count, seq, "its contents do not match its hash")
+                return _broken_at("records", seq, "does not link to the record before it", seq)
+            try:
+                digest = record_hash(fields)
+            except _MALFORMED:
+                digest = None
+            if digest != fields["hash"]:
+                return _broken_at("records", seq, "its contents do not match its hash", seq)
             previous, expected_seq = fields["hash"], expected_seq + 1
-        return ChainCheck(True, count)
+        return ChainCheck(True, expected_seq - 1)
+
+    def _verify_marks(self, after_seq: int, after_hash: str, *, full: bool = False
+                      ) -> ChainCheck:
+        """The marks chain after entry ``after_seq`` (whose hash is ``after_hash``): gapless,
+        each entry hashing to its hash over the one before; with ``full`` also the records it
+        names only moving forward."""
+        previous, expected_seq, last_record = after_hash, after_seq + 1, 0
+        columns = ", ".join(MARK_FIELDS)
+        record_at = MARK_FIELDS.index("record_seq")
+        for row in self._db.execute(f"SELECT {columns}, hash FROM marks WHERE seq > ? "
+                                    "ORDER BY seq", (after_seq,)):
+            seq = row[0]
+            if seq != expected_seq:
+                return _broken_at("marks", seq, f"sequence jumps from {expected_seq - 1} to "
+                                  f"{seq}", marks=expected_seq - 1)
+            try:
+                digest = mark_hash(previous, row[:-1])
+            except _MALFORMED:
+                digest = None
+            if digest != row[-1]:
+                return _broken_at("marks", seq, "its contents do not match its hash (or the "
+                                  "entry before it changed)", marks=seq)
+            if full and row[record_at] is not None:
+                if row[record_at] < last_record:
+                    return _broken_at("marks", seq, f"names record {row[record_at]} after "
+                                      f"record {last_record}", marks=seq)
+                last_record = row[record_at]
+            previous, expected_seq = row[-1], expected_seq + 1
+        return ChainCheck(True, 0, marks=expected_seq - 1)
+
+    def _checkpoint(self) -> tuple[tuple[int, str], tuple[int, str]] | ChainCheck:
+        """Where both chains were last verified: ((record seq, hash), (mark seq, hash))."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'verified_through'"
+                               ).fetchone()
+        if row is None:
+            return (0, GENESIS_HASH), (0, GENESIS_HASH)
+        try:
+            value = json.loads(row[0])
+            point = ((_integer(value["records"][0]), str(value["records"][1])),
+                     (_integer(value["marks"][0]), str(value["marks"][1])))
+        except (*_MALFORMED, json.JSONDecodeError):
+            return _broken_at("meta", "verified_through", "the checkpoint does not parse")
+        return point
+
+    def _checkpoint_holds(self, point=None) -> ChainCheck | None:
+        """The entries at the checkpoint are still there, with the hashes they were verified
+        with (a chain rewritten or cut since is not whole)."""
+        point = self._checkpoint() if point is None else point
+        if isinstance(point, ChainCheck):
+            return point
+        for table, (seq, digest) in zip(("records", "marks"), point):
+            if seq == 0:
+                continue
+            row = self._db.execute(f"SELECT hash FROM {table} WHERE seq = ?", (seq,)).fetchone()
+            if row is None:
+                return _broken_at(table, seq, f"{'record' if table == 'records' else 'entry'} "
+                                  f"{seq} was verified before and is gone")
+            if row[0] != digest:
+                return _broken_at(table, seq, "it changed since it was verified")
+        return None
+
+    def _save_checkpoint(self, check: ChainCheck) -> None:
+        """Remember the chains as verified up to where ``check`` (whole) reached. A shortcut
+        for the next check only: a file that cannot be written now (read-only, another writer
+        holding it) is left as it is."""
+        try:
+            with self._transaction():
+                point = []
+                for table, seq in (("records", check.records), ("marks", check.marks)):
+                    row = self._db.execute(f"SELECT hash FROM {table} WHERE seq = ?", (seq,)
+                                           ).fetchone()
+                    point.append((seq, row[0]) if seq and row is not None
+                                 else (0, GENESIS_HASH))
+                self._write_checkpoint(*point)
+        except sqlite3.OperationalError:
+            pass
+
+    def _write_checkpoint(self, records: tuple[int, str], marks: tuple[int, str]) -> None:
+        self._db.execute("INSERT INTO meta (key, value) VALUES ('verified_through', ?) "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                         (json.dumps({"records": records, "marks": marks},
+                                     separators=(",", ":")),))
+
+    def _check_records_tail(self) -> ChainCheck | None:
+        """The newest record is the one the newest entry that holds a record names: no record
+        was added, dropped or changed at the end of the records chain outside the journal."""
+        tail = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
+                                ).fetchone() or (0, GENESIS_HASH)
+        held = self._db.execute("SELECT seq, record_seq, record_hash FROM marks "
+                                "WHERE record_seq IS NOT NULL ORDER BY seq DESC LIMIT 1"
+                                ).fetchone()
+        held_record = (0, GENESIS_HASH) if held is None else (held[1], held[2])
+        if tuple(tail) != held_record:
+            where = tail[0] or held_record[0]
+            return _broken_at("records", where, f"the newest record is #{tail[0]}, but the marks "
+                              f"chain holds #{held_record[0]}"
+                              + ("" if tail[0] != held_record[0] else " with another hash"))
+        return None
+
+    def _check_caches(self, *, exact: bool = False) -> ChainCheck | None:
+        """Every ``card_writes`` and ``cards`` row at its latest chain entry and equal to it.
+        Each row names an entry of its own (``mark_seq``), so the rows' count and the sum of
+        their ``mark_seq`` equal the newest entry's only when every row names its latest.
+        ``card_writes`` (the big one) is then checked by one scan: the sum of its rows'
+        fingerprints (:func:`write_fingerprint`) must be the newest entry's; ``cards`` row by
+        row against its entry (so is ``card_writes`` when ``exact``, :meth:`verify`'s)."""
+        head = _parsed(_chain_head, self._db.execute(_HEAD).fetchone(), "newest marks entry")
+        _, _, writes, writes_sum, writes_fp, writes_fp2, cards, cards_sum = head
+        rows, sum_, *fingerprints = self._db.execute(_WRITES_SUMS).fetchone()
+        if exact or (rows, sum_, *fingerprints) != (writes, writes_sum, writes_fp, writes_fp2):
+            if self._db.execute(f"SELECT 1 FROM card_writes w LEFT JOIN marks m "
+                                f"ON m.seq = w.mark_seq WHERE {_WRITE_DIFFERS} LIMIT 1"
+                                ).fetchone():
+                return self._first_write_differing()
+        problem = self._counted("card_writes", rows, writes, sum_, writes_sum)
+        if problem is not None:
+            return problem
+        if fingerprints != [writes_fp, writes_fp2]:
+            return _broken_at("card_writes", None, "the rows' fingerprints are not the chain's")
+        rows, sum_, bad = self._db.execute(
+            f"SELECT count(*), coalesce(sum(c.mark_seq), 0), coalesce(sum({_CARD_DIFFERS}), 0) "
+            "FROM cards c LEFT JOIN marks m ON m.seq = c.mark_seq").fetchone()
+        if bad:
+            return self._first_card_differing()
+        return self._counted("cards", rows, cards, sum_, cards_sum)
+
+    def _counted(self, table: str, rows: int, count: int, sum_: int, total: int
+                 ) -> ChainCheck | None:
+        if rows != count:
+            return _broken_at(table, None, f"{rows} rows, but the marks chain holds {count} "
+                              "(a row was added or deleted outside the journal)")
+        if sum_ != total:
+            return self._first_not_latest(table) or _broken_at(
+                table, None, "a row names an older chain entry than its latest")
+        return None
+
+    def _first_write_differing(self) -> ChainCheck:
+        row = self._db.execute(f"SELECT w.rowid FROM card_writes w LEFT JOIN marks m "
+                               f"ON m.seq = w.mark_seq WHERE {_WRITE_DIFFERS} "
+                               "ORDER BY w.rowid LIMIT 1").fetchone()
+        return self._write_differs(row[0])
+
+    def _write_differs(self, rowid: int) -> ChainCheck:
+        """How the ``card_writes`` row ``rowid`` differs from the entry it names."""
+        names = ("state", "resolved_utc", "log_confirmed", "observed")
+        row = self._db.execute(
+            f"SELECT w.mark_seq, m.seq, m.tap_id, {', '.join('w.' + n for n in names)}, "
+            f"{', '.join('m.' + n for n in names)}, w.tap_id FROM card_writes w "
+            "LEFT JOIN marks m ON m.seq = w.mark_seq WHERE w.rowid = ?", (rowid,)).fetchone()
+        return _broken_at("card_writes", row[-1], _differs(row[:-1], names, row[-1]))
+
+    def _first_card_differing(self) -> ChainCheck:
+        names = ("card_number", "highest_counter", "highest_slot")
+        row = self._db.execute(
+            "SELECT c.mark_seq, m.seq, m.card_number, c.card_number, c.highest_counter, "
+            "c.highest_slot, m.card_number, m.counter, m.slot FROM cards c "
+            f"LEFT JOIN marks m ON m.seq = c.mark_seq WHERE {_CARD_DIFFERS} "
+            "ORDER BY c.card_number LIMIT 1").fetchone()
+        return _broken_at("cards", row[3], _differs(row, names, row[3]))
+
+    def _first_not_latest(self, table: str) -> ChainCheck | None:
+        """A row naming an entry that is not its latest, or a row the chain holds that the table
+        has lost (a scan of the whole chain: :meth:`verify`'s, or after a failed sum)."""
+        key, column = ("tap_id", "tap_id") if table == "card_writes" else ("card_number",
+                                                                           "counter")
+        latest = (f"SELECT {key}, max(seq) AS latest FROM marks WHERE {column} IS NOT NULL "
+                  f"GROUP BY {key}")
+        row = self._db.execute(
+            f"SELECT t.{key}, t.mark_seq, l.latest FROM {table} t LEFT JOIN ({latest}) l "
+            f"ON l.{key} = t.{key} WHERE l.latest IS NOT t.mark_seq LIMIT 1").fetchone()
+        if row is not None:
+            return _broken_at(table, row[0], f"names chain entry {row[1]}, but its latest is "
+                              f"{row[2]}" if row[2] is not None else
+                              "is not in the marks chain")
+        row = self._db.execute(
+            f"SELECT l.{key}, l.latest FROM ({latest}) l WHERE l.{key} NOT IN "
+            f"(SELECT {key} FROM {table}) LIMIT 1").fetchone()
+        if row is not None:
+            return _broken_at(table, row[0], f"is gone, but the marks chain holds it (entry "
+                              f"{row[1]})")
+        return None
+
+    def _check_history(self) -> ChainCheck | None:
+        """What only the whole chain shows: the newest entry's counts and sums, each write's
+        life cycle, its first entry (and only that one) holding its digest, which matches its
+        row, each card's memory only moving up, each record named being the journal's."""
+        for table in ("card_writes", "cards"):
+            problem = self._first_not_latest(table)
+            if problem is not None:
+                return problem
+        head = _parsed(_chain_head, self._db.execute(_HEAD).fetchone(), "newest marks entry")
+        for held, query, names in (
+                (head[2:6], _ENTRY_SUMS, "card writes"),
+                (head[6:8], "SELECT count(*), coalesce(sum(latest), 0) FROM (SELECT max(seq) "
+                 "AS latest FROM marks WHERE counter IS NOT NULL GROUP BY card_number)",
+                 "cards")):
+            real = self._db.execute(query).fetchone()
+            if tuple(real) != tuple(held):
+                return _broken_at("marks", head[0], f"its count and sums of {names} "
+                                  f"{tuple(held)} are not the chain's {tuple(real)}")
+        for previous, state, seq in self._db.execute(
+                "SELECT prev, state, min(seq) FROM (SELECT seq, state, lag(state) OVER "
+                "(PARTITION BY tap_id ORDER BY seq) AS prev FROM marks WHERE tap_id IS NOT NULL) "
+                "WHERE prev IS NULL OR prev IS NOT state GROUP BY prev, state"):
+            try:
+                new = WriteState(state)
+                if previous is not None:
+                    check_transition(WriteState(previous), new)
+            except (ValueError, IllegalTransition):
+                return _broken_at("marks", seq, f"moves a card write from {previous!r} to "
+                                  f"{state!r}" if previous is not None else
+                                  f"gives a card write the state {state!r}")
+        row = self._db.execute(
+            "SELECT seq FROM (SELECT seq, body, lag(seq) OVER (PARTITION BY tap_id ORDER BY seq) "
+            "AS prev FROM marks WHERE tap_id IS NOT NULL) WHERE (prev IS NULL) = (body IS NULL) "
+            "LIMIT 1").fetchone()
+        if row is not None:
+            return _broken_at("marks", row[0], "a write's digest is not on its first entry alone")
+        row = self._db.execute(
+            "SELECT seq FROM (SELECT seq, counter, lag(counter) OVER (PARTITION BY card_number "
+            "ORDER BY seq) AS prev FROM marks WHERE counter IS NOT NULL) WHERE prev >= counter "
+            "LIMIT 1").fetchone()
+        if row is not None:
+            return _broken_at("marks", row[0], "moves a card's memory down")
+        row = self._db.execute(
+            "SELECT m.seq FROM marks m LEFT JOIN records r ON r.seq = m.record_seq "
+            "WHERE m.record_seq IS NOT NULL AND m.record_seq != 0 "
+            "AND r.hash IS NOT m.record_hash LIMIT 1").fetchone()
+        if row is not None:
+            return _broken_at("marks", row[0], "names a record the journal does not hold")
+        columns = ", ".join("w." + name for name in WRITE_BODY_COLUMNS)
+        for row in self._db.execute(
+                f"SELECT {columns}, m.body FROM card_writes w JOIN (SELECT tap_id, min(seq) AS "
+                "first FROM marks WHERE tap_id IS NOT NULL GROUP BY tap_id) f "
+                "ON f.tap_id = w.tap_id JOIN marks m ON m.seq = f.first"):
+            try:
+                digest = write_body_digest(row[:-1])
+            except _MALFORMED:
+                digest = None
+            if digest != row[-1]:
+                return _broken_at("card_writes", row[0], "its fixed columns (card, counters, "
+                                  "slot, log block, outcome) differ from its first chain entry")
+        return None
 
     def time_high_water(self) -> datetime | None:
         """The latest tap time this terminal trusted (None before its first tap). Read at open
@@ -515,12 +1241,72 @@ class Journal:
         if self._high_water is None or at > self._high_water:
             self._high_water = at
 
-    def _remember(self, card_number: int, counter: int, slot: bytes) -> None:
-        self._db.execute(
+    def _remember(self, card_number: int, counter: int, slot: bytes, *,
+                  chain: bool = True) -> bool:
+        """Move the card's memory to ``counter`` and ``slot`` if that is higher; whether it
+        moved. A move is chained at once, unless ``chain`` is false: the caller then chains it
+        with its write's entry (:meth:`_chain`, ``card_number``), in the same transaction."""
+        moved = self._db.execute(
             "INSERT INTO cards (card_number, highest_counter, highest_slot) VALUES (?, ?, ?) "
             "ON CONFLICT (card_number) DO UPDATE SET highest_counter = excluded.highest_counter, "
             "highest_slot = excluded.highest_slot WHERE excluded.highest_counter > highest_counter",
-            (card_number, counter, slot.hex()))
+            (card_number, counter, slot.hex())).rowcount == 1
+        if moved and chain:
+            self._chain(card_number=card_number)
+        return moved
+
+    def _chain(self, *, tap_id: str | None = None, body: str | None = None,
+               card_number: int | None = None, records_head: bool = False) -> int:
+        """Append the ``marks`` entry for what the running transaction has just changed: the
+        write ``tap_id`` as its row now stands (``body``: a new write's digest), the memory of
+        card ``card_number`` as its row now stands, and with ``records_head`` the records
+        chain's newest record. The rows then name the entry (``mark_seq``); its sequence."""
+        seq, previous, writes, writes_sum, writes_fp, writes_fp2, cards, cards_sum = _parsed(
+            _chain_head, self._db.execute(_HEAD).fetchone(), "newest marks entry")
+        seq += 1
+        write: tuple = (None, None, None, None, None)
+        if tap_id is not None:
+            row = self._db.execute(
+                "SELECT state, resolved_utc, log_confirmed, observed, mark_seq FROM card_writes "
+                "WHERE tap_id = ?", (tap_id,)).fetchone()
+            if row is None:
+                raise JournalError(f"card write {tap_id} is not in the journal")
+            before = _parsed(_optional_integer, row[4], f"card_writes row {tap_id!r} mark_seq")
+            if before is None or before == seq:  # a new write (made naming this entry)
+                writes += 1
+            else:
+                old = self._db.execute("SELECT state, log_confirmed, observed FROM marks "
+                                       "WHERE seq = ?", (before,)).fetchone()
+                x, x2 = _parsed(lambda r: write_fingerprint(before, *r), old,
+                                f"marks entry {before}")
+                writes_sum, writes_fp, writes_fp2 = (writes_sum - before, writes_fp - x,
+                                                     writes_fp2 - x2)
+            x, x2 = _parsed(lambda r: write_fingerprint(seq, *r), (row[0], *row[2:4]),
+                            f"card_writes row {tap_id!r}")
+            writes_sum, writes_fp, writes_fp2 = writes_sum + seq, writes_fp + x, writes_fp2 + x2
+            write = (tap_id, *row[:4])
+            if before != seq:
+                self._db.execute("UPDATE card_writes SET mark_seq = ? WHERE tap_id = ?",
+                                 (seq, tap_id))
+        card: tuple = (None, None, None)
+        if card_number is not None:
+            row = self._db.execute("SELECT highest_counter, highest_slot, mark_seq FROM cards "
+                                   "WHERE card_number = ?", (card_number,)).fetchone()
+            before = _parsed(_optional_integer, row[2], f"cards row {card_number} mark_seq")
+            cards, cards_sum = cards + (before is None), cards_sum - (before or 0) + seq
+            card = (card_number, row[0], row[1])
+            self._db.execute("UPDATE cards SET mark_seq = ? WHERE card_number = ?",
+                             (seq, card_number))
+        record: tuple = (None, None)
+        if records_head:
+            row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
+                                   ).fetchone()
+            record = tuple(row) if row is not None else (0, GENESIS_HASH)
+        fields = (seq, *write[:5], body, *card, *record, writes, writes_sum, writes_fp,
+                  writes_fp2, cards, cards_sum)
+        self._db.execute(_INSERT_MARK, (*fields, _parsed(
+            lambda f: mark_hash(previous, f), fields, f"marks entry {seq}")))
+        return seq
 
     def record_intent(self, *, tap_id: str, card_number: int, idm: bytes, kind: str,
                       counter_before: int, slot_before: bytes, counter_after: int,
@@ -532,16 +1318,16 @@ class Journal:
         ``remember_before=False`` when this terminal's memory of the card already is
         ``counter_before`` with ``slot_before``."""
         at_utc = utc_iso(at)
+        body = (tap_id, card_number, idm.hex(), kind, counter_before, counter_after,
+                expected_slot.hex(), at_utc, json.dumps(outcome, separators=(",", ":")),
+                log_block, log_data.hex())  # WRITE_BODY_COLUMNS
         with self._transaction():
-            self._db.execute(
-                "INSERT INTO card_writes (tap_id, card_number, idm, kind, counter_before, "
-                "counter_after, expected_slot, state, created_utc, outcome, log_block, log_data, "
-                "log_confirmed) VALUES (?, ?, ?, ?, ?, ?, ?, 'intent', ?, ?, ?, ?, 0)",
-                (tap_id, card_number, idm.hex(), kind, counter_before, counter_after,
-                 expected_slot.hex(), at_utc, json.dumps(outcome, separators=(",", ":")),
-                 log_block, log_data.hex()))
-            if remember_before:
-                self._remember(card_number, counter_before, slot_before)
+            self._db.execute(  # naming the chain entry it gets below (_chain)
+                f"INSERT INTO card_writes ({', '.join(WRITE_BODY_COLUMNS)}, state, "
+                f"log_confirmed, mark_seq) VALUES ({', '.join('?' * len(WRITE_BODY_COLUMNS))}, "
+                "'intent', 0, (SELECT coalesce(max(seq), 0) + 1 FROM marks))", body)
+            moved = remember_before and self._remember(card_number, counter_before, slot_before,
+                                                       chain=False)
             row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
             seq, previous = (row[0], row[1]) if row else (0, GENESIS_HASH)
             balance = balance_before_cents
@@ -558,6 +1344,8 @@ class Journal:
                 fields["hash"] = previous = record_hash(fields)
                 self._db.execute(_INSERT_RECORD, tuple(fields[name] for name in RECORD_FIELDS))
                 balance = record.balance_after_cents
+            self._chain(tap_id=tap_id, body=write_body_digest(body),
+                        card_number=card_number if moved else None, records_head=True)
         self._unsynced = False  # that commit synced the WAL, and every frame before it
         if clock_trusted:  # durable with the record itself; the meta row follows at sync()
             self._note_high_water(at)
@@ -579,14 +1367,15 @@ class Journal:
         tap_id = "clock-reset-" + secrets.token_hex(6)
         previous_mark = None if self._high_water is None else utc_iso(self._high_water)
         self._flush()
+        body = (tap_id, 0, "", "clock_reset", 0, 0, "", at_utc, json.dumps(
+            {"reason": reason, "previous_high_water": previous_mark}, separators=(",", ":")),
+            None, None)  # WRITE_BODY_COLUMNS
         with self._transaction():
             self._db.execute(
-                "INSERT INTO card_writes (tap_id, card_number, idm, kind, counter_before, "
-                "counter_after, expected_slot, state, created_utc, resolved_utc, outcome, "
-                "log_confirmed) VALUES (?, 0, '', 'clock_reset', 0, 0, '', 'committed', ?, ?, ?, 1)",
-                (tap_id, at_utc, at_utc, json.dumps(
-                    {"reason": reason, "previous_high_water": previous_mark},
-                    separators=(",", ":"))))
+                f"INSERT INTO card_writes ({', '.join(WRITE_BODY_COLUMNS)}, state, resolved_utc, "
+                f"log_confirmed, mark_seq) VALUES ({', '.join('?' * len(WRITE_BODY_COLUMNS))}, "
+                "'committed', ?, 1, (SELECT coalesce(max(seq), 0) + 1 FROM marks))",
+                (*body, at_utc))
             row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
             seq, previous = (row[0] + 1, row[1]) if row else (1, GENESIS_HASH)
             fields = {
@@ -597,6 +1386,7 @@ class Journal:
             }
             fields["hash"] = record_hash(fields)
             self._db.execute(_INSERT_RECORD, tuple(fields[name] for name in RECORD_FIELDS))
+            self._chain(tap_id=tap_id, body=write_body_digest(body), records_head=True)
             self._db.execute(
                 "INSERT INTO meta (key, value) VALUES ('time_high_water_utc', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (utc_fixed(at),))
@@ -648,8 +1438,9 @@ class Journal:
     def _apply(self, mark: _Mark) -> None:
         write = mark.write
         if mark.state is None:
-            self._db.execute("UPDATE card_writes SET log_confirmed = 1 WHERE tap_id = ?",
-                             (write.tap_id,))
+            if self._db.execute("UPDATE card_writes SET log_confirmed = 1 WHERE tap_id = ? "
+                                "AND log_confirmed = 0", (write.tap_id,)).rowcount:
+                self._chain(tap_id=write.tap_id)
             return
         changed = self._db.execute(
             "UPDATE card_writes SET state = ?, resolved_utc = ?, "
@@ -658,8 +1449,9 @@ class Journal:
              write.tap_id, write.state.value)).rowcount
         if changed != 1:
             raise JournalError(f"card write {write.tap_id} is no longer {write.state.value}")
-        if mark.state is WriteState.COMMITTED:
-            self._remember(write.card_number, write.counter_after, write.expected_slot)
+        moved = mark.state is WriteState.COMMITTED and self._remember(
+            write.card_number, write.counter_after, write.expected_slot, chain=False)
+        self._chain(tap_id=write.tap_id, card_number=write.card_number if moved else None)
 
     # ---- for settlement (settlement.py): what batches are made of -------------------------
 
@@ -693,21 +1485,135 @@ class Journal:
         return None if row is None else CardWrite._from_row(row)
 
     def mark_shown(self, tap_ids: Sequence[str]) -> None:
-        """The results of these writes were shown (``"shown": true`` in their outcome): a later
-        request is not taken for the same one run again after a crash. Not waited for: lost to a
-        crash, the write is reported once more rather than made twice."""
+        """The results of these writes were shown: a later request is not taken for the same
+        one run again after a crash. Not waited for: lost to a crash, the write is reported once
+        more rather than made twice."""
         with self._quick():
-            self._db.executemany(
-                "UPDATE card_writes SET outcome = json_set(outcome, '$.shown', json('true')) "
-                "WHERE tap_id = ? AND outcome IS NOT NULL", [(tap_id,) for tap_id in tap_ids])
+            self._db.executemany("INSERT OR IGNORE INTO shown (tap_id) VALUES (?)",
+                                 [(tap_id,) for tap_id in tap_ids])
+
+    def was_shown(self, tap_id: str) -> bool:
+        """Whether :meth:`mark_shown` was told of this write."""
+        self._flush()
+        return self._db.execute("SELECT 1 FROM shown WHERE tap_id = ?",
+                                (tap_id,)).fetchone() is not None
 
 
 def _record_from_row(row: Sequence) -> JournalRecord:
     """A record from its columns (:data:`RECORD_FIELDS`) followed by its write's state."""
     fields = dict(zip(RECORD_FIELDS, row))
-    return JournalRecord(**{**fields, "type": RecordType(fields["type"]),
-                            "clock_trusted": bool(fields["clock_trusted"])},
-                         write_state=WriteState(row[len(RECORD_FIELDS)]))
+    try:
+        for name, sql in RECORD_COLUMNS:
+            if sql.startswith("INTEGER"):
+                _integer(fields[name])
+            elif not isinstance(fields[name], str):
+                raise TypeError(f"{name} is not text")
+        parse_utc(fields["at_utc"])
+        return JournalRecord(**{**fields, "type": RecordType(fields["type"]),
+                                "clock_trusted": bool(fields["clock_trusted"])},
+                             write_state=WriteState(row[len(RECORD_FIELDS)]))
+    except _MALFORMED as error:
+        raise JournalBroken(f"the journal is damaged: record {fields.get('seq')!r} does not "
+                            f"parse ({type(error).__name__}: {error}); see farebox journal "
+                            "verify") from None
+
+
+def _integer(value: object) -> int:
+    """An INTEGER column's value, or TypeError (a damaged row: text, a blob, a real)."""
+    if type(value) is not int:
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+#: SQL: a ``card_writes`` row ``w`` differs from the ``marks`` entry ``m`` it names
+_WRITE_DIFFERS = ("m.seq IS NULL OR m.tap_id IS NOT w.tap_id OR m.state IS NOT w.state "
+                  "OR m.resolved_utc IS NOT w.resolved_utc "
+                  "OR m.log_confirmed IS NOT w.log_confirmed OR m.observed IS NOT w.observed")
+#: SQL: a ``cards`` row ``c`` differs from the ``marks`` entry ``m`` it names
+_CARD_DIFFERS = ("m.seq IS NULL OR m.card_number IS NOT c.card_number "
+                 "OR m.counter IS NOT c.highest_counter OR m.slot IS NOT c.highest_slot")
+
+
+def _differs(row: Sequence, names: Sequence[str], key: object) -> str:
+    """How a row differs from the entry it names; ``row``: the row's ``mark_seq``, the entry's
+    seq and key, then the row's ``names`` and the entry's same values."""
+    named, seq, entry_key = row[0], row[1], row[2]
+    if named is None:
+        return "names no chain entry"
+    if seq is None:
+        return f"names chain entry {named!r}, which does not exist"
+    if entry_key != key:
+        return f"names chain entry {seq}, which is another's ({entry_key!r})"
+    mine, chained = row[3:3 + len(names)], row[3 + len(names):]
+    return "; ".join(f"{name} is {value!r} but its chain entry {seq} says {held!r}"
+                     for name, value, held in zip(names, mine, chained) if value != held
+                     or type(value) is not type(held)) or f"differs from its chain entry {seq}"
+
+
+class _Reading:
+    """A read transaction (BEGIN DEFERRED .. COMMIT) on an autocommit connection."""
+
+    def __init__(self, db) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN")
+
+    def __exit__(self, *exc) -> None:
+        self._db.execute("COMMIT")
+
+
+@functools.cache
+def _expected_columns() -> dict[str, list[tuple]]:
+    """What ``PRAGMA table_info`` says of each of the journal's tables when whole."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(_SCHEMA)
+        return {table: [tuple(row[1:]) for row in db.execute(f"PRAGMA table_info({table})")]
+                for table in ("meta", "card_writes", "records", "cards", "marks")}
+    finally:
+        db.close()
+
+
+def _optional_integer(value: object) -> int | None:
+    return None if value is None else _integer(value)
+
+
+def _chain_head(row: Sequence | None) -> tuple[int, str, int, int, int, int, int, int]:
+    """The newest ``marks`` entry's sequence, hash, counts and sums (:data:`_HEAD`; an empty
+    chain's, with no row)."""
+    if row is None:
+        return 0, GENESIS_HASH, 0, 0, 0, 0, 0, 0
+    if not isinstance(row[1], str):
+        raise TypeError("the hash is not text")
+    return (_integer(row[0]), row[1], *(_integer(value) for value in row[2:]))
+
+
+def parsing(what: str):
+    """A decorator for the methods that turn the journal file's rows into values (the settlement
+    batches'): a row that does not parse is :class:`JournalBroken` naming ``what``, never an
+    internal error."""
+    def decorate(method):
+        @functools.wraps(method)
+        def guarded(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except _MALFORMED as error:
+                raise JournalBroken(f"the journal is damaged: {what} does not parse "
+                                    f"({type(error).__name__}: {error}); see farebox journal "
+                                    "verify") from None
+        return guarded
+    return decorate
+
+
+def _parsed(parse, value: object, what: str):
+    """``parse(value)``, or JournalBroken when the stored value does not parse."""
+    try:
+        return parse(value)
+    except _MALFORMED as error:
+        raise JournalBroken(f"the journal is damaged: its {what} does not parse "
+                            f"({type(error).__name__}: {error}); see farebox journal verify"
+                            ) from None
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:

@@ -37,7 +37,7 @@ from farebox.protocol.settlement import (
 from farebox.terminal import failpoints
 from farebox.terminal.core.clock import hk_date, parse_utc, utc_iso
 from farebox.terminal.store.identity import TerminalIdentity
-from farebox.terminal.store.journal import Journal
+from farebox.terminal.store.journal import Journal, parsing
 from farebox.terminal.errors import TerminalError
 
 LOG = logging.getLogger("farebox.terminal.store.settlement")
@@ -111,6 +111,7 @@ class Batch:
     totals_json: str
 
     @property
+    @parsing("a batch's totals")
     def totals(self) -> dict:
         return json.loads(self.totals_json)
 
@@ -158,6 +159,7 @@ class Settlement:
         """Records ready to be batched (their writes resolved, not yet in a batch)."""
         return len(self._db.execute(_READY, (-1,)).fetchall())
 
+    @parsing("a record ready for settlement")
     def due(self, now: datetime, policy: BatchPolicy) -> str | None:
         """Why a batch should close now ("count", "age", "day"), or None."""
         row = self._db.execute(
@@ -226,6 +228,7 @@ class Settlement:
 
     # -- closing --
 
+    @parsing("a record ready for settlement or the last batch")
     def close_batch(self, now: datetime, max_items: int = DEFAULT_MAX_ITEMS) -> Batch | None:
         """Close the records ready now (at most ``max_items``) into the next batch, signed;
         None when nothing is ready. One durable transaction: a crash leaves no half batch."""
@@ -235,6 +238,8 @@ class Settlement:
             rows = self._db.execute(_READY, (max_items,)).fetchall()
             if not rows:
                 return None
+            # each write's state as its chain holds it, or nothing is settled (JournalBroken)
+            self.journal.check_writes([row[2] for row in rows])
             last = self._db.execute(
                 "SELECT number, hash FROM batches ORDER BY number DESC LIMIT 1").fetchone()
             number, previous = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
@@ -262,6 +267,7 @@ class Settlement:
 
     # -- checking --
 
+    @parsing("a batch")
     def verify(self) -> BatchCheck:
         """Every batch: numbered from 1 without gaps, its body hashing to its hash and linking
         to the batch before, signed by this terminal's key, its items' records hashing right

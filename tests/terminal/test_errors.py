@@ -45,6 +45,7 @@ KINDS = {
     "card.issue.IssueError": (BadInput, ValueError),
     "card.keys.KeyFileError": (BadInput, ValueError),
     "store.journal.JournalError": (TerminalError, Exception),
+    "store.journal.JournalBroken": (TerminalError, Exception),
     "store.identity.IdentityError": (BadInput, Exception),
     "store.settlement.SettlementError": (TerminalError, Exception),
     "link.actionlist.ActionListError": (BadInput, ValueError),

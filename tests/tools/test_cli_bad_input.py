@@ -331,11 +331,15 @@ def test_state_that_is_a_file(farebox, card):
 
 
 def test_state_with_a_journal_that_is_not_a_database(farebox, card):
+    """A journal SQLite cannot read is a damaged journal (issue 17 item 5): exit 3, one line,
+    nothing changed."""
     farebox.state.mkdir()
     journal = farebox.state / "journal.sqlite3"
     journal.write_bytes(b"this is not an sqlite database, not at all" * 4)
     before, journal_before = card.read_bytes(), journal.read_bytes()
-    farebox("tap", card, "--fare", "5.80", "--at", AT, "--state", farebox.state).assert_bad_input()
+    run = farebox("tap", card, "--fare", "5.80", "--at", AT, "--state", farebox.state)
+    assert run.code == 3 and run.out == "" and run.err.count("\n") == 1, run
+    assert "the journal is damaged (file is not a database)" in run.err
     assert card.read_bytes() == before
     assert journal.read_bytes() == journal_before
 

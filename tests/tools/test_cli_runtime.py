@@ -92,14 +92,16 @@ def test_journal_verify_finds_a_broken_chain(farebox):
     for minute in range(3):
         farebox.tap(card, "--fare", "1.00", at=f"2026-11-22T08:0{minute}:00+08:00")
     ok = farebox("journal", "verify", "--state", farebox.state, "--json")
-    assert ok.json() == {"ok": True, "records": 3, "bad_seq": None, "problem": None}
+    assert ok.json() == {"ok": True, "records": 3, "marks": 6, "bad_seq": None, "table": None,
+                         "row": None, "problem": None}
     db = sqlite3.connect(farebox.state / "journal.sqlite3")
     db.execute("UPDATE records SET amount_cents = 1 WHERE seq = 2")
     db.commit()
     db.close()
     broken = farebox("journal", "verify", "--state", farebox.state, "--json")
     assert broken.code == 3
-    assert json.loads(broken.out) == {"ok": False, "records": 2, "bad_seq": 2,
+    assert json.loads(broken.out) == {"ok": False, "records": 2, "marks": 0, "bad_seq": 2,
+                                      "table": "records", "row": "2",
                                       "problem": "its contents do not match its hash"}
     human = farebox("journal", "verify", "--state", farebox.state)
     assert human.code == 3 and "BROKEN at record 2" in human.out
