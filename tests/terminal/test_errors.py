@@ -56,6 +56,7 @@ KINDS = {
     "ops.octopus.OctopusError": (BadInput, ValueError),
     "card.present.NoCard": (BadInput, ValueError),
     "card.present.CardUnusable": (BadInput, ValueError),
+    "card.present.ReaderUnusable": (BadInput, ValueError),
     "card.present.CardLeft": (Interrupted, RuntimeError),
     "card.desk.CardDeclined": (BadInput, ValueError),
     "card.desk.PartlyReturned": (TerminalError, Exception),
