@@ -420,6 +420,23 @@ def _damaged(error: sqlite3.Error) -> bool:
     return True  # DatabaseError itself (corrupt, not a database), Integrity, Data, Internal
 
 
+def _check_header(path: Path) -> None:
+    """SQLite opens a file whose header's read/write format versions (bytes 18 and 19) are
+    unknown read-only, and only a write then fails ("attempt to write a readonly database"):
+    a journal is always version 2 (WAL), so any other value there is a damaged file."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(100)
+    except FileNotFoundError:
+        return
+    except OSError:
+        return  # unreadable: the open says why
+    if len(header) == 100 and header.startswith(b"SQLite format 3\x00") and (
+            header[18] not in (1, 2) or header[19] not in (1, 2)):
+        raise JournalBroken(f"{path}: the journal is damaged (its header's format versions are "
+                            f"{header[18]} and {header[19]}); see farebox journal verify")
+
+
 def _damage(path: Path, error: Exception) -> JournalBroken:
     text = " ".join(str(error).split()) or type(error).__name__
     return JournalBroken(f"{path}: the journal is damaged ({text}); see farebox journal verify")
@@ -532,6 +549,7 @@ class Journal:
     def _open(self, busy_timeout_s: float) -> None:
         self._db = None
         private_directory(self.path.parent)  # 0700 when made here; the journal 0600
+        _check_header(self.path)
         self._db = _GuardedConnection(
             sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout_s), self.path)
         private_file(self.path)
