@@ -31,6 +31,7 @@ from farebox.terminal.store.identity import (
 from farebox.terminal.store.journal import Journal, JournalError
 from farebox.terminal.card.keys import KeyFileError, SoftwareKeyStore, load_key_file, published_test_keys
 from farebox.terminal.link.fetch import fetch, held_list
+from farebox.terminal.link.upload import ClearingHouse, clearing_house, tls_verify
 from farebox.terminal.core.rules import ListEntry
 from farebox.terminal.link.signedlist import SignedList, SignedListError
 from farebox.terminal.store.settlement import BatchPolicy, Settlement, SettlementError
@@ -213,7 +214,8 @@ def fetch_action_list(config: TerminalConfig, url: str | None, now: datetime
         raise RuntimeSetupError("clearing_public_key is not configured: an action list cannot "
                                 "be verified without it (farebox clearing key prints it)")
     try:
-        return fetch(url, state_dir(config), config.clearing_public_key, now)
+        return fetch(url, state_dir(config), config.clearing_public_key, now,
+                     tls=tls_verify(config.clearing_ca_bundle))
     except SignedListError as error:
         raise RuntimeSetupError(f"action list refused: {error}") from None
     except Exception as error:  # httpx.HTTPError and OSError: the house cannot be reached
@@ -221,6 +223,18 @@ def fetch_action_list(config: TerminalConfig, url: str | None, now: datetime
             raise RuntimeSetupError(f"cannot fetch the action list from {url}: "
                                     f"{type(error).__name__}") from None
         raise
+
+
+def clearing_house_for(config: TerminalConfig, url: str | None = None) -> ClearingHouse:
+    """Where this terminal uploads its batches: ``url`` (else ``clearing_url``) with
+    ``clearing_public_key``, ``clearing_ca_bundle`` and ``clearing_insecure_http``, checked
+    before anything is sent (UploadSetupError, exit 2, naming the setting). ``farebox upload``
+    and the daemon's uploader both come here."""
+    url = url or config.clearing_url
+    if url is None:
+        raise RuntimeSetupError("give --url (or clearing_url in --config)")
+    return clearing_house(url, config.clearing_public_key, ca_bundle=config.clearing_ca_bundle,
+                          insecure_http=config.clearing_insecure_http)
 
 
 @contextmanager
@@ -242,4 +256,4 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
 __all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "batch_policy",
            "card_readers", "default_state_dir", "fetch_action_list", "init_terminal",
            "load_action_lists", "open_journal", "open_settlement", "open_terminal", "open_transport",
-           "state_dir"]
+           "state_dir", "clearing_house_for"]

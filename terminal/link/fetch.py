@@ -5,6 +5,7 @@ with any ``action_list`` file of its configuration."""
 from __future__ import annotations
 
 import json
+import ssl
 from datetime import datetime
 from pathlib import Path
 
@@ -33,14 +34,16 @@ def held_list(directory: Path, public_key: bytes) -> SignedList | None:
 
 
 def fetch(url: str, directory: Path, public_key: bytes, now: datetime,
-          timeout_s: float = 10.0) -> tuple[SignedList, bool]:
+          timeout_s: float = 10.0, tls: ssl.SSLContext | bool = True
+          ) -> tuple[SignedList, bool]:
     """Fetch ``URL/v1/actions``, verify it (signature, expiry, not older than the list held) and
     keep it; ``(list, changed)``, changed when its serial is not the one held. SignedListError
-    or OSError-like httpx errors otherwise, with the list held left as it was."""
+    or OSError-like httpx errors otherwise, with the list held left as it was. ``tls``:
+    httpx's certificate check for https:// (its ``verify``: the clearing house's CA bundle)."""
     import httpx
 
     held = held_list(directory, public_key)
-    with httpx.Client(timeout=timeout_s, follow_redirects=False) as client, \
+    with httpx.Client(timeout=timeout_s, follow_redirects=False, verify=tls) as client, \
             client.stream("GET", url.rstrip("/") + "/v1/actions") as response:
         if response.status_code != 200:
             raise SignedListError(f"the clearing house answered HTTP {response.status_code}")

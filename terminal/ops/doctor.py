@@ -24,6 +24,8 @@ from farebox.terminal.store.journal import Journal, JournalError
 from farebox.terminal.card.keys import KeyFileError, load_key_file
 from farebox.terminal.ops.readers import KERNEL_DRIVERS, PcscStatus, Roots, pcsc_readers, pcscd_holds, usb_readers
 from farebox.terminal.runtime import JOURNAL_FILE, RuntimeSetupError, ReaderSpec, open_transport, state_dir
+from farebox.terminal.runtime import clearing_house_for
+from farebox.terminal.errors import BadInput
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 READER_GROUP = "farebox"  # the group hw/'s udev rule gives the readers to
@@ -80,6 +82,8 @@ def run_checks(options: DoctorOptions, now: datetime,
     findings.append(_state_dir(options.config))
     findings.append(_clock(options.config, roots, now))
     findings += _keys(options.config)
+    if options.config.clearing_url is not None:
+        findings.append(_clearing(options.config))
     if options.reader is not None:
         findings.append(_card_in_field(options))
     return findings
@@ -214,6 +218,20 @@ def _keys(config: TerminalConfig) -> list[Finding]:
             f"farebox terminal init --id TERMINAL_ID --state {directory}" if missing else
             f"restore {directory / IDENTITY_FILE} from backup (a new identity needs enrolling)"))
     return out
+
+
+def _clearing(config: TerminalConfig) -> Finding:
+    """Whether the daemon can upload to ``clearing_url`` (it logs the reason and uploads
+    nothing when it cannot)."""
+    try:
+        house = clearing_house_for(config)
+    except BadInput as error:
+        fix = ('clearing_public_key = "HEX" in terminal.toml (`farebox clearing key` prints '
+               "it at the clearing house)" if config.clearing_public_key is None else
+               "change the setting named above in terminal.toml")
+        return Finding("clearing", FAIL, f"batches are not uploaded: {error}", fix)
+    return Finding("clearing", OK, f"uploads to {house.url}; acks verified with "
+                   f"clearing_public_key {house.public_key.hex()[:16]}...")
 
 
 def _card_in_field(options: DoctorOptions) -> Finding:
