@@ -14,8 +14,9 @@ upload there: the batch stays pending.
 Where batches go is a :class:`ClearingHouse`, made only by :func:`clearing_house`, which refuses
 (:class:`UploadSetupError`, before anything is sent) to go without the clearing house's public
 key, and plain ``http://`` to a host that is not loopback unless told it is meant
-(``clearing_insecure_http``). ``https://`` verifies the server's certificate against the system's
-CAs or, given ``ca_bundle``, against those certificates only (a private CA).
+(``clearing_insecure_http``). ``https://`` verifies the server's certificate against httpx's
+default CAs (certifi's bundle; ``SSL_CERT_FILE`` overrides it) or, given ``ca_bundle``, against
+those certificates only (a private CA).
 
 Timeouts, connection errors, 5xx and unreadable answers are retried with exponential backoff and
 full jitter; a 4xx is the server refusing that batch and stops the upload (later batches would
@@ -109,7 +110,7 @@ def clearing_house(url: str, public_key: bytes | None, *, ca_bundle: Path | None
     """The clearing house at ``url`` whose acks must verify with ``public_key``;
     UploadSetupError (nothing sent) when there is no key, when ``url`` is plain http:// to a
     host that is not loopback and ``insecure_http`` is not set, or when ``ca_bundle`` (PEM CA
-    certificates that https:// then trusts, instead of the system's) cannot be used."""
+    certificates that https:// then trusts, instead of the default ones) cannot be used."""
     if public_key is None:
         raise UploadSetupError(
             "clearing_public_key is not configured: the clearing house's acknowledgements "
@@ -129,7 +130,7 @@ def clearing_house(url: str, public_key: bytes | None, *, ca_bundle: Path | None
                                "https://HOST...")
     if parts.scheme == "http" and not insecure_http and not is_loopback(host):
         raise UploadSetupError(
-            f"clearing house {url[:80]}: plain http:// to {host}, which is not this machine, "
+            f"clearing house {url[:80]}: plain http:// to {host}, not a loopback address, "
             "is refused (batches would cross the network unprotected): use https://, or set "
             "clearing_insecure_http = true")
     return ClearingHouse(url, public_key, tls_verify(ca_bundle))
@@ -137,7 +138,7 @@ def clearing_house(url: str, public_key: bytes | None, *, ca_bundle: Path | None
 
 def tls_verify(ca_bundle: Path | None) -> ssl.SSLContext | bool:
     """What https:// to the clearing house verifies its server with (httpx's ``verify``): the
-    system's CAs, or only the PEM CA certificates in ``ca_bundle``; UploadSetupError naming
+    default CAs, or only the PEM CA certificates in ``ca_bundle``; UploadSetupError naming
     ``clearing_ca_bundle`` when that file cannot be used."""
     if ca_bundle is None:
         return True
