@@ -22,11 +22,12 @@ from pathlib import Path
 
 from bench_settlement import AT, fill
 
+from farebox.clearing.service import Receiver
 from farebox.clearing.store import Store
 from farebox.terminal.store.identity import init_identity
 from farebox.terminal.store.journal import Journal
 from farebox.terminal.store.settlement import Settlement
-from farebox.terminal.link.upload import upload
+from farebox.terminal.link.upload import clearing_house, upload
 
 FAREBOX = str(Path(sys.executable).parent / "farebox")
 
@@ -58,6 +59,7 @@ def main() -> None:
         identity = init_identity(folder, "T-BENCH", AT)
         with Store(str(folder / "clearing.sqlite3")) as store:
             store.enroll("T-BENCH", identity.public_key.hex(), "2026-11-22T00:00:00Z")
+            house_key = Receiver(store).public_key  # what its acks are signed with
         server = subprocess.Popen([FAREBOX, "clearing", "serve", "--db",
                                    str(folder / "clearing.sqlite3"), "--port", "0"],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -71,7 +73,7 @@ def main() -> None:
                     pass
                 batches = len(settlement.batches())
                 started = time.perf_counter()
-                result = upload(settlement, url, lambda: AT)
+                result = upload(settlement, clearing_house(url, house_key), lambda: AT)
                 http_s = time.perf_counter() - started
                 assert result.complete and len(result.acknowledged) == batches
                 bare_s = bare_insert(folder, settlement)

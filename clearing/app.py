@@ -1,6 +1,7 @@
 """The clearing receiver over HTTP (Starlette, served by uvicorn).
 
-``POST /v1/batches``: one upload (see ``service.py``); 200 with the acknowledgement, or 400 (not
+``POST /v1/batches``: one upload (see ``service.py``); 200 with the acknowledgement signed by the
+receiver's key (a ``SignedAck`` of the settlement wire format), or 400 (not
 an upload), 403 (unknown terminal), 409 (a number taken by another batch, out of order, a broken
 chain), 413 (body over :data:`MAX_BODY_BYTES`), 422 (does not verify), each ``{"error": ...}``.
 ``GET /v1/actions``: the action list, signed (a ``SignedActionList`` of the settlement wire
@@ -59,7 +60,7 @@ def create_app(receiver: Receiver) -> Starlette:
         LOG.info("batch %s/%s/%d: %d records, %d already stored%s", ack.terminal_id,
                  ack.incarnation, ack.number, ack.records, ack.duplicates,
                  " (received before)" if ack.again else "")
-        return JSONResponse(ack.to_json())
+        return JSONResponse(receiver.sign_ack(ack).to_json())
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})

@@ -8,7 +8,8 @@ is accepted when its terminal is enrolled, its hash and signature verify with th
 key, its header agrees with the upload, and it links to the batch before it (number 1 to the
 genesis hash). The same batch sent again is acknowledged again and changes nothing; another batch
 under a number already taken, a batch out of order and anything that does not verify are
-refused.
+refused. Every ack goes out signed (:meth:`Receiver.sign_ack`) with the receiver's key, the one
+that signs its action lists: a terminal counts nothing else as delivered.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from farebox.protocol.settlement import (
-    GENESIS_HASH, ActionEntry, Ack, BatchName, SignedActionList, Upload, WireError,
+    GENESIS_HASH, ActionEntry, Ack, BatchName, SignedAck, SignedActionList, Upload, WireError,
     public_key_bytes,
 )
 from farebox.clearing.errors import ClearingError
@@ -42,9 +43,9 @@ FORK_REASON = "cancelled"
 
 
 class Receiver:
-    """Batches into a :class:`Store`, one at a time (the store is single-writer anyway), and the
-    action list it publishes, signed with the receiver's own key (kept in the store's meta
-    table, made at first use)."""
+    """Batches into a :class:`Store`, one at a time (the store is single-writer anyway), the
+    action list it publishes and the acks it answers with, both signed with the receiver's own
+    key (kept in the store's meta table, made at first use)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -58,6 +59,10 @@ class Receiver:
     @property
     def public_key(self) -> bytes:
         return public_key_bytes(self._key)
+
+    def sign_ack(self, ack: Ack) -> SignedAck:
+        """``ack`` signed with the receiver's key, as it is sent."""
+        return ack.sign(self._key)
 
     def action_list(self, now: datetime) -> dict:
         """The current action list, signed, valid for a day from ``now``."""

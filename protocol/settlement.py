@@ -17,7 +17,10 @@ with a one-line message, never anything else.
   Ed25519 signature of the text; :func:`verify_batch` checks all of it.
 * The **upload** (:class:`Upload`) is ``POST /v1/batches`` with ``{terminal_id, incarnation,
   number, body, hash, signature}``; the **ack** (:class:`Ack`) answers it naming exactly the
-  batch taken.
+  batch taken, and the **signed ack** (:class:`SignedAck`) is that answer with ``"signature":
+  HEX`` added: the clearing house's Ed25519 signature (its action-list key) of
+  :data:`ACK_DOMAIN` followed by the ack's canonical JSON. A terminal counts a batch as delivered
+  only on an ack that :func:`verify_ack` takes.
 * The **action list** (:class:`SignedActionList`) is ``{"list": TEXT, "signature": HEX}``: TEXT
   canonical JSON ``{format, serial, issued_utc, expires_utc, entries: [{card, reason, at}]}``
   signed by the clearing house.
@@ -44,6 +47,9 @@ GENESIS_HASH = "0" * 64
 BATCH_FORMAT = 1
 LIST_FORMAT = 1
 LIST_VALIDITY = timedelta(hours=24)
+#: what a signed ack's signed bytes start with: no action list (JSON text, "{" first) and no
+#: batch body can ever be taken for an ack signed by the same key, nor an ack for them
+ACK_DOMAIN = b"farebox settlement ack 1\n"
 SETTLED_STATES = ("committed", "void", "unresolved")
 #: the record fields under its hash (``clock_trusted`` enters as ``clock_untrusted``)
 HASHED_FIELDS = ("seq", "terminal_id", "tap_id", "card_number", "counter_before",
@@ -489,6 +495,53 @@ class Ack:
         return cls(BatchName.from_json(answer.get("ack")),
                    _int(answer, "records", "the ack", 0), _int(answer, "duplicates", "the ack", 0),
                    _bool(answer, "again", "the ack"))
+
+    def signed_bytes(self) -> bytes:
+        """What the clearing house signs: :data:`ACK_DOMAIN` and the canonical JSON of
+        :meth:`to_json`."""
+        return ACK_DOMAIN + canonical(self.to_json()).encode()
+
+    def sign(self, private_key: Ed25519PrivateKey) -> SignedAck:
+        return SignedAck(self, private_key.sign(self.signed_bytes()).hex())
+
+
+_HEX_SIGNATURE = re.compile(r"[0-9a-f]{128}")
+
+
+@dataclass(frozen=True)
+class SignedAck:
+    """An :class:`Ack` as the clearing house sends it: the ack's fields as before and
+    ``"signature"``, the hex Ed25519 signature of :meth:`Ack.signed_bytes`."""
+
+    ack: Ack
+    signature: str
+
+    def to_json(self) -> dict:
+        return {**self.ack.to_json(), "signature": self.signature}
+
+    @classmethod
+    def from_json(cls, obj: object) -> SignedAck:
+        ack = Ack.from_json(obj)
+        signature = obj.get("signature")  # an object: Ack.from_json checked it
+        if signature is None:
+            raise WireError("the ack is not signed")
+        if not isinstance(signature, str) or not _HEX_SIGNATURE.fullmatch(signature):
+            raise WireError("the ack's signature is not 128 hex digits")
+        return cls(ack, signature)
+
+    def verify(self, public_key: bytes) -> Ack:
+        """The ack, if its signature verifies with the clearing house's key; WireError
+        otherwise."""
+        if not verify_signature(public_key, bytes.fromhex(self.signature),
+                                self.ack.signed_bytes()):
+            raise WireError("the ack's signature does not verify with the clearing house's key")
+        return self.ack
+
+
+def verify_ack(answer: object, public_key: bytes) -> Ack:
+    """The ack in a clearing house's ``answer`` if it is signed by ``public_key``; WireError
+    (one line) otherwise. Whether it names the batch sent is the caller's to check."""
+    return SignedAck.from_json(answer).verify(public_key)
 
 
 # -- the action list --------------------------------------------------------------------------

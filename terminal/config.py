@@ -25,7 +25,9 @@ false), so a file that names no keys, or ``keys = "test"`` alone, is refused whe
     batch_retention_days = 90       # acknowledged batches' bodies are dropped after this
     clearing_url = "https://clearing.example"  # the daemon uploads batches there (none: it does not)
     upload_interval_s = 60          # and tries at least this often
-    clearing_public_key = "64 hex digits"  # verifies the action lists it fetches there
+    clearing_public_key = "64 hex digits"  # verifies the action lists and acks it gets there
+    clearing_ca_bundle = "/etc/farebox/clearing-ca.pem"  # https:// trusts these CAs only
+    clearing_insecure_http = false  # allow plain http:// to a clearing house not on loopback
     log_format = "text"             # the daemon's log: "text" (stderr) or "json" (stdout, journald)
     metrics_listen = "127.0.0.1:9108"  # a Prometheus endpoint, loopback only (left out: none)
 
@@ -96,6 +98,9 @@ class TerminalConfig:
     clearing_url: str | None = None
     upload_interval_s: float = 60.0
     clearing_public_key: bytes | None = None
+    # issue 17 item 3: how the clearing house is reached (uploads need clearing_public_key)
+    clearing_ca_bundle: Path | None = None
+    clearing_insecure_http: bool = False
     log_format: str = "text"
     metrics_listen: str | None = None
     #: where each setting came from ("default", "file", "env", "flag"), for `doctor` and notices
@@ -172,6 +177,8 @@ def _from_toml(path: Path) -> dict:
         "clearing_url": ("clearing_url", _url),
         "upload_interval_s": ("upload_interval_s", _batch_age),
         "clearing_public_key": ("clearing_public_key", _public_key),
+        "clearing_ca_bundle": ("clearing_ca_bundle", lambda v, k: Path(_string(v, k))),
+        "clearing_insecure_http": ("clearing_insecure_http", _flag),
         "log_format": ("log_format", _log_format),
         "metrics_listen": ("metrics_listen", _metrics_listen),
     }
@@ -328,6 +335,12 @@ def _public_key(value: object, key: str) -> bytes:
     if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
         raise ValueError("expected 64 hex digits (an Ed25519 public key)")
     return bytes.fromhex(text)
+
+
+def _flag(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
 
 
 def _url(value: object, key: str) -> str:

@@ -33,6 +33,7 @@ from farebox.terminal.store.journal import Journal, JournalBroken, JournalError
 from farebox.terminal.store.private import private_directory
 from farebox.terminal.card.keys import KeyFileError, KeyStore, open_key_store, parse_key_source
 from farebox.terminal.link.fetch import HeldList, fetch, held_list, keep_good
+from farebox.terminal.link.upload import ClearingHouse, clearing_house, tls_verify
 from farebox.terminal.core.rules import ListEntry
 from farebox.terminal.core.clock import now_utc
 from farebox.terminal.link.signedlist import SignedList, SignedListError
@@ -266,7 +267,7 @@ def fetch_action_list(config: TerminalConfig, url: str | None, now: datetime
     try:
         private_directory(state_dir(config))  # 0700 if this fetch is the first to make it
         return fetch(url, state_dir(config), config.clearing_public_key, now,
-                     config.list_bounds)
+                     config.list_bounds, tls=tls_verify(config.clearing_ca_bundle))
     except SignedListError as error:
         raise RuntimeSetupError(f"action list refused: {error}") from None
     except Exception as error:  # httpx.HTTPError and OSError: the house cannot be reached
@@ -274,6 +275,18 @@ def fetch_action_list(config: TerminalConfig, url: str | None, now: datetime
             raise RuntimeSetupError(f"cannot fetch the action list from {url}: "
                                     f"{type(error).__name__}") from None
         raise
+
+
+def clearing_house_for(config: TerminalConfig, url: str | None = None) -> ClearingHouse:
+    """Where this terminal uploads its batches: ``url`` (else ``clearing_url``) with
+    ``clearing_public_key``, ``clearing_ca_bundle`` and ``clearing_insecure_http``, checked
+    before anything is sent (UploadSetupError, exit 2, naming the setting). ``farebox upload``
+    and the daemon's uploader both come here."""
+    url = url or config.clearing_url
+    if url is None:
+        raise RuntimeSetupError("give --url (or clearing_url in --config)")
+    return clearing_house(url, config.clearing_public_key, ca_bundle=config.clearing_ca_bundle,
+                          insecure_http=config.clearing_insecure_http)
 
 
 @contextmanager
@@ -301,4 +314,4 @@ __all__ = ["ConfigError", "ReaderSpec", "RuntimeSetupError", "TerminalConfig", "
            "batch_policy", "card_readers", "default_state_dir", "fetch_action_list",
            "fetched_action_list", "init_terminal", "load_action_lists", "load_keys", "money_keys",
            "open_journal", "open_settlement", "open_terminal", "open_transport",
-           "refuse_test_keys", "state_dir"]
+           "refuse_test_keys", "state_dir", "clearing_house_for"]

@@ -33,8 +33,14 @@ def clearing() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="0: a free port")
-def serve(db, host, port) -> None:
-    """Serve the receiver over HTTP until SIGINT/SIGTERM; prints {"url": ...} once listening."""
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, metavar="PEM",
+              help="serve HTTPS with this certificate (chain, PEM); needs --tls-key")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, metavar="PEM",
+              help="the certificate's private key (PEM)")
+def serve(db, host, port, tls_cert, tls_key) -> None:
+    """Serve the receiver over HTTP (HTTPS with --tls-cert/--tls-key) until SIGINT/SIGTERM;
+    prints {"url": ...} once listening. Every ack is signed with the key `clearing key`
+    prints."""
     import logging
 
     try:
@@ -44,12 +50,15 @@ def serve(db, host, port) -> None:
                          "pip install 'farebox[clearing]'") from None
     from farebox.clearing.store import StoreError
 
+    if (tls_cert is None) != (tls_key is None):
+        raise InputError("--tls-cert and --tls-key go together")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="farebox clearing: %(message)s")
 
     try:
         run_server(db, host, port,
-                   on_ready=lambda url: click.echo(json.dumps({"url": url}), nl=True))
+                   on_ready=lambda url: click.echo(json.dumps({"url": url}), nl=True),
+                   tls_cert=tls_cert, tls_key=tls_key)
     except StoreError as error:
         raise InputError(str(error)) from None
     except OSError as error:
@@ -132,7 +141,8 @@ def action(db, card, reason, at, as_json) -> None:
 @click.option("--db", required=True, help=DB_HELP)
 @json_option
 def key(db, as_json) -> None:
-    """Print the public key the action lists are signed with (terminals' clearing_public_key)."""
+    """Print the public key the action lists and acks are signed with (terminals'
+    clearing_public_key)."""
     from farebox.clearing.service import Receiver
 
     with _store(db) as store:

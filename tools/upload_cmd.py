@@ -7,7 +7,7 @@ import sys
 import click
 
 from farebox.terminal.core.clock import now_utc
-from farebox.terminal.runtime import open_settlement
+from farebox.terminal.runtime import clearing_house_for, open_settlement
 
 from farebox.tools import output
 from farebox.tools.common import config_option, json_option, settings, state_option
@@ -19,23 +19,26 @@ EXIT_INCOMPLETE = 3
 @click.command()
 @state_option
 @config_option
-@click.option("--url", required=True, help="the clearing house, e.g. http://127.0.0.1:8080")
+@click.option("--url", help="the clearing house, e.g. https://clearing.example "
+              "[default: clearing_url in --config]")
 @click.option("--attempts", type=click.IntRange(1, 20), default=5, show_default=True,
               help="tries per batch (backoff with jitter between them)")
 @json_option
 def upload(state_dir, config_file, url, attempts, as_json) -> None:
-    """Upload every unacknowledged batch, oldest first (exit 3 if one could not be delivered)."""
+    """Upload every unacknowledged batch, oldest first; a batch counts as delivered only on an
+    ack signed with clearing_public_key (exit 3 if one could not be delivered)."""
     from farebox.terminal.link.upload import upload as send
 
-    if not url.startswith(("http://", "https://")):
+    if url is not None and not url.startswith(("http://", "https://")):
         raise click.BadParameter("expected http://... or https://...", param_hint="--url")
     config = settings(config_file, state_dir=state_dir)
+    house = clearing_house_for(config, url)
     with open_settlement(config) as settlement:
         total = len(settlement.unacknowledged())
         show = total > 0 and not as_json and sys.stderr.isatty()
         with click.progressbar(length=total, label="uploading batches", file=sys.stderr,
                                hidden=not show) as bar:
-            result = send(settlement, url, now_utc, attempts=attempts,
+            result = send(settlement, house, now_utc, attempts=attempts,
                           on_batch=lambda batch, acked: bar.update(1))
     obj = {"acknowledged": result.acknowledged, "pending": result.pending,
            "stopped_at": result.stopped_at, "reason": result.reason}

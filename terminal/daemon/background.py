@@ -12,11 +12,12 @@ from farebox.terminal.card.tap import Terminal
 from farebox.terminal.config import TerminalConfig
 from farebox.terminal.link.fetch import FETCHED_FILE, GOOD_FILE
 from farebox.terminal.link.signedlist import SignedList
-from farebox.terminal.link.upload import BackgroundUploader
+from farebox.terminal.link.upload import BackgroundUploader, UploadSetupError
 from farebox.terminal.runtime import (
     RuntimeSetupError, action_lists, batch_policy, fetch_action_list, fetched_action_list,
     open_journal, state_dir,
 )
+from farebox.terminal.runtime import clearing_house_for
 from farebox.terminal.store.identity import IdentityError, load_identity
 from farebox.terminal.store.settlement import BatchCloser, Settlement, SettlementError
 
@@ -39,15 +40,17 @@ def batch_closer(config: TerminalConfig, terminal: Terminal, clock: Callable[[],
 def start_uploader(config: TerminalConfig, clock: Callable[[], datetime], *,
                    on_synced: Callable[[], None] = lambda: None,
                    on_fetched: Callable[[], None] = lambda: None) -> BackgroundUploader | None:
-    """The daemon's background uploads to ``config.clearing_url`` (None when there is none, or
-    no identity to upload as: said once on the log). ``on_synced`` after a round that leaves
-    nothing unacknowledged, ``on_fetched`` after each action list fetched and verified (both on
-    the uploader's thread)."""
+    """The daemon's background uploads to ``config.clearing_url`` (None when there is none; or
+    when it cannot be uploaded to as configured, e.g. no ``clearing_public_key`` to verify acks
+    with (``farebox doctor`` fails on it), or there is no identity to upload as: said once on
+    the log). ``on_synced`` after a round that leaves nothing unacknowledged, ``on_fetched``
+    after each action list fetched and verified (both on the uploader's thread)."""
     if config.clearing_url is None:
         return None
     try:
+        house = clearing_house_for(config)
         identity = load_identity(state_dir(config))
-    except IdentityError as error:
+    except (UploadSetupError, IdentityError) as error:
         LOG.warning("batches are not uploaded: %s", error)
         return None
 
@@ -60,7 +63,7 @@ def start_uploader(config: TerminalConfig, clock: Callable[[], datetime], *,
         if changed:
             LOG.info("fetched a new action list")
 
-    return BackgroundUploader(open_own, config.clearing_url, clock, config.upload_interval_s,
+    return BackgroundUploader(open_own, house, clock, config.upload_interval_s,
                               also=fetch_list if config.clearing_public_key else None,
                               on_synced=on_synced).start()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -114,16 +115,18 @@ def keep_good(directory: Path, held: HeldList) -> None:
 
 
 def fetch(url: str, directory: Path, public_key: bytes, now: datetime,
-          bounds: ListBounds = ListBounds(), timeout_s: float = 10.0) -> tuple[SignedList, bool]:
+          bounds: ListBounds = ListBounds(), timeout_s: float = 10.0,
+          tls: ssl.SSLContext | bool = True) -> tuple[SignedList, bool]:
     """Fetch ``URL/v1/actions``, verify it (signature, expiry, not issued in the future, serial
     neither older than the list in force nor too far past it) and keep it with ``public_key``;
     ``(list, changed)``, changed when its serial is not the one in force. SignedListError or
     OSError-like httpx errors otherwise, with the lists held left as they were. A held list that
-    no longer verifies does not stop a fetch: the fetch is how it is replaced."""
+    no longer verifies does not stop a fetch: the fetch is how it is replaced. ``tls``: httpx's
+    certificate check for https:// (its ``verify``: the clearing house's CA bundle)."""
     import httpx
 
     held = held_list(directory, public_key, now, bounds).in_force
-    with httpx.Client(timeout=timeout_s, follow_redirects=False) as client, \
+    with httpx.Client(timeout=timeout_s, follow_redirects=False, verify=tls) as client, \
             client.stream("GET", url.rstrip("/") + "/v1/actions") as response:
         if response.status_code != 200:
             raise SignedListError(f"the clearing house answered HTTP {response.status_code}")

@@ -5,7 +5,18 @@ incarnation, number, body, hash, signature}`` (an :class:`Upload` of the settlem
 format, whose :class:`Ack` is the answer). Idempotent: the same batch sent twice is the same
 (terminal, incarnation, number, hash), which the receiver acknowledges again without storing
 anything twice. A batch is marked acknowledged only by a 200 answer whose ``ack`` names exactly
-that terminal, incarnation, number and hash; nothing else the server says changes anything here.
+that terminal, incarnation, number and hash and is signed by the clearing house's key (a
+``SignedAck`` of the settlement wire format, verified with the terminal's
+``clearing_public_key``); nothing else the server says changes anything here. An answer that
+names the batch but is not so signed (an echo, a forgery, another clearing house) stops the
+upload there: the batch stays pending.
+
+Where batches go is a :class:`ClearingHouse`, made only by :func:`clearing_house`, which refuses
+(:class:`UploadSetupError`, before anything is sent) to go without the clearing house's public
+key, and plain ``http://`` to a host that is not loopback unless told it is meant
+(``clearing_insecure_http``). ``https://`` verifies the server's certificate against httpx's
+default CAs (certifi's bundle; ``SSL_CERT_FILE`` overrides it) or, given ``ca_bundle``, against
+those certificates only (a private CA).
 
 Timeouts, connection errors, 5xx and unreadable answers are retried with exponential backoff and
 full jitter; a 4xx is the server refusing that batch and stops the upload (later batches would
@@ -14,20 +25,24 @@ not link). Answers are read up to :data:`MAX_ANSWER_BYTES`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-from farebox.protocol.settlement import Ack, Upload, WireError
+from farebox.protocol.settlement import Ack, Upload, WireError, verify_ack
 
 from farebox.terminal import failpoints
-from farebox.terminal.errors import TerminalError
+from farebox.terminal.errors import BadInput, TerminalError
 from farebox.terminal.store.settlement import Batch, Settlement
 
 if TYPE_CHECKING:  # httpx is imported when an upload runs, not by every command
@@ -42,8 +57,14 @@ BACKOFF_MAX_S = 30.0
 TIMEOUT_S = 10.0
 
 
+class UploadSetupError(BadInput, ValueError):
+    """Batches cannot be uploaded as configured (no clearing house key, plain HTTP to a host
+    that is not loopback, a CA bundle that cannot be read); one line naming the setting."""
+
+
 class UploadRefused(TerminalError):
-    """The server refused a batch (4xx): retrying it will not help."""
+    """The server refused a batch (4xx), or answered with an ack the clearing house did not
+    sign: retrying it will not help."""
 
 
 class UploadFailed(TerminalError):
@@ -62,6 +83,74 @@ class UploadResult:
         return self.stopped_at is None
 
 
+@dataclass(frozen=True)
+class ClearingHouse:
+    """Where batches go and whose acks count: the URL, the clearing house's Ed25519 public key
+    (raw 32 bytes) and what https:// verifies the server with (httpx's ``verify``). Made by
+    :func:`clearing_house`, which checks them."""
+
+    url: str
+    public_key: bytes
+    verify: ssl.SSLContext | bool = True
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine without asking DNS: ``localhost``, 127.0.0.0/8,
+    ::1."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def clearing_house(url: str, public_key: bytes | None, *, ca_bundle: Path | None = None,
+                   insecure_http: bool = False) -> ClearingHouse:
+    """The clearing house at ``url`` whose acks must verify with ``public_key``;
+    UploadSetupError (nothing sent) when there is no key, when ``url`` is plain http:// to a
+    host that is not loopback and ``insecure_http`` is not set, or when ``ca_bundle`` (PEM CA
+    certificates that https:// then trusts, instead of the default ones) cannot be used."""
+    if public_key is None:
+        raise UploadSetupError(
+            "clearing_public_key is not configured: the clearing house's acknowledgements "
+            "cannot be verified without it, so no batch is uploaded (`farebox clearing key` "
+            "prints it)")
+    if len(public_key) != 32:
+        raise UploadSetupError("clearing_public_key: expected 64 hex digits (an Ed25519 "
+                               "public key)")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        host = None
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not host:
+        raise UploadSetupError(f"clearing house {url[:80]!r}: expected http://HOST... or "
+                               "https://HOST...")
+    if parts.scheme == "http" and not insecure_http and not is_loopback(host):
+        raise UploadSetupError(
+            f"clearing house {url[:80]}: plain http:// to {host}, not a loopback address, "
+            "is refused (batches would cross the network unprotected): use https://, or set "
+            "clearing_insecure_http = true")
+    return ClearingHouse(url, public_key, tls_verify(ca_bundle))
+
+
+def tls_verify(ca_bundle: Path | None) -> ssl.SSLContext | bool:
+    """What https:// to the clearing house verifies its server with (httpx's ``verify``): the
+    default CAs, or only the PEM CA certificates in ``ca_bundle``; UploadSetupError naming
+    ``clearing_ca_bundle`` when that file cannot be used."""
+    if ca_bundle is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca_bundle))
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        reason = getattr(error, "strerror", None) or getattr(error, "reason", None) \
+            or type(error).__name__
+        raise UploadSetupError(f"clearing_ca_bundle {ca_bundle}: not usable as PEM CA "
+                               f"certificates ({reason})") from None
+
+
 def batches_url(url: str) -> str:
     return url.rstrip("/") + "/v1/batches"
 
@@ -76,18 +165,25 @@ def upload_payload(settlement: Settlement, batch: Batch) -> dict:
     return upload_of(settlement, batch).to_json()
 
 
-def upload(settlement: Settlement, url: str, now: Callable[[], datetime], *,
+def http_client(house: ClearingHouse, timeout_s: float = TIMEOUT_S) -> httpx.Client:
+    """An httpx client for ``house``: no redirects, its certificate check."""
+    import httpx
+
+    return httpx.Client(timeout=timeout_s, follow_redirects=False, verify=house.verify)
+
+
+def upload(settlement: Settlement, house: ClearingHouse, now: Callable[[], datetime], *,
            client: httpx.Client | None = None, attempts: int = DEFAULT_ATTEMPTS,
            on_batch: Callable[[Batch, bool], None] = lambda batch, acked: None,
            sleep: Callable[[float], None] = time.sleep,
            should_stop: Callable[[], bool] = lambda: False) -> UploadResult:
     """Send every unacknowledged batch in order until one cannot be; see the module doc."""
-    import httpx
-
+    if not isinstance(house, ClearingHouse):  # the checks of clearing_house() are not skipped
+        raise TypeError("upload() needs a ClearingHouse (see clearing_house())")
     result = UploadResult()
     pending = settlement.unacknowledged()
     own_client = client is None
-    client = client or httpx.Client(timeout=TIMEOUT_S, follow_redirects=False)
+    client = client or http_client(house)
     try:
         for index, batch in enumerate(pending):
             if should_stop():
@@ -95,8 +191,8 @@ def upload(settlement: Settlement, url: str, now: Callable[[], datetime], *,
                 break
             failpoints.hit("upload-before-send")
             try:
-                _send(client, batches_url(url), upload_of(settlement, batch), attempts, sleep,
-                      should_stop)
+                _send(client, batches_url(house.url), upload_of(settlement, batch),
+                      house.public_key, attempts, sleep, should_stop)
             except (UploadRefused, UploadFailed) as error:
                 result.stopped_at, result.reason = batch.number, str(error)
                 LOG.info("upload stopped at batch %d: %s", batch.number, error)
@@ -113,10 +209,11 @@ def upload(settlement: Settlement, url: str, now: Callable[[], datetime], *,
     return result
 
 
-def _send(client: httpx.Client, url: str, sent: Upload, attempts: int,
+def _send(client: httpx.Client, url: str, sent: Upload, public_key: bytes, attempts: int,
           sleep: Callable[[float], None], should_stop: Callable[[], bool]) -> None:
-    """POST one batch until it is acknowledged; UploadRefused on 4xx, UploadFailed when the
-    attempts run out."""
+    """POST one batch until it is acknowledged by an ack signed with ``public_key``;
+    UploadRefused on 4xx and on an ack that names the batch but is not so signed, UploadFailed
+    when the attempts run out."""
     import httpx
 
     payload = sent.to_json()
@@ -140,11 +237,19 @@ def _send(client: httpx.Client, url: str, sent: Upload, attempts: int,
             problem = f"HTTP {status}"
             continue
         try:
-            if Ack.from_json(answer).batch == sent.name:
-                return
+            names_it = Ack.from_json(answer).batch == sent.name
         except WireError:
-            pass
-        problem = "an answer that does not acknowledge this batch"
+            names_it = False
+        if not names_it:
+            problem = "an answer that does not acknowledge this batch"
+            continue
+        try:
+            verify_ack(answer, public_key)
+        except WireError as forged:
+            raise UploadRefused(f"batch {sent.number} not acknowledged: the answer names it but "
+                                f"{forged}; only an ack signed with clearing_public_key counts, "
+                                "so it stays pending") from None
+        return
     raise UploadFailed(f"batch {sent.number}: {problem} (after {attempts} attempts)")
 
 
@@ -174,7 +279,7 @@ class BackgroundUploader:
     returns within ``join_s``; an upload still in flight then is abandoned (it is idempotent:
     the next run sends that batch again)."""
 
-    def __init__(self, open_settlement: Callable[[], Settlement], url: str,
+    def __init__(self, open_settlement: Callable[[], Settlement], house: ClearingHouse,
                  now: Callable[[], datetime], interval_s: float = 60.0,
                  also: Callable[[], None] | None = None,
                  on_synced: Callable[[], None] = lambda: None) -> None:
@@ -184,7 +289,7 @@ class BackgroundUploader:
         self._open = open_settlement
         self._also = also
         self._on_synced = on_synced
-        self.url = url
+        self.house = house
         self.now = now
         self.interval_s = interval_s
         self._wake = threading.Event()
@@ -230,7 +335,7 @@ class BackgroundUploader:
             if not settlement.unacknowledged():
                 self._on_synced()
                 return
-            result = upload(settlement, self.url, self.now, attempts=3,
+            result = upload(settlement, self.house, self.now, attempts=3,
                             sleep=lambda s: self._stopping.wait(s),
                             should_stop=self._stopping.is_set)
         except Exception as error:  # noqa: BLE001 - the journal busy or failing: try later

@@ -30,6 +30,8 @@ from farebox.terminal.link.signedlist import span
 from farebox.terminal.runtime import (
     JOURNAL_FILE, RuntimeSetupError, ReaderSpec, fetched_action_list, open_transport, state_dir,
 )
+from farebox.terminal.runtime import clearing_house_for
+from farebox.terminal.errors import BadInput
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 READER_GROUP = "farebox"  # the group hw/'s udev rule gives the readers to
@@ -94,6 +96,8 @@ def run_checks(options: DoctorOptions, now: datetime,
     findings.append(_action_list(options.config, now))
     if options.config.action_list is not None:
         findings.append(_hotlist(options.config.action_list))
+    if options.config.clearing_url is not None:
+        findings.append(_clearing(options.config))
     if options.reader is not None:
         findings.append(_card_in_field(options))
     return findings
@@ -339,6 +343,20 @@ def _hotlist(path: Path) -> Finding:
         return Finding("hotlist", FAIL, f"action_list: {error}: every tap is refused",
                        f"fix or replace {path}, or remove action_list from the configuration")
     return Finding("hotlist", OK, f"action_list {path}: {len(entries)} entries")
+
+
+def _clearing(config: TerminalConfig) -> Finding:
+    """Whether the daemon can upload to ``clearing_url`` (it logs the reason and uploads
+    nothing when it cannot)."""
+    try:
+        house = clearing_house_for(config)
+    except BadInput as error:
+        fix = ('clearing_public_key = "HEX" in terminal.toml (`farebox clearing key` prints '
+               "it at the clearing house)" if config.clearing_public_key is None else
+               "change the setting named above in terminal.toml")
+        return Finding("clearing", FAIL, f"batches are not uploaded: {error}", fix)
+    return Finding("clearing", OK, f"uploads to {house.url}; acks verified with "
+                   f"clearing_public_key {house.public_key.hex()[:16]}...")
 
 
 def _card_in_field(options: DoctorOptions) -> Finding:

@@ -4,7 +4,8 @@ The literals below were produced by the code of commit 2ae4660, before the forma
 (``journal._record_hash``, ``settlement.canonical``/``totals``/``check_batch``,
 ``clearing.service.Ack``, ``signedlist.publish``), from the inputs written next to them and the
 Ed25519 key whose seed is bytes 0..31. They must never change: terminals in the field and the
-clearing house's stored hashes depend on every byte.
+clearing house's stored hashes depend on every byte. The signed ack's literals (``ACK_SIGNED_BYTES``,
+``ACK_SIGNATURE``) were made when acks were first signed (issue 17), by the same key.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from farebox.protocol.settlement import (
-    GENESIS_HASH, ActionEntry, ActionList, Ack, BatchBody, BatchItem, BatchName, SettlementRecord,
-    SignedActionList, SignedBatch, Totals, Upload, WireError, canonical, parse_utc,
-    public_key_bytes, record_hash, utc_iso, verify_batch,
+    ACK_DOMAIN, GENESIS_HASH, ActionEntry, ActionList, Ack, BatchBody, BatchItem, BatchName,
+    SettlementRecord, SignedAck, SignedActionList, SignedBatch, Totals, Upload, WireError,
+    canonical, parse_utc, public_key_bytes, record_hash, utc_iso, verify_ack, verify_batch,
 )
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -78,6 +79,13 @@ BODY_SIGNATURE = ("d3352c0a86a6df7aaed8b4d0e68432f0359d373a0bebd56f2906f20473aae
                   "450c7f79d4cd1ba39f2797b991667178576ea2d03d6931215e485f5f48d6fe0b")
 ACK = {"ack": {"terminal_id": "T-0001", "incarnation": "0123456789abcdef", "number": 1,
                "hash": BODY_HASH}, "records": 3, "duplicates": 1, "again": False}
+ACK_SIGNED_BYTES = (
+    b'farebox settlement ack 1\n{"ack":{"hash":'
+    b'"a1a413d14155f0d4e42c14974dcbef0116cd2b98fba276f6fcfdf5834e9d2a94",'
+    b'"incarnation":"0123456789abcdef","number":1,"terminal_id":"T-0001"},"again":false,'
+    b'"duplicates":1,"records":3}')
+ACK_SIGNATURE = ("73aa8d448626022baa67735cfba48e2778071aef313f882109f9979b3553cee9"
+                 "e039fb2795a87552ebe1afb60babe39958e0be030383fcfe6e6d2cfe5ce8390a")
 LIST_TEXT = ('{"entries":[{"at":"2026-11-21T10:00:00Z","card":"12345678","reason":"lost"}],'
              '"expires_utc":"2026-11-23T00:00:00.250000Z","format":1,'
              '"issued_utc":"2026-11-22T00:00:00.250000Z","serial":7}')
@@ -131,6 +139,49 @@ def test_an_upload_and_its_ack_are_todays_json():
     assert ack.to_json() == ACK
     assert json.dumps(ack.to_json()) == json.dumps(ACK)  # key order too
     assert Ack.from_json(json.loads(json.dumps(ACK))) == ack
+
+
+def test_a_signed_ack_is_todays_bytes_and_signature_and_keeps_the_ack_fields():
+    ack = Ack(BatchName("T-0001", "0123456789abcdef", 1, BODY_HASH), 3, 1, False)
+    assert ack.signed_bytes() == ACK_SIGNED_BYTES and ACK_SIGNED_BYTES.startswith(ACK_DOMAIN)
+    signed = ack.sign(KEY)
+    assert signed == SignedAck(ack, ACK_SIGNATURE)
+    sent = signed.to_json()
+    assert list(sent) == ["ack", "records", "duplicates", "again", "signature"]
+    assert sent == {**ACK, "signature": ACK_SIGNATURE}  # the old fields, as they were
+    assert Ack.from_json(json.loads(json.dumps(sent))) == ack  # what an old reader takes
+    assert verify_ack(json.loads(json.dumps(sent)), PUBLIC) == ack
+
+
+def test_acks_that_are_not_signed_by_the_key_are_refused_each_in_one_line():
+    other = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+    signed = {**ACK, "signature": ACK_SIGNATURE}
+    lied = {**ACK, "records": 4}
+    cases = {
+        "is not signed": ACK,  # an echo of the batch's name, as a forger sends it
+        "not 128 hex digits": {**ACK, "signature": "zz"},
+        "not 128 hex digits ": {**ACK, "signature": ACK_SIGNATURE.upper()},
+        "does not verify": {**ACK, "signature": "00" * 64},
+        "does not verify ": {**lied, "signature": ACK_SIGNATURE},  # a field changed
+        "does not verify  ": Ack.from_json(ACK).sign(other).to_json(),  # another key
+        # the same key's signature of an action list, or of the ack's JSON without the domain
+        "does not verify   ": {**ACK, "signature": KEY.sign(
+            ACK_SIGNED_BYTES.removeprefix(ACK_DOMAIN)).hex()},
+    }
+    for problem, answer in cases.items():
+        with pytest.raises(WireError) as refused:
+            verify_ack(answer, PUBLIC)
+        assert problem.strip() in str(refused.value) and "\n" not in str(refused.value)
+    assert verify_ack(signed, PUBLIC).records == 3
+    for answer in (None, [], {"signature": ACK_SIGNATURE}, {**signed, "signature": 5}):
+        with pytest.raises(WireError):
+            verify_ack(answer, PUBLIC)
+    # an action list signed by the same key is never an ack, nor an ack a list
+    published = SignedActionList.publish([], 1, datetime(2026, 11, 22, tzinfo=HKT), KEY)
+    with pytest.raises(WireError):
+        verify_ack({**ACK, "signature": published.signature}, PUBLIC)
+    with pytest.raises(WireError):
+        SignedActionList(ACK_SIGNED_BYTES.decode(), ACK_SIGNATURE).verify(PUBLIC)
 
 
 def test_a_signed_action_list_is_todays_text_and_signature():
@@ -322,7 +373,8 @@ def test_a_damaged_signed_batch_is_refused_with_one_line_or_verifies_as_signed(d
 def test_any_json_is_read_or_refused_with_a_wire_error(value):
     for read in (SettlementRecord.from_json, BatchItem.from_json, BatchBody.from_json,
                  Totals.from_json, Upload.from_json, Ack.from_json, BatchName.from_json,
-                 SignedActionList.from_json, ActionList.from_json):
+                 SignedActionList.from_json, ActionList.from_json, SignedAck.from_json,
+                 lambda v: verify_ack(v, PUBLIC)):
         try:
             read(value)
         except WireError as refused:

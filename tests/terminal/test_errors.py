@@ -50,6 +50,7 @@ KINDS = {
     "store.settlement.SettlementError": (TerminalError, Exception),
     "link.actionlist.ActionListError": (BadInput, ValueError),
     "link.signedlist.SignedListError": (BadInput, ValueError),
+    "link.upload.UploadSetupError": (BadInput, ValueError),
     "link.upload.UploadRefused": (TerminalError, Exception),
     "link.upload.UploadFailed": (TerminalError, Exception),
     "ops.dumps.DumpError": (BadInput, ValueError),

@@ -39,7 +39,7 @@ from farebox.terminal.card.keys import published_test_keys
 from farebox.terminal.core.rules import Tariff
 from farebox.terminal.store.settlement import Settlement
 from farebox.terminal.card.tap import TapInterrupted, Terminal
-from farebox.terminal.link.upload import upload
+from farebox.terminal.link.upload import clearing_house, upload
 
 KEYS = published_test_keys()
 START = datetime(2026, 11, 1, 7, 0, tzinfo=timezone(timedelta(hours=8)))
@@ -139,10 +139,12 @@ class Settling(RuleBasedStateMachine):
             if self.lose_next_ack:
                 self.lose_next_ack = False
                 return httpx.Response(502, json={"error": "gateway lost the answer"})
-            return httpx.Response(200, json=ack.to_json())
+            return httpx.Response(200, json=self.receiver.sign_ack(ack).to_json())
 
+        house = clearing_house("http://clearing.invalid", self.receiver.public_key,
+                               insecure_http=True)  # an in-process hand-off: nothing crosses
         with httpx.Client(transport=httpx.MockTransport(hand_off)) as client:
-            return upload(station.settlement, "http://clearing.invalid", lambda: self.now,
+            return upload(station.settlement, house, lambda: self.now,
                           client=client, attempts=3, sleep=lambda s: None)
 
     def _balance(self, card):

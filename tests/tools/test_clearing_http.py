@@ -1,6 +1,7 @@
 """Uploads over real HTTP: ``farebox clearing serve`` (uvicorn) as a separate process, and
 hostile servers (http.server on loopback) that fail, lie or stall. Whatever a server does, a
-batch is marked acknowledged only by an answer that names exactly it."""
+batch is marked acknowledged only by an answer that names exactly it, signed by the clearing
+house's key (the terminal's ``clearing_public_key``: :func:`trusting` configures it)."""
 
 from __future__ import annotations
 
@@ -23,16 +24,18 @@ LATER = "2026-11-22T08:10:00+08:00"
 
 
 @contextlib.contextmanager
-def start_receiver(db):
-    """``farebox clearing serve --db DB --port 0`` in the background; yields its URL."""
+def start_receiver(db, tls=None):
+    """``farebox clearing serve --db DB --port 0`` in the background (with ``tls``, a
+    (certificate, key) pair of PEM files: ``--tls-cert`` / ``--tls-key``); yields its URL."""
+    options = ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []
     process = subprocess.Popen([str(CONSOLE_SCRIPT), "clearing", "serve", "--db", str(db),
-                                "--port", "0"],
+                                "--port", "0", *options],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         assert line, process.communicate(timeout=10)
         url = json.loads(line)["url"]
-        assert url.startswith("http://127.0.0.1:")
+        assert url.startswith("https://127.0.0.1:" if tls else "http://127.0.0.1:")
         yield url
     finally:
         process.send_signal(signal.SIGTERM)
@@ -69,12 +72,14 @@ def test_upload_to_the_receiver_settles_what_the_card_lost_exactly_once(farebox,
     made, card = terminal_with_batches(farebox)
     farebox("clearing", "enroll", "--db", db, "--terminal", "T-0001", "--pubkey",
             made["public_key"], "--json").json()
-    sent = farebox("upload", "--state", farebox.state, "--url", url, "--json").json()
+    config = trusting(farebox, db, url)
+    sent = farebox("upload", "--state", farebox.state, "--config", config, "--json").json()
     assert sent["pending"] == 0 and sent["stopped_at"] is None and sent["acknowledged"]
     # every ack lost: the terminal sends everything again; the receiver stores nothing twice
     with sqlite3.connect(farebox.state / "journal.sqlite3") as journal:
         journal.execute("UPDATE batches SET acked_utc = NULL")
-    again = farebox("upload", "--state", farebox.state, "--url", url, "--json").json()
+    again = farebox("upload", "--state", farebox.state, "--url", url, "--config", config,
+                    "--json").json()
     assert again["acknowledged"] == sent["acknowledged"]
     report = farebox("clearing", "report", "--db", db, "--json").json()
     shown = farebox.show(card)
@@ -90,14 +95,15 @@ def test_upload_to_the_receiver_settles_what_the_card_lost_exactly_once(farebox,
 def test_an_unenrolled_terminal_and_a_tampered_batch_change_nothing(farebox, receiver):
     url, db = receiver
     made, _ = terminal_with_batches(farebox)
-    refused = farebox("upload", "--state", farebox.state, "--url", url, "--json")
+    config = trusting(farebox, db, url)
+    refused = farebox("upload", "--state", farebox.state, "--config", config, "--json")
     assert refused.code == 3 and "not enrolled" in json.loads(refused.out)["reason"]
     farebox("clearing", "enroll", "--db", db, "--terminal", "T-0001", "--pubkey",
             made["public_key"]).code == 0
     with sqlite3.connect(farebox.state / "journal.sqlite3") as journal:
         journal.execute("UPDATE batches SET body = replace(body, '\"amount_cents\":100', "
                         "'\"amount_cents\":1') WHERE number = 1")
-    tampered = farebox("upload", "--state", farebox.state, "--url", url, "--json")
+    tampered = farebox("upload", "--state", farebox.state, "--config", config, "--json")
     assert tampered.code == 3 and json.loads(tampered.out)["stopped_at"] == 1
     listing = farebox("batch", "list", "--state", farebox.state, "--json").json()
     assert not any(b["acked"] for b in listing["batches"])
@@ -131,6 +137,18 @@ class Hostile(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+def some_house(farebox, name="house.toml"):
+    """A configuration that trusts a clearing house key no server in these tests holds."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from farebox.protocol.settlement import public_key_bytes
+
+    config = farebox.path(name)
+    key = public_key_bytes(Ed25519PrivateKey.generate()).hex()
+    config.write_text(f'[terminal]\nclearing_public_key = "{key}"\n')
+    return config
+
+
 @pytest.fixture
 def hostile():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
@@ -149,7 +167,7 @@ def test_a_hostile_server_changes_nothing(farebox, hostile, behaviour):
     terminal_with_batches(farebox)
     before = farebox("batch", "list", "--state", farebox.state, "--json").json()
     run = farebox("upload", "--state", farebox.state, "--url", hostile, "--attempts", "2",
-                  "--json")
+                  "--config", some_house(farebox), "--json")
     assert run.code == 3, run
     result = json.loads(run.out)
     assert result["acknowledged"] == [] and result["stopped_at"] == 1
@@ -160,7 +178,7 @@ def test_a_hostile_server_changes_nothing(farebox, hostile, behaviour):
 def test_nothing_listening_is_retried_then_reported(farebox):
     terminal_with_batches(farebox)
     run = farebox("upload", "--state", farebox.state, "--url", "http://127.0.0.1:9",
-                  "--attempts", "2", "--json")
+                  "--attempts", "2", "--config", some_house(farebox), "--json")
     assert run.code == 3 and "ConnectError" in json.loads(run.out)["reason"]
 
 
@@ -177,10 +195,8 @@ def test_the_daemon_uploads_its_batches_in_the_background(farebox, receiver):
                    "--json").json()
     farebox("clearing", "enroll", "--db", db, "--terminal", "BUS-7", "--pubkey",
             made["public_key"]).code == 0
-    config = farebox.path("farebox.toml")
-    config.write_text('[terminal]\nallow_test_keys = true\n'
-                      f'batch_max_records = 1\nclearing_url = "{url}"\n'
-                      "upload_interval_s = 1\n")
+    config = trusting(farebox, db, url, "farebox.toml")
+    config.write_text(config.read_text() + "batch_max_records = 1\nupload_interval_s = 1\n")
     card = farebox.card(balance="10.00")
     server = Served(card, "--taps", 2)
     run = subprocess.Popen([str(CONSOLE_SCRIPT), "run", "--reader", server.address, "--fare",
@@ -319,7 +335,8 @@ def test_a_card_counter_spent_twice_is_listed_cancelled(farebox, receiver):
             "--json").json()
     for state in (farebox.state, farebox.path("b")):
         farebox("batch", "close", "--state", state, "--json").json()
-        farebox("upload", "--state", state, "--url", url, "--json").json()
+        farebox("upload", "--state", state, "--config", trusting(farebox, db, url),
+                "--json").json()
     report = farebox("clearing", "report", "--db", db, "--json").json()
     assert report["counter_forks"] == [{"card": 12345678, "counter": 1, "writes": 2}]
     config = trusting(farebox, db, url)
@@ -417,7 +434,8 @@ def test_a_week_offline_then_one_upload_settles_every_tap_once(farebox, receiver
         terminal.idle()
     closed = farebox("batch", "close", "--state", farebox.state, "--json").json()
     assert [b["records"] for b in closed["closed"]] == [1000, 1000, 1000]
-    sent = farebox("upload", "--state", farebox.state, "--url", url, "--json").json()
+    sent = farebox("upload", "--state", farebox.state, "--url", url, "--config",
+                   trusting(farebox, db, url), "--json").json()
     assert sent["acknowledged"] == [1, 2, 3] and sent["pending"] == 0
     report = farebox("clearing", "report", "--db", db, "--json").json()
     assert report["totals"] == {"committed": {"payment": {"count": 3000, "amount": "3000.00"}}}

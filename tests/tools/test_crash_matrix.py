@@ -107,7 +107,7 @@ def test_any_crash_then_upload_settles_each_value_movement_at_the_receiver_once(
     """The whole path: a tap, a batch close or an upload killed at the failpoint, then everything
     run again and uploaded to a real receiver (uvicorn): its committed totals are exactly what
     the card lost, every record once."""
-    from .test_clearing_http import CONSOLE_SCRIPT, start_receiver
+    from .test_clearing_http import CONSOLE_SCRIPT, start_receiver, trusting
 
     made = farebox("terminal", "init", "--state", farebox.state, "--id", "T-0001",
                    "--json").json()
@@ -115,6 +115,7 @@ def test_any_crash_then_upload_settles_each_value_movement_at_the_receiver_once(
         db = str(farebox.path("clearing.sqlite3"))
         assert farebox("clearing", "enroll", "--db", db, "--terminal", "T-0001", "--pubkey",
                        made["public_key"]).code == 0
+        house = trusting(farebox, db, url)  # the receiver's key: its acks are signed
         card = farebox.card(balance="10.00")
         env = {"FAREBOX_FAILPOINT": failpoint}
         tap = ["tap", card, "--fare", "1.00", "--state", farebox.state, "--json"]
@@ -124,13 +125,13 @@ def test_any_crash_then_upload_settles_each_value_movement_at_the_receiver_once(
         close = farebox.script("batch", "close", "--state", farebox.state, "--max-records", "1",
                                env=env if failpoint in BATCH_FAILPOINTS else {})
         assert close.code == (FAILPOINT_EXIT if failpoint in BATCH_FAILPOINTS else 0), close
-        sent = farebox.script("upload", "--state", farebox.state, "--url", url,
+        sent = farebox.script("upload", "--state", farebox.state, "--config", house,
                               env=env if failpoint in UPLOAD_FAILPOINTS else {})
         assert sent.code == (FAILPOINT_EXIT if failpoint in UPLOAD_FAILPOINTS else 0), sent
         # everything again, cleanly: the card once more, close, upload
         farebox.tap(card, "--fare", "1.00", at=LATER).json()
         farebox("batch", "close", "--state", farebox.state, "--json").json()
-        done = farebox("upload", "--state", farebox.state, "--url", url, "--json").json()
+        done = farebox("upload", "--state", farebox.state, "--config", house, "--json").json()
         assert done["pending"] == 0
         report = farebox("clearing", "report", "--db", db, "--json").json()
     lost = cents("10.00") - cents(farebox.show(card)["balance"])
@@ -146,7 +147,7 @@ def test_any_crash_then_upload_settles_each_value_movement_at_the_receiver_once(
 def test_every_tear_then_upload_settles_what_the_card_lost_once(farebox, tear):
     """The tear matrix, through to a real receiver: a card pulled away after every number of
     commands, and every block write landing torn; then presented again, closed and uploaded."""
-    from .test_clearing_http import start_receiver
+    from .test_clearing_http import start_receiver, trusting
 
     made = farebox("terminal", "init", "--state", farebox.state, "--id", "T-0001",
                    "--json").json()
@@ -154,6 +155,7 @@ def test_every_tear_then_upload_settles_what_the_card_lost_once(farebox, tear):
     with start_receiver(db) as url:
         farebox("clearing", "enroll", "--db", db, "--terminal", "T-0001", "--pubkey",
                 made["public_key"]).code == 0
+        house = trusting(farebox, db, url)
         card = farebox.card(balance="10.00")
         cut = farebox("tap", card, "--fare", "1.00", "--at", AT, "--state", farebox.state,
                       *tear, "--json")
@@ -161,7 +163,7 @@ def test_every_tear_then_upload_settles_what_the_card_lost_once(farebox, tear):
         for at in (RETAP, LATER):
             farebox.tap(card, "--fare", "1.00", at=at).json()
         farebox("batch", "close", "--state", farebox.state, "--json").json()
-        assert farebox("upload", "--state", farebox.state, "--url", url,
+        assert farebox("upload", "--state", farebox.state, "--config", house,
                        "--json").json()["pending"] == 0
         report = farebox("clearing", "report", "--db", db, "--json").json()
     lost = cents("10.00") - cents(farebox.show(card)["balance"])

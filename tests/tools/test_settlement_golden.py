@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_clearing_http import start_receiver
+from .test_clearing_http import start_receiver, trusting
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "settlement_v1"
 TERMINAL_ID = "T-GOLD"
@@ -74,13 +74,14 @@ def test_batches_closed_before_upload_to_a_receiver_and_are_acknowledged_once(fa
     with start_receiver(db) as url:
         farebox("clearing", "enroll", "--db", db, "--terminal", TERMINAL_ID, "--pubkey",
                 PUBLIC_KEY, "--json").json()
-        sent = farebox("upload", "--state", state, "--url", url, "--json").json()
+        house = trusting(farebox, db, url)  # the receiver's key: its acks are signed
+        sent = farebox("upload", "--state", state, "--config", house, "--json").json()
         assert sent == {"acknowledged": [1, 2, 3], "pending": 0, "stopped_at": None,
                         "reason": None}
         # the acks lost: everything is sent again and acknowledged again, stored once
         with sqlite3.connect(state / "journal.sqlite3") as journal:
             journal.execute("UPDATE batches SET acked_utc = NULL")
-        again = farebox("upload", "--state", state, "--url", url, "--json").json()
+        again = farebox("upload", "--state", state, "--config", house, "--json").json()
         assert again["acknowledged"] == [1, 2, 3] and again["pending"] == 0
     report = farebox("clearing", "report", "--db", db, "--json").json()
     assert report["totals"] == {
