@@ -19,9 +19,12 @@ FAILPOINT_EXIT = 86
 FAILPOINTS: dict[str, str] = {
     "after-intent": "the tap's intent is durable; nothing written to the card yet",
     "after-purse-write": "both purse blocks have landed (the value moved); the log block not yet",
-    "after-log-write": "the log block has landed; the commit mark not yet made",
-    "after-commit-mark": "the commit mark is made but not yet durable; the result not yet shown",
-    "before-durable-mark": "the result was shown; the card has left; the mark not yet durable",
+    "after-log-write": "the log block has landed; the commit mark not yet made (a power cut "
+                       "that loses the mark leaves this too)",
+    "after-commit-mark": "the commit mark is committed but not yet synced; the result not yet "
+                         "shown",
+    "before-durable-mark": "the result was shown; the card has left; the mark committed but "
+                           "not yet synced",
     "batch-before-commit": "a batch's rows are written inside its transaction, not committed",
     "batch-after-commit": "a batch is durable; the command has not reported it",
     "upload-before-send": "a batch is about to be sent",

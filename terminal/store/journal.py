@@ -12,10 +12,16 @@
   declined as rollback.
 * ``meta``: terminal id, schema version, and the time high-water mark (the latest trusted tap time).
 
+* ``writes_cut_off``: writes whose tap was cut off while the process lived (the card left or
+  answered wrongly mid-write): no result was shown for them. Settlement tells the clearing house
+  so when such a write rides in doubt (a void of it is then no counter fork).
+
 Durability: the intent is the tap's one fsync (``synchronous=FULL``). Marks made while the card is
-in the field (commit, log confirmed) are committed without waiting for the disk; :meth:`sync`
-makes them durable and :meth:`idle` also checkpoints the WAL. Call ``idle`` once the card has left
-(the CLI does it after printing; the daemon between cards); a new tap starts with ``sync``.
+in the field (commit, log confirmed, cut off) are committed at once, before the result is shown,
+without waiting for the disk (``synchronous=NORMAL`` in WAL): a process that dies loses none of
+them; a power cut may. :meth:`sync` makes them durable and :meth:`idle` also checkpoints the WAL.
+Call ``idle`` once the card has left (the CLI does it after printing; the daemon between cards); a
+new tap starts with ``sync``.
 """
 
 from __future__ import annotations
@@ -110,6 +116,13 @@ CREATE INDEX IF NOT EXISTS card_writes_void ON card_writes (card_number, counter
 CREATE INDEX IF NOT EXISTS card_writes_log ON card_writes (card_number, counter_after)
     WHERE log_confirmed = 0 AND state = 'committed';
 """
+#: Writes whose tap was cut off while this process lived: no result was shown for them
+#: (:meth:`Journal.note_cut_off`). A table of its own, made at open in any schema version.
+_CUT_OFF = """
+CREATE TABLE IF NOT EXISTS writes_cut_off (
+    tap_id TEXT PRIMARY KEY REFERENCES card_writes (tap_id)
+);
+"""
 _MIGRATE_1_TO_2 = """
 ALTER TABLE card_writes ADD COLUMN kind TEXT NOT NULL DEFAULT 'payment';
 ALTER TABLE card_writes ADD COLUMN outcome TEXT;
@@ -202,8 +215,8 @@ class ChainCheck:
 
 @dataclass(frozen=True)
 class _Mark:
-    """A change to a write kept in memory until :meth:`Journal.sync`; ``state`` None: only its
-    log block confirmed."""
+    """A change to a write (:meth:`Journal._apply`); ``state`` None: only its log block
+    confirmed."""
 
     write: CardWrite
     state: WriteState | None
@@ -236,7 +249,6 @@ class Journal:
         self._wanted_id = terminal_id
         self._sync = "FULL" if durable else "OFF"
         self._unsynced = False
-        self._pending: list[_Mark] = []
         deadline = time.monotonic() + busy_timeout_s
         while True:
             try:
@@ -277,7 +289,7 @@ class Journal:
                         self._db.execute(statement)
                     self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                                      (str(SCHEMA_VERSION),))
-            for statement in filter(str.strip, (_SCHEMA + _INDEXES).split(";")):
+            for statement in filter(str.strip, (_SCHEMA + _CUT_OFF + _INDEXES).split(";")):
                 self._db.execute(statement)
             self.terminal_id = self._meta(
                 "terminal_id", lambda: self._wanted_id or "T" + secrets.token_hex(4).upper())
@@ -345,18 +357,17 @@ class Journal:
 
     @property
     def unsynced(self) -> bool:
-        """True while something recorded is not yet durable: a commit mark or log confirmation
-        not yet written, a commit made without waiting for the disk, a newer high-water time."""
-        return bool(self._pending) or self._unsynced or self._high_water != self._high_water_saved
+        """True while something recorded is not yet durable: a mark committed without waiting
+        for the disk (commit, log confirmed, cut off), a newer high-water time."""
+        return self._unsynced or self._high_water != self._high_water_saved
 
     def sync(self) -> None:
-        """Write the deferred marks and make everything durable (one FULL commit: it syncs the
-        WAL and every frame before it). A no-op when nothing is outstanding."""
+        """Make everything durable (one FULL commit: it syncs the WAL and every frame before it,
+        the marks committed without waiting included) and save a newer high-water time. A no-op
+        when nothing is outstanding."""
         if not self.unsynced:
             return
         with self._transaction():
-            for mark in self._pending:
-                self._apply(mark)
             if self._high_water != self._high_water_saved:
                 self._db.execute(
                     "INSERT INTO meta (key, value) VALUES ('time_high_water_utc', ?) "
@@ -364,7 +375,6 @@ class Journal:
                     "WHERE excluded.value > value", (utc_fixed(self._high_water),))
             else:  # still one write, so that the commit syncs the WAL
                 self._db.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
-        self._pending.clear()
         self._high_water_saved = self._high_water
         self._unsynced = False
 
@@ -374,7 +384,9 @@ class Journal:
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _quick(self):
-        """A transaction that does not wait for the disk (synchronous=NORMAL): see :meth:`sync`."""
+        """A transaction committed without waiting for the disk (synchronous=NORMAL in WAL): it
+        survives the process (a crash, ``kill -9``) but not a power cut until the next
+        :meth:`sync`; WAL order keeps it behind every earlier commit."""
         return _Transaction(self._db, quick=self._sync == "FULL", on_commit=self._mark_unsynced)
 
     def _mark_unsynced(self) -> None:
@@ -626,22 +638,32 @@ class Journal:
 
     def commit_later(self, write: CardWrite, at: datetime, *, log_confirmed: bool) -> CardWrite:
         """The commit mark of a write the card has just confirmed, made while the card is in
-        the field: kept in memory and written by the next :meth:`sync` (after the card has left,
-        and before the next tap starts). Lost to a crash, the card proves the write again."""
-        check_transition(write.state, WriteState.COMMITTED)
-        self._pending.append(_Mark(write, WriteState.COMMITTED, utc_iso(at), log_confirmed))
-        return CardWrite(**{**write.__dict__, "state": WriteState.COMMITTED,
-                            "resolved_utc": utc_iso(at),
-                            "log_confirmed": write.log_confirmed or log_confirmed})
+        the field and before the result is shown: committed at once without waiting for the disk
+        (a process that dies after this loses nothing), made durable by the next :meth:`sync`
+        (after the card has left, and before the next tap starts). A power cut before that may
+        lose it: the card proves the write again when seen, and settlement sends a write left
+        in doubt for longer than a batch period as ``in_doubt`` for the clearing house to
+        resolve."""
+        return self.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=log_confirmed,
+                                  sync=False)
 
     def confirm_log(self, write: CardWrite) -> None:
-        """The write's log block is on the card (answered by the card); saved by :meth:`sync`."""
-        self._pending.append(_Mark(write, None, None, True))
+        """The write's log block is on the card (answered by the card): committed at once,
+        durable at the next :meth:`sync`."""
+        with self._quick():
+            self._apply(_Mark(write, None, None, True))
+
+    def note_cut_off(self, write: CardWrite) -> None:
+        """The tap of this write (still in doubt) was cut off while this process lived: no result
+        was shown for it. Committed at once, durable at the next :meth:`sync`; lost to a power
+        cut, the write only counts as one whose result may have been shown."""
+        with self._quick():
+            self._db.execute("INSERT OR IGNORE INTO writes_cut_off (tap_id) VALUES (?)",
+                             (write.tap_id,))
 
     def _flush(self) -> None:
-        """Readers see the deferred marks (written, durably, before any read)."""
-        if self._pending:
-            self.sync()
+        """Nothing to write before a read: every mark is committed when it is made (kept for the
+        readers that call it)."""
 
     def _apply(self, mark: _Mark) -> None:
         write = mark.write
