@@ -239,14 +239,16 @@ class Store:
     def _same_change_stored(self, record: dict) -> bool:
         """Another write's committed record of the very same card change (same card, counters,
         type, amount and balance after), where either was committed by observation: a write in
-        doubt at one terminal resolved by the bytes another terminal wrote. It is one change."""
+        doubt at one terminal resolved by the bytes another terminal wrote. It is one change. A
+        row derived from the card's history (``reconciled`` 2) is no terminal's commit: it is
+        recomputed after this record is stored."""
         rows = self._all(
             "SELECT observed FROM records WHERE card_number = ? AND counter_before = ? "
             "AND counter_after = ? AND type = ? AND amount_cents = ? AND balance_after_cents = ? "
-            "AND state = 'committed' AND NOT (terminal_id = ? AND incarnation = ? "
-            "AND at_utc = ?)",
+            "AND state = 'committed' AND reconciled != ? AND NOT (terminal_id = ? "
+            "AND incarnation = ? AND at_utc = ?)",
             (record["card_number"], record["counter_before"], record["counter_after"],
-             record["type"], record["amount_cents"], record["balance_after_cents"],
+             record["type"], record["amount_cents"], record["balance_after_cents"], DERIVED,
              record["terminal_id"], record["incarnation"], record["at_utc"]))
         return any(observed or record["observed"] for (observed,) in rows)
 
@@ -306,8 +308,7 @@ class Store:
                         f"INSERT INTO records ({', '.join(RECORD_COLUMNS)}, reconciled) "
                         f"SELECT {', '.join(_AS_STATE.get(c, c) for c in RECORD_COLUMNS)}, "
                         "CAST(? AS BIGINT) FROM records WHERE terminal_id = ? AND incarnation = ? "
-                        "AND seq = ? "
-                        "AND state = 'in_doubt'",
+                        "AND seq = ? AND state = 'in_doubt'",
                         (state, DERIVED, write.key[0], write.key[1], seq))
                 return len(write.seqs)
         return 0

@@ -203,6 +203,8 @@ class Settlement:
             return None
         if len(ready) >= policy.max_records:
             return "count"
+        if any(item.state == IN_DOUBT for item in ready):
+            return "age"  # in doubt for a batch period
         oldest_at = min(parse_utc(item.record.at_utc) for item in ready)
         if (now - oldest_at).total_seconds() >= policy.max_age_s:
             return "age"
@@ -367,6 +369,7 @@ class Settlement:
         if body.totals.text() != batch.totals_json:
             return "its totals differ from the ones it was closed with"
         return None
+
 
 def _record(row) -> SettlementRecord:
     """A record from the journal's columns (its hash, then clock_trusted: :data:`_RECORD`)."""

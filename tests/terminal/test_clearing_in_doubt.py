@@ -271,3 +271,35 @@ def test_a_postgresql_store_made_before_not_shown_existed_gets_the_column(postgr
         assert "not_shown" not in store._columns("records")  # noqa: SLF001
     with Store(postgres_url) as store:
         assert "not_shown" in store._columns("records")  # noqa: SLF001
+
+
+def test_a_change_stored_once_whatever_a_derived_row_said_first(tmp_path):
+    """T-A's write in doubt is proved by the card's next change (a derived commit); then T-B's
+    write of the very same bytes, committed by observation, arrives: it is a terminal's commit
+    and is stored as such (not as a copy of the derived row), and the derived one gives way."""
+    from farebox.clearing.store import StoredBatch
+
+    def record(terminal, seq, state, before, after, balance_before, balance_after, at,
+               observed=0):
+        return {"terminal_id": terminal, "incarnation": "i", "seq": seq, "state": state,
+                "batch_number": seq, "card_number": 7, "counter_before": before,
+                "counter_after": after, "type": "payment", "amount_cents": 100,
+                "balance_before_cents": balance_before, "balance_after_cents": balance_after,
+                "at_utc": at, "hash": "0" * 64, "observed": observed, "not_shown": 1}
+
+    def store_one(store, rec):
+        with store.transaction():
+            store.store_batch(StoredBatch(rec["terminal_id"], "i", rec["seq"], "h", "p"), [rec],
+                              RECEIVED)
+            store.reconcile([7])
+
+    with Store(str(tmp_path / "c.sqlite3")) as store:
+        store_one(store, record("T-A", 1, "in_doubt", 1, 2, 1000, 900, "2026-11-22T00:00:00Z"))
+        store_one(store, record("T-C", 1, "committed", 2, 3, 900, 800, "2026-11-22T00:02:00Z"))
+        assert paid(store) == 200  # T-A's derived commit and T-C's
+        store_one(store, record("T-B", 1, "committed", 1, 2, 1000, 900, "2026-11-22T00:01:00Z",
+                                observed=1))
+        states = sorted(store._all("SELECT terminal_id, state, reconciled FROM records"))  # noqa
+        assert states == [("T-A", "in_doubt", 0), ("T-A", "void", 2), ("T-B", "committed", 0),
+                          ("T-C", "committed", 0)]
+        assert paid(store) == 200
