@@ -168,6 +168,9 @@ def test_a_write_in_doubt_a_batch_period_old_is_settled_by_the_cards_next_change
     assert closed["closed"][0]["totals"] == {"in_doubt": {"payment": {"count": 1,
                                                                        "amount": "1.00"}}}
     assert (closed["held_back"], closed["in_doubt"]) == (0, 1)
+    shown = farebox("journal", "show", "1", "--state", a, "--json").json()
+    assert shown["write_state"] == "intent" and shown["upload"] == "acknowledged"
+    assert [b["settled_as"] for b in shown["batches"]] == ["in_doubt"]
     report = clearing.report()
     assert [(o["terminal_id"], o["seq"], o["state"]) for o in report["open"]] == [
         ("T-A", 1, "in_doubt")]
@@ -183,6 +186,8 @@ def test_a_write_in_doubt_a_batch_period_old_is_settled_by_the_cards_next_change
     assert write_states(farebox, a) == ["committed", "committed"]
     closed = clearing.settle(a)
     assert closed["in_doubt"] == 0
+    shown = farebox("journal", "show", "1", "--state", a, "--json").json()
+    assert [b["settled_as"] for b in shown["batches"]] == ["in_doubt", "committed"]
     report = clearing.report()
     assert committed_payments(report) == lost(farebox, card) == 300
     assert report["totals"]["committed"]["payment"]["count"] == 3
