@@ -1,9 +1,12 @@
 """Failpoints: named places where the process can be made to die, to prove that a crash at any
 step of a tap or a batch close loses nothing and counts nothing twice.
 
-``FAREBOX_FAILPOINT=NAME`` makes the process exit at once (``os._exit``: no cleanup, no flush of
-anything not already on disk, as a power cut or SIGKILL would) with status
-:data:`FAILPOINT_EXIT` when it reaches NAME. Unset, a failpoint costs one dictionary lookup.
+``FAREBOX_FAILPOINT=NAME`` makes the process exit at once (``os._exit``: no cleanup, nothing in
+the process's memory kept, as SIGKILL would) with status :data:`FAILPOINT_EXIT` when it reaches
+NAME. What the journal committed stays, synced or not; a power cut can also lose a commit not yet
+synced (the commit mark until the card has left): ``after-log-write`` leaves the state that
+leaves, and the unit tests and the stateful model cut the power by restoring the journal as it
+was when the intent was synced. Unset, a failpoint costs one dictionary lookup.
 """
 
 from __future__ import annotations
