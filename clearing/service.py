@@ -38,7 +38,9 @@ class Refused(ClearingError):
         self.reason = reason
 
 
-#: What a card whose counter was spent twice (a restored image used again) is listed as.
+#: What a card whose counter was spent twice (a restored image used again, or a write sent in
+#: doubt whose result may have been shown, then another change from the same counter) is
+#: listed as.
 FORK_REASON = "cancelled"
 
 
@@ -112,7 +114,8 @@ class Receiver:
                     raise Refused(409, f"batch {number} does not link to batch {number - 1}")
                 records = [{**item.record.to_json(), "state": item.state,
                             "incarnation": incarnation, "batch_number": number,
-                            "observed": int(item.observed)} for item in body.items]
+                            "observed": int(item.observed), "not_shown": int(item.not_shown)}
+                           for item in body.items]
                 duplicates = self.store.store_batch(
                     StoredBatch(terminal_id, incarnation, number, sent.hash, body.prev_hash),
                     records, received_utc)

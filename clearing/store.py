@@ -6,6 +6,12 @@ into ``%s`` for psycopg).
 Tables: ``terminals`` (enrolled keys), ``batches`` (one row per accepted batch, keyed by terminal,
 incarnation and number), ``records`` (one row per record and state, keyed by terminal,
 incarnation, sequence and state: a record sent twice is stored once).
+
+A record's ``reconciled`` says where its state came from: 0 as the terminal sent it; 1 a record
+sent ``unresolved`` that the card's history proved committed (the row's state changed); 2 a row
+the receiver derived for a record sent ``in_doubt`` (committed or void, from the card's next
+change at any terminal), recomputed whenever a batch touches the card and dropped once the
+terminal sends its own resolution.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from farebox.clearing.errors import ClearingError
@@ -50,6 +56,7 @@ SCHEMA = (
         hash TEXT NOT NULL,
         observed BIGINT NOT NULL,
         reconciled BIGINT NOT NULL DEFAULT 0,
+        not_shown BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (terminal_id, incarnation, seq, state))""",
     "CREATE INDEX IF NOT EXISTS records_card ON records (card_number, counter_before)",
     """CREATE TABLE IF NOT EXISTS actions (
@@ -64,12 +71,41 @@ SCHEMA = (
 
 RECORD_COLUMNS = ("terminal_id", "incarnation", "seq", "state", "batch_number", "card_number",
                   "counter_before", "counter_after", "type", "amount_cents",
-                  "balance_before_cents", "balance_after_cents", "at_utc", "hash", "observed")
+                  "balance_before_cents", "balance_after_cents", "at_utc", "hash", "observed",
+                  "not_shown")
+#: columns added to ``records`` after its first version: (name, definition), added at open
+_ADDED_COLUMNS = (("not_shown", "BIGINT NOT NULL DEFAULT 0"),)
+
+_AS_STATE = {"state": "CAST(? AS TEXT)"}  # a derived row: its record's columns, another state
+#: where a record's state came from (the ``reconciled`` column)
+AS_SENT, PROVED_COMMITTED, DERIVED = 0, 1, 2
 
 
 #: The state a committed record is stored in when the same card change is already settled from
 #: another terminal's write (see ``Store._same_change_stored``): kept, never counted.
 SAME_CHANGE = "same_change"
+
+
+@dataclass
+class _Write:
+    """One card write as the store holds it (for :meth:`Store.reconcile`)."""
+
+    key: tuple  # terminal, incarnation, time, counter before, counter after
+    counter_before: int
+    counter_after: int
+    balance_before: int  # its first record's: what the card held before
+    balance_after: int = 0  # its last record's: what the card held after
+    states: set = field(default_factory=set)
+    seqs: list = field(default_factory=list)
+
+    def proved_by(self, others: list[_Write]) -> bool:
+        """Whether the card's next change (one of ``others``, all committed) starts from the
+        counter and balance this write left, and no other committed write reached that
+        counter."""
+        if any(w.counter_after == self.counter_after for w in others):
+            return False
+        return any(w.counter_before == self.counter_after and w.balance_before == self.balance_after
+                   for w in others)
 
 
 class StoreError(ClearingError):
@@ -109,6 +145,17 @@ class Store:
         with self.transaction():
             for statement in SCHEMA:
                 self._execute(statement)
+            present = self._columns("records")
+            for name, definition in _ADDED_COLUMNS:
+                if name not in present:
+                    self._execute(f"ALTER TABLE records ADD COLUMN {name} {definition}")
+
+    def _columns(self, table: str) -> set[str]:
+        if self._postgres:
+            return {row[0] for row in self._all(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                "AND table_schema = current_schema()", (table,))}
+        return {row[1] for row in self._all(f"PRAGMA table_info({table})")}
 
     def close(self) -> None:
         self._conn.close()
@@ -169,6 +216,9 @@ class Store:
         duplicates = 0
         for record in records:
             key = (record["terminal_id"], record["incarnation"], record["seq"])
+            if record["state"] != "in_doubt":  # the terminal's word replaces the derived one
+                self._execute("DELETE FROM records WHERE terminal_id = ? AND incarnation = ? "
+                              "AND seq = ? AND reconciled = ?", (*key, DERIVED))
             states = ([record["state"], SAME_CHANGE] if record["state"] == "committed"
                       else [record["state"]])
             if any(self._all("SELECT 1 FROM records WHERE terminal_id = ? AND incarnation = ? "
@@ -189,49 +239,99 @@ class Store:
     def _same_change_stored(self, record: dict) -> bool:
         """Another write's committed record of the very same card change (same card, counters,
         type, amount and balance after), where either was committed by observation: a write in
-        doubt at one terminal resolved by the bytes another terminal wrote. It is one change."""
+        doubt at one terminal resolved by the bytes another terminal wrote. It is one change. A
+        row derived from the card's history (``reconciled`` 2) is no terminal's commit: it is
+        recomputed after this record is stored."""
         rows = self._all(
             "SELECT observed FROM records WHERE card_number = ? AND counter_before = ? "
             "AND counter_after = ? AND type = ? AND amount_cents = ? AND balance_after_cents = ? "
-            "AND state = 'committed' AND NOT (terminal_id = ? AND incarnation = ? "
-            "AND at_utc = ?)",
+            "AND state = 'committed' AND reconciled != ? AND NOT (terminal_id = ? "
+            "AND incarnation = ? AND at_utc = ?)",
             (record["card_number"], record["counter_before"], record["counter_after"],
-             record["type"], record["amount_cents"], record["balance_after_cents"],
+             record["type"], record["amount_cents"], record["balance_after_cents"], DERIVED,
              record["terminal_id"], record["incarnation"], record["at_utc"]))
         return any(observed or record["observed"] for (observed,) in rows)
 
     def reconcile(self, card_numbers: Sequence[int]) -> int:
-        """Settle unresolved writes the card's own history proves landed (inside a transaction):
-        a write left unresolved at one terminal (the card had moved on before it was seen again)
-        landed if the card's next change, committed anywhere, starts from the counter and the
-        balance that write left, and no other committed write reached that counter. Its records
-        become committed (``reconciled`` = 1). How many records changed."""
+        """Settle, from each card's own history, the records their terminal could not (inside a
+        transaction; run after :meth:`store_batch`), to a fixpoint (one settled write can settle
+        the one before it). A write's *next change* is another write, committed anywhere, that
+        starts from the counter it left:
+
+        * a write sent ``unresolved`` (the card had moved on before its terminal saw it again)
+          landed if its next change also starts from the balance it left and no other committed
+          write reached that counter: its records become committed (``reconciled`` 1).
+        * a write sent ``in_doubt`` and not yet resolved by its terminal is committed the same
+          way; it is void when another committed write starts from the counter it started
+          from (the card went on without it). Those rows are derived (``reconciled`` 2, next to
+          the ``in_doubt`` row): recomputed here every time, dropped once the terminal sends
+          its own resolution. An ``in_doubt`` write whose result may have been shown (not
+          ``not_shown``) still counts as a change from its counter: a void of it is a counter
+          fork (:meth:`counter_forks`), e.g. a card image copied before the tap and restored
+          after the approval.
+
+        How many records changed (derived rows counted each time they are made)."""
         changed = 0
         for card in sorted(set(card_numbers)):
-            rows = self._all(
+            self._execute("DELETE FROM records WHERE card_number = ? AND reconciled = ?",
+                          (card, DERIVED))
+            while True:
+                step = self._reconcile_step(card)
+                if not step:
+                    break
+                changed += step
+        return changed
+
+    def _reconcile_step(self, card: int) -> int:
+        """One pass over a card's writes; how many records it changed."""
+        writes = self._card_writes(card)
+        settled = [w for w in writes if w.states & {"committed", SAME_CHANGE}]
+        for write in writes:
+            others = [w for w in settled if w.key != write.key]
+            if "unresolved" in write.states and not write.states & {"committed", SAME_CHANGE}:
+                if write.proved_by(others):
+                    for seq in write.seqs:
+                        self._execute("UPDATE records SET state = 'committed', reconciled = ? "
+                                      "WHERE terminal_id = ? AND incarnation = ? AND seq = ? "
+                                      "AND state = 'unresolved'",
+                                      (PROVED_COMMITTED, write.key[0], write.key[1], seq))
+                    return len(write.seqs)
+            elif write.states == {"in_doubt"}:
+                if write.proved_by(others):
+                    state = "committed"
+                elif any(w.counter_before == write.counter_before for w in others):
+                    state = "void"
+                else:
+                    continue
+                for seq in write.seqs:
+                    self._execute(
+                        f"INSERT INTO records ({', '.join(RECORD_COLUMNS)}, reconciled) "
+                        f"SELECT {', '.join(_AS_STATE.get(c, c) for c in RECORD_COLUMNS)}, "
+                        "CAST(? AS BIGINT) FROM records WHERE terminal_id = ? AND incarnation = ? "
+                        "AND seq = ? AND state = 'in_doubt'",
+                        (state, DERIVED, write.key[0], write.key[1], seq))
+                return len(write.seqs)
+        return 0
+
+    def _card_writes(self, card: int) -> list[_Write]:
+        """The card's writes as this store holds them: the records of one write share terminal,
+        incarnation, time and counters."""
+        writes: dict[tuple, _Write] = {}
+        for (terminal_id, incarnation, seq, state, counter_before, counter_after, balance_before,
+             balance_after, at_utc) in self._all(
                 "SELECT terminal_id, incarnation, seq, state, counter_before, counter_after, "
                 "balance_before_cents, balance_after_cents, at_utc FROM records "
-                "WHERE card_number = ? AND state IN ('committed', 'same_change', 'unresolved') "
-                "ORDER BY terminal_id, incarnation, seq", (card,))
-            writes: dict[tuple, list[tuple]] = {}
-            for row in rows:
-                writes.setdefault((row[0], row[1], row[8], row[4], row[5], row[3]), []).append(row)
-            settled = [w for key, w in writes.items() if key[5] != "unresolved"]
-            for key, records in writes.items():
-                if key[5] != "unresolved":
-                    continue
-                counter_after, final_balance = key[4], records[-1][7]
-                if any(w[0][5] == counter_after for w in settled):
-                    continue  # another write reached that counter
-                if not any(w[0][4] == counter_after and w[0][6] == final_balance
-                           for w in settled):
-                    continue
-                for record in records:
-                    self._execute("UPDATE records SET state = 'committed', reconciled = 1 "
-                                  "WHERE terminal_id = ? AND incarnation = ? AND seq = ? "
-                                  "AND state = 'unresolved'", record[:3])
-                    changed += 1
-        return changed
+                "WHERE card_number = ? AND type != 'clock_reset' "
+                "ORDER BY terminal_id, incarnation, seq", (card,)):
+            key = (terminal_id, incarnation, at_utc, counter_before, counter_after)
+            write = writes.get(key)
+            if write is None:
+                write = writes[key] = _Write(key, counter_before, counter_after, balance_before)
+            write.states.add(state)
+            if seq not in write.seqs:
+                write.seqs.append(seq)
+                write.balance_after = balance_after  # the last record's: what the card held
+        return list(writes.values())
 
     # -- report --
 
@@ -258,24 +358,31 @@ class Store:
                          )[0][0]
 
     def open_unresolved(self) -> list[tuple]:
-        """Records settled as unresolved (the card no longer showed whether the write landed)
-        and never as committed: left for reconciliation."""
+        """Records left for reconciliation: settled as unresolved (the card no longer showed
+        whether the write landed) and never as committed, or sent in doubt and settled neither
+        by their terminal nor from the card's history."""
         return self._all(
             "SELECT u.terminal_id, u.incarnation, u.seq, u.state, u.card_number, u.amount_cents "
-            "FROM records u WHERE u.state = 'unresolved' AND NOT EXISTS ("
+            "FROM records u WHERE (u.state = 'unresolved' AND NOT EXISTS ("
             "SELECT 1 FROM records c WHERE c.terminal_id = u.terminal_id AND "
-            "c.incarnation = u.incarnation AND c.seq = u.seq AND c.state = 'committed') "
+            "c.incarnation = u.incarnation AND c.seq = u.seq AND c.state = 'committed')) "
+            "OR (u.state = 'in_doubt' AND NOT EXISTS ("
+            "SELECT 1 FROM records c WHERE c.terminal_id = u.terminal_id AND "
+            "c.incarnation = u.incarnation AND c.seq = u.seq AND c.state != 'in_doubt')) "
             "ORDER BY u.terminal_id, u.incarnation, u.seq")
 
     def counter_forks(self) -> list[tuple[int, int, int]]:
-        """(card, counter spent, how many writes spent it) where more than one write committed
-        a change from the same card counter (a restored card image used again). The records
-        of one write share terminal, incarnation and time. A terminal's ``clock_reset`` records
+        """(card, counter spent, how many writes spent it) where more than one write changed
+        the card from the same counter (a restored card image used again): writes committed,
+        and writes sent in doubt whose result may have been shown (not ``not_shown``) whatever
+        became of them, since an approval may have been shown for them. The records of one
+        write share terminal, incarnation and time. A terminal's ``clock_reset`` records
         (card 0, no card involved) are no card's change."""
         return self._all(
             "SELECT card_number, counter_before, "
             "count(DISTINCT terminal_id || ':' || incarnation || ':' || at_utc) FROM records "
-            "WHERE state = 'committed' AND type != 'clock_reset' "
+            "WHERE (state = 'committed' OR (state = 'in_doubt' AND not_shown = 0)) "
+            "AND type != 'clock_reset' "
             "GROUP BY card_number, counter_before "
             "HAVING count(DISTINCT terminal_id || ':' || incarnation || ':' || at_utc) > 1 "
             "ORDER BY card_number, counter_before")

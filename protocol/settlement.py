@@ -12,7 +12,11 @@ with a one-line message, never anything else.
 * A **batch body** (:class:`BatchBody`) is canonical JSON: format, terminal id, incarnation,
   batch number, close time, the previous batch's hash, the items (a record and the state of its
   card write: committed, void, unresolved; ``"observed": true`` on a write committed because
-  its bytes were seen on the card later) and the totals by state and record type.
+  its bytes were seen on the card later; ``in_doubt`` for a write still unknown to the terminal
+  a batch period after it was made, ``"not_shown": true`` when its tap was cut off before any
+  result was shown) and the totals by state and record type. The state rides in the item, not
+  under the record's hash: a record's hash is fixed when it is made, and a record in doubt rides
+  again once its write is resolved.
 * A **signed batch** (:class:`SignedBatch`) is the body's text, its SHA-256 and the terminal's
   Ed25519 signature of the text; :func:`verify_batch` checks all of it.
 * The **upload** (:class:`Upload`) is ``POST /v1/batches`` with ``{terminal_id, incarnation,
@@ -51,6 +55,10 @@ LIST_VALIDITY = timedelta(hours=24)
 #: batch body can ever be taken for an ack signed by the same key, nor an ack for them
 ACK_DOMAIN = b"farebox settlement ack 1\n"
 SETTLED_STATES = ("committed", "void", "unresolved")
+#: a write the terminal has not resolved a batch period after it was made (a power cut lost its
+#: commit mark, or the card has not come back): it rides again once resolved
+IN_DOUBT = "in_doubt"
+ITEM_STATES = SETTLED_STATES + (IN_DOUBT,)
 #: the record fields under its hash (``clock_trusted`` enters as ``clock_untrusted``)
 HASHED_FIELDS = ("seq", "terminal_id", "tap_id", "card_number", "counter_before",
                  "counter_after", "type", "amount_cents", "balance_before_cents",
@@ -224,16 +232,26 @@ class SettlementRecord:
 
 @dataclass(frozen=True)
 class BatchItem:
-    """A record and the state of its card write when the batch closed."""
+    """A record and the state of its card write when the batch closed. ``observed`` and
+    ``not_shown`` are on the wire only when true."""
 
-    state: str  # one of SETTLED_STATES
+    state: str  # one of ITEM_STATES
     record: SettlementRecord
     observed: bool = False  # committed because its bytes were seen on the card later
+    #: in_doubt only: the tap was cut off (the card left mid-write) before any result was shown,
+    #: so a void of it is no counter fork; false when a result may have been shown
+    not_shown: bool = False
+
+    def __post_init__(self) -> None:
+        if self.not_shown and self.state != IN_DOUBT:
+            raise ValueError("only an item in doubt is marked not_shown")
 
     def to_json(self) -> dict:
         item: dict = {"state": self.state, "record": self.record.to_json()}
         if self.observed:
             item["observed"] = True
+        if self.not_shown:
+            item["not_shown"] = True
         return item
 
     @classmethod
@@ -241,12 +259,16 @@ class BatchItem:
         item = _object(obj, "a batch item")
         record = SettlementRecord.from_json(item.get("record"))
         state = item.get("state")
-        if state not in SETTLED_STATES:
+        if state not in ITEM_STATES:
             raise WireError(f"record {record.seq} has state {state!r}")
-        observed = item.get("observed", False)
-        if not isinstance(observed, bool):
-            raise WireError(f"record {record.seq}: 'observed' is not true/false")
-        return cls(state, record, observed)
+        flags = {}
+        for flag in ("observed", "not_shown"):
+            flags[flag] = item.get(flag, False)
+            if not isinstance(flags[flag], bool):
+                raise WireError(f"record {record.seq}: {flag!r} is not true/false")
+        if flags["not_shown"] and state != IN_DOUBT:
+            raise WireError(f"record {record.seq}: 'not_shown' on a {state} item")
+        return cls(state, record, **flags)
 
 
 @dataclass(frozen=True)

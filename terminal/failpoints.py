@@ -1,9 +1,12 @@
 """Failpoints: named places where the process can be made to die, to prove that a crash at any
 step of a tap or a batch close loses nothing and counts nothing twice.
 
-``FAREBOX_FAILPOINT=NAME`` makes the process exit at once (``os._exit``: no cleanup, no flush of
-anything not already on disk, as a power cut or SIGKILL would) with status
-:data:`FAILPOINT_EXIT` when it reaches NAME. Unset, a failpoint costs one dictionary lookup.
+``FAREBOX_FAILPOINT=NAME`` makes the process exit at once (``os._exit``: no cleanup, nothing in
+the process's memory kept, as SIGKILL would) with status :data:`FAILPOINT_EXIT` when it reaches
+NAME. What the journal committed stays, synced or not; a power cut can also lose a commit not yet
+synced (the commit mark until the card has left): ``after-log-write`` leaves the state that
+leaves, and the unit tests and the stateful model cut the power by restoring the journal as it
+was when the intent was synced. Unset, a failpoint costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ FAILPOINT_EXIT = 86
 FAILPOINTS: dict[str, str] = {
     "after-intent": "the tap's intent is durable; nothing written to the card yet",
     "after-purse-write": "both purse blocks have landed (the value moved); the log block not yet",
-    "after-log-write": "the log block has landed; the commit mark not yet made",
-    "after-commit-mark": "the commit mark is made but not yet durable; the result not yet shown",
-    "before-durable-mark": "the result was shown; the card has left; the mark not yet durable",
+    "after-log-write": "the log block has landed; the commit mark not yet made (a power cut "
+                       "that loses the mark leaves this too)",
+    "after-commit-mark": "the commit mark is committed but not yet synced; the result not yet "
+                         "shown",
+    "before-durable-mark": "the result was shown; the card has left; the mark committed but "
+                           "not yet synced",
     "batch-before-commit": "a batch's rows are written inside its transaction, not committed",
     "batch-after-commit": "a batch is durable; the command has not reported it",
     "upload-before-send": "a batch is about to be sent",

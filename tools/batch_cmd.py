@@ -29,20 +29,25 @@ def batch() -> None:
 @json_option
 def close(state_dir, config_file, max_records, as_json) -> None:
     """Close every record ready for settlement into signed batches (records whose card write is
-    still in doubt wait for a later batch)."""
+    still in doubt wait for a later batch; one still in doubt a batch period after it was made
+    rides as in doubt)."""
     config = settings(config_file, state_dir=state_dir)
+    policy = batch_policy(config)
     closed = []
     with open_settlement(config) as settlement:
-        while (made := settlement.close_batch(now_utc(), max_records)) is not None:
+        while (made := settlement.close_batch(now_utc(), max_records,
+                                              policy.in_doubt_after)) is not None:
             closed.append(made)
-        held_back = settlement.held_back()
-        pruned = settlement.prune(now_utc(), batch_policy(config).retention)
+        held_back, in_doubt = settlement.held_back(), settlement.sent_in_doubt()
+        pruned = settlement.prune(now_utc(), policy.retention)
     obj = {"closed": [_batch_json(b) for b in closed], "held_back": held_back,
-           "pruned": pruned}
+           "in_doubt": in_doubt, "pruned": pruned}
     lines = [f"closed batch {b.number}: {b.items} records (#{b.first_seq}-#{b.last_seq})"
              for b in closed] or ["nothing to close"]
     if held_back:
         lines.append(f"{held_back} records wait for their card write to be resolved")
+    if in_doubt:
+        lines.append(f"{in_doubt} records were sent in doubt; they ride again once resolved")
     if pruned:
         lines.append(f"dropped the bodies of {pruned} batches acknowledged over "
                      f"{config.batch_retention_days} days ago")
@@ -58,12 +63,13 @@ def list_batches(state_dir, config_file, as_json) -> None:
     config = settings(config_file, state_dir=state_dir)
     with open_settlement(config) as settlement:
         batches = settlement.batches()
-        pending, held_back = settlement.pending_items(), settlement.held_back()
+        pending = settlement.pending_items(now_utc(), batch_policy(config).in_doubt_after)
+        held_back, in_doubt = settlement.held_back(), settlement.sent_in_doubt()
         terminal_id = settlement.identity.terminal_id
     obj = {"terminal_id": terminal_id, "batches": [_batch_json(b) for b in batches],
-           "ready": pending, "held_back": held_back}
+           "ready": pending, "held_back": held_back, "in_doubt": in_doubt}
     lines = [f"Terminal {terminal_id}: {len(batches)} batches, {pending} records ready, "
-             f"{held_back} in doubt"]
+             f"{held_back + in_doubt} in doubt ({in_doubt} of them sent in doubt)"]
     for b in obj["batches"]:
         paid = b["totals"].get("committed", {})
         summary = ", ".join(f"{kind} {t['count']} = {t['amount']}" for kind, t in paid.items())

@@ -206,8 +206,9 @@ class Terminal:
                                                (lambda write: True) if repeats else None))
 
     def idle(self) -> None:
-        """Call once the card has left the field: makes the last tap's commit marks durable and
-        checkpoints the journal, off the in-field path."""
+        """Call once the card has left the field: makes the last tap's commit marks (already in
+        the journal, not yet synced) durable and checkpoints the journal, off the in-field
+        path."""
         if self._shown:  # the caller has shown these add values' results
             self.journal.mark_shown(self._shown)
             self._shown.clear()
@@ -304,12 +305,16 @@ class Terminal:
             session.write_block(*purse_a)
             session.write_block(*purse_b)
         except FelicaError as error:
+            # no result is shown: a void of this write is no counter fork (settlement says so)
+            self.journal.note_cut_off(write)
             raise TapInterrupted(tap_id, error) from error
         failpoints.hit("after-purse-write")
         # The purse slot has landed: the value moved. The log block is a record of it, written
         # next; if it does not land, the next write to this card writes it again.
         log_landed = self._try_write(session, log)
         failpoints.hit("after-log-write")
+        # The commit mark is in the journal before the result is shown (committed, not yet
+        # synced): a process that dies from here on loses nothing; idle() makes it durable.
         self.journal.commit_later(write, at, log_confirmed=log_landed)
         failpoints.hit("after-commit-mark")
         if repair is not None and log_landed and self._try_write(

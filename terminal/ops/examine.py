@@ -198,13 +198,21 @@ class BatchMembership:
 
 def batch_memberships(journal: Journal) -> dict[int, list[BatchMembership]]:
     """seq -> the batches that carry the record (a record settled as ``unresolved`` and later
-    ``committed`` is in two). Empty when the terminal has never closed a batch."""
+    ``committed`` is in two, one sent ``in_doubt`` and later resolved too). Empty when the
+    terminal has never closed a batch."""
     db = journal.connection
-    try:
-        rows = db.execute(
-            "SELECT i.seq, i.batch, i.state, b.closed_utc, b.acked_utc FROM batch_items i "
-            "JOIN batches b ON b.number = i.batch ORDER BY i.seq, i.batch").fetchall()
-    except sqlite3.OperationalError:  # no settlement tables yet
+    items = ("SELECT i.seq, i.batch, i.state, b.closed_utc, b.acked_utc FROM batch_items i "
+             "JOIN batches b ON b.number = i.batch")
+    in_doubt = ("SELECT d.seq, d.batch, 'in_doubt', b.closed_utc, b.acked_utc "
+                "FROM batch_in_doubt d JOIN batches b ON b.number = d.batch")
+    rows = None
+    for query in (f"{items} UNION ALL {in_doubt}", items):  # batch_in_doubt: since issue 17
+        try:
+            rows = db.execute(f"SELECT * FROM ({query}) ORDER BY 1, 2").fetchall()
+            break
+        except sqlite3.OperationalError:  # no settlement tables (of that version) yet
+            continue
+    if rows is None:
         return {}
     out: dict[int, list[BatchMembership]] = {}
     for seq, batch, state, closed, acked in rows:

@@ -25,10 +25,16 @@
 A damaged file (a flipped bit: SQLite's "malformed", text that is not UTF-8, a row whose values
 do not parse, a schema that is not the journal's) is :class:`JournalBroken`, whoever reads it.
 
+* ``writes_cut_off``: writes whose tap was cut off while the process lived (the card left or
+  answered wrongly mid-write): no result was shown for them. Settlement tells the clearing house
+  so when such a write rides in doubt (a void of it is then no counter fork).
+
 Durability: the intent is the tap's one fsync (``synchronous=FULL``). Marks made while the card is
-in the field (commit, log confirmed) are committed without waiting for the disk; :meth:`sync`
-makes them durable and :meth:`idle` also checkpoints the WAL. Call ``idle`` once the card has left
-(the CLI does it after printing; the daemon between cards); a new tap starts with ``sync``.
+in the field (commit, log confirmed, cut off) are committed at once, before the result is shown,
+without waiting for the disk (``synchronous=NORMAL`` in WAL): a process that dies loses none of
+them; a power cut may. :meth:`sync` makes them durable and :meth:`idle` also checkpoints the WAL.
+Call ``idle`` once the card has left (the CLI does it after printing; the daemon between cards); a
+new tap starts with ``sync``.
 """
 
 from __future__ import annotations
@@ -239,6 +245,13 @@ CREATE INDEX IF NOT EXISTS card_writes_log ON card_writes (card_number, counter_
 CREATE INDEX IF NOT EXISTS card_writes_change ON card_writes (card_number, counter_after)
     WHERE state = 'committed';
 """
+#: Writes whose tap was cut off while this process lived: no result was shown for them
+#: (:meth:`Journal.note_cut_off`). A table of its own, made at open in any schema version.
+_CUT_OFF = """
+CREATE TABLE IF NOT EXISTS writes_cut_off (
+    tap_id TEXT PRIMARY KEY REFERENCES card_writes (tap_id)
+);
+"""
 _MIGRATE_1_TO_2 = """
 ALTER TABLE card_writes ADD COLUMN kind TEXT NOT NULL DEFAULT 'payment';
 ALTER TABLE card_writes ADD COLUMN outcome TEXT;
@@ -373,8 +386,8 @@ def _broken_at(table: str | None, row: object, problem: str, records: int = 0,
 
 @dataclass(frozen=True)
 class _Mark:
-    """A change to a write kept in memory until :meth:`Journal.sync`; ``state`` None: only its
-    log block confirmed."""
+    """A change to a write (:meth:`Journal._apply`); ``state`` None: only its log block
+    confirmed."""
 
     write: CardWrite
     state: WriteState | None
@@ -526,7 +539,6 @@ class Journal:
         self._wanted_id = terminal_id
         self._sync = "FULL" if durable else "OFF"
         self._unsynced = False
-        self._pending: list[_Mark] = []
         deadline = time.monotonic() + busy_timeout_s
         while True:
             try:
@@ -572,7 +584,7 @@ class Journal:
                     self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                                      (str(SCHEMA_VERSION),))
                     seed = True
-            for statement in filter(str.strip, (_SCHEMA + _INDEXES).split(";")):
+            for statement in filter(str.strip, (_SCHEMA + _CUT_OFF + _INDEXES).split(";")):
                 self._db.execute(statement)
             self._check_schema()
             if seed:
@@ -711,18 +723,17 @@ class Journal:
 
     @property
     def unsynced(self) -> bool:
-        """True while something recorded is not yet durable: a commit mark or log confirmation
-        not yet written, a commit made without waiting for the disk, a newer high-water time."""
-        return bool(self._pending) or self._unsynced or self._high_water != self._high_water_saved
+        """True while something recorded is not yet durable: a mark committed without waiting
+        for the disk (commit, log confirmed, cut off), a newer high-water time."""
+        return self._unsynced or self._high_water != self._high_water_saved
 
     def sync(self) -> None:
-        """Write the deferred marks and make everything durable (one FULL commit: it syncs the
-        WAL and every frame before it). A no-op when nothing is outstanding."""
+        """Make everything durable (one FULL commit: it syncs the WAL and every frame before it,
+        the marks committed without waiting included) and save a newer high-water time. A no-op
+        when nothing is outstanding."""
         if not self.unsynced:
             return
         with self._transaction():
-            for mark in self._pending:
-                self._apply(mark)
             if self._high_water != self._high_water_saved:
                 self._db.execute(
                     "INSERT INTO meta (key, value) VALUES ('time_high_water_utc', ?) "
@@ -730,7 +741,6 @@ class Journal:
                     "WHERE excluded.value > value", (utc_fixed(self._high_water),))
             else:  # still one write, so that the commit syncs the WAL
                 self._db.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
-        self._pending.clear()
         self._high_water_saved = self._high_water
         self._unsynced = False
 
@@ -740,7 +750,9 @@ class Journal:
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _quick(self):
-        """A transaction that does not wait for the disk (synchronous=NORMAL): see :meth:`sync`."""
+        """A transaction committed without waiting for the disk (synchronous=NORMAL in WAL): it
+        survives the process (a crash, ``kill -9``) but not a power cut until the next
+        :meth:`sync`; WAL order keeps it behind every earlier commit."""
         return _Transaction(self._db, quick=self._sync == "FULL", on_commit=self._mark_unsynced)
 
     def _mark_unsynced(self) -> None:
@@ -1436,22 +1448,32 @@ class Journal:
 
     def commit_later(self, write: CardWrite, at: datetime, *, log_confirmed: bool) -> CardWrite:
         """The commit mark of a write the card has just confirmed, made while the card is in
-        the field: kept in memory and written by the next :meth:`sync` (after the card has left,
-        and before the next tap starts). Lost to a crash, the card proves the write again."""
-        check_transition(write.state, WriteState.COMMITTED)
-        self._pending.append(_Mark(write, WriteState.COMMITTED, utc_iso(at), log_confirmed))
-        return CardWrite(**{**write.__dict__, "state": WriteState.COMMITTED,
-                            "resolved_utc": utc_iso(at),
-                            "log_confirmed": write.log_confirmed or log_confirmed})
+        the field and before the result is shown: committed at once without waiting for the disk
+        (a process that dies after this loses nothing), made durable by the next :meth:`sync`
+        (after the card has left, and before the next tap starts). A power cut before that may
+        lose it: the card proves the write again when seen, and settlement sends a write left
+        in doubt for longer than a batch period as ``in_doubt`` for the clearing house to
+        resolve."""
+        return self.resolve_write(write, WriteState.COMMITTED, at, log_confirmed=log_confirmed,
+                                  sync=False)
 
     def confirm_log(self, write: CardWrite) -> None:
-        """The write's log block is on the card (answered by the card); saved by :meth:`sync`."""
-        self._pending.append(_Mark(write, None, None, True))
+        """The write's log block is on the card (answered by the card): committed at once,
+        durable at the next :meth:`sync`."""
+        with self._quick():
+            self._apply(_Mark(write, None, None, True))
+
+    def note_cut_off(self, write: CardWrite) -> None:
+        """The tap of this write (still in doubt) was cut off while this process lived: no result
+        was shown for it. Committed at once, durable at the next :meth:`sync`; lost to a power
+        cut, the write only counts as one whose result may have been shown."""
+        with self._quick():
+            self._db.execute("INSERT OR IGNORE INTO writes_cut_off (tap_id) VALUES (?)",
+                             (write.tap_id,))
 
     def _flush(self) -> None:
-        """Readers see the deferred marks (written, durably, before any read)."""
-        if self._pending:
-            self.sync()
+        """Nothing to write before a read: every mark is committed when it is made (kept for the
+        readers that call it)."""
 
     def _apply(self, mark: _Mark) -> None:
         write = mark.write

@@ -7,7 +7,11 @@ A batch item is a record together with the state of its card write when the batc
   accounted for, nothing moved); ``unresolved``: the card moved past it and no longer shows
   which, left for reconciliation.
 * A record whose write is still in doubt (``intent``) waits: it rides in a later batch once the
-  card has been seen again and the write resolved.
+  card has been seen again and the write resolved. One still in doubt a batch period after it
+  was made (``in_doubt_after``, the daemon's ``batch_max_age_s``; a power cut lost its commit
+  mark, or the card has not come back) rides once as ``in_doubt`` (``not_shown`` when its tap
+  was cut off before any result was shown): the clearing house resolves it from the card's next
+  change seen at any terminal. It rides again, resolved, once this terminal sees the card.
 * A write voided and later found on the card after all (void -> committed) rides again, as a
   ``committed`` item: the pair (sequence, state) is unique, so a record is settled as committed
   at most once, whatever is closed, retried or closed concurrently.
@@ -31,7 +35,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from farebox.protocol.settlement import (
-    GENESIS_HASH, BatchBody, BatchItem, SettlementRecord, SignedBatch, WireError, verify_batch,
+    GENESIS_HASH, IN_DOUBT, BatchBody, BatchItem, SettlementRecord, SignedBatch, WireError,
+    verify_batch,
 )
 
 from farebox.terminal import failpoints
@@ -45,6 +50,8 @@ LOG = logging.getLogger("farebox.terminal.store.settlement")
 DEFAULT_MAX_ITEMS = 1000
 DEFAULT_MAX_AGE_S = 900.0
 DEFAULT_RETENTION = timedelta(days=90)
+#: a write still in doubt this long after it was made rides as in doubt (one batch period)
+DEFAULT_IN_DOUBT_AFTER = timedelta(seconds=DEFAULT_MAX_AGE_S)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -66,17 +73,38 @@ CREATE TABLE IF NOT EXISTS batch_items (
     batch INTEGER NOT NULL REFERENCES batches (number),
     PRIMARY KEY (seq, state)
 );
+CREATE TABLE IF NOT EXISTS batch_in_doubt (
+    seq INTEGER PRIMARY KEY,
+    batch INTEGER NOT NULL REFERENCES batches (number)
+);
 """
 
-_READY = """
-SELECT r.seq, r.terminal_id, r.tap_id, r.card_number, r.counter_before, r.counter_after, r.type,
-       r.amount_cents, r.balance_before_cents, r.balance_after_cents, r.at_utc, r.prev_hash,
-       r.hash, r.clock_trusted, w.state, w.observed
+_RECORD = """r.seq, r.terminal_id, r.tap_id, r.card_number, r.counter_before, r.counter_after,
+       r.type, r.amount_cents, r.balance_before_cents, r.balance_after_cents, r.at_utc, r.prev_hash,
+       r.hash, r.clock_trusted"""
+#: records whose write is resolved, in a state not yet batched: the record's columns, the
+#: write's state and whether it was committed by seeing its bytes on the card later
+_READY = f"""
+SELECT {_RECORD}, w.state, w.observed
 FROM records r JOIN card_writes w USING (tap_id)
 WHERE w.state IN ('committed', 'void', 'unresolved')
   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.seq = r.seq AND i.state = w.state)
 ORDER BY r.seq
 LIMIT ?
+"""
+#: records whose write is still in doubt and not yet sent as in doubt: the record's columns,
+#: when the write was made, whether its tap was cut off (no result shown)
+_IN_DOUBT = f"""
+SELECT {_RECORD}, w.created_utc,
+       EXISTS (SELECT 1 FROM writes_cut_off c WHERE c.tap_id = w.tap_id)
+FROM records r JOIN card_writes w USING (tap_id)
+WHERE w.state = 'intent' AND NOT EXISTS (SELECT 1 FROM batch_in_doubt d WHERE d.seq = r.seq)
+ORDER BY r.seq
+"""
+#: records whose write is in doubt, sent (or not) as in doubt
+_HELD = """
+SELECT count(*) FROM records r JOIN card_writes w USING (tap_id)
+WHERE w.state = 'intent' AND {} EXISTS (SELECT 1 FROM batch_in_doubt d WHERE d.seq = r.seq)
 """
 _BATCH_COLUMNS = ("number, closed_utc, items, first_seq, last_seq, body, hash, signature, "
                   "acked_utc, prev_hash, totals")
@@ -90,6 +118,12 @@ class BatchPolicy:
     max_records: int = DEFAULT_MAX_ITEMS
     max_age_s: float = DEFAULT_MAX_AGE_S
     retention: timedelta = DEFAULT_RETENTION  # acknowledged batches' bodies kept this long
+
+    @property
+    def in_doubt_after(self) -> timedelta:
+        """A write still in doubt this long after it was made rides as ``in_doubt``: one batch
+        period."""
+        return timedelta(seconds=self.max_age_s)
 
 
 class SettlementError(TerminalError):
@@ -155,22 +189,25 @@ class Settlement:
     def batches(self) -> list[Batch]:
         return list(self._rows(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY number"))
 
-    def pending_items(self) -> int:
-        """Records ready to be batched (their writes resolved, not yet in a batch)."""
-        return len(self._db.execute(_READY, (-1,)).fetchall())
+    def pending_items(self, now: datetime | None = None,
+                      in_doubt_after: timedelta = DEFAULT_IN_DOUBT_AFTER) -> int:
+        """Records ready to be batched (their writes resolved, not yet in a batch in that state;
+        given ``now``, also those to ride in doubt then)."""
+        if now is None:
+            return len(self._db.execute(_READY, (-1,)).fetchall())
+        return len(self._ready(now, in_doubt_after, None))
 
     @parsing("a record ready for settlement")
     def due(self, now: datetime, policy: BatchPolicy) -> str | None:
         """Why a batch should close now ("count", "age", "day"), or None."""
-        row = self._db.execute(
-            "SELECT count(*), min(at_utc) FROM (" + _READY.replace("LIMIT ?", "") + ")"
-        ).fetchone()
-        count, oldest = row
-        if not count:
+        ready = self._ready(now, policy.in_doubt_after, None)
+        if not ready:
             return None
-        if count >= policy.max_records:
+        if len(ready) >= policy.max_records:
             return "count"
-        oldest_at = parse_utc(oldest)
+        if any(item.state == IN_DOUBT for item in ready):
+            return "age"  # in doubt for a batch period
+        oldest_at = min(parse_utc(item.record.at_utc) for item in ready)
         if (now - oldest_at).total_seconds() >= policy.max_age_s:
             return "age"
         if hk_date(oldest_at) < hk_date(now):
@@ -181,7 +218,7 @@ class Settlement:
         """Close batches while the policy says one is due; the batches closed."""
         closed = []
         while self.due(now, policy) is not None:
-            batch = self.close_batch(now, policy.max_records)
+            batch = self.close_batch(now, policy.max_records, policy.in_doubt_after)
             if batch is None:
                 break
             closed.append(batch)
@@ -219,8 +256,13 @@ class Settlement:
         return self.journal.last_seq()
 
     def held_back(self) -> int:
-        """Records waiting for their card write to be resolved (in doubt)."""
-        return self.journal.records_in_doubt()
+        """Records waiting for their card write to be resolved (in doubt), not yet sent as in
+        doubt."""
+        return self._db.execute(_HELD.format("NOT")).fetchone()[0]
+
+    def sent_in_doubt(self) -> int:
+        """Records sent as in doubt whose card write this terminal has still not resolved."""
+        return self._db.execute(_HELD.format("")).fetchone()[0]
 
     def _rows(self, query: str, parameters: tuple = ()) -> Iterator[Batch]:
         for row in self._db.execute(query, parameters):
@@ -229,41 +271,62 @@ class Settlement:
     # -- closing --
 
     @parsing("a record ready for settlement or the last batch")
-    def close_batch(self, now: datetime, max_items: int = DEFAULT_MAX_ITEMS) -> Batch | None:
+    def close_batch(self, now: datetime, max_items: int = DEFAULT_MAX_ITEMS,
+                    in_doubt_after: timedelta = DEFAULT_IN_DOUBT_AFTER) -> Batch | None:
         """Close the records ready now (at most ``max_items``) into the next batch, signed;
-        None when nothing is ready. One durable transaction: a crash leaves no half batch."""
+        None when nothing is ready. A record whose write is still in doubt ``in_doubt_after``
+        after it was made (one batch period) rides once as ``in_doubt``. One durable
+        transaction: a crash leaves no half batch."""
         if max_items < 1:
             raise SettlementError(f"a batch holds at least one record, not {max_items}")
         with self.journal.transaction():
-            rows = self._db.execute(_READY, (max_items,)).fetchall()
-            if not rows:
+            items = self._ready(now, in_doubt_after, max_items)
+            if not items:
                 return None
             # each write's state as its chain holds it, or nothing is settled (JournalBroken)
             self.journal.check_writes([row[2] for row in rows])
             last = self._db.execute(
                 "SELECT number, hash FROM batches ORDER BY number DESC LIMIT 1").fetchone()
             number, previous = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-            # row: the record's columns (its hash, then clock_trusted), its write's state and
-            # whether that write was committed by seeing its bytes on the card later
-            items = [BatchItem(row[14], SettlementRecord(*row[:12], bool(row[13]), row[12]),
-                               observed=row[14] == "committed" and bool(row[15]))
-                     for row in rows]
             body = BatchBody.close(self.identity.terminal_id, self.identity.incarnation, number,
                                    now, previous, items)
             signed = SignedBatch.sign(body, self.identity.sign)
             totals_json = body.totals.text()
-            batch = Batch(number, body.closed_utc, len(items), rows[0][0], rows[-1][0],
-                          signed.body, signed.hash, signed.signature, None, previous, totals_json)
+            batch = Batch(number, body.closed_utc, len(items), items[0].record.seq,
+                          items[-1].record.seq, signed.body, signed.hash, signed.signature, None,
+                          previous, totals_json)
             self._db.execute(
                 "INSERT INTO batches (number, closed_utc, items, first_seq, last_seq, body, hash, "
                 "signature, prev_hash, totals) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (batch.number, batch.closed_utc, batch.items, batch.first_seq, batch.last_seq,
                  batch.body, batch.hash, batch.signature, previous, totals_json))
             self._db.executemany("INSERT INTO batch_items (seq, state, batch) VALUES (?, ?, ?)",
-                                 [(item.record.seq, item.state, number) for item in items])
+                                 [(item.record.seq, item.state, number) for item in items
+                                  if item.state != IN_DOUBT])
+            self._db.executemany("INSERT INTO batch_in_doubt (seq, batch) VALUES (?, ?)",
+                                 [(item.record.seq, number) for item in items
+                                  if item.state == IN_DOUBT])
             failpoints.hit("batch-before-commit")
         failpoints.hit("batch-after-commit")
         return batch
+
+    def _ready(self, now: datetime, in_doubt_after: timedelta,
+               limit: int | None) -> list[BatchItem]:
+        """The items the next batch would hold (at most ``limit``), by sequence: records whose
+        write is resolved in a state not yet batched, and records whose write is still in doubt
+        ``in_doubt_after`` after it was made (by ``now`` or this terminal's trusted time,
+        whichever is later) and not yet sent as in doubt."""
+        rows = self._db.execute(_READY, (-1 if limit is None else limit,)).fetchall()
+        # row: the record's columns (its hash, then clock_trusted), its write's state and
+        # whether that write was committed by seeing its bytes on the card later
+        items = [BatchItem(row[14], _record(row), observed=row[14] == "committed"
+                           and bool(row[15])) for row in rows]
+        mark = self.journal.time_high_water()
+        cutoff = (now if mark is None else max(now, mark)) - in_doubt_after
+        items += [BatchItem(IN_DOUBT, _record(row), not_shown=bool(row[15]))
+                  for row in self._db.execute(_IN_DOUBT) if parse_utc(row[14]) <= cutoff]
+        items.sort(key=lambda item: item.record.seq)
+        return items if limit is None else items[:limit]
 
     # -- checking --
 
@@ -312,6 +375,12 @@ class Settlement:
         if body.totals.text() != batch.totals_json:
             return "its totals differ from the ones it was closed with"
         return None
+
+
+def _record(row) -> SettlementRecord:
+    """A record from the journal's columns (its hash, then clock_trusted: :data:`_RECORD`)."""
+    return SettlementRecord(*row[:12], bool(row[13]), row[12])
+
 
 class BatchCloser:
     """The daemon's idle hook: when the journal has new records, and otherwise every

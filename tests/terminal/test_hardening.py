@@ -13,14 +13,14 @@ import pytest
 from farebox.cardimage.layout import PURSE_SLOT_BLOCKS
 from farebox.cardimage.model import COUNTER_MAX, Purse
 from farebox.protocol.session import LiteSSession
-from farebox.protocol.sim.card import SimulatedLiteS
+from farebox.protocol.sim.card import Faults, SimulatedLiteS
 from farebox.protocol.sim.inprocess import InProcessTransport
 from farebox.terminal.card.present import read_card
 from farebox.terminal.card.issue import IssueRequest, issue, new_idm
 from farebox.terminal.store.journal import Journal
 from farebox.terminal.card.keys import published_test_keys
 from farebox.terminal.core.rules import Reason, RecordType, Tariff
-from farebox.terminal.card.tap import RequestRefused, Terminal
+from farebox.terminal.card.tap import RequestRefused, TapInterrupted, Terminal
 from farebox.terminal.core.writecycle import WriteState
 
 KEYS = published_test_keys()
@@ -171,39 +171,85 @@ def test_impossible_purse_values_are_an_invalid_card(terminal, journal, changes)
 
 # ---- the commit mark is durable before the next tap ---------------------------------------------
 
-def test_the_commit_mark_becomes_durable_off_the_in_field_path(terminal, journal):
-    """While the card is in the field the tap makes one commit (the intent, FULL: its fsync).
-    The commit mark waits in memory and is written, durably, once the card has left."""
+def test_the_commit_mark_is_written_before_the_result_and_made_durable_off_the_field(
+        terminal, journal):
+    """While the card is in the field the tap makes one durable commit (the intent, FULL: its
+    fsync) and, before the result is returned, commits the mark without waiting for the disk
+    (synchronous=NORMAL): another connection sees it at once. Once the card has left, one FULL
+    commit makes it durable."""
     statements = []
     journal._db.set_trace_callback(statements.append)
     card = new_card()
     result = pay(terminal, card)
     in_field = list(statements)
-    assert sum(s == "COMMIT" for s in in_field) == 1
-    assert not any(s.startswith("UPDATE card_writes") for s in in_field)
-    assert "PRAGMA synchronous=NORMAL" not in in_field  # the intent commit is a FULL one
-    assert journal.unsynced  # the mark is not on disk yet: the card has not left
+    intent, mark = [i for i, s in enumerate(in_field) if s == "COMMIT"]
+    assert "PRAGMA synchronous=NORMAL" not in in_field[:intent]  # the intent commit is FULL
+    assert any(s.startswith("INSERT INTO card_writes") for s in in_field[:intent])
+    normal = in_field.index("PRAGMA synchronous=NORMAL")
+    assert intent < normal < mark  # the mark's commit does not wait for the disk
+    assert any(s.startswith("UPDATE card_writes SET state") for s in in_field[normal:mark])
+    with sqlite3.connect(journal.path) as other:  # committed: in the file, not in memory
+        assert other.execute("SELECT state FROM card_writes WHERE tap_id = ?",
+                             (result.tap_id,)).fetchone() == ("committed",)
+    assert journal.unsynced  # not yet synced: the card has not left
     terminal.idle()  # the card has left
     assert not journal.unsynced
     after = statements[len(in_field):]
     commit = after.index("COMMIT")
-    assert any(s.startswith("UPDATE card_writes SET state") for s in after[:commit])
     assert "PRAGMA synchronous=NORMAL" not in after[:commit]  # FULL: synced
     assert "PRAGMA wal_checkpoint(PASSIVE)" in after[commit:]
     assert journal.write(result.tap_id).state is WriteState.COMMITTED
 
 
-def test_a_power_cut_before_the_mark_is_written_costs_nothing(tmp_path):
-    """The process dies with the mark only in memory: a restarted terminal finds the intent and
-    the card proves the write; an image restored from before the tap is then a rollback."""
+def test_a_process_that_dies_after_the_result_loses_no_mark(tmp_path):
+    """The process dies once the result is shown, before the mark is synced (kill -9, a crash):
+    nothing of the tap was only in memory, the restarted terminal has it committed."""
+    path = tmp_path / "j.sqlite3"
+    card = new_card()
+    journal = Journal(path)
+    result = pay(Terminal(journal, KEYS), card)
+    assert journal.unsynced
+    journal._db.close()  # gone without sync(): what is committed stays with the file
+    journal._db = None
+    with Journal(path) as journal:
+        assert journal.write_state(result.tap_id) is WriteState.COMMITTED
+        assert journal.write(result.tap_id).log_confirmed
+
+
+def test_a_tap_cut_off_mid_write_is_noted_as_not_shown(terminal, journal):
+    card = new_card()
+    card.faults = Faults(leave_after_commands=4)
+    with pytest.raises(TapInterrupted) as cut:
+        pay(terminal, card)
+    with sqlite3.connect(journal.path) as other:
+        assert other.execute("SELECT tap_id FROM writes_cut_off").fetchall() == [
+            (cut.value.tap_id,)]
+    assert journal.write_state(cut.value.tap_id) is WriteState.INTENT
+
+
+def test_a_power_cut_before_the_mark_is_synced_costs_nothing(tmp_path):
+    """A power cut takes what was not synced: the journal as it was when the intent was made
+    (its fsync). A restarted terminal finds the intent and the card proves the write; an image
+    restored from before the tap is then a rollback."""
     path = tmp_path / "j.sqlite3"
     card = new_card()
     before = SimulatedLiteS(card.idm, card.pmm, list(card.blocks))
     journal = Journal(path)
+    durable = tmp_path / "durable.sqlite3"
+
+    def power_cut_keeps(_card):  # the card's first landed write: the intent is durable
+        if not durable.exists():
+            with sqlite3.connect(durable) as copy:
+                journal._db.backup(copy)
+
+    card.on_write = power_cut_keeps
     result = pay(Terminal(journal, KEYS), card)
-    journal._pending.clear()  # the power cut: memory is gone
+    card.on_write = None
     journal._db.close()
     journal._db = None
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    path.write_bytes(durable.read_bytes())
     with Journal(path) as journal:
         terminal = Terminal(journal, KEYS)
         assert journal.write_state(result.tap_id) is WriteState.INTENT
@@ -222,9 +268,10 @@ def test_a_new_tap_makes_the_previous_mark_durable_first(terminal, journal):
     journal._db.set_trace_callback(statements.append)
     pay(terminal, card, at=AT + timedelta(minutes=1))
     first_commit = statements.index("COMMIT")
-    # the first commit of the new tap writes the last tap's mark, before this card is read
-    assert any(s.startswith("UPDATE card_writes SET state") for s in statements[:first_commit])
-    assert "PRAGMA synchronous=NORMAL" not in statements[:first_commit]  # a FULL commit
+    # the first commit of the new tap is a FULL one (it syncs the last tap's mark), made before
+    # this card's intent
+    assert "PRAGMA synchronous=NORMAL" not in statements[:first_commit]
+    assert not any(s.startswith("INSERT INTO card_writes") for s in statements[:first_commit])
 
 
 def test_checkpoints_are_kept_off_the_in_field_path(terminal, journal):

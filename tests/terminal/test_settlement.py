@@ -122,7 +122,7 @@ def test_a_write_in_doubt_waits_and_rides_in_a_later_batch_once_resolved(state):
     with pytest.raises(TapInterrupted) as interrupted:
         pay(terminal, card)
     settlement = Settlement(journal, identity)
-    settlement.close_batch(NOW)
+    settlement.close_batch(AT + timedelta(minutes=14))  # within a batch period of the tap
     assert settled(settlement) == {(1, "committed"): 1}
     assert settlement.held_back() == 1
     present_again(card)
@@ -330,3 +330,86 @@ def test_hostile_identity_files_are_one_error_and_never_block(tmp_path, hostile)
         path.write_text("[1, 2]")
     with pytest.raises(IdentityError):
         load_identity(tmp_path)
+
+
+# -- writes in doubt for a batch period ------------------------------------------------------
+
+
+def test_a_write_in_doubt_for_a_batch_period_rides_once_as_in_doubt_then_resolved(state):
+    """A tap cut off mid-write whose card does not come back: after one batch period its
+    record rides as in_doubt (not_shown: no result was shown), once; resolved later, again."""
+    _, identity, journal = state
+    terminal, card = Terminal(journal, KEYS), new_card()
+    card.faults = Faults(leave_after_commands=4)
+    with pytest.raises(TapInterrupted):
+        pay(terminal, card)
+    settlement = Settlement(journal, identity)
+    period = timedelta(minutes=15)
+    assert settlement.close_batch(AT + period - timedelta(seconds=1), in_doubt_after=period) \
+        is None
+    assert settlement.held_back() == 1 and settlement.sent_in_doubt() == 0
+    assert settlement.pending_items(AT + period, period) == 1
+    first = settlement.close_batch(AT + period, in_doubt_after=period)
+    item = json.loads(first.body)["items"][0]
+    assert (item["state"], item["not_shown"]) == ("in_doubt", True)
+    assert first.totals == {"in_doubt": {"payment": {"count": 1, "amount_cents": 580}}}
+    assert settlement.held_back() == 0 and settlement.sent_in_doubt() == 1
+    assert settlement.close_batch(NOW, in_doubt_after=period) is None  # sent once
+    present_again(card)
+    pay(terminal, card, at=LATER + period)  # the card comes back: void, then paid afresh
+    settlement.close_batch(NOW, in_doubt_after=period)
+    assert settled(settlement) == {(1, "in_doubt"): 1, (1, "void"): 2, (2, "committed"): 2}
+    assert settlement.sent_in_doubt() == 0 and settlement.verify().ok
+
+
+def test_an_intent_whose_mark_a_power_cut_lost_rides_in_doubt_without_not_shown(state):
+    """The tap's commit mark lost (a power cut before the mark was synced): no cut-off note,
+    so the item says nothing of what was shown."""
+    root, identity, journal = state
+    terminal, card = Terminal(journal, KEYS), new_card()
+    lost = snapshot_at_first_card_write(journal, card, root / "durable.sqlite3")
+    pay(terminal, card)
+    journal.close()
+    restore(lost, root / "journal.sqlite3")
+    with Journal(root / "journal.sqlite3", terminal_id="T-0001") as again:
+        settlement = Settlement(again, identity)
+        batch = settlement.close_batch(NOW)
+        assert [(i["state"], i.get("not_shown")) for i in json.loads(batch.body)["items"]] == [
+            ("in_doubt", None)]
+
+
+def test_the_daemon_closer_closes_a_batch_for_a_write_in_doubt_a_period_old(state):
+    from farebox.terminal.store.settlement import BatchPolicy
+
+    _, identity, journal = state
+    terminal, card = Terminal(journal, KEYS), new_card()
+    card.faults = Faults(leave_after_commands=4)
+    with pytest.raises(TapInterrupted):
+        pay(terminal, card)
+    settlement = Settlement(journal, identity)
+    policy = BatchPolicy(max_age_s=600)
+    assert settlement.due(AT + timedelta(minutes=9), policy) is None
+    assert settlement.due(AT + timedelta(minutes=10), policy) == "age"
+    [batch] = settlement.close_due(AT + timedelta(minutes=10), policy)
+    assert batch.totals == {"in_doubt": {"payment": {"count": 1, "amount_cents": 580}}}
+
+
+def snapshot_at_first_card_write(journal, card, path):
+    """What a power cut keeps of the journal: a copy taken when the card is first written (the
+    intent is durable, nothing after it is): the card calls back on every write that lands."""
+    import sqlite3
+
+    def take(_card):
+        if not path.exists():
+            with sqlite3.connect(path) as copy:
+                journal._db.backup(copy)  # noqa: SLF001 - the committed state, as on disk
+
+    card.on_write = take
+    return path
+
+
+def restore(snapshot, path):
+    """The journal as the power cut left it."""
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    path.write_bytes(snapshot.read_bytes())
