@@ -266,6 +266,8 @@ class BatchItem:
             flags[flag] = item.get(flag, False)
             if not isinstance(flags[flag], bool):
                 raise WireError(f"record {record.seq}: {flag!r} is not true/false")
+            if flag in item and not flags[flag]:  # the canonical form leaves a false flag out
+                raise WireError(f"record {record.seq}: {flag!r} is on the wire only when true")
         if flags["not_shown"] and state != IN_DOUBT:
             raise WireError(f"record {record.seq}: 'not_shown' on a {state} item")
         return cls(state, record, **flags)

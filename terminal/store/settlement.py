@@ -284,7 +284,7 @@ class Settlement:
             if not items:
                 return None
             # each write's state as its chain holds it, or nothing is settled (JournalBroken)
-            self.journal.check_writes([row[2] for row in rows])
+            self.journal.check_writes([item.record.tap_id for item in items])
             last = self._db.execute(
                 "SELECT number, hash FROM batches ORDER BY number DESC LIMIT 1").fetchone()
             number, previous = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)

@@ -190,7 +190,7 @@ def test_a_tap_killed_at_each_failpoint_whose_card_goes_elsewhere_settles_at_the
     settles it. A write that did not land and whose result the terminal cannot tell was not
     shown (it died, it was not cut off) is void, and counts as a change from its counter: the
     card is a counter fork and is listed, as a card image restored after an approval would be."""
-    from .test_clearing_http import start_receiver
+    from .test_clearing_http import start_receiver, trusting
 
     now = datetime.now(timezone.utc).replace(microsecond=0)
     db = farebox.path("clearing.sqlite3")
@@ -210,7 +210,7 @@ def test_a_tap_killed_at_each_failpoint_whose_card_goes_elsewhere_settles_at_the
                         state=states["T-B"]).json()
         for state in states.values():
             farebox("batch", "close", "--state", state, "--json").json()
-            assert farebox("upload", "--state", state, "--url", url,
+            assert farebox("upload", "--state", state, "--config", trusting(farebox, db, url),
                            "--json").json()["pending"] == 0
         report = farebox("clearing", "report", "--db", db, "--json").json()
     lost = cents("10.00") - cents(farebox.show(card)["balance"])
@@ -233,7 +233,7 @@ def test_farebox_run_killed_with_sigkill_again_and_again_settles_what_the_card_l
     card being written). Each start presents the card again. After every kill: a tap whose
     approval was printed is committed. At the end, one clean tap, a batch close and an upload to
     a real receiver: its committed totals are exactly what the card lost, each record once."""
-    from .test_clearing_http import CONSOLE_SCRIPT, start_receiver
+    from .test_clearing_http import CONSOLE_SCRIPT, start_receiver, trusting
 
     made = farebox("terminal", "init", "--state", farebox.state, "--id", "T-0001",
                    "--json").json()
@@ -288,8 +288,8 @@ def test_farebox_run_killed_with_sigkill_again_and_again_settles_what_the_card_l
                        made["public_key"]).code == 0
         closed = farebox("batch", "close", "--state", farebox.state, "--json").json()
         assert closed["held_back"] == 0 and closed["in_doubt"] == 0
-        assert farebox("upload", "--state", farebox.state, "--url", url,
-                       "--json").json()["pending"] == 0
+        assert farebox("upload", "--state", farebox.state, "--config",
+                       trusting(farebox, db, url), "--json").json()["pending"] == 0
         report = farebox("clearing", "report", "--db", db, "--json").json()
     lost = cents("300.00") - cents(farebox.show(card)["balance"])
     paid = report["totals"]["committed"]["payment"]

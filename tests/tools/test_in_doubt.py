@@ -44,7 +44,7 @@ class Clearing:
         self.farebox, self.url, self.db = farebox, url, db
         key = farebox("clearing", "key", "--db", db, "--json").json()["public_key"]
         self.config = farebox.path("trust.toml")
-        self.config.write_text(f'[terminal]\nclearing_url = "{url}"\n'
+        self.config.write_text(f'[terminal]\nallow_test_keys = true\nclearing_url = "{url}"\n'
                                f'clearing_public_key = "{key}"\n')
 
     def terminal(self, name: str):
