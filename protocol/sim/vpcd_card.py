@@ -12,7 +12,8 @@ first. One-byte messages are control: 00 power off, 01 power on, 02 reset (no re
 (reply: the ATR). Longer messages are APDUs; the reply is the response APDU with SW1 SW2.
 
 A presentation is one TCP connection: opening it puts the card in the field, closing it takes the
-card away. pcscd checks presence every 0.4 s (vpcd asks for the ATR, and accepts a waiting
+card away; a presentation's duration counts from the first APDU a program sends the card, so a
+card no one reads yet waits in the field. pcscd checks presence every 0.4 s (vpcd asks for the ATR, and accepts a waiting
 connection when it has none), so it sees a card arrive or leave within 0.4 s. vpcd also notices a
 closed connection when an APDU fails on it, and then takes the next waiting connection at the
 next check without pcscd ever reporting a removal: hence the pause between presentations
@@ -354,7 +355,12 @@ class VpcdCard(CardServer[Presentation]):
         self, faults: Faults | None = None, *, duration_s: float | None = None
     ) -> Presentation | None:
         """Arm ``faults``, connect (the card enters the field) and answer vpcd until the
-        presentation ends; None if stopped before the connection was made."""
+        presentation ends; None if stopped before the connection was made.
+
+        ``duration_s`` counts from the first APDU, not from the connection: until a program
+        sends the card an APDU (pcscd alone only asks for its ATR) the card waits in the field,
+        as a card on nfcpy's udp link waits for a reader to activate it. A reader started after
+        the card (``sim serve`` before ``farebox run``) so misses no presentation."""
         faults = faults or Faults()
         card = self.card
         self._remove.clear()
@@ -374,7 +380,7 @@ class VpcdCard(CardServer[Presentation]):
         self.in_field.set()
         LOG.debug("card %s enters the field (presentation %d)", card.idm.hex(), number)
         try:
-            apdus, ended_by = self._serve(sock, started, duration_s)
+            apdus, ended_by = self._serve(sock, duration_s)
         finally:
             self.in_field.clear()
             card.in_field = False
@@ -444,11 +450,12 @@ class VpcdCard(CardServer[Presentation]):
         self.join_background(join_timeout_s)
 
     def _serve(
-        self, sock: socket.socket, started: float, duration_s: float | None
+        self, sock: socket.socket, duration_s: float | None
     ) -> tuple[int, PresentationEnd]:
-        """Answer vpcd's messages until the presentation ends; ``(apdus, why it ended)``."""
+        """Answer vpcd's messages until the presentation ends; ``(apdus, why it ended)``. The
+        ``duration_s`` clock starts at the first APDU (see :meth:`present`)."""
         apdus = 0
-        ends_at = None if duration_s is None else started + duration_s
+        ends_at = None
         debug = LOG.isEnabledFor(logging.DEBUG)
         while True:
             if not self.card.in_field:
@@ -471,6 +478,8 @@ class VpcdCard(CardServer[Presentation]):
             is_apdu = len(message) > 1
             if is_apdu:
                 apdus += 1
+                if apdus == 1 and duration_s is not None:
+                    ends_at = time.monotonic() + duration_s
                 if debug:
                     LOG.debug("vpcd apdu > %s", message.hex(" "))
             reply = self.reader.handle(message)

@@ -406,7 +406,18 @@ def wait_until_slot_empty(reader_name: str, timeout_s: float = WAIT_S) -> None:
     Otherwise an APDU of the next test could find the old connection closed, vpcd would take the
     new one at its next presence check, and pcscd would keep the old card's state and ATR.
     """
+    _wait_for_slot_state(reader_name, "EMPTY", timeout_s)
+
+
+def wait_until_slot_holds_a_card(reader_name: str, timeout_s: float = WAIT_S) -> None:
+    """Wait until pcscd has seen a card arrive (it asked vpcd for the ATR; no APDU sent)."""
+    _wait_for_slot_state(reader_name, "PRESENT", timeout_s)
+
+
+def _wait_for_slot_state(reader_name: str, wanted: str, timeout_s: float) -> None:
     from smartcard import scard
+
+    flag = getattr(scard, f"SCARD_STATE_{wanted}")
 
     hresult, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
     assert hresult == scard.SCARD_S_SUCCESS
@@ -418,9 +429,9 @@ def wait_until_slot_empty(reader_name: str, timeout_s: float = WAIT_S) -> None:
             hresult, states = scard.SCardGetStatusChange(context, wait_ms, [(reader_name, state)])
             if hresult == scard.SCARD_S_SUCCESS:
                 state = states[0][1] & ~scard.SCARD_STATE_CHANGED
-                if state & scard.SCARD_STATE_EMPTY:
+                if state & flag:
                     return
-            assert time.monotonic() < deadline, f"{reader_name} still holds a card"
+            assert time.monotonic() < deadline, f"{reader_name}: not {wanted} in {timeout_s} s"
     finally:
         scard.SCardReleaseContext(context)
 
@@ -621,6 +632,23 @@ def test_several_presentations_each_found_and_saved(rig, card):
         assert saved[-1]["blocks"][0] == (bytes([number]) * 16).hex()
     assert len(saved) == 3
     assert reader.wait_for_card(SYSTEM_CODE, 0.5) is None  # three presentations, then none
+
+
+def test_the_dwell_starts_at_the_first_apdu_so_a_reader_started_late_misses_no_card(rig, card):
+    """A card held to a reader nobody reads yet waits there: ``duration_s`` counts from the first
+    APDU, as a presentation on nfcpy's udp link starts when a reader activates the card. It
+    counted from the connection: ``sim serve --via vpcd:`` started before ``farebox run`` used up
+    its first presentation unread, and ``run --max-taps 3`` waited for a third tap forever."""
+    rig.vpcd.serve_in_background(1, on_presentation=rig.presented.put, duration_s=1.0)
+    wait_until_slot_holds_a_card(rig.pcscd.reader_name)
+    time.sleep(1.5)  # longer than the dwell, with pcscd checking the card but nobody reading
+    assert rig.presented.empty(), "the card left before any reader read it"
+    session = tap(rig.reader())
+    assert session.read_blocks([1]) == [blocks_with_numbers()[1]]
+    presentation = rig.next_presentation()
+    assert presentation.ended_by is PresentationEnd.DURATION
+    assert presentation.commands == 2  # the poll and the read
+    assert presentation.duration_s >= 2.5  # in the field from the connection
 
 
 def test_wait_for_removal_is_false_while_the_card_stays(rig):
