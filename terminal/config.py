@@ -29,7 +29,8 @@ false), so a file that names no keys, or ``keys = "test"`` alone, is refused whe
     clearing_ca_bundle = "/etc/farebox/clearing-ca.pem"  # https:// trusts these CAs only
     clearing_insecure_http = false  # allow plain http:// to a clearing house not on loopback
     log_format = "text"             # the daemon's log: "text" (stderr) or "json" (stdout, journald)
-    metrics_listen = "127.0.0.1:9108"  # a Prometheus endpoint, loopback only (left out: none)
+    metrics_listen = "127.0.0.1:9108"  # a Prometheus endpoint, loopback (left out: none)
+    metrics_allow_remote = false    # true: metrics_listen may be an address beyond this host
 
     [fares]                         # adult required; a class left out pays the adult fare
     adult = "5.80"
@@ -103,6 +104,9 @@ class TerminalConfig:
     clearing_insecure_http: bool = False
     log_format: str = "text"
     metrics_listen: str | None = None
+    #: issue 21: a metrics_listen beyond loopback only when the configuration says so (the
+    #: endpoint has no authentication)
+    metrics_allow_remote: bool = False
     #: where each setting came from ("default", "file", "env", "flag"), for `doctor` and notices
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -181,6 +185,7 @@ def _from_toml(path: Path) -> dict:
         "clearing_insecure_http": ("clearing_insecure_http", _flag),
         "log_format": ("log_format", _log_format),
         "metrics_listen": ("metrics_listen", _metrics_listen),
+        "metrics_allow_remote": ("metrics_allow_remote", _flag),
     }
     for key, value in terminal.items():
         if key not in readers:
@@ -190,6 +195,12 @@ def _from_toml(path: Path) -> dict:
             settings[name] = read(value, key)
         except ValueError as error:
             raise ConfigError(f"{path}: terminal.{key}: {error}") from None
+    if "metrics_listen" in settings:  # read whichever of the two keys came first
+        try:
+            parse_listen(settings["metrics_listen"],
+                         allow_remote=settings.get("metrics_allow_remote", False))
+        except MetricsError as error:
+            raise ConfigError(f"{path}: terminal.metrics_listen: {error}") from None
     fares = _table(document, "fares", path)
     if fares:
         settings["tariff"] = _tariff(fares, path)
@@ -248,8 +259,10 @@ class MetricsError(BadInput, ValueError):
     """A listen address that cannot be used (one line)."""
 
 
-def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) on a loopback address; port 0 picks a free one."""
+def parse_listen(value: str, *, allow_remote: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6); port 0 picks a free one. HOST is a loopback
+    address unless ``allow_remote`` (config ``metrics_allow_remote = true``): then any IP
+    address of this host, or ``0.0.0.0`` / ``::`` for all of them."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise MetricsError(f"expected HOST:PORT, got {value!r}")
@@ -257,18 +270,33 @@ def parse_listen(value: str) -> tuple[str, int]:
     if host == "localhost":
         host = "127.0.0.1"
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        loopback = False
-    if not loopback:
-        raise MetricsError(f"{value!r} is not a loopback address (127.0.0.1 or ::1): "
-                           "the endpoint has no authentication")
+        address = None
+    if address is not None and address.is_loopback:
+        return host, int(port)
+    if not allow_remote:
+        raise MetricsError(f"{value!r} is not a loopback address (127.0.0.1 or ::1): the "
+                           "endpoint has no authentication (metrics_allow_remote = true in the "
+                           "configuration serves it beyond this host)")
+    if address is None:
+        raise MetricsError(f"{value!r}: expected an IP address (0.0.0.0 or :: for every "
+                           "address of this host), not a name")
     return host, int(port)
+
+
+def is_loopback_listen(value: str) -> bool:
+    """Whether a ``metrics_listen`` that parses stays on this host."""
+    try:
+        parse_listen(value)
+    except MetricsError:
+        return False
+    return True
 
 
 def _metrics_listen(value: object, key: str) -> str:
     text = _string(value, key)
-    parse_listen(text)  # MetricsError is a ValueError naming what is wrong
+    parse_listen(text, allow_remote=True)  # the syntax; loopback is checked with the whole table
     return text
 
 

@@ -33,7 +33,8 @@ from farebox.tools.params import FARES, POSITIVE_AMOUNT
               help="json: one JSON event per line on stdout (taps, reader up/down, start/stop, "
               "log messages), for journald [config log_format; default text]")
 @click.option("--metrics", "metrics_listen", metavar="HOST:PORT",
-              help="serve Prometheus metrics there (loopback only; port 0: a free port) "
+              help="serve Prometheus metrics there (loopback unless the config says "
+              "metrics_allow_remote = true; port 0: a free port) "
               "[config metrics_listen; default: none]")
 @json_option
 def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, max_taps, verbose,
@@ -46,12 +47,17 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
         raise click.UsageError("give at most one of --fare and --fares")
     if metrics_listen is not None:
         try:
-            parse_listen(metrics_listen)
+            parse_listen(metrics_listen, allow_remote=True)  # the syntax, before the file
         except MetricsError as error:
             raise InputError(f"--metrics: {error}") from None
     config = settings(config_file, state_dir=state_dir, reader=reader_spec, action_list=hotlist,
                       pcsc_mode=pcsc_mode, log_format=log_format, metrics_listen=metrics_listen,
                       tariff=fares if fares is not None else fare and Tariff.flat(fare))
+    if metrics_listen is not None:  # beyond loopback only where the configuration allows it
+        try:
+            parse_listen(metrics_listen, allow_remote=config.metrics_allow_remote)
+        except MetricsError as error:
+            raise InputError(f"--metrics: {error}") from None
     if config.reader is None:
         raise click.UsageError("give --reader SPEC (or reader in --config)")
     if config.tariff is None:

@@ -1,7 +1,9 @@
 """The daemon's Prometheus text endpoint (prometheus-client, imported only when it is switched on).
 
-Served on a loopback address only (``metrics_listen = "127.0.0.1:9108"``): the endpoint has no
-authentication, so anything further away scrapes it through an agent or tunnel on the terminal.
+Served on a loopback address (``metrics_listen = "127.0.0.1:9108"``): the endpoint has no
+authentication, so anything further away scrapes it through an agent or tunnel on the terminal,
+unless the configuration says ``metrics_allow_remote = true`` (then any address of the host, a
+firewall keeping everyone but the Prometheus server out).
 
 What is exported, and who updates it (SQLite objects stay on their own threads: the HTTP thread
 only reads numbers the daemon loop and the uploader have set):

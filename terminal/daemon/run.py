@@ -79,7 +79,8 @@ def run(config: TerminalConfig, reader_spec: ReaderSpec | str,
             from farebox.terminal.daemon.metrics import TerminalMetrics
 
             metrics = TerminalMetrics()
-            metrics_url = metrics.serve(*parse_listen(config.metrics_listen))
+            metrics_url = metrics.serve(*parse_listen(
+                config.metrics_listen, allow_remote=config.metrics_allow_remote))
             teardown.callback(metrics.close)
         watch = Supervision(notifier, metrics, log_events=json_log)
 

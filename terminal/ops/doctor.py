@@ -18,7 +18,9 @@ from pathlib import Path
 from farebox.protocol.errors import FelicaError
 from farebox.protocol.frames import SYSTEM_CODE_WILDCARD
 
-from farebox.terminal.config import FILE_KEYS, ConfigError, TerminalConfig, load_config
+from farebox.terminal.config import (
+    FILE_KEYS, ConfigError, TerminalConfig, is_loopback_listen, load_config,
+)
 from farebox.terminal.store.identity import IDENTITY_FILE, IdentityError, load_identity
 from farebox.terminal.store.journal import Journal, JournalBroken, JournalError
 from farebox.terminal.card.keys import (
@@ -98,6 +100,8 @@ def run_checks(options: DoctorOptions, now: datetime,
         findings.append(_hotlist(options.config.action_list))
     if options.config.clearing_url is not None:
         findings.append(_clearing(options.config))
+    if options.config.metrics_listen is not None:
+        findings.append(_metrics(options.config))
     if options.reader is not None:
         findings.append(_card_in_field(options))
     return findings
@@ -343,6 +347,19 @@ def _hotlist(path: Path) -> Finding:
         return Finding("hotlist", FAIL, f"action_list: {error}: every tap is refused",
                        f"fix or replace {path}, or remove action_list from the configuration")
     return Finding("hotlist", OK, f"action_list {path}: {len(entries)} entries")
+
+
+def _metrics(config: TerminalConfig) -> Finding:
+    """Where the daemon's Prometheus endpoint listens; beyond this host (allowed by
+    ``metrics_allow_remote = true``) a warning: the endpoint has no authentication."""
+    listen = config.metrics_listen
+    if is_loopback_listen(listen):
+        return Finding("metrics", OK, f"metrics_listen {listen}: loopback only "
+                       "(metrics_allow_remote = " f"{str(config.metrics_allow_remote).lower()})")
+    return Finding("metrics", WARN, f"metrics_listen {listen}: served beyond this host "
+                   "(metrics_allow_remote = true) without authentication",
+                   "let only the Prometheus server reach that port (a firewall rule), or "
+                   'metrics_listen = "127.0.0.1:9108" and scrape through a tunnel')
 
 
 def _clearing(config: TerminalConfig) -> Finding:

@@ -31,6 +31,19 @@ def test_anything_else_is_refused(value):
         parse_listen(value)
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("0.0.0.0:9108", ("0.0.0.0", 9108)), ("[::]:0", ("::", 0)), ("10.1.2.3:9108", ("10.1.2.3", 9108)),
+    ("127.0.0.1:9108", ("127.0.0.1", 9108))])
+def test_any_ip_address_is_accepted_when_remote_is_allowed(value, expected):
+    assert parse_listen(value, allow_remote=True) == expected
+
+
+@pytest.mark.parametrize("value", ["example.org:80", "127.0.0.1", ":9108", "0.0.0.0:70000"])
+def test_names_and_bad_syntax_stay_refused_when_remote_is_allowed(value):
+    with pytest.raises(MetricsError):
+        parse_listen(value, allow_remote=True)
+
+
 def samples(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()

@@ -229,6 +229,65 @@ def test_metrics_and_log_format_are_checked_before_anything_runs(farebox, tmp_pa
     assert "cannot listen" in busy.err
 
 
+def doctor_checks(farebox, *argv) -> dict[str, dict]:
+    """``doctor --json`` (exit 0 or 3: other checks may fail here), its checks by name."""
+    done = farebox("doctor", "--state", farebox.state, *argv, "--json")
+    assert done.code in (0, 3), done.err
+    return {check["check"]: check for check in json.loads(done.out)["checks"]}
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9108", "[::]:9108", "192.0.2.7:9108"])
+def test_a_metrics_address_beyond_loopback_needs_metrics_allow_remote(farebox, tmp_path, listen):
+    """issue 21 item 5: without ``metrics_allow_remote = true`` a non-loopback ``metrics_listen``
+    (or ``--metrics``) is exit 2 naming the key; with it the configuration is accepted (in
+    either order of the two keys), ``doctor`` says where the endpoint listens and warns, and
+    ``run`` gets past its metrics checks (it then stops at the test keys, before it listens:
+    nothing is bound beyond 127.0.0.1 here)."""
+    base = ["run", "--reader", "udp:127.0.0.1:9", "--fare", "1.00", "--state", farebox.state]
+    refused = tmp_path / "refused.toml"
+    refused.write_text(f'[terminal]\nmetrics_listen = "{listen}"\nmetrics_allow_remote = false\n')
+    bad = farebox(*base, "--config", refused)
+    bad.assert_bad_input()
+    assert "terminal.metrics_listen" in bad.err and "metrics_allow_remote" in bad.err
+    assert doctor_checks(farebox, "--config", refused)["config"]["status"] == "fail"
+    flag = farebox(*base, "--metrics", listen)  # no configuration at all: the same
+    flag.assert_bad_input()
+    assert "--metrics" in flag.err and "metrics_allow_remote" in flag.err
+    assert not farebox.state.exists()  # nothing was started, nothing made
+
+    for text in (f'metrics_listen = "{listen}"\nmetrics_allow_remote = true\n',
+                 f'metrics_allow_remote = true\nmetrics_listen = "{listen}"\n'):
+        allowed = tmp_path / "allowed.toml"
+        allowed.write_text(f"[terminal]\n{text}")
+        checks = doctor_checks(farebox, "--config", allowed)
+        assert checks["config"]["status"] == "ok"
+        assert "metrics_allow_remote" in checks["config"]["found"]
+        assert checks["metrics"]["status"] == "warn" and listen in checks["metrics"]["found"]
+        for extra in ((), ("--metrics", listen)):
+            past = farebox(*base, "--config", allowed, *extra)
+            past.assert_bad_input()  # a file that does not allow the published test keys
+            assert "test keys" in past.err and "metrics" not in past.err
+
+
+def test_metrics_allow_remote_still_serves_loopback_and_a_name_is_refused(
+        farebox, running, tmp_path):
+    config = tmp_path / "terminal.toml"
+    config.write_text('[terminal]\nallow_test_keys = true\nmetrics_allow_remote = true\n'
+                      'metrics_listen = "127.0.0.1:0"\n')
+    assert doctor_checks(farebox, "--config", config)["metrics"]["status"] == "ok"
+    daemon = running(Daemon, "--reader", "usb:ffff:fffe", "--fare", "1.00", "--config", config,
+                     "--state", farebox.state)
+    url = daemon.read_until(lambda e: e["event"] == "start")["metrics"]
+    assert url.startswith("http://127.0.0.1:")
+    assert ("farebox_reader_reopens_total", ()) in scrape(url)
+    assert daemon.stop()[-1]["event"] == "stop"
+    named = tmp_path / "named.toml"
+    named.write_text('[terminal]\nmetrics_allow_remote = true\nmetrics_listen = "example.org:9108"\n')
+    bad = farebox("run", "--reader", "udp:127.0.0.1:9", "--fare", "1.00", "--config", named)
+    bad.assert_bad_input()
+    assert "terminal.metrics_listen" in bad.err and "IP address" in bad.err
+
+
 def test_metrics_count_a_write_in_doubt_and_batches_not_acknowledged(farebox, running, tmp_path):
     """A batch closed and never uploaded (no clearing house), then a tap torn mid-write over
     udp: the endpoint says 1 batch unacknowledged and 1 write in doubt while the daemon runs."""
