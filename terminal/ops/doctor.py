@@ -22,7 +22,11 @@ from farebox.terminal.config import (
     FILE_KEYS, ConfigError, TerminalConfig, is_loopback_listen, load_config,
 )
 from farebox.terminal.store.identity import IDENTITY_FILE, IdentityError, load_identity
-from farebox.terminal.store.journal import Journal, JournalBroken, JournalError
+from farebox.terminal.store.journal import Journal, JournalBroken, JournalError, JournalRecord
+from farebox.cardimage.money import format_cents
+from farebox.terminal.core.cardnumber import format_number
+from farebox.terminal.core.clock import utc_iso
+from farebox.terminal.core.rules import RecordType
 from farebox.terminal.card.keys import (
     KeyFileError, KeyFileSource, PublishedKeySource, open_key_store, parse_key_source,
 )
@@ -236,16 +240,15 @@ def _clock(config: TerminalConfig, roots: Roots, now: datetime) -> Finding:
             journal = Journal(journal_path)
             try:
                 high_water = journal.time_high_water()
+                setter = (journal.time_high_water_record()
+                          if high_water is not None and high_water > now else None)
             finally:
                 journal.close()
         except JournalError as error:
             return Finding("clock", FAIL, f"journal {journal_path} cannot be opened: {error}",
                            f"farebox journal verify --state {directory}")
         if high_water is not None and high_water > now:
-            return Finding("clock", FAIL,
-                           f"now ({now.isoformat()}) is before the latest trusted tap time in "
-                           f"the journal ({high_water.isoformat()}): the clock went back",
-                           "sudo timedatectl set-ntp true && timedatectl timesync-status")
+            return _clock_behind_mark(directory, now, high_water, setter)
     systemd = (roots.run / "systemd" / "system").is_dir()
     synchronized = (roots.run / "systemd" / "timesync" / "synchronized").exists()
     if synchronized:
@@ -257,6 +260,32 @@ def _clock(config: TerminalConfig, roots: Roots, now: datetime) -> Finding:
                        "sudo timedatectl set-ntp true && timedatectl timesync-status")
     return Finding("clock", WARN, "not a systemd host: cannot tell whether the clock is "
                    "synchronized", "check with your NTP client (chronyc tracking, ntpq -p)")
+
+
+def _clock_behind_mark(directory: Path, now: datetime, mark: datetime,
+                       setter: JournalRecord | None) -> Finding:
+    """The clock is behind the terminal's time high-water mark: say which tap put the mark
+    there (a tap given a time in the future, e.g. a debugging ``--at``, moves it as surely as a
+    clock that went back), and both fixes."""
+    mark_text = utc_iso(mark)
+    if setter is None:
+        by = ("set by a tap that made no journal record (a declined tap) at that time; the "
+              "journal's newest trusted record is older")
+    elif setter.type is RecordType.CLOCK_RESET:
+        by = f"set by `farebox terminal clock reset` (record #{setter.seq}, tap id {setter.tap_id})"
+    else:
+        by = (f"set by tap {setter.tap_id} (record #{setter.seq}, {setter.type.value} of "
+              f"{format_cents(setter.amount_cents)} on card {format_number(setter.card_number)}, "
+              f"at {setter.at_utc})")
+    return Finding(
+        "clock", FAIL,
+        f"now ({utc_iso(now)}) is before the terminal's time mark ({mark_text}, the latest tap "
+        f"time it trusted), {by}: either that time was in the future (a tap given a wrong "
+        f"time, such as a debugging --at) or this clock went back; until the clock passes "
+        f"{mark_text} every tap is flagged clock_trusted false",
+        f"if that tap's time was wrong: farebox terminal clock reset --reason 'WHY' --state "
+        f"{directory}; if this clock is wrong: sudo timedatectl set-ntp true && "
+        "timedatectl timesync-status")
 
 
 def _keys(config: TerminalConfig) -> list[Finding]:

@@ -1254,6 +1254,24 @@ class Journal:
         and kept in memory; the stored value only ever moves forward."""
         return self._high_water
 
+    def time_high_water_record(self) -> JournalRecord | None:
+        """The record that set the time high-water mark: the newest trusted record (a trusted
+        time is never behind the mark, and ``clock_reset`` moves it), when its time is the mark.
+        None before the first trusted record, or when a tap that wrote no record (a decline)
+        moved the mark past it. For ``doctor``: which tap put the mark where it is."""
+        self._flush()
+        row = self._db.execute(
+            f"SELECT {record_columns('r.')}, w.state FROM records r JOIN card_writes w "
+            "USING (tap_id) WHERE r.clock_trusted = 1 ORDER BY r.seq DESC LIMIT 1").fetchone()
+        if row is None or self._high_water is None:
+            return None
+        record = _record_from_row(row)
+        try:
+            at = parse_utc(record.at_utc)
+        except ValueError:
+            return None
+        return record if at == self._high_water else None
+
     # ---- writes --------------------------------------------------------------------------
 
     def observe(self, card_number: int, counter: int, slot: bytes,

@@ -382,11 +382,43 @@ def test_doctor_uses_the_configured_reader_and_reports_a_broken_configuration(fa
     assert run.code == 3
 
 
-def test_doctor_fails_when_the_clock_went_back_behind_the_journal(farebox):
-    card = farebox.card(balance="20.00")
-    tomorrow = (datetime.now(timezone.utc) + timedelta(days=2)).isoformat()
-    assert farebox.tap(card, "--fare", "1.00", at=tomorrow).json()["outcome"] == "approved"
+def doctor_clock(farebox) -> tuple[int, dict]:
     run = farebox("doctor", "--state", farebox.state, "--json")
-    clock = next(c for c in json.loads(run.out)["checks"] if c["check"] == "clock")
-    assert clock["status"] == "fail" and "clock went back" in clock["found"]
-    assert run.code == 3
+    return run.code, next(c for c in json.loads(run.out)["checks"] if c["check"] == "clock")
+
+
+def test_doctor_names_the_tap_whose_future_time_moved_the_clock_mark(farebox):
+    """issue 21 item 3: a debugging ``--at`` in the future moves the terminal's time mark past
+    the clock; doctor fails and says which tap did it (tap id, record, card, time) and how to
+    reset it, instead of blaming the clock alone; after ``terminal clock reset`` it passes."""
+    card = farebox.card(balance="20.00")
+    ahead = (datetime.now(timezone.utc) + timedelta(days=2)).replace(microsecond=0)
+    assert farebox.tap(card, "--fare", "1.00", at=ahead.isoformat()).json()["outcome"] == "approved"
+    [record] = farebox("journal", "list", "--state", farebox.state, "--json").json()["records"]
+    code, clock = doctor_clock(farebox)
+    assert code == 3 and clock["status"] == "fail"
+    at = ahead.strftime("%Y-%m-%dT%H:%M:%SZ")
+    for said in (f"tap {record['tap_id']}", "record #1", "payment of 1.00",
+                 f"card {record['card']}", f"at {at}", "--at"):
+        assert said in clock["found"], said
+    assert "farebox terminal clock reset" in clock["fix"] and str(farebox.state) in clock["fix"]
+    reset = farebox("terminal", "clock", "reset", "--reason", "a debugging --at",
+                    "--state", farebox.state, "--json")
+    assert reset.code == 0, reset.err
+    assert doctor_clock(farebox)[1]["status"] != "fail"
+
+
+def test_doctor_says_a_declined_tap_or_a_reset_moved_the_clock_mark(farebox):
+    """A tap that writes nothing (a card inactive by 2080: declined) moves the mark with no
+    record to name; an operator's reset into the future is named as the reset."""
+    card = farebox.card(balance="20.00")
+    declined = farebox.tap(card, "--fare", "1.00", at="2080-01-01T08:00:00+08:00").json()
+    assert declined["reason"] == "inactive" and declined["clock_trusted"] is True
+    code, clock = doctor_clock(farebox)
+    assert code == 3 and "2080-01-01T00:00:00Z" in clock["found"]
+    assert "a tap that made no journal record (a declined tap)" in clock["found"]
+    reset = farebox("terminal", "clock", "reset", "--reason", "typo", "--at",
+                    "2079-01-01T00:00:00Z", "--state", farebox.state, "--json").json()
+    code, clock = doctor_clock(farebox)
+    assert code == 3 and "2079-01-01T00:00:00Z" in clock["found"]
+    assert f"farebox terminal clock reset` (record #{reset['seq']}" in clock["found"]
