@@ -104,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from farebox.terminal.failpoints import check_environment
 
+    _state_notes(forget=True)
     try:
         check_environment()
         code = cli.main(args=args, prog_name="farebox", standalone_mode=False)
     except click.exceptions.Exit as done:
+        _state_notes()
         return done.exit_code
     except click.ClickException as error:
         message = " ".join(error.format_message().split())
@@ -129,7 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"farebox: internal error: {type(error).__name__}: {message} "
                "(set FAREBOX_DEBUG=1 for a traceback)")
         return EXIT_INTERNAL
+    _state_notes()
     return code if isinstance(code, int) else 0  # click returns a command's Exit code
+
+
+def _state_notes(*, forget: bool = False) -> None:
+    """Say the state directories the command made where it was given none that existed (a
+    mistyped --state), or forget those of an earlier command run in this process."""
+    common = sys.modules.get("farebox.tools.common")  # not loaded: no command read settings
+    if common is not None:
+        common.forget_states() if forget else common.say_made_states()
 
 
 def _error(line: str) -> None:

@@ -32,7 +32,7 @@ BUS = Tariff({FareClass.ADULT: 580, FareClass.CHILD: 290, FareClass.ELDER: 200,
 @json_option
 def demo(state_dir: Path | None, as_json: bool) -> None:
     """Run a scripted day on a simulated card (test keys), with its own state."""
-    config = settings(None, state_dir=state_dir or default_state_dir() / "demo")
+    config = settings(None, state_dir=state_dir or default_state_dir() / "demo", makes_state=True)
     folder = config.state_dir / "cards"
     folder.mkdir(parents=True, exist_ok=True)
     with terminal(config) as term:

@@ -8,12 +8,14 @@ import click
 
 from farebox.terminal.config import MetricsError, parse_listen
 from farebox.terminal.core.rules import Tariff
-from farebox.terminal.daemon.events import DaemonEvent, MetricsServing, TapEvent
+from farebox.terminal.daemon.events import DaemonEvent, MetricsServing, Started, TapEvent
 from farebox.terminal.daemon.run import run as run_daemon
 from farebox.terminal.runtime import ReaderSpec, RuntimeSetupError
 
 from farebox.tools import output
-from farebox.tools.common import InputError, config_option, json_option, settings, state_option
+from farebox.tools.common import (
+    InputError, config_option, json_option, say_made_states, settings, state_option,
+)
 from farebox.tools.params import FARES, POSITIVE_AMOUNT
 
 
@@ -69,6 +71,8 @@ def run(reader_spec, pcsc_mode, fare, fares, config_file, state_dir, hotlist, ma
     json_log = config.log_format == "json"
 
     def show(event: DaemonEvent) -> None:
+        if isinstance(event, Started):
+            say_made_states()  # now, not when the daemon stops
         if json_log:  # the JSON log on stdout carries every event
             return
         if isinstance(event, MetricsServing):

@@ -28,7 +28,7 @@ def terminal() -> None:
 def init(state_dir, config_file, terminal_id, as_json) -> None:
     """Create the terminal's Ed25519 signing key and incarnation in its state directory and print
     the public key (enroll it at the clearing house). Refuses a state that already has one."""
-    config = settings(config_file, state_dir=state_dir)
+    config = settings(config_file, state_dir=state_dir, makes_state=True)
     identity = init_terminal(config, terminal_id, now_utc())
     obj = {"terminal_id": identity.terminal_id, "incarnation": identity.incarnation,
            "public_key": identity.public_key.hex(), "state": str(state_directory(config))}
