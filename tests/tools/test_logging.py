@@ -141,6 +141,28 @@ def test_vv_traces_every_frame_of_card_show_on_a_reader(farebox, served):
     server.finish()
 
 
+@pytest.mark.parametrize("argv, codes", [
+    (["card", "dump", "--out", "dumped.json"], (0,)),
+    (["service", "inactivity-fee", "--at", "2026-11-22T08:00:00+08:00"], (0,)),
+    (["doctor", "--timeout", "10"], (0, 3)),  # other checks may fail on this host
+])
+def test_vv_traces_the_frames_of_every_command_that_talks_to_a_reader(farebox, served, argv,
+                                                                      codes, tmp_path):
+    card = farebox.card(balance="50.00")
+    server = served(card, "--taps", "1")
+    reader = ["--reader", server.address, "-vv", "--json"]
+    state = ["--state", str(tmp_path / "state")] if argv[0] == "doctor" else []
+    done = subprocess.run([FAREBOX, *argv, *reader, *state], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode in codes, done.stderr
+    # a card session's commands (">>> ", "<<< "), or the poll doctor's card check makes
+    traced = [line for line in done.stderr.splitlines() if ">>> " in line or (
+        "farebox.protocol.nfcpy: sense " in line and " -> " in line)]
+    assert traced, done.stderr
+    if argv[0] != "doctor":  # doctor's check only polls: the served presentation never ends
+        server.finish()
+
+
 def test_without_v_card_show_says_nothing_on_stderr(farebox, served):
     card = farebox.card(balance="50.00")
     server = served(card, "--taps", "1")
