@@ -107,4 +107,5 @@ open_reader = open_transport
 terminal = open_terminal
 
 __all__ = ["InputError", "config_option", "forget_states", "json_option", "open_reader",
-           "reader_timeout_option", "say_made_states", "settings", "state_dir", "state_notice", "state_option", "terminal", "verbose_option"]
+           "reader_timeout_option", "say_made_states", "settings", "state_dir", "state_notice",
+           "state_option", "terminal", "verbose_option"]

@@ -32,7 +32,8 @@ def test_anything_else_is_refused(value):
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("0.0.0.0:9108", ("0.0.0.0", 9108)), ("[::]:0", ("::", 0)), ("10.1.2.3:9108", ("10.1.2.3", 9108)),
+    ("0.0.0.0:9108", ("0.0.0.0", 9108)), ("[::]:0", ("::", 0)),
+    ("10.1.2.3:9108", ("10.1.2.3", 9108)),
     ("127.0.0.1:9108", ("127.0.0.1", 9108))])
 def test_any_ip_address_is_accepted_when_remote_is_allowed(value, expected):
     assert parse_listen(value, allow_remote=True) == expected

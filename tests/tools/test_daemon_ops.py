@@ -282,7 +282,8 @@ def test_metrics_allow_remote_still_serves_loopback_and_a_name_is_refused(
     assert ("farebox_reader_reopens_total", ()) in scrape(url)
     assert daemon.stop()[-1]["event"] == "stop"
     named = tmp_path / "named.toml"
-    named.write_text('[terminal]\nmetrics_allow_remote = true\nmetrics_listen = "example.org:9108"\n')
+    named.write_text('[terminal]\nmetrics_allow_remote = true\n'
+                     'metrics_listen = "example.org:9108"\n')
     bad = farebox("run", "--reader", "udp:127.0.0.1:9", "--fare", "1.00", "--config", named)
     bad.assert_bad_input()
     assert "terminal.metrics_listen" in bad.err and "IP address" in bad.err
