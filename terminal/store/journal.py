@@ -61,6 +61,10 @@ from farebox.terminal.store.private import private_directory, private_file
 SCHEMA_VERSION = 4
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 _WAL_AUTOCHECKPOINT_PAGES = 10_000  # a backstop only: checkpoints normally run in idle()
+#: A write that changes a page when nothing else is to be written (a commit that changes no page
+#: writes nothing to the WAL, so syncs nothing): the meta row ``wal_writes`` counts them.
+_TOUCH = ("INSERT INTO meta (key, value) VALUES ('wal_writes', '1') ON CONFLICT (key) "
+          "DO UPDATE SET value = CAST(value AS INTEGER) + 1")
 
 #: The ``records`` table, the one place its columns are written: each column's name and SQL type,
 #: in the table's order. Its CREATE statement, the insert, the selects, the fields a record's hash
@@ -539,6 +543,7 @@ class Journal:
         self._wanted_id = terminal_id
         self._sync = "FULL" if durable else "OFF"
         self._unsynced = False
+        self._idle_changes = -1  # total_changes after the last idle(): -1, never
         deadline = time.monotonic() + busy_timeout_s
         while True:
             try:
@@ -740,14 +745,47 @@ class Journal:
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value "
                     "WHERE excluded.value > value", (utc_fixed(self._high_water),))
             else:  # still one write, so that the commit syncs the WAL
-                self._db.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+                self._db.execute(_TOUCH)
         self._high_water_saved = self._high_water
         self._unsynced = False
 
     def idle(self) -> None:
-        """Work kept off the in-field path: make the last tap's marks durable, checkpoint the WAL."""
-        self.sync()
-        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        """Work kept off the in-field path: checkpoint the WAL, then make the last tap's marks
+        durable (one FULL commit). In that order: a checkpoint that takes in the whole WAL makes
+        the next write start it again, and a write that starts the WAL syncs its header as well
+        as its frames; the commit made here is that write, so the next tap's intent appends to
+        the WAL and costs one fsync in the field. A no-op when nothing was written on this
+        connection since the last call."""
+        if not self.unsynced and self._db.total_changes == self._idle_changes:
+            return
+        whole = self._checkpoint_wal()
+        if self.unsynced:
+            self.sync()  # starts the WAL again if the checkpoint took in all of it
+        elif whole:
+            self._start_wal()
+        self._idle_changes = self._db.total_changes
+
+    def start_wal(self) -> None:
+        """Make sure the next write appends to the WAL rather than starting it (SQLite deletes
+        the WAL when the last connection closes, so a new process starts it): a write that
+        starts the WAL syncs its header too, which must not happen in a tap's intent. Called
+        when a terminal opens, before any card is in the field
+        (:func:`~farebox.terminal.runtime.open_terminal`)."""
+        if self._checkpoint_wal():
+            self._start_wal()
+        self._idle_changes = self._db.total_changes
+
+    def _checkpoint_wal(self) -> bool:
+        """A passive checkpoint; whether all of the WAL (or none: not started) is now in the
+        database file, i.e. whether the next write starts the WAL afresh."""
+        busy, log, done = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return busy == 0 and log == done
+
+    def _start_wal(self) -> None:
+        """A write that changes nothing, committed without waiting for the disk: it starts the
+        WAL (writes and syncs its header); nothing in it needs to be durable."""
+        with _Transaction(self._db, quick=self._sync == "FULL"):
+            self._db.execute(_TOUCH)
 
     def _quick(self):
         """A transaction committed without waiting for the disk (synchronous=NORMAL in WAL): it
