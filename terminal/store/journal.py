@@ -1324,17 +1324,20 @@ class Journal:
         return moved
 
     def _chain(self, *, tap_id: str | None = None, body: str | None = None,
-               card_number: int | None = None, records_head: bool = False) -> int:
+               card_number: int | None = None, records_head: bool | tuple[int, str] = False,
+               new_write: bool = False) -> int:
         """Append the ``marks`` entry for what the running transaction has just changed: the
-        write ``tap_id`` as its row now stands (``body``: a new write's digest), the memory of
-        card ``card_number`` as its row now stands, and with ``records_head`` the records
-        chain's newest record. The rows then name the entry (``mark_seq``); its sequence."""
+        write ``tap_id`` as its row now stands (``body``: a new write's digest; ``new_write``:
+        its row was just inserted as an intent naming this entry, so it is not read back), the
+        memory of card ``card_number`` as its row now stands, and with ``records_head`` the
+        records chain's newest record (given as (seq, hash) by a caller that just wrote it, else
+        read). The rows then name the entry (``mark_seq``); its sequence."""
         seq, previous, writes, writes_sum, writes_fp, writes_fp2, cards, cards_sum = _parsed(
             _chain_head, self._db.execute(_HEAD).fetchone(), "newest marks entry")
         seq += 1
         write: tuple = (None, None, None, None, None)
         if tap_id is not None:
-            row = self._db.execute(
+            row = (WriteState.INTENT.value, None, 0, 0, seq) if new_write else self._db.execute(
                 "SELECT state, resolved_utc, log_confirmed, observed, mark_seq FROM card_writes "
                 "WHERE tap_id = ?", (tap_id,)).fetchone()
             if row is None:
@@ -1366,7 +1369,9 @@ class Journal:
             self._db.execute("UPDATE cards SET mark_seq = ? WHERE card_number = ?",
                              (seq, card_number))
         record: tuple = (None, None)
-        if records_head:
+        if isinstance(records_head, tuple):
+            record = records_head
+        elif records_head:
             row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
                                    ).fetchone()
             record = tuple(row) if row is not None else (0, GENESIS_HASH)
@@ -1413,7 +1418,8 @@ class Journal:
                 self._db.execute(_INSERT_RECORD, tuple(fields[name] for name in RECORD_FIELDS))
                 balance = record.balance_after_cents
             self._chain(tap_id=tap_id, body=write_body_digest(body),
-                        card_number=card_number if moved else None, records_head=True)
+                        card_number=card_number if moved else None,
+                        records_head=(seq, previous), new_write=True)
         self._unsynced = False  # that commit synced the WAL, and every frame before it
         if clock_trusted:  # durable with the record itself; the meta row follows at sync()
             self._note_high_water(at)
