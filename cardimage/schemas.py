@@ -136,6 +136,21 @@ def parse(schema: c.Construct, data: bytes) -> c.Container:
 
 
 def build(schema: c.Construct, values: dict) -> bytes:
+    """The area's bytes; any failure is a CardImageError. Through the struct layout derived
+    from the declaration (:func:`unpack`'s); a value it cannot pack is built again by
+    construct, whose error is the one raised (tests/cardimage/test_unpack.py: the same bytes,
+    the same errors)."""
+    layout = _LAYOUTS.get(id(schema))
+    if layout is not None:
+        try:
+            return layout.pack(values)
+        except Exception:  # noqa: BLE001 - construct says what is wrong, below
+            pass
+    return build_reference(schema, values)
+
+
+def build_reference(schema: c.Construct, values: dict) -> bytes:
+    """construct's own build of the area (the reference :func:`build` is proved equal to)."""
     try:
         return _COMPILED.get(id(schema), schema).build(values)
     except (c.ConstructError, struct.error, OverflowError) as error:  # compiled code packs directly
@@ -151,7 +166,7 @@ class _Layout:
     layout; a field of another kind is refused when the layout is made (at import)."""
 
     def __init__(self, schema: c.Struct) -> None:
-        formats, fields, self.consts = [">"], [], []
+        formats, fields, self.consts, self.packing = [">"], [], [], []
         for sub in schema.subcons:
             if not isinstance(sub, c.Renamed) or not sub.name:
                 raise TypeError(f"{sub!r}: only named fields have a struct layout")
@@ -177,6 +192,8 @@ class _Layout:
                 self.consts.append((len(formats) - 2, const))
             else:
                 fields.append((len(formats) - 2, sub.name, _converter(signed, adapters)))
+            self.packing.append((sub.name, const, _encoder(signed, getattr(con, "length", 0),
+                                                           adapters)))
         self.struct = struct.Struct("".join(formats))
         if self.struct.size != schema.sizeof():
             raise TypeError(f"struct layout of {self.struct.size} bytes for {schema.sizeof()}")
@@ -196,6 +213,35 @@ class _Layout:
             if values[index] != const:
                 raise c.ConstError()  # as construct's compiled parser says it
         return out
+
+
+    def pack(self, values: dict) -> bytes:
+        """The bytes construct builds from ``values`` (constants as declared)."""
+        packed = []
+        for name, const, encode in self.packing:
+            if const is not None:
+                if values.get(name) not in (None, const):
+                    raise ValueError(f"{name}: not the constant")  # construct says it
+                packed.append(const)
+            else:
+                packed.append(encode(values[name]) if encode else values[name])
+        return self.struct.pack(*packed)
+
+
+def _encoder(signed: bool | None, length: int, adapters: list[c.Adapter]):
+    """What construct does to a field's value when it builds: each adapter's encode (outermost
+    first), then a BytesInteger's int to bytes; None when the value is packed as given."""
+    encoders = tuple(adapter._encode for adapter in reversed(adapters))
+    if signed is None and not encoders:
+        return None
+
+    def encode(value):
+        for step in encoders:
+            value = step(value, None, "(???)")
+        if signed is not None:
+            value = value.to_bytes(length, "big", signed=signed)
+        return value
+    return encode
 
 
 def _converter(signed: bool | None, adapters: list[c.Adapter]):
