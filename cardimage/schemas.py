@@ -246,18 +246,39 @@ def _encoder(signed: bool | None, length: int, adapters: list[c.Adapter]):
 
 def _converter(signed: bool | None, adapters: list[c.Adapter]):
     """What construct does to a field's raw value: a BytesInteger's bytes to int, then each
-    adapter's decode (innermost first); None when the value is used as unpacked."""
+    adapter's decode (innermost first); None when the value is used as unpacked. The adapters
+    are pure, so what they decode is remembered by raw value (a field of at most 16 bits:
+    at most 65,536 values; a wider one is decoded each time); a value they refuse is refused
+    again each time, with their error."""
     decoders = tuple(adapter._decode for adapter in adapters)
     if signed is None and not decoders:
         return None
 
-    def convert(value):
+    def decode(value):
         if signed is not None:
             value = int.from_bytes(value, "big", signed=signed)
-        for decode in decoders:
-            value = decode(value, None, "(???)")
+        for step in decoders:
+            value = step(value, None, "(???)")
         return value
-    return convert
+
+    if signed is not None or not all(isinstance(_innermost(a), c.FormatField)
+                                     and _innermost(a).length <= 2 for a in adapters):
+        return decode
+    seen: dict = {}
+
+    def remembered(value):
+        try:
+            return seen[value]
+        except KeyError:
+            decoded = seen[value] = decode(value)
+            return decoded
+    return remembered
+
+
+def _innermost(con: c.Construct) -> c.Construct:
+    while isinstance(con, c.Subconstruct):
+        con = con.subcon
+    return con
 
 
 _LAYOUTS = {id(schema): _Layout(schema) for schema in (Identity, Purse, LogEntry)}
