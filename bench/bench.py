@@ -277,7 +277,7 @@ def main() -> None:
     us = lambda s: f"{s * 1e6:9.1f} µs"  # noqa: E731
     u = lambda v: f"{v:9.1f} µs"  # noqa: E731
     print(f"{'measure':<56}{'time':>12}   ratio")
-    print(f"{'decode+verify tap blocks (construct schemas)':<56}{us(decode['ours'])}"
+    print(f"{'decode+verify tap blocks (layout from construct)':<56}{us(decode['ours'])}"
           f"   {decode['ours'] / decode['struct_mac']:.2f}x struct+MAC baseline")
     print(f"{'  baseline: hand-written struct + same MACs':<56}{us(decode['struct_mac'])}")
     print(f"{'  baseline: hand-written struct, no MACs':<56}{us(decode['struct_raw'])}"

@@ -144,10 +144,14 @@ _INSERT_MARK = (f"INSERT INTO marks ({', '.join(MARK_FIELDS)}, hash) "
                 f"VALUES ({', '.join('?' * (len(MARK_FIELDS) + 1))})")
 
 
+#: ``json.dumps(obj, separators=(",", ":"))``, the encoder made once (the same text)
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def mark_hash(previous: str, fields: Sequence) -> str:
     """The hash of a ``marks`` entry: SHA-256 over the previous entry's hash and the entry's
     :data:`MARK_FIELDS` values, as compact JSON."""
-    text = json.dumps(["farebox-mark-1", previous, *fields], separators=(",", ":"))
+    text = _COMPACT(["farebox-mark-1", previous, *fields])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -198,7 +202,7 @@ _HEAD = ("SELECT seq, hash, writes, writes_sum, writes_fp, writes_fp2, cards, ca
 
 def write_body_digest(values: Sequence) -> str:
     """The digest of a card write's fixed columns (:data:`WRITE_BODY_COLUMNS`, as stored)."""
-    text = json.dumps(["farebox-write-1", *values], separators=(",", ":"))
+    text = _COMPACT(["farebox-write-1", *values])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -1412,7 +1416,7 @@ class Journal:
         ``counter_before`` with ``slot_before``."""
         at_utc = utc_iso(at)
         body = (tap_id, card_number, idm.hex(), kind, counter_before, counter_after,
-                expected_slot.hex(), at_utc, json.dumps(outcome, separators=(",", ":")),
+                expected_slot.hex(), at_utc, _COMPACT(outcome),
                 log_block, log_data.hex())  # WRITE_BODY_COLUMNS
         with self._transaction():
             self._db.execute(  # naming the chain entry it gets below (_chain)
