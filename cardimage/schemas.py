@@ -180,7 +180,8 @@ class _Layout:
             if isinstance(con, c.FormatField) and con.fmtstr[0] == ">":
                 formats.append(con.fmtstr[1:])
                 signed = None
-            elif isinstance(con, c.BytesInteger) and not con.swapped and isinstance(con.length, int):
+            elif (isinstance(con, c.BytesInteger) and not con.swapped
+                  and isinstance(con.length, int)):
                 formats.append(f"{con.length}s")
                 signed = con.signed
             elif isinstance(con, c.Bytes) and isinstance(con.length, int):
