@@ -305,7 +305,7 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
                             config.retap_window_s, config.max_clock_ahead_s)
         journal.start_wal()  # the WAL's header is synced now, not in the first tap's intent
         yield terminal
-        terminal.idle()
+        terminal.idle(closing=True)
     finally:
         journal.close()
         keys.close()

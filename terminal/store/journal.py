@@ -771,14 +771,21 @@ class Journal:
         self._high_water_saved = self._high_water
         self._unsynced = False
 
-    def idle(self) -> None:
+    def idle(self, *, closing: bool = False) -> None:
         """Work kept off the in-field path: checkpoint the WAL, then make the last tap's marks
         durable (one FULL commit). In that order: a checkpoint that takes in the whole WAL makes
         the next write start it again, and a write that starts the WAL syncs its header as well
         as its frames; the commit made here is that write, so the next tap's intent appends to
         the WAL and costs one fsync in the field. A no-op when nothing was written on this
-        connection since the last call."""
+        connection since the last call. ``closing``: no tap follows on this connection (the
+        journal is closed next, and SQLite deletes the WAL when the last connection closes):
+        the marks are synced and the WAL checkpointed, and it is not started again."""
         if not self.unsynced and self._db.total_changes == self._idle_changes:
+            return
+        if closing:
+            self.sync()
+            self._checkpoint_wal()
+            self._idle_changes = self._db.total_changes
             return
         whole = self._checkpoint_wal()
         if self.unsynced:
