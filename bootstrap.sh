@@ -17,10 +17,11 @@ fi
 # cluster; the receiver runs on SQLite by default); kmod (modprobe: the tests check hw/'s module
 # blacklist with it; every Raspberry Pi OS has it); softhsm2 (a software PKCS#11 token: the tests
 # keep master keys in it for keys = "pkcs11:..."); prometheus (its promtool checks the alert
-# rules in hw/prometheus/; the server itself is not left running); python3-venv provides
-# venv/ensurepip.
+# rules in hw/prometheus/; the server itself is not left running); strace (the tests count the
+# terminal's fsyncs while a card is in the field: SQLite syncs from C, only the system calls
+# tell); python3-venv provides venv/ensurepip.
 need=()
-for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd postgresql kmod softhsm2 prometheus; do
+for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd postgresql kmod softhsm2 prometheus strace; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 command -v gcc >/dev/null || need+=(gcc)

@@ -68,12 +68,7 @@ def decode_identity(blocks: Blocks, idm: bytes, card_key_for: CardKeyFor) -> tup
     except KeyError:
         raise InvalidCard(f"no key for key version {key_version}") from None
     data = _open(blocks, card_key, AREA_IDENTITY, key_version, idm, IDENTITY_BLOCKS)
-    fields = schemas.parse(schemas.Identity, data)
-    identity = Identity(
-        card_number=fields.card_number, kind=fields.kind, category=fields.category,
-        issued=fields.issued, deposit_cents=fields.deposit_cents, key_version=fields.key_version,
-        format_version=fields.format_version,
-    )
+    identity = Identity(**schemas.unpack(schemas.Identity, data))
     _check_identity(identity)
     return identity, card_key
 
@@ -98,8 +93,7 @@ def encode_purse(purse: Purse, slot: int, idm: bytes, card_key: bytes,
 
 def decode_purse(blocks: Blocks, slot: int, idm: bytes, card_key: bytes, key_version: int) -> Purse:
     data = _open(blocks, card_key, AREA_PURSE, key_version, idm, PURSE_SLOT_BLOCKS[slot])
-    fields = schemas.parse(schemas.Purse, data)
-    purse = Purse(**{k: v for k, v in fields.items() if k not in ("reserved", "_io")})
+    purse = Purse(**schemas.unpack(schemas.Purse, data))
     _check_purse(purse)
     return purse
 
@@ -150,7 +144,7 @@ def decode_log(blocks: Blocks, idm: bytes, card_key: bytes, key_version: int,
             continue
         try:
             data = _open(blocks, card_key, AREA_LOG, key_version, idm, (block,))
-            fields = schemas.parse(schemas.LogEntry, data)
+            fields = schemas.unpack(schemas.LogEntry, data)
             entry = _log_entry(fields, _expected_counter(block, current_counter))
         except CardImageError:
             unreadable += 1
@@ -162,29 +156,30 @@ def decode_log(blocks: Blocks, idm: bytes, card_key: bytes, key_version: int,
 
 
 def _log_entry(fields, counter: int) -> LogEntry | None:
-    if counter < 1 or fields.counter_low != counter & 0xFF:
+    if counter < 1 or fields["counter_low"] != counter & 0xFF:
         return None  # stale: the write for ``counter`` never reached this block
-    if fields.day is None:
+    if fields["day"] is None:
         raise CardImageError("log entry has no date")
     aavs = 0
     status = operation = None
-    if fields.type is LogType.PAYMENT:
-        if fields.detail not in AAVS_BY_CODE:
-            raise CardImageError(f"no AAVS reload amount with code {fields.detail}")
-        aavs = AAVS_BY_CODE[fields.detail]
-    elif fields.type is LogType.STATUS:
+    kind, detail = fields["type"], fields["detail"]
+    if kind is LogType.PAYMENT:
+        if detail not in AAVS_BY_CODE:
+            raise CardImageError(f"no AAVS reload amount with code {detail}")
+        aavs = AAVS_BY_CODE[detail]
+    elif kind is LogType.STATUS:
         try:
-            status = Status(fields.detail)
+            status = Status(detail)
         except ValueError:
-            raise CardImageError(f"no status {fields.detail}") from None
-    elif fields.type is LogType.SERVICE:
+            raise CardImageError(f"no status {detail}") from None
+    elif kind is LogType.SERVICE:
         try:
-            operation = ServiceOp(fields.detail)
+            operation = ServiceOp(detail)
         except ValueError:
-            raise CardImageError(f"no service operation {fields.detail}") from None
-    return LogEntry(counter=counter, type=fields.type, day=fields.day,
-                    amount_cents=fields.amount_cents, aavs_reload_cents=aavs, new_status=status,
-                    operation=operation)
+            raise CardImageError(f"no service operation {detail}") from None
+    return LogEntry(counter=counter, type=kind, day=fields["day"],
+                    amount_cents=fields["amount_cents"], aavs_reload_cents=aavs,
+                    new_status=status, operation=operation)
 
 
 # ---- whole image ----------------------------------------------------------------------------

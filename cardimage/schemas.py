@@ -123,7 +123,9 @@ _SIZES = {id(schema): schema.sizeof() for schema in (Identity, Purse, LogEntry)}
 
 
 def parse(schema: c.Construct, data: bytes) -> c.Container:
-    """Parse exactly ``schema.sizeof()`` bytes; any failure is a CardImageError."""
+    """Parse exactly ``schema.sizeof()`` bytes; any failure is a CardImageError. The reference
+    parse (construct's own); the tap's hot path uses :func:`unpack`, derived from the same
+    declaration and proved equal to this by tests/cardimage/test_unpack.py."""
     size = _SIZES.get(id(schema)) or schema.sizeof()
     if len(data) != size:
         raise CardImageError(f"expected {size} bytes, got {len(data)}")
@@ -134,7 +136,163 @@ def parse(schema: c.Construct, data: bytes) -> c.Container:
 
 
 def build(schema: c.Construct, values: dict) -> bytes:
+    """The area's bytes; any failure is a CardImageError. Through the struct layout derived
+    from the declaration (:func:`unpack`'s); a value it cannot pack is built again by
+    construct, whose error is the one raised (tests/cardimage/test_unpack.py: the same bytes,
+    the same errors)."""
+    layout = _LAYOUTS.get(id(schema))
+    if layout is not None:
+        try:
+            return layout.pack(values)
+        except Exception:  # noqa: BLE001 - construct says what is wrong, below
+            pass
+    return build_reference(schema, values)
+
+
+def build_reference(schema: c.Construct, values: dict) -> bytes:
+    """construct's own build of the area (the reference :func:`build` is proved equal to)."""
     try:
         return _COMPILED.get(id(schema), schema).build(values)
     except (c.ConstructError, struct.error, OverflowError) as error:  # compiled code packs directly
         raise CardImageError(f"cannot encode area: {error}") from None
+
+
+# ---- the hot path: one struct.unpack per area, derived from the declarations above ---------
+
+class _Layout:
+    """A construct ``Struct`` of fixed-size fields turned into one :class:`struct.Struct` and,
+    per field, the adapters construct would apply (innermost first) or the constant it checks.
+    Derived from the declaration, so that the declaration stays the one statement of the
+    layout; a field of another kind is refused when the layout is made (at import)."""
+
+    def __init__(self, schema: c.Struct) -> None:
+        formats, fields, self.consts, self.packing = [">"], [], [], []
+        for sub in schema.subcons:
+            if not isinstance(sub, c.Renamed) or not sub.name:
+                raise TypeError(f"{sub!r}: only named fields have a struct layout")
+            con, adapters = sub.subcon, []
+            while isinstance(con, c.Adapter):
+                adapters.insert(0, con)
+                con = con.subcon
+            const = None
+            if isinstance(con, c.Const) and isinstance(con.subcon, c.Bytes) and not adapters:
+                const, con = con.value, con.subcon
+            if isinstance(con, c.FormatField) and con.fmtstr[0] == ">":
+                formats.append(con.fmtstr[1:])
+                signed = None
+            elif (isinstance(con, c.BytesInteger) and not con.swapped
+                  and isinstance(con.length, int)):
+                formats.append(f"{con.length}s")
+                signed = con.signed
+            elif isinstance(con, c.Bytes) and isinstance(con.length, int):
+                formats.append(f"{con.length}s")
+                signed = None
+            else:
+                raise TypeError(f"{sub.name}: {con!r} has no struct layout")
+            if const is not None:
+                self.consts.append((len(formats) - 2, const))
+            else:
+                fields.append((len(formats) - 2, sub.name, _converter(signed, adapters)))
+            self.packing.append((sub.name, const, _encoder(signed, getattr(con, "length", 0),
+                                                           adapters)))
+        self.struct = struct.Struct("".join(formats))
+        if self.struct.size != schema.sizeof():
+            raise TypeError(f"struct layout of {self.struct.size} bytes for {schema.sizeof()}")
+        self.plain = tuple((index, name) for index, name, convert in fields if convert is None)
+        self.converted = tuple(field for field in fields if field[2] is not None)
+
+        if self.consts and self.converted and self.consts[0][0] < self.converted[-1][0]:
+            raise TypeError("a constant before a decoded field (errors would come in another "
+                            "order than construct's)")
+
+    def unpack(self, data: bytes) -> dict:
+        values = self.struct.unpack(data)
+        out = {name: values[index] for index, name in self.plain}
+        for index, name, convert in self.converted:  # in declaration order, as construct
+            out[name] = convert(values[index])
+        for index, const in self.consts:
+            if values[index] != const:
+                raise c.ConstError()  # as construct's compiled parser says it
+        return out
+
+
+    def pack(self, values: dict) -> bytes:
+        """The bytes construct builds from ``values`` (constants as declared)."""
+        packed = []
+        for name, const, encode in self.packing:
+            if const is not None:
+                if values.get(name) not in (None, const):
+                    raise ValueError(f"{name}: not the constant")  # construct says it
+                packed.append(const)
+            else:
+                packed.append(encode(values[name]) if encode else values[name])
+        return self.struct.pack(*packed)
+
+
+def _encoder(signed: bool | None, length: int, adapters: list[c.Adapter]):
+    """What construct does to a field's value when it builds: each adapter's encode (outermost
+    first), then a BytesInteger's int to bytes; None when the value is packed as given."""
+    encoders = tuple(adapter._encode for adapter in reversed(adapters))
+    if signed is None and not encoders:
+        return None
+
+    def encode(value):
+        for step in encoders:
+            value = step(value, None, "(???)")
+        if signed is not None:
+            value = value.to_bytes(length, "big", signed=signed)
+        return value
+    return encode
+
+
+def _converter(signed: bool | None, adapters: list[c.Adapter]):
+    """What construct does to a field's raw value: a BytesInteger's bytes to int, then each
+    adapter's decode (innermost first); None when the value is used as unpacked. The adapters
+    are pure, so what they decode is remembered by raw value (a field of at most 16 bits:
+    at most 65,536 values; a wider one is decoded each time); a value they refuse is refused
+    again each time, with their error."""
+    decoders = tuple(adapter._decode for adapter in adapters)
+    if signed is None and not decoders:
+        return None
+
+    def decode(value):
+        if signed is not None:
+            value = int.from_bytes(value, "big", signed=signed)
+        for step in decoders:
+            value = step(value, None, "(???)")
+        return value
+
+    if signed is not None or not all(isinstance(_innermost(a), c.FormatField)
+                                     and _innermost(a).length <= 2 for a in adapters):
+        return decode
+    seen: dict = {}
+
+    def remembered(value):
+        try:
+            return seen[value]
+        except KeyError:
+            decoded = seen[value] = decode(value)
+            return decoded
+    return remembered
+
+
+def _innermost(con: c.Construct) -> c.Construct:
+    while isinstance(con, c.Subconstruct):
+        con = con.subcon
+    return con
+
+
+_LAYOUTS = {id(schema): _Layout(schema) for schema in (Identity, Purse, LogEntry)}
+
+
+def unpack(schema: c.Struct, data: bytes) -> dict:
+    """The fields :func:`parse` gives (constants left out: they are checked), as a dict, through
+    one ``struct.unpack``: the same values and the same errors (CardImageError, with construct's
+    message)."""
+    layout = _LAYOUTS[id(schema)]
+    if len(data) != layout.struct.size:
+        raise CardImageError(f"expected {layout.struct.size} bytes, got {len(data)}")
+    try:
+        return layout.unpack(data)
+    except c.ConstructError as error:
+        raise CardImageError(f"malformed area: {error}") from None

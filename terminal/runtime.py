@@ -303,8 +303,9 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
     try:
         terminal = Terminal(journal, keys, action_list, config.minimum_add_value_cents,
                             config.retap_window_s, config.max_clock_ahead_s)
+        journal.start_wal()  # the WAL's header is synced now, not in the first tap's intent
         yield terminal
-        terminal.idle()
+        terminal.idle(closing=True)
     finally:
         journal.close()
         keys.close()

@@ -4,16 +4,17 @@
 (:func:`exit_status`); commands let the errors of the layers below through.
 
 Subcommands are imported only when they run (``--help`` and shell completion stay fast): each is
-listed here with its module and one-line help.
+listed here with its module and one-line help. ``farebox``, ``farebox --help`` and ``farebox -h``
+print the top-level help without importing click at all (:func:`top_help`, the same text click
+renders: tests/tools/test_cli_lazy.py); click is imported for everything else.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
-
-import click
 
 #: name -> (module, attribute, one-line help shown by ``farebox --help``)
 COMMANDS = {
@@ -76,32 +77,96 @@ def exit_status(error: Exception) -> int | None:
     return None
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(COMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS:
-            return None
-        module, attribute, _ = COMMANDS[name]
-        return getattr(importlib.import_module(module), attribute)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        with formatter.section("Commands"):
-            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+#: the group's help and its options' help, as click shows them (``farebox`` alone renders the
+#: group's help outside its context settings: only ``--help`` is named there)
+DESCRIPTION = "farebox: a contactless stored-value card terminal (FeliCa Lite-S)."
+OPTIONS = (("--version", "Show the version and exit."),
+           ("-h, --help", "Show this message and exit."))
+OPTIONS_BARE = (OPTIONS[0], ("--help", OPTIONS[1][1]))
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="farebox")
-def cli() -> None:
-    """farebox: a contactless stored-value card terminal (FeliCa Lite-S)."""
+@functools.cache
+def _group():
+    """The click group (click imported here, not when the module is)."""
+    import click
+
+    class LazyGroup(click.Group):
+        def list_commands(self, ctx: click.Context) -> list[str]:
+            return list(COMMANDS)
+
+        def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+            if name not in COMMANDS:
+                return None
+            module, attribute, _ = COMMANDS[name]
+            return getattr(importlib.import_module(module), attribute)
+
+        def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+
+    @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
+                 help=DESCRIPTION)
+    @click.version_option(package_name="farebox")
+    def cli() -> None:
+        pass
+
+    return cli
+
+
+def __getattr__(name: str):
+    if name == "cli":  # ``from farebox.tools.cli import cli``: the click group
+        return _group()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def top_help(columns: int, options=OPTIONS) -> str | None:
+    """``farebox --help`` (``options``: :data:`OPTIONS`; ``farebox`` alone: :data:`OPTIONS_BARE`)
+    as click renders it on a terminal ``columns`` wide, without click; None when that width
+    would make click wrap other than here (narrower than 80 columns)."""
+    if columns < 80:
+        return None
+    import textwrap
+
+    width = 78  # click: min(columns, 80) - 2
+
+    def rows(pairs) -> list[str]:
+        first = min(max(len(name) for name, _ in pairs), 30) + 2
+        lines = []
+        for name, text in pairs:
+            wrapped = textwrap.wrap(text, max(width - first - 2, 10), replace_whitespace=False)
+            lines.append(f"  {name}{' ' * (first - len(name))}{wrapped[0]}")
+            lines += [" " * (first + 2) + line for line in wrapped[1:]]
+        return lines
+
+    description = textwrap.wrap(DESCRIPTION, width - 2, replace_whitespace=False)
+    return "\n".join(["Usage: farebox [OPTIONS] COMMAND [ARGS]...", "",
+                      *("  " + line for line in description), "", "Options:", *rows(options),
+                      "", "Commands:",
+                      *rows([(name, text) for name, (_, _, text) in COMMANDS.items()])])
+
+
+def _terminal_columns() -> int:
+    import shutil
+
+    return shutil.get_terminal_size().columns
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args and "_FAREBOX_COMPLETE" not in os.environ:
-        click.echo(cli.get_help(click.Context(cli, info_name="farebox")))
-        return 0
+    if args in ([], ["--help"], ["-h"]) and "_FAREBOX_COMPLETE" not in os.environ:
+        text = top_help(_terminal_columns(), OPTIONS if args else OPTIONS_BARE)
+        if text is not None:
+            sys.stdout.write(text + "\n")
+            return 0
+        if not args:
+            cli = _group()
+            import click
+
+            click.echo(cli.get_help(click.Context(cli, info_name="farebox")))
+            return 0
+    import click
+
+    cli = _group()
     from farebox.terminal.failpoints import check_environment
 
     _state_notes(forget=True)
@@ -151,6 +216,8 @@ def _error(line: str) -> None:
 
         if writes_to_journal(sys.stderr):
             line = "<3>" + line
+    import click
+
     click.echo(line, err=True)
 
 

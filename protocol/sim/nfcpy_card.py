@@ -61,6 +61,8 @@ import nfc.clf
 import nfc.clf.udp
 
 from farebox.protocol.errors import TransportError
+from farebox.protocol.frames import ReadWithoutEncryption, WriteWithoutEncryption
+from farebox.protocol.session import PMM_READ_INDEX, PMM_WRITE_INDEX, response_timeout_s
 from farebox.protocol.sim.card import Faults, SimulatedLiteS
 from farebox.protocol.sim.cardserver import CardServer, FaultPlan
 
@@ -120,12 +122,16 @@ class UdpCardServer(CardServer[Presentation]):
         idle_timeout_s: float | None = 10.0,
         away_s: float | None = None,
         dwell_s: float | None = None,
+        pmm_timing: bool = False,
     ) -> None:
         """``dwell_s``: the card leaves the field that long after a reader activated it, as a
         hand holding a card over a reader would (None: it stays until something else ends the
-        presentation)."""
+        presentation). ``pmm_timing``: each Read and Write is answered after the response time
+        the card's PMm declares for it (:func:`pmm_response_s`, the maximum a real Lite-S may
+        take) rather than as soon as it is done."""
         super().__init__()
         self.card = card
+        self.pmm_timing = pmm_timing
         self.idle_timeout_s = idle_timeout_s
         self.away_s = away_s
         self.dwell_s = dwell_s
@@ -333,6 +339,8 @@ class UdpCardServer(CardServer[Presentation]):
     def _answer(self, command: bytes) -> bytes | None:
         answer = self.card.respond(command)
         latency_s = self.card.faults.latency_s
+        if answer is not None and self.pmm_timing:
+            latency_s += pmm_response_s(self.card.pmm, command)
         if answer is not None and latency_s > 0:
             self._stopping.wait(latency_s)
         return answer
@@ -368,6 +376,26 @@ class UdpCardServer(CardServer[Presentation]):
         if self._clf is None:
             raise TransportError(f"card server {self.path} is closed")
         return self._clf
+
+
+def pmm_response_s(pmm: bytes, command: bytes) -> float:
+    """The response time ``pmm`` declares for the command frame ``command`` (length byte first):
+    PMm[5] for a Read Without Encryption, PMm[6] for a Write Without Encryption, by the number of
+    blocks in it; 0 for any other command (or a frame too short to say)."""
+    code = command[1] if len(command) > 1 else None
+    if code == ReadWithoutEncryption.CODE:
+        index = PMM_READ_INDEX
+    elif code == WriteWithoutEncryption.CODE:
+        index = PMM_WRITE_INDEX
+    else:
+        return 0.0
+    services_at = 10  # length, code, IDm (8)
+    if len(command) <= services_at:
+        return 0.0
+    blocks_at = services_at + 1 + 2 * command[services_at]
+    if len(command) <= blocks_at:
+        return 0.0
+    return response_timeout_s(pmm[index], command[blocks_at])
 
 
 def _with_length(frame_without_length: bytes | bytearray) -> bytes:

@@ -66,6 +66,12 @@ class KeyStore(Protocol):
 class SoftwareKeyStore:
     master_keys: dict[int, bytes] = field(repr=False)
     issue_version: int
+    #: the latest :data:`DERIVED_KEY_CACHE` card keys derived (a card tapped again, a daemon's
+    #: regulars), in memory only, never written or logged
+    _derived: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False,
+                                  compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
+                                  compare=False)
 
     def __post_init__(self) -> None:
         for version, key in self.master_keys.items():
@@ -76,7 +82,18 @@ class SoftwareKeyStore:
 
     def card_key(self, version: int, idm: bytes) -> bytes:
         """The card's diversified key; KeyError if this store has no such version."""
-        return diversify_key(self.master_keys[version], idm, SYSTEM_CODE_LITE_S)
+        at = (version, bytes(idm))
+        with self._lock:
+            key = self._derived.get(at)
+            if key is not None:
+                self._derived.move_to_end(at)
+                return key
+        key = diversify_key(self.master_keys[version], idm, SYSTEM_CODE_LITE_S)
+        with self._lock:
+            self._derived[at] = key
+            if len(self._derived) > DERIVED_KEY_CACHE:
+                self._derived.popitem(last=False)
+        return key
 
     def is_test_version(self, version: int) -> bool:
         return version == TEST_KEY_VERSION

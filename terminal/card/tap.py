@@ -205,16 +205,16 @@ class Terminal:
         return self._tap(session, at, _Request(kind, 0, run,
                                                (lambda write: True) if repeats else None))
 
-    def idle(self) -> None:
+    def idle(self, *, closing: bool = False) -> None:
         """Call once the card has left the field: makes the last tap's commit marks (already in
         the journal, not yet synced) durable and checkpoints the journal, off the in-field
-        path."""
+        path. ``closing``: no tap follows (the journal is closed next; :meth:`Journal.idle`)."""
         if self._shown:  # the caller has shown these add values' results
             self.journal.mark_shown(self._shown)
             self._shown.clear()
         if self.journal.unsynced:
             failpoints.hit("before-durable-mark")
-        self.journal.idle()
+        self.journal.idle(closing=closing)
 
     # ---- the transaction -----------------------------------------------------------------
 

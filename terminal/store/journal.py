@@ -61,6 +61,10 @@ from farebox.terminal.store.private import private_directory, private_file
 SCHEMA_VERSION = 4
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 _WAL_AUTOCHECKPOINT_PAGES = 10_000  # a backstop only: checkpoints normally run in idle()
+#: A write that changes a page when nothing else is to be written (a commit that changes no page
+#: writes nothing to the WAL, so syncs nothing): the meta row ``wal_writes`` counts them.
+_TOUCH = ("INSERT INTO meta (key, value) VALUES ('wal_writes', '1') ON CONFLICT (key) "
+          "DO UPDATE SET value = CAST(value AS INTEGER) + 1")
 
 #: The ``records`` table, the one place its columns are written: each column's name and SQL type,
 #: in the table's order. Its CREATE statement, the insert, the selects, the fields a record's hash
@@ -140,10 +144,14 @@ _INSERT_MARK = (f"INSERT INTO marks ({', '.join(MARK_FIELDS)}, hash) "
                 f"VALUES ({', '.join('?' * (len(MARK_FIELDS) + 1))})")
 
 
+#: ``json.dumps(obj, separators=(",", ":"))``, the encoder made once (the same text)
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def mark_hash(previous: str, fields: Sequence) -> str:
     """The hash of a ``marks`` entry: SHA-256 over the previous entry's hash and the entry's
     :data:`MARK_FIELDS` values, as compact JSON."""
-    text = json.dumps(["farebox-mark-1", previous, *fields], separators=(",", ":"))
+    text = _COMPACT(["farebox-mark-1", previous, *fields])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -194,7 +202,7 @@ _HEAD = ("SELECT seq, hash, writes, writes_sum, writes_fp, writes_fp2, cards, ca
 
 def write_body_digest(values: Sequence) -> str:
     """The digest of a card write's fixed columns (:data:`WRITE_BODY_COLUMNS`, as stored)."""
-    text = json.dumps(["farebox-write-1", *values], separators=(",", ":"))
+    text = _COMPACT(["farebox-write-1", *values])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -480,8 +488,19 @@ class _GuardedCursor:
     def _guard(self, call, *args):
         return _guarded(self._path, call, *args)
 
-    def fetchone(self):
-        return self._guard(self._cursor.fetchone)
+    def fetchone(self):  # the guard inlined: a tap reads a row a dozen times
+        try:
+            return self._cursor.fetchone()
+        except sqlite3.Error as error:
+            if _damaged(error):
+                raise _damage(self._path, error) from None
+            raise
+        except UnicodeDecodeError as error:
+            raise _damage(self._path, error) from None
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
 
     def fetchall(self) -> list:
         return self._guard(self._cursor.fetchall)
@@ -515,7 +534,14 @@ class _GuardedConnection:
         return _guarded(self._path, call, *args)
 
     def execute(self, sql: str, parameters: Sequence = ()) -> _GuardedCursor:
-        return _GuardedCursor(self._guard(self.raw.execute, sql, parameters), self._path)
+        try:  # _guarded, inlined: a tap runs some twenty statements
+            return _GuardedCursor(self.raw.execute(sql, parameters), self._path)
+        except sqlite3.Error as error:
+            if _damaged(error):
+                raise _damage(self._path, error) from None
+            raise
+        except UnicodeDecodeError as error:
+            raise _damage(self._path, error) from None
 
     def executemany(self, sql: str, rows) -> _GuardedCursor:
         return _GuardedCursor(self._guard(self.raw.executemany, sql, rows), self._path)
@@ -539,6 +565,7 @@ class Journal:
         self._wanted_id = terminal_id
         self._sync = "FULL" if durable else "OFF"
         self._unsynced = False
+        self._idle_changes = -1  # total_changes after the last idle(): -1, never
         deadline = time.monotonic() + busy_timeout_s
         while True:
             try:
@@ -740,14 +767,54 @@ class Journal:
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value "
                     "WHERE excluded.value > value", (utc_fixed(self._high_water),))
             else:  # still one write, so that the commit syncs the WAL
-                self._db.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+                self._db.execute(_TOUCH)
         self._high_water_saved = self._high_water
         self._unsynced = False
 
-    def idle(self) -> None:
-        """Work kept off the in-field path: make the last tap's marks durable, checkpoint the WAL."""
-        self.sync()
-        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    def idle(self, *, closing: bool = False) -> None:
+        """Work kept off the in-field path: checkpoint the WAL, then make the last tap's marks
+        durable (one FULL commit). In that order: a checkpoint that takes in the whole WAL makes
+        the next write start it again, and a write that starts the WAL syncs its header as well
+        as its frames; the commit made here is that write, so the next tap's intent appends to
+        the WAL and costs one fsync in the field. A no-op when nothing was written on this
+        connection since the last call. ``closing``: no tap follows on this connection (the
+        journal is closed next, and SQLite deletes the WAL when the last connection closes):
+        the marks are synced and the WAL checkpointed, and it is not started again."""
+        if not self.unsynced and self._db.total_changes == self._idle_changes:
+            return
+        if closing:
+            self.sync()
+            self._checkpoint_wal()
+            self._idle_changes = self._db.total_changes
+            return
+        whole = self._checkpoint_wal()
+        if self.unsynced:
+            self.sync()  # starts the WAL again if the checkpoint took in all of it
+        elif whole:
+            self._start_wal()
+        self._idle_changes = self._db.total_changes
+
+    def start_wal(self) -> None:
+        """Make sure the next write appends to the WAL rather than starting it (SQLite deletes
+        the WAL when the last connection closes, so a new process starts it): a write that
+        starts the WAL syncs its header too, which must not happen in a tap's intent. Called
+        when a terminal opens, before any card is in the field
+        (:func:`~farebox.terminal.runtime.open_terminal`)."""
+        if self._checkpoint_wal():
+            self._start_wal()
+        self._idle_changes = self._db.total_changes
+
+    def _checkpoint_wal(self) -> bool:
+        """A passive checkpoint; whether all of the WAL (or none: not started) is now in the
+        database file, i.e. whether the next write starts the WAL afresh."""
+        busy, log, done = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return busy == 0 and log == done
+
+    def _start_wal(self) -> None:
+        """A write that changes nothing, committed without waiting for the disk: it starts the
+        WAL (writes and syncs its header); nothing in it needs to be durable."""
+        with _Transaction(self._db, quick=self._sync == "FULL"):
+            self._db.execute(_TOUCH)
 
     def _quick(self):
         """A transaction committed without waiting for the disk (synchronous=NORMAL in WAL): it
@@ -1304,27 +1371,32 @@ class Journal:
         return moved
 
     def _chain(self, *, tap_id: str | None = None, body: str | None = None,
-               card_number: int | None = None, records_head: bool = False) -> int:
+               card_number: int | None = None, records_head: bool | tuple[int, str] = False,
+               new_write: bool = False) -> int:
         """Append the ``marks`` entry for what the running transaction has just changed: the
-        write ``tap_id`` as its row now stands (``body``: a new write's digest), the memory of
-        card ``card_number`` as its row now stands, and with ``records_head`` the records
-        chain's newest record. The rows then name the entry (``mark_seq``); its sequence."""
+        write ``tap_id`` as its row now stands (``body``: a new write's digest; ``new_write``:
+        its row was just inserted as an intent naming this entry, so it is not read back), the
+        memory of card ``card_number`` as its row now stands, and with ``records_head`` the
+        records chain's newest record (given as (seq, hash) by a caller that just wrote it, else
+        read). The rows then name the entry (``mark_seq``); its sequence."""
         seq, previous, writes, writes_sum, writes_fp, writes_fp2, cards, cards_sum = _parsed(
             _chain_head, self._db.execute(_HEAD).fetchone(), "newest marks entry")
         seq += 1
         write: tuple = (None, None, None, None, None)
         if tap_id is not None:
-            row = self._db.execute(
-                "SELECT state, resolved_utc, log_confirmed, observed, mark_seq FROM card_writes "
-                "WHERE tap_id = ?", (tap_id,)).fetchone()
+            # the row as it now stands, with the entry it named so far (one statement)
+            row = (WriteState.INTENT.value, None, 0, 0, seq) if new_write else self._db.execute(
+                "SELECT w.state, w.resolved_utc, w.log_confirmed, w.observed, w.mark_seq, "
+                "m.state, m.log_confirmed, m.observed FROM card_writes w "
+                "LEFT JOIN marks m ON m.seq = w.mark_seq WHERE w.tap_id = ?", (tap_id,)
+            ).fetchone()
             if row is None:
                 raise JournalError(f"card write {tap_id} is not in the journal")
             before = _parsed(_optional_integer, row[4], f"card_writes row {tap_id!r} mark_seq")
             if before is None or before == seq:  # a new write (made naming this entry)
                 writes += 1
             else:
-                old = self._db.execute("SELECT state, log_confirmed, observed FROM marks "
-                                       "WHERE seq = ?", (before,)).fetchone()
+                old = None if row[5] is None else row[5:8]  # no such entry: damaged, below
                 x, x2 = _parsed(lambda r: write_fingerprint(before, *r), old,
                                 f"marks entry {before}")
                 writes_sum, writes_fp, writes_fp2 = (writes_sum - before, writes_fp - x,
@@ -1346,7 +1418,9 @@ class Journal:
             self._db.execute("UPDATE cards SET mark_seq = ? WHERE card_number = ?",
                              (seq, card_number))
         record: tuple = (None, None)
-        if records_head:
+        if isinstance(records_head, tuple):
+            record = records_head
+        elif records_head:
             row = self._db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
                                    ).fetchone()
             record = tuple(row) if row is not None else (0, GENESIS_HASH)
@@ -1367,7 +1441,7 @@ class Journal:
         ``counter_before`` with ``slot_before``."""
         at_utc = utc_iso(at)
         body = (tap_id, card_number, idm.hex(), kind, counter_before, counter_after,
-                expected_slot.hex(), at_utc, json.dumps(outcome, separators=(",", ":")),
+                expected_slot.hex(), at_utc, _COMPACT(outcome),
                 log_block, log_data.hex())  # WRITE_BODY_COLUMNS
         with self._transaction():
             self._db.execute(  # naming the chain entry it gets below (_chain)
@@ -1393,7 +1467,8 @@ class Journal:
                 self._db.execute(_INSERT_RECORD, tuple(fields[name] for name in RECORD_FIELDS))
                 balance = record.balance_after_cents
             self._chain(tap_id=tap_id, body=write_body_digest(body),
-                        card_number=card_number if moved else None, records_head=True)
+                        card_number=card_number if moved else None,
+                        records_head=(seq, previous), new_write=True)
         self._unsynced = False  # that commit synced the WAL, and every frame before it
         if clock_trusted:  # durable with the record itself; the meta row follows at sync()
             self._note_high_water(at)

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from farebox.protocol.settlement import (
-    GENESIS_HASH, IN_DOUBT, BatchBody, BatchItem, SettlementRecord, SignedBatch, WireError,
-    verify_batch,
+    BATCH_FORMAT, GENESIS_HASH, IN_DOUBT, BatchBody, BatchItem, SettlementRecord, SignedBatch,
+    WireError, canonical, sha256_hex, verify_batch, verify_signature,
 )
 
 from farebox.terminal import failpoints
@@ -331,19 +331,60 @@ class Settlement:
     # -- checking --
 
     @parsing("a batch")
-    def verify(self) -> BatchCheck:
+    def verify(self, *, deep: bool = False) -> BatchCheck:
         """Every batch: numbered from 1 without gaps, its body hashing to its hash and linking
-        to the batch before, signed by this terminal's key, its items' records hashing right
-        and equal to the journal's, no (sequence, state) twice."""
+        to the batch before, signed by this terminal's key, naming this batch and terminal, its
+        items' record hashes equal to the journal's, no (sequence, state) twice, its totals the
+        ones it was closed with. ``deep``: also every record parsed and hashed again from its
+        fields, and the totals added up again (what the clearing house does with a batch it
+        receives); without it the stored hashes are trusted as signed (the journal's own chain
+        is ``farebox journal verify``'s)."""
         journal_hashes = self.journal.record_hashes()
         previous, seen, count = GENESIS_HASH, set(), 0
+        check = self._check if deep else self._check_signed
         for batch in self.batches():
             count += 1
-            problem = self._check(batch, count, previous, journal_hashes, seen)
+            problem = check(batch, count, previous, journal_hashes, seen)
             if problem:
                 return BatchCheck(False, count, batch.number, problem)
             previous = batch.hash
         return BatchCheck(True, count)
+
+    def _check_signed(self, batch: Batch, expected: int, previous: str, journal_hashes: dict,
+                      seen: set) -> str | None:
+        """:meth:`_check` without parsing or hashing the records again: the body's hash, the
+        signature, the header, the chain, the totals as closed and each item's stored record
+        hash against the journal's."""
+        if batch.number != expected:
+            return f"batch numbers jump from {expected - 1} to {batch.number}"
+        if batch.prev_hash != previous:
+            return "it does not link to the batch before it"
+        if batch.pruned:
+            if batch.acked_utc is None:
+                return "its body is gone but it was never acknowledged"
+            return None
+        if not isinstance(batch.body, str) or sha256_hex(batch.body) != batch.hash:
+            return "its body does not match its hash"
+        try:
+            signature = bytes.fromhex(batch.signature)
+        except (ValueError, TypeError):
+            return "its signature is not hex"
+        if not verify_signature(self.identity.public_key, signature, batch.body.encode()):
+            return "its signature does not verify with the terminal's key"
+        parsed = _signed_items(batch.body, batch, self.identity.terminal_id)
+        if isinstance(parsed, str):
+            return parsed
+        items, totals = parsed
+        for seq, state, digest in items:
+            key = (seq, state)
+            if key in seen:
+                return f"record {seq} is in a batch twice as {state}"
+            seen.add(key)
+            if journal_hashes.get(seq, digest) != digest:
+                return f"record {seq} differs from the journal's"
+        if totals != batch.totals_json:
+            return "its totals differ from the ones it was closed with"
+        return None
 
     def _check(self, batch: Batch, expected: int, previous: str, journal_hashes: dict,
                seen: set) -> str | None:
@@ -375,6 +416,26 @@ class Settlement:
         if body.totals.text() != batch.totals_json:
             return "its totals differ from the ones it was closed with"
         return None
+
+
+def _signed_items(text: str, batch: Batch, terminal_id: str
+                  ) -> tuple[list[tuple[int, str, str]], str] | str:
+    """The (sequence, state, record hash) of each item of a batch body whose hash and signature
+    have verified, and its totals' canonical text, after its header is checked against the
+    batch; a problem (text) otherwise."""
+    try:
+        body = json.loads(text)
+        if body["format"] != BATCH_FORMAT or body["batch"] != batch.number \
+                or body["terminal_id"] != terminal_id or len(body["items"]) != batch.items:
+            return "its header does not name this batch and terminal"
+        if body["prev_hash"] != batch.prev_hash:
+            return "it does not link to the batch before it"
+        items = [(item["record"]["seq"], item["state"], item["record"]["hash"])
+                 for item in body["items"]]
+        totals = canonical(body["totals"])
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return "its body is not a batch"
+    return items, totals
 
 
 def _record(row) -> SettlementRecord:

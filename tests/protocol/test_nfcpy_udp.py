@@ -19,8 +19,10 @@ import pytest
 
 from farebox.protocol.errors import TransportError, TransportTimeout
 from farebox.protocol.frames import (
+    SERVICE_LITE_S_RO,
     SERVICE_LITE_S_RW,
     BlockListElement,
+    Polling,
     PollingResponse,
     ReadWithoutEncryption,
     WriteWithoutEncryption,
@@ -31,6 +33,7 @@ from farebox.protocol.sim.nfcpy_card import (
     Presentation,
     PresentationEnd,
     UdpCardServer,
+    pmm_response_s,
 )
 from farebox.protocol.transports.nfcpy_reader import NfcpyReader
 
@@ -169,6 +172,35 @@ def test_session_reads_and_writes_change_the_card(rig):
     assert presentation.reader_address[0] == LOOPBACK
     assert rig.card.blocks[4:7] == [bytes([0xA0 + n]) * 16 for n in (4, 5, 6)]
     assert rig.card.blocks[7] == bytes([7]) * 16
+
+
+def test_pmm_timing_is_the_response_time_the_pmm_declares():
+    """Read: PMm[5] = 0x01 (A=1, B=0, E=0): 302.1 µs x (n + 2); write: PMm[6] = 0x43 (A=3,
+    E=1): 302.1 µs x (n + 4) x 4; anything else: none declared here."""
+    unit = 302.1e-6
+    read = ReadWithoutEncryption(IDM, (SERVICE_LITE_S_RO,),
+                                 tuple(BlockListElement(n) for n in range(4))).to_frame()
+    write = WriteWithoutEncryption(IDM, (SERVICE_LITE_S_RW,), (BlockListElement(6),),
+                                   (bytes(16),)).to_frame()
+    assert pmm_response_s(PMM, read) == pytest.approx(unit * 6)
+    assert pmm_response_s(PMM, write) == pytest.approx(unit * 5 * 4)
+    assert pmm_response_s(PMM, Polling(SYSTEM_CODE).to_frame()) == 0
+    assert pmm_response_s(PMM, read[:8]) == 0  # too short to say: no delay, no crash
+
+
+def test_a_card_with_pmm_timing_serves_a_whole_session(card):
+    rig = CardRig(card, idle_timeout_s=WAIT_S, pmm_timing=True)
+    try:
+        rig.serve(presentations=1)
+        reader = rig.reader()
+        session = activated_session(reader, reader.wait_for_card(SYSTEM_CODE, WAIT_S))
+        assert session.read_blocks([0, 1, 2, 3, 4, 5]) == blocks_with_numbers()[:6]
+        session.write_block(6, bytes([0xA6]) * 16)
+        reader.close()
+        assert rig.next_presentation().commands == 1 + 2 + 1
+        assert rig.card.blocks[6] == bytes([0xA6]) * 16
+    finally:
+        rig.close()
 
 
 def test_a_card_status_error_comes_back_through_the_link(rig):

@@ -175,8 +175,9 @@ def test_the_commit_mark_is_written_before_the_result_and_made_durable_off_the_f
         terminal, journal):
     """While the card is in the field the tap makes one durable commit (the intent, FULL: its
     fsync) and, before the result is returned, commits the mark without waiting for the disk
-    (synchronous=NORMAL): another connection sees it at once. Once the card has left, one FULL
-    commit makes it durable."""
+    (synchronous=NORMAL): another connection sees it at once. Once the card has left, the WAL
+    is checkpointed, then one FULL commit makes the mark durable (and starts the WAL again, so
+    that the next intent only appends to it: test_fsyncs.py)."""
     statements = []
     journal._db.set_trace_callback(statements.append)
     card = new_card()
@@ -197,7 +198,7 @@ def test_the_commit_mark_is_written_before_the_result_and_made_durable_off_the_f
     after = statements[len(in_field):]
     commit = after.index("COMMIT")
     assert "PRAGMA synchronous=NORMAL" not in after[:commit]  # FULL: synced
-    assert "PRAGMA wal_checkpoint(PASSIVE)" in after[commit:]
+    assert "PRAGMA wal_checkpoint(PASSIVE)" in after[:commit]  # checkpoint first
     assert journal.write(result.tap_id).state is WriteState.COMMITTED
 
 
