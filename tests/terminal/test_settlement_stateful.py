@@ -242,9 +242,12 @@ class Settling(RuleBasedStateMachine):
         if not hasattr(self, "stations"):
             return
         stored = self.store._all(  # noqa: SLF001 - the test reads the store's table directly
-            "SELECT terminal_id, seq, state, hash FROM records")
+            "SELECT t.terminal_id, r.seq, r.state, r.hash "
+            "FROM records r JOIN sources s ON s.id = r.source JOIN terminals t ON t.id = s.terminal")
         reconciled = {(t, seq) for t, seq in self.store._all(  # noqa: SLF001
-            "SELECT terminal_id, seq FROM records WHERE reconciled != 0")}
+            "SELECT t.terminal_id, r.seq "
+            "FROM records r JOIN sources s ON s.id = r.source JOIN terminals t ON t.id = s.terminal "
+            "WHERE r.reconciled != 0")}
         keys = [(t, seq, state) for t, seq, state, _ in stored]
         assert len(keys) == len(set(keys))
         journals = {(s.name, r.seq): r.hash for s in self.stations for r in s.journal.records()}
