@@ -91,14 +91,27 @@ def enroll(db, terminal_id, pubkey, as_json) -> None:
 
 @clearing.command("report")
 @click.option("--db", required=True, help=DB_HELP)
+@click.option("--day", "day", type=click.DateTime(["%Y-%m-%d"]), default=None, metavar="DAY",
+              help="totals of this UTC day only (YYYY-MM-DD)")
+@click.option("--from", "first", type=click.DateTime(["%Y-%m-%d"]), default=None,
+              metavar="DAY", help="totals from this UTC day on")
+@click.option("--to", "last", type=click.DateTime(["%Y-%m-%d"]), default=None, metavar="DAY",
+              help="totals up to this UTC day")
 @json_option
-def report(db, as_json) -> None:
-    """Records and amounts by type, per-terminal sequences and gaps, duplicates ignored, records
-    still open, card counter forks."""
+def report(db, day, first, last, as_json) -> None:
+    """Records and amounts by state and type (every day, or UTC days of the records' times),
+    per-terminal sequences and gaps, duplicates ignored, records still open, card counter
+    forks. Read from the summaries the receiver keeps: as quick at 10 M records as at 10."""
     from farebox.clearing.report import build
 
+    if day is not None and (first is not None or last is not None):
+        raise InputError("--day is one day: give it alone, or --from/--to")
+    if day is not None:
+        first = last = day
+    if first is not None and last is not None and first > last:
+        raise InputError("--from is after --to")
     with _store(db) as store:
-        obj = build(store)
+        obj = build(store, first and first.date().isoformat(), last and last.date().isoformat())
     lines = []
     for state, kinds in obj["totals"].items():
         for kind, t in kinds.items():

@@ -263,6 +263,27 @@ class Settling(RuleBasedStateMachine):
                     terminal_id, seq)
 
     @invariant()
+    def the_kept_summaries_agree_with_the_records(self):
+        """The day totals, per-source counts, last sequences and gaps the store keeps inside
+        each ingest say what a scan of the records says."""
+        if not hasattr(self, "stations"):
+            return
+        from farebox.clearing.report import gaps
+
+        truth = self.store._all(  # noqa: SLF001 - the test reads the store's table directly
+            "SELECT state, type, count(*), sum(amount_cents) FROM records "
+            "GROUP BY state, type ORDER BY state, type")
+        assert self.store.totals() == truth
+        sequences = {}
+        for terminal_id, incarnation, seq in self.store._all(  # noqa: SLF001
+                "SELECT DISTINCT t.terminal_id, s.incarnation, r.seq FROM records r "
+                "JOIN sources s ON s.id = r.source JOIN terminals t ON t.id = s.terminal "
+                "ORDER BY 1, 2, 3"):
+            sequences.setdefault((terminal_id, incarnation), []).append(seq)
+        assert self.store.sources() == [
+            (t, i, len(seqs), seqs[-1], gaps(seqs)) for (t, i), seqs in sorted(sequences.items())]
+
+    @invariant()
     def aavs_at_most_once_a_hong_kong_day(self):
         if not hasattr(self, "stations"):
             return
