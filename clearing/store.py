@@ -176,22 +176,31 @@ def _writes(rows: Iterable[Row]) -> list[_Write]:
 
 class _Neighbourhood:
     """The card history around a batch's writes, in memory: every row at the loaded (card,
-    counter before) pairs, as stored (``before``) and as it is to be (``rows``)."""
+    counter before) pairs, as stored (``before``) and as it is to be (``cards``), by card."""
 
     def __init__(self) -> None:
-        self.pairs: set[tuple[int, int]] = set()
+        self.pairs: dict[int, set[int]] = defaultdict(set)  # card -> counters loaded
         self.before: dict[tuple, Row] = {}
-        self.rows: dict[tuple, Row] = {}
+        self.before_by_card: dict[int, list[Row]] = defaultdict(list)
+        self.cards: dict[int, dict[tuple, Row]] = defaultdict(dict)
+
+    def loaded(self, card: int, counter: int) -> bool:
+        return counter in self.pairs.get(card, ())
 
     def add_loaded(self, pairs: Iterable[tuple[int, int]], rows: Iterable[Row]) -> None:
-        self.pairs.update(pairs)
+        for card, counter in pairs:
+            self.pairs[card].add(counter)
         for row in rows:
-            if row.key not in self.rows and row.key not in self.before:
+            if row.key not in self.before and row.key not in self.cards[row.card_number]:
                 self.before[row.key] = row
-                self.rows[row.key] = row
+                self.before_by_card[row.card_number].append(row)
+                self.cards[row.card_number][row.key] = row
 
-    def card_rows(self, card: int) -> list[Row]:
-        return [r for r in self.rows.values() if r.card_number == card]
+    def put(self, row: Row) -> None:
+        self.cards[row.card_number][row.key] = row
+
+    def drop(self, row: Row) -> None:
+        self.cards[row.card_number].pop(row.key, None)
 
     def same_change(self, row: Row) -> bool:
         """Another write's committed record of the very same card change (same card, counters,
@@ -201,12 +210,12 @@ class _Neighbourhood:
         return any(
             other.state == "committed" and other.reconciled != DERIVED
             and (other.observed or row.observed)
-            and (other.card_number, other.counter_before, other.counter_after, other.type,
-                 other.amount_cents, other.balance_after_cents) == (
-                row.card_number, row.counter_before, row.counter_after, row.type,
-                row.amount_cents, row.balance_after_cents)
+            and (other.counter_before, other.counter_after, other.type, other.amount_cents,
+                 other.balance_after_cents) == (
+                row.counter_before, row.counter_after, row.type, row.amount_cents,
+                row.balance_after_cents)
             and (other.source, other.at_utc) != (row.source, row.at_utc)
-            for other in self.rows.values())
+            for other in self.cards.get(row.card_number, {}).values())
 
     def settle(self, cards: Iterable[int]) -> set[tuple[int, int]]:
         """Reconcile the evaluable writes of ``cards`` (their own pair and the next one
@@ -214,22 +223,24 @@ class _Neighbourhood:
         state changed)."""
         wanted: set[tuple[int, int]] = set()
         for card in sorted(set(cards)):
-            evaluable = {c for (k, c) in self.pairs if k == card and (card, c + 1) in self.pairs}
-            for key, row in list(self.rows.items()):
-                if (row.card_number == card and row.reconciled == DERIVED
-                        and row.counter_before in evaluable):
-                    del self.rows[key]
+            counters = self.pairs.get(card, set())
+            evaluable = {c for c in counters if c + 1 in counters}
+            rows = self.cards[card]
+            for key, row in list(rows.items()):
+                if row.reconciled == DERIVED and row.counter_before in evaluable:
+                    del rows[key]
             while self._step(card, evaluable):
                 pass
-            was = {w.key: w.settled for w in _writes(
-                r for r in self.before.values() if r.card_number == card)}
-            for write in _writes(self.card_rows(card)):
-                if was.get(write.key, False) != write.settled and write.counter_before > 0:
+            was = {w.key: w.settled for w in _writes(self.before_by_card.get(card, []))}
+            for write in _writes(rows.values()):
+                if (was.get(write.key, False) != write.settled and write.counter_before > 0
+                        and write.counter_before - 1 not in counters):
                     wanted.add((card, write.counter_before - 1))
-        return wanted - self.pairs
+        return wanted
 
     def _step(self, card: int, evaluable: set[int]) -> bool:
-        writes = _writes(self.card_rows(card))
+        rows = self.cards[card]
+        writes = _writes(rows.values())
         settled = [w for w in writes if w.settled]
         for write in writes:
             if write.counter_before not in evaluable:
@@ -240,9 +251,9 @@ class _Neighbourhood:
                 if write.proved_by(others):
                     for row in write.rows:
                         if row.state == "unresolved":
-                            del self.rows[row.key]
+                            del rows[row.key]
                             proved = row.with_state("committed", PROVED_COMMITTED)
-                            self.rows[proved.key] = proved
+                            rows[proved.key] = proved
                     return True
             elif states == {"in_doubt"}:
                 if write.proved_by(others):
@@ -253,16 +264,20 @@ class _Neighbourhood:
                     continue
                 for row in list(write.rows):
                     derived = row.with_state(state, DERIVED)
-                    self.rows[derived.key] = derived
+                    rows[derived.key] = derived
                 return True
         return False
+
+    def rows(self) -> Iterator[Row]:
+        for rows in self.cards.values():
+            yield from rows.values()
 
     def forks(self) -> list[tuple[int, int, int]]:
         """(card, counter, writes) at the loaded pairs where more than one write changed the
         card from that counter: committed writes, and writes in doubt whose result may have
         been shown."""
         spent: dict[tuple[int, int], set] = defaultdict(set)
-        for row in self.rows.values():
+        for row in self.rows():
             if row.state == "committed" or (row.state == "in_doubt" and not row.not_shown):
                 spent[(row.card_number, row.counter_before)].add((row.source, row.at_utc))
         return sorted((card, counter, len(writes)) for (card, counter), writes in spent.items()
@@ -270,8 +285,9 @@ class _Neighbourhood:
 
     def changes(self) -> tuple[list[Row], list[Row]]:
         """(rows to delete, rows to insert) to turn what is stored into what is to be."""
-        gone = [row for key, row in self.before.items() if self.rows.get(key) != row]
-        new = [row for key, row in self.rows.items() if self.before.get(key) != row]
+        gone = [row for key, row in self.before.items()
+                if self.cards[row.card_number].get(key) != row]
+        new = [row for row in self.rows() if self.before.get(row.key) != row]
         return gone, new
 
 
@@ -279,14 +295,15 @@ class _Neighbourhood:
 
 
 class _Db:
-    """One connection, with the store's dialect: ``?`` markers (``%s`` for psycopg)."""
+    """One connection, with the store's dialect: ``?`` markers (``%b`` for psycopg)."""
 
     def __init__(self, conn: Any, postgres: bool) -> None:
         self.conn = conn
         self.postgres = postgres
 
     def sql(self, statement: str) -> str:
-        return statement.replace("?", "%s") if self.postgres else statement
+        # %b: parameters in binary (arrays of thousands of values are dumped in C)
+        return statement.replace("?", "%b") if self.postgres else statement
 
     def execute(self, statement: str, parameters: Sequence = ()) -> Any:
         return self.conn.execute(self.sql(statement), tuple(parameters))
@@ -549,6 +566,7 @@ def _bump_serial(db: _Db) -> int:
 
 
 _SELECT_ROWS = f"SELECT {', '.join('r.' + c for c in RECORD_COLUMNS)} FROM records r"
+_SELECT_ROWS_FROM_P = f"SELECT {', '.join('r.' + c for c in RECORD_COLUMNS)} FROM p"
 
 
 class _Ingest:
@@ -605,7 +623,7 @@ class _Ingest:
                         if row.type in _NO_CARD_TYPES:
                             other_gone.append(stored)
                         else:
-                            hood.rows.pop(stored.key, None)
+                            hood.drop(stored)
             states = {s for s, r in known.items() if r.reconciled != DERIVED}
             if row.state in states or (row.state == "committed" and SAME_CHANGE in states):
                 duplicates += 1
@@ -615,7 +633,7 @@ class _Ingest:
                 continue
             if row.state == "committed" and hood.same_change(row):
                 row = row.with_state(SAME_CHANGE, AS_SENT)
-            hood.rows[row.key] = row
+            hood.put(row)
         cards = {r.card_number for r in card_rows}
         while True:
             wanted = hood.settle(cards)
@@ -660,8 +678,9 @@ class _Ingest:
                                   (source, max(old), min(old))):
             missing.update(seq for seq in old if first <= seq <= last)
         pairs = [(seq, r.at_utc) for seq, r in sorted(old.items())]
-        for row in self._select(f"{_SELECT_ROWS} WHERE r.source = ? AND r.seq = ? "
-                                "AND r.at_utc = ?", [(source, s, at) for s, at in pairs],
+        for row in self._select("CROSS JOIN records r ON r.source = p.source AND r.seq = p.seq "
+                                "AND r.at_utc = p.at", "source, seq, at",
+                                [(source, s, at) for s, at in pairs],
                                 "JOIN unnest(?::bigint[], ?::timestamptz[]) AS p(seq, at) "
                                 "ON r.source = ? AND r.seq = p.seq AND r.at_utc = p.at",
                                 lambda: ([s for s, _ in pairs],
@@ -675,27 +694,34 @@ class _Ingest:
                 raise Conflict("record", f"record {seq} was received before with another hash")
         return found, missing
 
-    def _select(self, sqlite_statement: str, sqlite_parameters: list[tuple],
+    def _select(self, sqlite_join: str, key_columns: str, keys: list[tuple],
                 pg_join: str, pg_parameters) -> list[Row]:
-        """Rows by many keys: one statement per key on SQLite (in process: cheap), one join
-        with unnest()ed arrays on PostgreSQL (one round trip)."""
+        """Rows by many keys, joined from a list of keys ``p(key_columns)`` each side probes an
+        index with: on SQLite a ``VALUES`` list of a few hundred keys a statement (CROSS JOIN:
+        the keys first), on PostgreSQL unnest()ed arrays (one round trip)."""
         db = self.db
         if db.postgres:
             rows = db.all(f"{_SELECT_ROWS} {pg_join}", pg_parameters())
         else:
-            rows = [row for parameters in sqlite_parameters
-                    for row in db.all(sqlite_statement, parameters)]
+            rows, width = [], len(keys[0]) if keys else 0
+            one = f"({', '.join('?' * width)})"
+            for start in range(0, len(keys), 300):
+                chunk = keys[start:start + 300]
+                rows += db.all(f"WITH p({key_columns}) AS (VALUES "
+                               f"{', '.join([one] * len(chunk))}) {_SELECT_ROWS_FROM_P} "
+                               f"{sqlite_join}", [value for key in chunk for value in key])
         return [Row(*[_text_time(v) if c == "at_utc" else v
                       for c, v in zip(RECORD_COLUMNS, row)]) for row in rows]
 
     def _load(self, hood: _Neighbourhood, pairs: set[tuple[int, int]]) -> None:
         """Every record at these (card, counter before) pairs into the neighbourhood."""
-        pairs = sorted(pairs - hood.pairs)
+        pairs = sorted(p for p in pairs if not hood.loaded(*p))
         if not pairs:
             return
         rows = self._select(
-            f"{_SELECT_ROWS} JOIN card_writes w ON r.source = w.source AND r.seq = w.seq "
-            "AND r.at_utc = w.at_utc WHERE w.card_number = ? AND w.counter_before = ?", pairs,
+            "CROSS JOIN card_writes w ON w.card_number = p.card AND w.counter_before = p.counter "
+            "CROSS JOIN records r ON r.source = w.source AND r.seq = w.seq "
+            "AND r.at_utc = w.at_utc", "card, counter", pairs,
             "JOIN card_writes w ON r.source = w.source AND r.seq = w.seq AND r.at_utc = w.at_utc "
             "JOIN unnest(?::bigint[], ?::bigint[]) AS p(card, counter) "
             "ON w.card_number = p.card AND w.counter_before = p.counter",
