@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 from farebox.clearing.app import create_app
+from farebox.clearing.maintain import maintain
 from farebox.clearing.service import Receiver
 from farebox.clearing.store import Store
 
@@ -23,6 +25,7 @@ def serve(db: str, host: str, port: int, on_ready: Callable[[str], None], *,
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("a TLS certificate needs its key, and a key its certificate")
     with Store(db) as store:
+        maintain(db, datetime.now(timezone.utc))  # day partitions ahead, retention
         config = uvicorn.Config(create_app(Receiver(store)), log_level="warning",
                                 access_log=False, lifespan="off", ssl_certfile=tls_cert,
                                 ssl_keyfile=tls_key)

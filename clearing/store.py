@@ -579,6 +579,7 @@ class _Ingest:
         self.incarnation = incarnation
         self.rows = rows
         self.received_utc = received_utc
+        self.expired: set[int] = set()  # sent again from before the days the store keeps
 
     def run(self, number: int, batch_hash: str, prev_hash: str) -> Stored:
         db = self.db
@@ -616,6 +617,9 @@ class _Ingest:
                 duplicates += 1
                 continue
             seen.add((row.seq, row.state))
+            if row.seq in self.expired:
+                duplicates += 1
+                continue
             known = stored_before.get(row.seq, {})
             if row.state != "in_doubt":  # the terminal's word replaces the derived one
                 for state, stored in known.items():
@@ -686,10 +690,18 @@ class _Ingest:
                                 lambda: ([s for s, _ in pairs],
                                          [parse_utc(at) for _, at in pairs], source)):
             found[row.seq][row.state] = row
+        retained_from = None
         for seq, sent in old.items():
             if seq in missing:
                 continue
             stored = found.get(seq)
+            if not stored:
+                if retained_from is None:
+                    rows = db.all("SELECT value FROM meta WHERE name = 'retained_from'")
+                    retained_from = rows[0][0] if rows else ""
+                if sent.day < retained_from:  # stored once, dropped with its day: sent again
+                    self.expired.add(seq)
+                    continue
             if not stored or any(r.hash != sent.hash for r in stored.values()):
                 raise Conflict("record", f"record {seq} was received before with another hash")
         return found, missing

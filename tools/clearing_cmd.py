@@ -161,3 +161,48 @@ def key(db, as_json) -> None:
     with _store(db) as store:
         public = Receiver(store).public_key.hex()
     output.emit({"public_key": public}, as_json, public)
+
+
+@clearing.command("migrate")
+@click.option("--db", required=True, help=DB_HELP)
+@json_option
+def migrate(db, as_json) -> None:
+    """Bring the database's schema to this version's (the migrations it lacks, in order; a
+    database made before migrations is recognised); nothing to do is no error."""
+    from farebox.clearing.errors import ClearingError
+    from farebox.clearing.migrate import HEAD, upgrade
+
+    try:
+        applied = upgrade(db)
+    except ClearingError as error:
+        raise InputError(str(error)) from None
+    output.emit({"applied": applied, "version": HEAD}, as_json,
+                "\n".join(f"applied {name}" for name in applied)
+                or f"nothing to do: at version {HEAD}")
+
+
+@clearing.command("maintain")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--retention-days", type=click.IntRange(0), default=90, show_default=True,
+              help="records of days older than this many days are dropped (their day totals "
+              "are kept)")
+@click.option("--ahead-days", type=click.IntRange(0), default=7, show_default=True,
+              help="PostgreSQL: day partitions made this many days ahead")
+@json_option
+def maintain(db, retention_days, ahead_days, as_json) -> None:
+    """Make the records' day partitions ahead (PostgreSQL), drop records past retention; safe
+    while a receiver runs, and again at any time."""
+    from datetime import datetime, timezone
+
+    from farebox.clearing.errors import ClearingError
+    from farebox.clearing.maintain import maintain as run
+
+    try:
+        done = run(db, datetime.now(timezone.utc), ahead_days=ahead_days,
+                   retention_days=retention_days)
+    except ClearingError as error:
+        raise InputError(str(error)) from None
+    output.emit(done, as_json,
+                f"{done['engine']}: records kept from {done['kept_from']}; partitions made "
+                f"{len(done['created'])} (rows moved {done['moved']}), dropped "
+                f"{len(done['dropped'])}; rows deleted {done['deleted']}")

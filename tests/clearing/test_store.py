@@ -150,3 +150,25 @@ def test_day_totals_answer_a_day_or_a_range(store, tmp_path):
                 ["--from", "2026-11-23", "--to", "2026-11-22"]):
         code, out, err = report(*bad)
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (bad, err)
+
+
+def test_a_record_sent_again_from_before_the_kept_days_is_a_duplicate_not_a_conflict(store):
+    """Retention dropped the record's day; its terminal sends it again (say, resolved): it was
+    stored once and settled with its day, so it is counted a duplicate, not refused."""
+    from datetime import datetime, timezone
+
+    from farebox.clearing.maintain import maintain
+
+    t = Sender(store, "T-0")
+    t.send(row(1, "committed", 1, 10_000, "2026-06-01T08:00:00Z"),
+           row(2, "in_doubt", 2, 9_900, "2026-06-01T09:00:00Z"),
+           row(3, "committed", 3, 9_800, "2026-11-22T08:00:00Z"))
+    done = maintain(store.db, datetime(2026, 11, 23, tzinfo=timezone.utc), retention_days=90)
+    assert done["deleted"] + len(done["dropped"]) > 0
+    assert [seq for _, seq, _, _ in states(store)] == [3]
+    stored = t.send(row(2, "committed", 2, 9_900, "2026-06-01T09:00:00Z"),
+                    row(4, "committed", 4, 9_700, "2026-11-22T09:00:00Z"))
+    assert stored.duplicates == 1
+    assert [seq for _, seq, _, _ in states(store)] == [3, 4]
+    assert store.sources()[0][2:] == (4, 4, [])
+    assert store.totals("2026-11-22") == [("committed", "payment", 2, 200)]
