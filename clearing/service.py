@@ -24,18 +24,10 @@ from farebox.protocol.settlement import (
     GENESIS_HASH, ActionEntry, Ack, BatchName, SignedAck, SignedActionList, Upload, WireError,
     public_key_bytes,
 )
-from farebox.clearing.errors import ClearingError
+from farebox.clearing.errors import Refused  # defined there (validate.py raises it too)
+from farebox.clearing.validate import validate_batch
 
 from farebox.clearing.store import Store, StoredBatch
-
-
-class Refused(ClearingError):
-    """An upload the receiver will not take: an HTTP status and a one-line reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 #: What a card whose counter was spent twice (a restored image used again, or a write sent in
@@ -94,6 +86,7 @@ class Receiver:
             if (body.terminal_id, body.incarnation, body.number) != (
                     terminal_id, incarnation, number):
                 raise Refused(422, f"batch {number} refused: its body names another batch")
+            validate_batch(body)  # every record sane (422 naming it) before anything is stored
             with self.store.transaction():
                 known = self.store.batch(terminal_id, incarnation, number)
                 if known is not None:
