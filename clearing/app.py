@@ -1,9 +1,11 @@
 """The clearing receiver over HTTP (Starlette, served by uvicorn).
 
-``POST /v1/batches``: one upload (see ``service.py``); 200 with the acknowledgement signed by the
-receiver's key (a ``SignedAck`` of the settlement wire format), or 400 (not
+``POST /v1/batches``: one upload (see ``service.py``); 200 with the acknowledgement signed by
+the receiver's key (a ``SignedAck`` of the settlement wire format), or 400 (not
 an upload), 403 (unknown terminal), 409 (a number taken by another batch, out of order, a broken
-chain), 413 (body over :data:`MAX_BODY_BYTES`), 422 (does not verify), each ``{"error": ...}``.
+chain), 408 (a body too slow), 413 (body over :data:`MAX_BODY_BYTES`), 422 (does not verify,
+or a record no terminal writes: ``validate.py``), 503 (busy: ``Retry-After``), each
+``{"error": ...}``.
 ``GET /v1/actions``: the action list, signed (a ``SignedActionList`` of the settlement wire
 format, ``farebox.protocol.settlement``). ``GET /v1/health``: 200 ``{"ok": true}``.
 
@@ -12,8 +14,8 @@ being received or processed at once, and their bodies hold at most ``buffer_byte
 body's declared length is reserved before it is read; a chunked one as it comes). One more is
 answered 503 with ``Retry-After`` before its body is read. Bodies over :data:`SMALL_BODY_BYTES`
 (or of unknown length) take at most three quarters of either bound, so a crowd of large bodies
-leaves room for the small uploads terminals send. A body that has not arrived ``body_timeout_s`` after its
-headers is answered 408. Every 408, 413 and 503 closes the connection (its body unread).
+leaves room for the small uploads terminals send. A body that has not arrived ``body_timeout_s``
+after its headers is answered 408. Every 408, 413 and 503 closes the connection (its body unread).
 Timeouts for connections that send no request are the server's (``server.py``).
 """
 

@@ -375,7 +375,8 @@ def test_every_decision_of_the_rules_journaled_and_batched_passes(
                 outcome={}, at=WHEN, remember_before=False)
             journaled += 1
         if journaled:
-            batch = Settlement(journal, terminal_identity).close_batch(NOW, in_doubt_after=timedelta(0))
+            batch = Settlement(journal, terminal_identity).close_batch(
+                NOW, in_doubt_after=timedelta(0))  # every write rides, in doubt
             validate_batch(BatchBody.parse(batch.body))
 
 
