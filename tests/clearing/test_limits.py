@@ -63,7 +63,7 @@ def batches(folder: Path, count: int) -> tuple[str, list[dict]]:
 
 
 @contextlib.contextmanager
-def receiver(db: Path, *options: str):
+def receiver(db: Path | str, *options: str):
     """``farebox clearing serve --db DB --port 0 OPTIONS``; yields the process and its URL.
     Stopped with SIGTERM at the end."""
     process = subprocess.Popen([str(CONSOLE_SCRIPT), "clearing", "serve", "--db", str(db),
@@ -90,7 +90,7 @@ def farebox(*argv: object) -> dict:
     return json.loads(done.stdout)
 
 
-def enrolled(db: Path, public_key: str) -> tuple[Path, bytes]:
+def enrolled(db: Path | str, public_key: str) -> tuple[Path | str, bytes]:
     """``db`` with the terminal enrolled; the receiver's public key (its acks are signed)."""
     farebox("clearing", "enroll", "--db", db, "--terminal", "T-0001", "--pubkey", public_key)
     return db, bytes.fromhex(farebox("clearing", "key", "--db", db)["public_key"])
@@ -251,9 +251,17 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_two_workers_serve_uploads_and_stop_on_sigterm(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """A clearing database: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "clearing.sqlite3"
+    return request.getfixturevalue("pg_url")
+
+
+def test_two_workers_serve_uploads_and_stop_on_sigterm(tmp_path, database):
     public_key, uploads = batches(tmp_path, 4)
-    db, receiver_key = enrolled(tmp_path / "clearing.sqlite3", public_key)
+    db, receiver_key = enrolled(database, public_key)
     with receiver(db, "--workers", "2") as (process, url):
         workers = workers_of(process.pid)
         assert len(workers) == 2

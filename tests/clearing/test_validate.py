@@ -111,8 +111,11 @@ def made(tmp_path_factory):
     return Made(tmp_path_factory.mktemp("terminal"))
 
 
-def receiver_for(made: Made, folder: Path) -> tuple[Receiver, Store]:
-    store = Store(str(folder / "clearing.sqlite3"))
+def receiver_for(made: Made, folder: Path | str) -> tuple[Receiver, Store]:
+    """A receiver over a fresh store (a SQLite file in ``folder``, or a postgresql:// URL) with
+    the terminal enrolled."""
+    db = folder if isinstance(folder, str) else str(folder / "clearing.sqlite3")
+    store = Store(db)
     store.enroll("T-0001", made.identity.public_key.hex(), "2026-11-22T00:00:00Z")
     return Receiver(store), store
 
@@ -209,6 +212,17 @@ def test_a_validly_signed_absurd_batch_is_refused_422_naming_the_record_and_fiel
         assert named in refused.value.reason, refused.value.reason
         assert field is None or repr(field) in refused.value.reason, refused.value.reason
         assert "\n" not in refused.value.reason and len(refused.value.reason) < 400
+        assert_nothing_stored(made, receiver)
+
+
+def test_on_postgresql_every_absurd_batch_is_refused_and_nothing_stored(made, pg_url):
+    receiver, store = receiver_for(made, pg_url)
+    with store:
+        for what, mutate, seq, field in HOSTILE:
+            with pytest.raises(Refused) as refused:
+                receiver.ingest(made.resigned(mutate), RECEIVED)
+            assert refused.value.status == 422, (what, refused.value.reason)
+            assert field is None or repr(field) in refused.value.reason, refused.value.reason
         assert_nothing_stored(made, receiver)
 
 
