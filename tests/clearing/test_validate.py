@@ -415,6 +415,9 @@ def test_over_http_an_absurd_batch_is_422_naming_the_field_and_the_real_one_then
         negative = made.resigned(setter(2, amount_cents=-499_597))
         answer = httpx.post(f"{url}/v1/batches", json=negative, timeout=30)
         assert answer.status_code == 422 and "'amount_cents'" in answer.json()["error"]
+        for hostile in (b"[" * 200_000, b'{"number": ' + b"9" * 100_000 + b"}"):
+            answer = httpx.post(f"{url}/v1/batches", content=hostile, timeout=30)
+            assert answer.status_code == 400 and "error" in answer.json()  # no upload, no 500
         answer = httpx.post(f"{url}/v1/batches", json=made.upload, timeout=30)
         assert answer.status_code == 200 and answer.json()["records"] == len(made.types)
         assert answer.json()["duplicates"] == 0 and not answer.json()["again"]
