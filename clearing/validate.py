@@ -38,7 +38,7 @@ from datetime import datetime
 from farebox.cardimage.model import CARD_NUMBER_MAX, COUNTER_MAX
 from farebox.protocol.settlement import BatchBody, SettlementRecord
 
-from farebox.clearing.errors import Refused
+from farebox.clearing.errors import ClearingError, Refused
 
 #: the amount's relation to the balance, by kind of record
 DEBIT = "debit"  # balance_after = balance_before - amount
@@ -90,8 +90,9 @@ _UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % MAX_ID_LENGTH)
 
 
-class _Bad(Exception):
-    """One field refused: ``field`` and what is wrong with it."""
+class _Bad(ClearingError):
+    """One field refused: ``field`` and what is wrong with it (inside this module only: it
+    becomes a :class:`Refused` naming the record)."""
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(field, problem)
