@@ -20,23 +20,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from farebox.protocol.settlement import (
-    ActionEntry, Ack, BatchName, SignedAck, SignedActionList, Upload, WireError,
+    ActionEntry, Ack, SignedAck, SignedActionList, Upload, WireError,
     public_key_bytes,
 )
-from farebox.clearing.errors import ClearingError
+from farebox.clearing.errors import Refused  # defined there (validate.py raises it too)
+from farebox.clearing.validate import validate_batch
 
 from farebox.clearing.store import (  # noqa: F401 - FORK_REASON: said here too
     AS_SENT, FORK_REASON, Conflict, Row, Store, canonical_time,
 )
 
-
-class Refused(ClearingError):
-    """An upload the receiver will not take: an HTTP status and a one-line reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 
@@ -97,6 +90,7 @@ class Receiver:
         if (body.terminal_id, body.incarnation, body.number) != (
                 terminal_id, incarnation, number):
             raise Refused(422, f"batch {number} refused: its body names another batch")
+        validate_batch(body)  # every record sane (422 naming it) before anything is stored
         rows = [Row(0, item.record.seq, item.state, number, item.record.card_number,
                     item.record.counter_before, item.record.counter_after, item.record.type,
                     item.record.amount_cents, item.record.balance_before_cents,

@@ -37,13 +37,31 @@ def clearing() -> None:
               help="serve HTTPS with this certificate (chain, PEM); needs --tls-key")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None, metavar="PEM",
               help="the certificate's private key (PEM)")
-def serve(db, host, port, tls_cert, tls_key) -> None:
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="worker processes sharing the socket (each its own limits below)")
+@click.option("--max-uploads", type=click.IntRange(1), default=16, show_default=True,
+              help="uploads received or processed at once, per worker; more: 503")
+@click.option("--upload-buffer-mib", type=click.IntRange(16), default=64, show_default=True,
+              help="what those uploads' bodies may hold together, per worker; more: 503")
+@click.option("--body-timeout", type=click.FloatRange(0, min_open=True), default=30.0,
+              show_default=True, metavar="SECONDS",
+              help="a body not all here this long after its headers: 408, connection closed")
+@click.option("--header-timeout", type=click.FloatRange(0, min_open=True), default=10.0,
+              show_default=True, metavar="SECONDS",
+              help="a connection without a whole request line and headers this long: closed")
+@click.option("--keep-alive-timeout", type=click.FloatRange(0, min_open=True), default=5.0,
+              show_default=True, metavar="SECONDS", help="an idle connection: closed")
+@click.option("--max-connections", type=click.IntRange(1), default=4096, show_default=True,
+              help="open connections, per worker; a request past them: 503")
+def serve(db, host, port, tls_cert, tls_key, workers, max_uploads, upload_buffer_mib,
+          body_timeout, header_timeout, keep_alive_timeout, max_connections) -> None:
     """Serve the receiver over HTTP (HTTPS with --tls-cert/--tls-key) until SIGINT/SIGTERM;
     prints {"url": ...} once listening. Every ack is signed with the key `clearing key`
     prints."""
     import logging
 
     try:
+        from farebox.clearing.app import MIB, Limits
         from farebox.clearing.server import serve as run_server
     except ImportError as error:
         raise InputError(f"the clearing receiver needs {error.name}: "
@@ -55,10 +73,13 @@ def serve(db, host, port, tls_cert, tls_key) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="farebox clearing: %(message)s")
 
+    limits = Limits(max_uploads=max_uploads, buffer_bytes=upload_buffer_mib * MIB,
+                    body_timeout_s=body_timeout, header_timeout_s=header_timeout,
+                    keep_alive_timeout_s=keep_alive_timeout, max_connections=max_connections)
     try:
         run_server(db, host, port,
                    on_ready=lambda url: click.echo(json.dumps({"url": url}), nl=True),
-                   tls_cert=tls_cert, tls_key=tls_key)
+                   tls_cert=tls_cert, tls_key=tls_key, limits=limits, workers=workers)
     except StoreError as error:
         raise InputError(str(error)) from None
     except OSError as error:
