@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -117,7 +118,11 @@ def test_two_receivers_store_each_record_once_and_the_report_is_exact(db, tmp_pa
             with httpx.Client(timeout=60) as client:
                 for payload, order in zip(batches[name], orders[name]):
                     for which in order:
-                        response = client.post(f"{urls[which]}/v1/batches", json=payload)
+                        for _ in range(200):  # a busy receiver says 503: again, as terminals do
+                            response = client.post(f"{urls[which]}/v1/batches", json=payload)
+                            if response.status_code != 503:
+                                break
+                            time.sleep(float(response.headers.get("retry-after", "1")) / 10)
                         if response.status_code != 200:
                             failures.append((name, which, response.status_code, response.text))
                             continue
