@@ -341,17 +341,22 @@ def _is_postgres(db: str) -> bool:
 
 
 @contextlib.contextmanager
-def _connect(db: str) -> Iterator:
-    """A connection in a transaction (committed at the end): psycopg or sqlite3."""
+def _connect(db: str, *, bulk: bool = False) -> Iterator:
+    """A connection in a transaction (committed at the end): psycopg or sqlite3; ``bulk``: not
+    waiting for the disk at commit (the prefill)."""
     if _is_postgres(db):
         import psycopg
 
         with psycopg.connect(db) as conn:  # commits on a clean exit
+            if bulk:
+                conn.execute("SET synchronous_commit = off")
             yield conn
     else:
         conn = sqlite3.connect(db, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
+            if bulk:
+                conn.execute("PRAGMA synchronous=OFF")
             conn.execute("BEGIN")
             yield conn
             conn.execute("COMMIT")
@@ -442,17 +447,22 @@ def _prefill_rows(m: int, cards: Cards, start: datetime, span_s: float, batch: i
     order), ``span_s`` seconds over all."""
     terminals = len(state.records)
     step = span_s / max(m, 1)
+    midnight = datetime.combine(start.date(), datetime.min.time(), timezone.utc)
+    offset = int((start - midnight).total_seconds())
+    day_names = [(midnight + timedelta(days=d)).date().isoformat()
+                 for d in range(int(span_s + offset) // 86_400 + 2)]
     second, at, day = -1, "", ""
     i = 0
     while i < m:
         t = i % terminals
         card = (i * 2654435761) % cards.count
         counter, parts = cards.write(card)
-        whole = int(i * step)
-        if whole != second:
+        whole = offset + int(i * step)
+        if whole != second:  # utc_iso() of the time, made cheaply
             second = whole
-            moment = start + timedelta(seconds=whole)
-            at, day = utc_iso(moment), moment.date().isoformat()
+            day = day_names[whole // 86_400]
+            rest = whole % 86_400
+            at = f"{day}T{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}Z"
         for kind, amount, before, after in parts:
             seq = state.records[t] + 1
             state.records[t] = seq
@@ -494,11 +504,7 @@ def prefill(db: str, schema: int, m: int, cards: Cards, start: datetime, days: i
     started = time.perf_counter()
     state = _PrefillState([0] * PREFILL_TERMINALS)
     enrolled = utc_iso(start)
-    with _connect(db) as conn:
-        if postgres:
-            conn.execute("SET synchronous_commit = off")
-        else:
-            conn.execute("PRAGMA synchronous = OFF")
+    with _connect(db, bulk=True) as conn:
         rows = _prefill_rows(m, cards, start, days * 86_400.0, batch, state)
         if schema == 2:
             _bulk(conn, postgres, "terminals", ("id", "terminal_id", "public_key",
@@ -777,7 +783,8 @@ def main() -> None:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fb-fleet-")))
         if args.engine == "postgres":
             server = args.pg_url or stack.enter_context(private_cluster(args.pg_setting))
-            names = ("fb_fleet", "fb_bare", "fb_empty")
+            names = tuple(f"fb_bench_{name}_{os.getpid()}"
+                          for name in ("fleet", "bare", "empty"))
             db, bare_db, empty_db = (_pg_database(server, name) for name in names)
             if args.pg_url:
                 stack.callback(lambda: [_pg_drop(server, name) for name in names])
