@@ -31,9 +31,16 @@ def check_phase(phase: dict, terminals: int, batches: int) -> None:
         assert phase[figure] > 0, figure
 
 
+def workers_if_served() -> list[str]:
+    """``--workers 2`` when ``clearing serve`` has the option."""
+    shown = subprocess.run([str(Path(sys.executable).parent / "farebox"), "clearing", "serve",
+                            "--help"], capture_output=True, text=True, timeout=60).stdout
+    return ["--workers", "2"] if "--workers" in shown else []
+
+
 def test_a_tiny_fleet_on_sqlite_is_acknowledged_whole():
     figures = bench("--terminals", "2", "--batches", "2", "--batch-records", "20",
-                    "--cards", "30")
+                    "--cards", "30", *workers_if_served())
     assert figures["engine"] == "sqlite" and figures["prefill"] is None
     [phase] = figures["phases"]
     check_phase(phase, 2, 2)
@@ -41,6 +48,8 @@ def test_a_tiny_fleet_on_sqlite_is_acknowledged_whole():
     report = figures["report"]
     assert report["records_counted"] == report["records_expected"] == phase["records"]
     assert report["seconds"] > 0 and report["empty_seconds"] > 0
+    if figures["report_has_day"]:
+        assert [day["seconds"] > 0 for day in figures["report_day"]["days"]] == [True]
 
 
 def test_the_prefill_fills_the_version_2_tables_on_sqlite():
