@@ -662,6 +662,8 @@ def run_fleet(fleet: list[FleetTerminal], urls: list[str], house_key: bytes,
               timeout: float) -> dict:
     """Every terminal's batches, in order, each terminal on its own thread and connection
     (terminal i to receiver i mod len(urls)); the figures, acks verified after the clock."""
+    for terminal in fleet:  # a fleet may be sent twice (--versus-empty)
+        terminal.latencies, terminal.answers, terminal.failure = [], [], None
     go = threading.Barrier(len(fleet) + 1)
     threads = [threading.Thread(target=_send, args=(t, urls[i % len(urls)], timeout, go),
                                 daemon=True) for i, t in enumerate(fleet)]
@@ -766,6 +768,8 @@ def main() -> None:
                         help="prefill (and time it), start no receiver")
     parser.add_argument("--receivers", type=int, choices=(1, 2), default=1,
                         help="2: a second fleet to two receivers on one PostgreSQL, after one")
+    parser.add_argument("--versus-empty", action="store_true",
+                        help="send the first fleet's batches to an empty database first too")
     parser.add_argument("--workers", type=int, help="clearing serve --workers (if it has it)")
     parser.add_argument("--schema", choices=("auto", "1", "2"), default="auto")
     parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
@@ -790,24 +794,27 @@ def main() -> None:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fb-fleet-")))
         if args.engine == "postgres":
             server = args.pg_url or stack.enter_context(private_cluster(args.pg_setting))
-            names = tuple(f"fb_bench_{name}_{os.getpid()}"
-                          for name in ("fleet", "bare", "empty"))
-            db, bare_db, empty_db = (_pg_database(server, name) for name in names)
+            names = {role: f"fb_bench_{role}_{os.getpid()}" for role in DATABASES}
             if args.pg_url:
-                stack.callback(lambda: [_pg_drop(server, name) for name in names])
+                stack.callback(lambda: [_pg_drop(server, name) for name in names.values()])
+            dbs = {role: _pg_database(server, name) for role, name in names.items()}
         else:
-            db, bare_db, empty_db = (str(folder / f"{name}.sqlite3")
-                                     for name in ("clearing", "bare", "empty"))
-        figures = run(args, schema, db, bare_db, empty_db, folder, has_day,
-                      "--workers" in serve_help)
+            dbs = {role: str(folder / f"{role}.sqlite3") for role in DATABASES}
+        figures = run(args, schema, dbs, folder, has_day, "--workers" in serve_help)
     if args.json:
         print(json.dumps(figures))
     else:
         show(figures)
 
 
-def run(args, schema: int, db: str, bare_db: str, empty_db: str, folder: Path,
-        has_day: bool, has_workers: bool) -> dict:
+#: the databases of a run: the one the fleet uploads to; the bare baseline's; an empty one for
+#: the report's baseline; an empty one for the fleet's baseline (--versus-empty)
+DATABASES = ("fleet", "bare", "empty", "fresh")
+
+
+def run(args, schema: int, dbs: dict[str, str], folder: Path, has_day: bool,
+        has_workers: bool) -> dict:
+    db, empty_db = dbs["fleet"], dbs["empty"]
     now = datetime.now(timezone.utc).replace(microsecond=0)
     today = now.date()
     prefill_start = datetime.combine(today - timedelta(days=args.prefill_days),
@@ -818,7 +825,7 @@ def run(args, schema: int, db: str, bare_db: str, empty_db: str, folder: Path,
                      "batches_per_terminal": args.batches, "batch_records": args.batch_records,
                      "cards": cards.count, "workers": args.workers,
                      "serve_has_workers": has_workers, "report_has_day": has_day}
-    for target in (db, empty_db):
+    for target in (db, empty_db, dbs["fresh"]) if args.versus_empty else (db, empty_db):
         if schema == 2:
             _create_schema_for_bench(target)
         else:
@@ -832,6 +839,8 @@ def run(args, schema: int, db: str, bare_db: str, empty_db: str, folder: Path,
         days += [fleet_start.date(), today, today + timedelta(days=1)]
         _ensure_day_partitions(db, days, now)
         _ensure_day_partitions(empty_db, days, now)
+        if args.versus_empty:
+            _ensure_day_partitions(dbs["fresh"], days, now)
 
     figures["prefill"], made = None, 0
     if args.prefill:
@@ -852,18 +861,27 @@ def run(args, schema: int, db: str, bare_db: str, empty_db: str, folder: Path,
     figures["generate_seconds"] = round(time.perf_counter() - started, 2)
     house_key = enroll(db, [t for fleet in fleets for t in fleet], now)
 
+    figures["empty_phase"] = None
+    if args.versus_empty:  # the first fleet's very batches, to an empty database first
+        fresh_key = enroll(dbs["fresh"], fleets[0], now)
+        with receivers(dbs["fresh"], 1, args.workers, folder) as urls:
+            figures["empty_phase"] = run_fleet(fleets[0], urls, fresh_key, args.timeout)
     figures["phases"] = []
     for n, fleet in enumerate(fleets):
         with receivers(db, n + 1, args.workers, folder) as urls:
             figures["phases"].append(run_fleet(fleet, urls, house_key, args.timeout))
 
-    bare_s = bare_copy(bare_db, fleets[0])
+    bare_s = bare_copy(dbs["bare"], fleets[0])
     records = sum(t.records for t in fleets[0])
     figures["bare"] = {"method": "COPY" if args.engine == "postgres" else "executemany",
                        "records": records, "seconds": round(bare_s, 3),
                        "records_per_s": round(records / bare_s, 1)}
-    for phase in figures["phases"]:
-        phase["ratio_to_bare"] = round(phase["seconds"] / bare_s, 2)
+    for phase in [*figures["phases"], figures["empty_phase"]]:
+        if phase is not None:
+            phase["ratio_to_bare"] = round(phase["seconds"] / bare_s, 2)
+    if figures["empty_phase"] is not None:
+        figures["versus_empty"] = round(figures["phases"][0]["records_per_s"]
+                                        / figures["empty_phase"]["records_per_s"], 2)
     if args.receivers == 2:
         one, two = figures["phases"]
         figures["scaling"] = round(two["records_per_s"] / one["records_per_s"], 2)
@@ -896,8 +914,12 @@ def show(figures: dict) -> None:
         return
     print(f"  generated and signed before the clock in {figures['generate_seconds']:.1f} s")
     bare = figures["bare"]
-    for phase in figures["phases"]:
-        print(f"  {phase['receivers']} receiver(s): {phase['acknowledged']:,} of "
+    shown = [(f"{p['receivers']} receiver(s)", p) for p in figures["phases"]]
+    if figures["empty_phase"]:
+        shown.insert(0, ("the same batches to an empty database, 1 receiver",
+                         figures["empty_phase"]))
+    for label, phase in shown:
+        print(f"  {label}: {phase['acknowledged']:,} of "
               f"{phase['records']:,} records acknowledged in {phase['acknowledged_batches']} of "
               f"{phase['batches']} batches")
         print(f"    ingest over HTTP                 {phase['records_per_s']:9,.0f} records/s   "
@@ -912,6 +934,9 @@ def show(figures: dict) -> None:
             print(f"    FAILED {failure}")
     print(f"  bare {bare['method']}, one transaction per batch "
           f"{bare['records_per_s']:9,.0f} records/s")
+    if "versus_empty" in figures:
+        print(f"  rate stored / rate empty          {figures['versus_empty']:9.2f}x   "
+              "goal >= 0.7x")
     if "scaling" in figures:
         print(f"  two receivers / one               {figures['scaling']:9.2f}x   goal >= 1.6x")
     r = figures["report"]

@@ -40,10 +40,13 @@ def workers_if_served() -> list[str]:
 
 def test_a_tiny_fleet_on_sqlite_is_acknowledged_whole():
     figures = bench("--terminals", "2", "--batches", "2", "--batch-records", "20",
-                    "--cards", "30", *workers_if_served())
+                    "--cards", "30", "--versus-empty", *workers_if_served())
     assert figures["engine"] == "sqlite" and figures["prefill"] is None
     [phase] = figures["phases"]
     check_phase(phase, 2, 2)
+    check_phase(figures["empty_phase"], 2, 2)  # the same batches, to an empty database
+    assert figures["empty_phase"]["records"] == phase["records"]
+    assert figures["versus_empty"] > 0
     assert figures["bare"]["records"] == phase["records"] and figures["bare"]["seconds"] > 0
     report = figures["report"]
     assert report["records_counted"] == report["records_expected"] == phase["records"]
