@@ -56,7 +56,7 @@ def test_a_tiny_fleet_on_sqlite_is_acknowledged_whole():
 
 
 def test_the_prefill_fills_the_version_2_tables_on_sqlite():
-    figures = bench("--schema", "2", "--prefill", "3000", "--prefill-only")
+    figures = bench("--prefill", "3000", "--prefill-only")
     assert figures["prefill"]["records"] in (3000, 3001) and figures["prefill"]["seconds"] > 0
     assert "phases" not in figures
 
