@@ -367,6 +367,8 @@ class Store:
                                              check_same_thread=False)
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=FULL")
+                # the card history's and records' indexes in memory (the default is 2 MiB)
+                self._conn.execute("PRAGMA cache_size=-131072")
         except ImportError as error:
             raise StoreError(f"a PostgreSQL --db needs {error.name}: "
                              "pip install 'farebox[clearing]'") from None
