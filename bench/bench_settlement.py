@@ -29,8 +29,9 @@ AT = datetime(2026, 11, 22, 0, 0, tzinfo=timezone.utc)
 
 
 def fill(journal: Journal, n: int) -> None:
-    balance = 10**9
     for i in range(n):
+        # a balance a card can hold (the receiver refuses others: clearing/validate.py)
+        balance = 300_000 - (i % 500) * 580
         record = Record(RecordType.PAYMENT, 580, balance - 580)
         write = journal.record_intent(
             tap_id=f"{i:016x}", card_number=10_000_000 + i % 5000, idm=bytes(8), kind="payment",
@@ -39,7 +40,6 @@ def fill(journal: Journal, n: int) -> None:
             balance_before_cents=balance, records=[record], outcome={},
             at=AT + timedelta(seconds=i), remember_before=False)
         journal.resolve_write(write, WriteState.COMMITTED, AT + timedelta(seconds=i), sync=False)
-        balance -= 580
     journal.sync()
 
 

@@ -6,4 +6,13 @@ class ClearingError(Exception):
     """Base of every error the clearing receiver raises."""
 
 
-__all__ = ["ClearingError"]
+class Refused(ClearingError):
+    """An upload the receiver will not take: an HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+__all__ = ["ClearingError", "Refused"]

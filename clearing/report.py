@@ -1,4 +1,6 @@
-"""``clearing report``: what the receiver holds, as one JSON-ready dict."""
+"""``clearing report``: what the receiver holds, as one JSON-ready dict, read from the summaries
+the store keeps inside every ingest (day totals, per-terminal sequences and gaps, forks found):
+no scan of the records, whatever their number."""
 
 from __future__ import annotations
 
@@ -17,16 +19,16 @@ def gaps(sequences: list[int]) -> list[list[int]]:
     return missing
 
 
-def build(store: Store) -> dict:
+def build(store: Store, first_day: str | None = None, last_day: str | None = None) -> dict:
+    """The report; totals for the UTC days ``first_day`` to ``last_day`` (``YYYY-MM-DD``, either
+    left out: open on that side) of the records' own times."""
     totals: dict = {}
-    for state, kind, count, amount in store.totals_by_type():
+    for state, kind, count, amount in store.totals(first_day, last_day):
         totals.setdefault(state, {})[kind] = {"count": count, "amount": format_cents(amount)}
-    terminals = []
-    for terminal_id, incarnation, count, _, last in store.terminal_sequences():
-        terminals.append({"terminal_id": terminal_id, "incarnation": incarnation,
-                          "records": count, "last_seq": last,
-                          "gaps": gaps(store.sequences(terminal_id, incarnation))})
-    return {
+    terminals = [{"terminal_id": terminal_id, "incarnation": incarnation, "records": count,
+                  "last_seq": last, "gaps": missing}
+                 for terminal_id, incarnation, count, last, missing in store.sources()]
+    report = {
         "totals": totals,
         "terminals": terminals,
         "duplicates_ignored": store.duplicates_ignored(),
@@ -36,3 +38,6 @@ def build(store: Store) -> dict:
         "counter_forks": [{"card": card, "counter": counter, "writes": writes}
                           for card, counter, writes in store.counter_forks()],
     }
+    if first_day is not None or last_day is not None:
+        report["days"] = {"from": first_day, "to": last_day}
+    return report

@@ -14,49 +14,40 @@ that signs its action lists: a terminal counts nothing else as delivered.
 
 from __future__ import annotations
 
-import threading
 from datetime import datetime
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from farebox.protocol.settlement import (
-    GENESIS_HASH, ActionEntry, Ack, BatchName, SignedAck, SignedActionList, Upload, WireError,
+    ActionEntry, Ack, SignedAck, SignedActionList, Upload, WireError,
     public_key_bytes,
 )
-from farebox.clearing.errors import ClearingError
+from farebox.clearing.errors import Refused  # defined there (validate.py raises it too)
+from farebox.clearing.validate import validate_batch
 
-from farebox.clearing.store import Store, StoredBatch
-
-
-class Refused(ClearingError):
-    """An upload the receiver will not take: an HTTP status and a one-line reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+from farebox.clearing.store import (  # noqa: F401 - FORK_REASON: said here too
+    AS_SENT, FORK_REASON, Conflict, Row, Store, canonical_time,
+)
 
 
-#: What a card whose counter was spent twice (a restored image used again, or a write sent in
-#: doubt whose result may have been shown, then another change from the same counter) is
-#: listed as.
-FORK_REASON = "cancelled"
 
 
 class Receiver:
-    """Batches into a :class:`Store`, one at a time (the store is single-writer anyway), the
-    action list it publishes and the acks it answers with, both signed with the receiver's own
-    key (kept in the store's meta table, made at first use)."""
+    """Batches into a :class:`Store`, the action list it publishes and the acks it answers
+    with, both signed with the receiver's own key (kept in the store's meta table, made at
+    first use). Thread-safe and stateless apart from caches of what never changes (enrolled
+    keys): as many receivers, threads and processes as the database takes; the store
+    serialises per terminal and per card inside the database."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._lock = threading.Lock()
         fresh = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
             serialization.NoEncryption())
         raw = store.set_meta_if_absent("list_signing_key", fresh.hex())
         self._key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(raw))
+        self._terminals: dict[str, tuple[int, bytes]] = {}  # enrolment never changes
 
     @property
     def public_key(self) -> bytes:
@@ -68,14 +59,20 @@ class Receiver:
 
     def action_list(self, now: datetime) -> dict:
         """The current action list, signed, valid for a day from ``now``."""
-        with self._lock:
-            serial, rows = self.store.actions()
+        serial, rows = self.store.actions()
         entries = [ActionEntry(f"{card:08d}", reason, at) for card, reason, at in rows]
         return SignedActionList.publish(entries, serial, now, self._key).to_json()
 
     def add_action(self, card_number: int, reason: str, at_utc: str, added_utc: str) -> int:
-        with self._lock:
-            return self.store.set_action(card_number, reason, at_utc, added_utc)
+        return self.store.set_action(card_number, reason, at_utc, added_utc)
+
+    def _terminal(self, terminal_id: str) -> tuple[int, bytes] | None:
+        found = self._terminals.get(terminal_id)
+        if found is None:
+            found = self.store.terminal(terminal_id)
+            if found is not None and len(self._terminals) < 100_000:
+                self._terminals[terminal_id] = found
+        return found
 
     def ingest(self, upload: object, received_utc: str) -> Ack:
         try:
@@ -83,44 +80,26 @@ class Receiver:
         except WireError as error:
             raise Refused(400, str(error)) from None
         terminal_id, incarnation, number = sent.terminal_id, sent.incarnation, sent.number
-        with self._lock:
-            key = self.store.public_key(terminal_id)
-            if key is None:
-                raise Refused(403, f"terminal {terminal_id!r} is not enrolled")
-            try:
-                body = sent.batch.verify(key)
-            except WireError as rejected:
-                raise Refused(422, f"batch {number} refused: {rejected}") from None
-            if (body.terminal_id, body.incarnation, body.number) != (
-                    terminal_id, incarnation, number):
-                raise Refused(422, f"batch {number} refused: its body names another batch")
-            with self.store.transaction():
-                known = self.store.batch(terminal_id, incarnation, number)
-                if known is not None:
-                    if known.hash != sent.hash:
-                        raise Refused(409, f"batch {number} was received before with another "
-                                      "hash")
-                    return Ack(BatchName(terminal_id, incarnation, number, known.hash),
-                               len(body.items), 0, True)
-                if number == 1:
-                    expected = GENESIS_HASH
-                else:
-                    previous = self.store.batch(terminal_id, incarnation, number - 1)
-                    if previous is None:
-                        raise Refused(409, f"batch {number} is out of order: batch {number - 1} "
-                                      "has not been received")
-                    expected = previous.hash
-                if body.prev_hash != expected:
-                    raise Refused(409, f"batch {number} does not link to batch {number - 1}")
-                records = [{**item.record.to_json(), "state": item.state,
-                            "incarnation": incarnation, "batch_number": number,
-                            "observed": int(item.observed), "not_shown": int(item.not_shown)}
-                           for item in body.items]
-                duplicates = self.store.store_batch(
-                    StoredBatch(terminal_id, incarnation, number, sent.hash, body.prev_hash),
-                    records, received_utc)
-                self.store.reconcile([r["card_number"] for r in records])
-                forks = self.store.forked_cards([r["card_number"] for r in records])
-                self.store.add_actions_if_absent(
-                    [(card, FORK_REASON, received_utc) for card in forks], received_utc)
-        return Ack(sent.name, len(records), duplicates, False)
+        terminal = self._terminal(terminal_id)
+        if terminal is None:
+            raise Refused(403, f"terminal {terminal_id!r} is not enrolled")
+        try:
+            body = sent.batch.verify(terminal[1])
+        except WireError as rejected:
+            raise Refused(422, f"batch {number} refused: {rejected}") from None
+        if (body.terminal_id, body.incarnation, body.number) != (
+                terminal_id, incarnation, number):
+            raise Refused(422, f"batch {number} refused: its body names another batch")
+        validate_batch(body)  # every record sane (422 naming it) before anything is stored
+        rows = [Row(0, item.record.seq, item.state, number, item.record.card_number,
+                    item.record.counter_before, item.record.counter_after, item.record.type,
+                    item.record.amount_cents, item.record.balance_before_cents,
+                    item.record.balance_after_cents, canonical_time(item.record.at_utc),
+                    item.record.hash, int(item.observed), AS_SENT, int(item.not_shown))
+                for item in body.items]
+        try:
+            stored = self.store.ingest(terminal[0], incarnation, number, sent.hash,
+                                       body.prev_hash, rows, received_utc)
+        except Conflict as conflict:
+            raise Refused(422 if conflict.kind == "record" else 409, str(conflict)) from None
+        return Ack(sent.name, len(rows), stored.duplicates, stored.again)

@@ -119,7 +119,8 @@ def test_the_sdist_carries_hw_docs_tests_and_an_spdx_license(tmp_path):
                                           m.name.endswith("/PKG-INFO"))).read().decode()
     for wanted in ("hw/install.sh", "hw/farebox.service", "hw/terminal.toml", "docs/cli.md",
                    "tests/test_packaging.py", "bootstrap.sh", "LICENSE", "README.md",
-                   "terminal/store/journal.py"):
+                   "terminal/store/journal.py", "clearing/migrations/sqlite/0002-schema-v2.sql",
+                   "clearing/migrations/postgresql/0002-schema-v2.sql"):
         assert wanted in names, wanted
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
     assert "License-Expression: MIT" in pkg_info
@@ -178,3 +179,30 @@ def test_bootstrap_and_install_sh_install_from_the_locks():
     install = (ROOT / "hw" / "install.sh").read_text()
     assert "--require-hashes" in bootstrap and "-r requirements.lock" in bootstrap
     assert "--require-hashes" in install and 'hw/requirements.lock"' in install
+
+
+def test_the_wheel_carries_the_clearing_migrations(tmp_path):
+    """The schema migrations are package data: farebox.clearing.migrate reads them from the
+    installed package, so the wheel built from the tracked files must hold every one."""
+    import zipfile
+
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    if not any(tracked):
+        pytest.skip("not a git checkout")
+    tree = tmp_path / "tree"
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
+    out = tmp_path / "dist"
+    code = ("import sys\nfrom setuptools import build_meta\n"
+            "print(build_meta.build_wheel(sys.argv[1]))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=tree, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with zipfile.ZipFile(out / done.stdout.strip().splitlines()[-1]) as wheel:
+        names = set(wheel.namelist())
+    shipped = {f"farebox/{path.relative_to(ROOT).as_posix()}"
+               for path in (ROOT / "clearing" / "migrations").rglob("*.sql")}
+    assert len(shipped) == 4 and shipped <= names, shipped - names

@@ -59,9 +59,12 @@ def exit_status(error: Exception) -> int | None:
     """The exit status of an error a command let through that the operator can act on (told in
     one line), or None for an internal error (a bug: told with its type). Bad input (exit 2) is
     the terminal's :class:`BadInput` and, from the layers it stands on, a card file or a served
-    card that cannot be used and a clearing store that cannot be opened; a card write cut off
+    card that cannot be used and a clearing store that cannot be opened, migrated or
+    maintained; a card write cut off
     midway (:class:`Interrupted`, the journal holds it in doubt) is exit 1; a damaged journal
     (:class:`JournalBroken`: a file that does not read, chains that are not whole) is exit 3."""
+    from farebox.clearing.maintain import MaintainError
+    from farebox.clearing.migrate import MigrationError
     from farebox.clearing.store import StoreError
     from farebox.protocol.sim.card import CardFileError
     from farebox.protocol.sim.serve import ServeError
@@ -70,7 +73,8 @@ def exit_status(error: Exception) -> int | None:
 
     if isinstance(error, JournalBroken):
         return EXIT_JOURNAL_BROKEN
-    if isinstance(error, (BadInput, CardFileError, ServeError, StoreError)):
+    if isinstance(error, (BadInput, CardFileError, ServeError, StoreError, MigrationError,
+                          MaintainError)):
         return EXIT_BAD_INPUT
     if isinstance(error, Interrupted):
         return EXIT_INTERRUPTED

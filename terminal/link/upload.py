@@ -18,9 +18,9 @@ key, and plain ``http://`` to a host that is not loopback unless told it is mean
 default CAs (certifi's bundle; ``SSL_CERT_FILE`` overrides it) or, given ``ca_bundle``, against
 those certificates only (a private CA).
 
-Timeouts, connection errors, 5xx and unreadable answers are retried with exponential backoff and
-full jitter; a 4xx is the server refusing that batch and stops the upload (later batches would
-not link). Answers are read up to :data:`MAX_ANSWER_BYTES`.
+Timeouts, connection errors, 5xx, 408 (the receiver timed a slow body out) and 429, and unreadable
+answers are retried with exponential backoff and full jitter; any other 4xx is the server refusing
+that batch and stops the upload (later batches would not link). Answers are read up to :data:`MAX_ANSWER_BYTES`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 TIMEOUT_S = 10.0
 
+
+#: 4xx answers that are no refusal of the batch: a body timed out on a slow link (408), too many
+#: requests (429). Sent again like a 5xx.
+RETRIED_4XX = frozenset({408, 429})
 
 class UploadSetupError(BadInput, ValueError):
     """Batches cannot be uploaded as configured (no clearing house key, plain HTTP to a host
@@ -230,7 +234,7 @@ def _send(client: httpx.Client, url: str, sent: Upload, public_key: bytes, attem
         except httpx.HTTPError as error:
             problem = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             continue
-        if 400 <= status < 500:
+        if 400 <= status < 500 and status not in RETRIED_4XX:
             raise UploadRefused(f"the server refused batch {sent.number} ({status}: "
                                 f"{_error_text(answer)})")
         if status != 200:

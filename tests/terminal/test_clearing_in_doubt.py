@@ -15,6 +15,7 @@ import pytest
 from farebox.clearing.report import build
 from farebox.clearing.service import Receiver
 from farebox.clearing.store import Store
+from farebox.protocol.settlement import GENESIS_HASH
 from farebox.protocol.sim.card import Faults
 from farebox.terminal.card.tap import TapInterrupted, Terminal
 from farebox.terminal.core.writecycle import WriteState
@@ -23,7 +24,6 @@ from farebox.terminal.store.identity import init_identity
 from farebox.terminal.store.journal import Journal
 from farebox.terminal.store.settlement import Settlement
 
-from .test_clearing_postgres import postgres_url  # noqa: F401 - the fixture, used by name
 from .test_tap import AT, KEYS, copy_card, new_card, pay, present_again
 
 PERIOD = timedelta(minutes=15)
@@ -92,11 +92,7 @@ def backend(request, tmp_path):
     test_clearing_postgres.py (skipped, or failed as root and in CI, the same way)."""
     if request.param == "sqlite":
         return str(tmp_path / "clearing.sqlite3")
-    url = request.getfixturevalue("postgres_url")
-    with Store(url) as store:
-        for table in ("records", "batches", "terminals", "actions", "meta"):
-            store._execute(f"DELETE FROM {table}")  # noqa: SLF001 - a clean slate per test
-    return url
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture
@@ -113,7 +109,8 @@ def rig(tmp_path, backend):
 
 def in_states(store, station):
     return sorted(store._all(  # noqa: SLF001 - the test reads the store's table
-        "SELECT seq, state, reconciled FROM records WHERE terminal_id = ?", (station.name,)))
+        "SELECT r.seq, r.state, r.reconciled FROM records r JOIN sources s ON s.id = r.source "
+        "JOIN terminals t ON t.id = s.terminal WHERE t.terminal_id = ?", (station.name,)))
 
 
 def paid(store) -> int:
@@ -248,50 +245,22 @@ def new_balance(card) -> int:
                         lambda v: KEYS.card_key(v, card.idm)).purse.balance_cents
 
 
-def test_a_store_made_before_not_shown_existed_gets_the_column(tmp_path):
-    path = tmp_path / "old.sqlite3"
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE records (terminal_id TEXT NOT NULL, incarnation TEXT NOT NULL, "
-                   "seq BIGINT NOT NULL, state TEXT NOT NULL, batch_number BIGINT NOT NULL, "
-                   "card_number BIGINT NOT NULL, counter_before BIGINT NOT NULL, "
-                   "counter_after BIGINT NOT NULL, type TEXT NOT NULL, "
-                   "amount_cents BIGINT NOT NULL, balance_before_cents BIGINT NOT NULL, "
-                   "balance_after_cents BIGINT NOT NULL, at_utc TEXT NOT NULL, "
-                   "hash TEXT NOT NULL, observed BIGINT NOT NULL, "
-                   "reconciled BIGINT NOT NULL DEFAULT 0, "
-                   "PRIMARY KEY (terminal_id, incarnation, seq, state))")
-    with Store(str(path)) as store:
-        assert "not_shown" in store._columns("records")  # noqa: SLF001
-        assert store.counter_forks() == []
-
-
-def test_a_postgresql_store_made_before_not_shown_existed_gets_the_column(postgres_url):  # noqa
-    with Store(postgres_url) as store:
-        store._execute("ALTER TABLE records DROP COLUMN not_shown")  # noqa: SLF001
-        assert "not_shown" not in store._columns("records")  # noqa: SLF001
-    with Store(postgres_url) as store:
-        assert "not_shown" in store._columns("records")  # noqa: SLF001
-
-
 def test_a_change_stored_once_whatever_a_derived_row_said_first(tmp_path):
     """T-A's write in doubt is proved by the card's next change (a derived commit); then T-B's
     write of the very same bytes, committed by observation, arrives: it is a terminal's commit
     and is stored as such (not as a copy of the derived row), and the derived one gives way."""
-    from farebox.clearing.store import StoredBatch
+    from farebox.clearing.store import Row
 
     def record(terminal, seq, state, before, after, balance_before, balance_after, at,
                observed=0):
-        return {"terminal_id": terminal, "incarnation": "i", "seq": seq, "state": state,
-                "batch_number": seq, "card_number": 7, "counter_before": before,
-                "counter_after": after, "type": "payment", "amount_cents": 100,
-                "balance_before_cents": balance_before, "balance_after_cents": balance_after,
-                "at_utc": at, "hash": "0" * 64, "observed": observed, "not_shown": 1}
+        return terminal, Row(0, seq, state, seq, 7, before, after, "payment", 100,
+                             balance_before, balance_after, at, "0" * 64, observed, 0, 1)
 
-    def store_one(store, rec):
-        with store.transaction():
-            store.store_batch(StoredBatch(rec["terminal_id"], "i", rec["seq"], "h", "p"), [rec],
-                              RECEIVED)
-            store.reconcile([7])
+    def store_one(store, sent):
+        terminal, row = sent
+        store.enroll(terminal, "00" * 32, RECEIVED)
+        store.ingest(store.terminal(terminal)[0], "i", 1, "h" * 64, GENESIS_HASH, [row],
+                     RECEIVED)
 
     with Store(str(tmp_path / "c.sqlite3")) as store:
         store_one(store, record("T-A", 1, "in_doubt", 1, 2, 1000, 900, "2026-11-22T00:00:00Z"))
@@ -299,7 +268,9 @@ def test_a_change_stored_once_whatever_a_derived_row_said_first(tmp_path):
         assert paid(store) == 200  # T-A's derived commit and T-C's
         store_one(store, record("T-B", 1, "committed", 1, 2, 1000, 900, "2026-11-22T00:01:00Z",
                                 observed=1))
-        states = sorted(store._all("SELECT terminal_id, state, reconciled FROM records"))  # noqa
+        states = sorted(store._all(  # noqa: SLF001 - the test reads the store's table
+            "SELECT t.terminal_id, r.state, r.reconciled FROM records r "
+            "JOIN sources s ON s.id = r.source JOIN terminals t ON t.id = s.terminal"))
         assert states == [("T-A", "in_doubt", 0), ("T-A", "void", 2), ("T-B", "committed", 0),
                           ("T-C", "committed", 0)]
         assert paid(store) == 200

@@ -67,7 +67,7 @@ KINDS = {
 def test_the_walk_finds_the_exception_classes():
     assert {"errors.TerminalError", "errors.BadInput", "store.journal.JournalError"} \
         <= set(TERMINAL)
-    assert {"errors.ClearingError", "store.StoreError", "service.Refused"} <= set(CLEARING)
+    assert {"errors.ClearingError", "store.StoreError", "errors.Refused"} <= set(CLEARING)
 
 
 @pytest.mark.parametrize("name", sorted(TERMINAL))

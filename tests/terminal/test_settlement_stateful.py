@@ -242,9 +242,12 @@ class Settling(RuleBasedStateMachine):
         if not hasattr(self, "stations"):
             return
         stored = self.store._all(  # noqa: SLF001 - the test reads the store's table directly
-            "SELECT terminal_id, seq, state, hash FROM records")
+            "SELECT t.terminal_id, r.seq, r.state, r.hash "
+            "FROM records r JOIN sources s ON s.id = r.source JOIN terminals t ON t.id = s.terminal")
         reconciled = {(t, seq) for t, seq in self.store._all(  # noqa: SLF001
-            "SELECT terminal_id, seq FROM records WHERE reconciled != 0")}
+            "SELECT t.terminal_id, r.seq "
+            "FROM records r JOIN sources s ON s.id = r.source JOIN terminals t ON t.id = s.terminal "
+            "WHERE r.reconciled != 0")}
         keys = [(t, seq, state) for t, seq, state, _ in stored]
         assert len(keys) == len(set(keys))
         journals = {(s.name, r.seq): r.hash for s in self.stations for r in s.journal.records()}
@@ -258,6 +261,27 @@ class Settling(RuleBasedStateMachine):
                     (terminal_id, seq) in reconciled
                     and states_here[(terminal_id, seq)] in ("intent", "unresolved")), (
                     terminal_id, seq)
+
+    @invariant()
+    def the_kept_summaries_agree_with_the_records(self):
+        """The day totals, per-source counts, last sequences and gaps the store keeps inside
+        each ingest say what a scan of the records says."""
+        if not hasattr(self, "stations"):
+            return
+        from farebox.clearing.report import gaps
+
+        truth = self.store._all(  # noqa: SLF001 - the test reads the store's table directly
+            "SELECT state, type, count(*), sum(amount_cents) FROM records "
+            "GROUP BY state, type ORDER BY state, type")
+        assert self.store.totals() == truth
+        sequences = {}
+        for terminal_id, incarnation, seq in self.store._all(  # noqa: SLF001
+                "SELECT DISTINCT t.terminal_id, s.incarnation, r.seq FROM records r "
+                "JOIN sources s ON s.id = r.source JOIN terminals t ON t.id = s.terminal "
+                "ORDER BY 1, 2, 3"):
+            sequences.setdefault((terminal_id, incarnation), []).append(seq)
+        assert self.store.sources() == [
+            (t, i, len(seqs), seqs[-1], gaps(seqs)) for (t, i), seqs in sorted(sequences.items())]
 
     @invariant()
     def aavs_at_most_once_a_hong_kong_day(self):

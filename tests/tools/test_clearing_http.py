@@ -124,6 +124,9 @@ class Hostile(BaseHTTPRequestHandler):
         kind = type(self).behaviour
         status, body = {
             "500": (500, b'{"error": "down"}'),
+            "408": (408, b'{"error": "the body did not arrive in time"}'),
+            "429": (429, b'{"error": "slow down"}'),
+            "403": (403, b'{"error": "not enrolled"}'),
             "garbage": (200, b"\x00\xffnot json"),
             "other ack": (200, json.dumps({"ack": {**{k: upload[k] for k in (
                 "terminal_id", "incarnation", "hash")}, "number": upload["number"] + 7}}
@@ -161,8 +164,11 @@ def hostile():
     server.server_close()
 
 
-@pytest.mark.parametrize("behaviour", ["500", "garbage", "other ack", "huge", "no ack"])
+@pytest.mark.parametrize("behaviour", ["500", "408", "429", "garbage", "other ack", "huge",
+                                       "no ack"])
 def test_a_hostile_server_changes_nothing(farebox, hostile, behaviour):
+    """A 5xx, a 408 (the receiver timed out a slow body: the link, not the batch), a 429 and
+    answers that acknowledge nothing are tried again; nothing is marked delivered."""
     Hostile.behaviour = behaviour
     terminal_with_batches(farebox)
     before = farebox("batch", "list", "--state", farebox.state, "--json").json()
@@ -173,6 +179,15 @@ def test_a_hostile_server_changes_nothing(farebox, hostile, behaviour):
     assert result["acknowledged"] == [] and result["stopped_at"] == 1
     assert Hostile.calls == [1, 1]  # retried, and never past the batch it could not deliver
     assert farebox("batch", "list", "--state", farebox.state, "--json").json() == before
+
+
+def test_a_refusal_is_not_retried(farebox, hostile):
+    Hostile.behaviour = "403"
+    terminal_with_batches(farebox)
+    run = farebox("upload", "--state", farebox.state, "--url", hostile, "--attempts", "3",
+                  "--config", some_house(farebox), "--json")
+    assert run.code == 3 and json.loads(run.out)["stopped_at"] == 1
+    assert Hostile.calls == [1]
 
 
 def test_nothing_listening_is_retried_then_reported(farebox):
