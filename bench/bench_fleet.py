@@ -475,13 +475,15 @@ def _help(*command: str) -> str:
 
 
 @contextlib.contextmanager
-def receivers(db: str, count: int, workers: int | None, logs: Path) -> Iterator[list[str]]:
-    """``count`` ``farebox clearing serve`` processes on ``db`` (port 0 each); their URLs."""
+def receivers(db: str, count: int, workers: int | None, logs: Path,
+              serve_options: tuple[str, ...] = ()) -> Iterator[list[str]]:
+    """``count`` ``farebox clearing serve`` processes on ``db`` (port 0 each, with
+    ``serve_options``); their URLs."""
     processes, urls = [], []
     try:
         for n in range(count):
             log = open(logs / f"receiver-{n}.log", "w")  # noqa: SIM115 - closed below
-            options = ["--workers", str(workers)] if workers else []
+            options = [*(["--workers", str(workers)] if workers else []), *serve_options]
             process = subprocess.Popen([FAREBOX, "clearing", "serve", "--db", db, "--port", "0",
                                         *options], stdout=subprocess.PIPE, stderr=log, text=True)
             processes.append((process, log))
@@ -516,15 +518,19 @@ def _send(terminal: FleetTerminal, url: str, timeout: float, go: threading.Barri
                 try:
                     answer = client.post("/v1/batches", content=request,
                                          headers={"content-type": "application/json"})
-                except httpx.HTTPError as error:
-                    terminal.failure = f"{type(error).__name__}: {error}"
-                    return
-                if answer.status_code != 503:
+                except httpx.TransportError as error:
+                    # a receiver at its bound answers 503 before it reads the body and closes
+                    # the connection: a client still sending may see the reset instead
+                    if attempt == 59:
+                        terminal.failure = f"{type(error).__name__}: {error}"
+                        return
+                    answer = None
+                if answer is not None and answer.status_code != 503:
                     break
                 # the receiver is at its bound of uploads at once: again after a backoff with
                 # full jitter, as terminals do (capped at its Retry-After); the wait counts
                 terminal.busy += 1
-                cap = float(answer.headers.get("retry-after", "1"))
+                cap = float(answer.headers.get("retry-after", "1")) if answer is not None else 1.0
                 time.sleep(rng.uniform(0, min(cap, 0.05 * 2 ** attempt)))
             terminal.latencies.append(time.perf_counter() - started)
             if answer.status_code != 200:
@@ -656,6 +662,9 @@ def main() -> None:
     parser.add_argument("--versus-empty", action="store_true",
                         help="send the first fleet's batches to an empty database first too")
     parser.add_argument("--workers", type=int, help="clearing serve --workers (if it has it)")
+    parser.add_argument("--max-uploads", type=int,
+                        help="clearing serve --max-uploads (its default bounds uploads at once "
+                        "per worker; a fleet past it is answered 503 and sends again)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--json", action="store_true", help="the figures as one JSON object")
@@ -699,10 +708,11 @@ def run(args, dbs: dict[str, str], folder: Path, has_day: bool,
     prefill_start = datetime.combine(today - timedelta(days=args.prefill_days),
                                      datetime.min.time(), timezone.utc)
     rng = random.Random(args.seed)
+    serve_options = ("--max-uploads", str(args.max_uploads)) if args.max_uploads else ()
     cards = Cards(args.cards if not args.prefill else max(args.cards, CARDS), args.seed)
     figures: dict = {"engine": args.engine, "terminals": args.terminals,
                      "batches_per_terminal": args.batches, "batch_records": args.batch_records,
-                     "cards": cards.count, "workers": args.workers,
+                     "cards": cards.count, "workers": args.workers, "max_uploads": args.max_uploads,
                      "serve_has_workers": has_workers, "report_has_day": has_day}
     for target in (db, empty_db, dbs["fresh"]) if args.versus_empty else (db, empty_db):
         _create_schema_for_bench(target)
@@ -739,11 +749,11 @@ def run(args, dbs: dict[str, str], folder: Path, has_day: bool,
     figures["empty_phase"] = None
     if args.versus_empty:  # the first fleet's very batches, to an empty database first
         fresh_key = enroll(dbs["fresh"], fleets[0], now)
-        with receivers(dbs["fresh"], 1, args.workers, folder) as urls:
+        with receivers(dbs["fresh"], 1, args.workers, folder, serve_options) as urls:
             figures["empty_phase"] = run_fleet(fleets[0], urls, fresh_key, args.timeout)
     figures["phases"] = []
     for n, fleet in enumerate(fleets):
-        with receivers(db, n + 1, args.workers, folder) as urls:
+        with receivers(db, n + 1, args.workers, folder, serve_options) as urls:
             figures["phases"].append(run_fleet(fleet, urls, house_key, args.timeout))
 
     bare_s = bare_copy(dbs["bare"], fleets[0])
