@@ -130,6 +130,7 @@ class _Worker:
 
 def _worker_main(worker: _Worker, sock: socket.socket) -> None:
     logging.basicConfig(level=logging.INFO, format="farebox clearing: %(message)s")
+    logging.getLogger("yoyo").setLevel(logging.WARNING)
     try:
         worker.run(sock)
     except KeyboardInterrupt:  # SIGINT to the whole group (a terminal's Ctrl-C): stopped

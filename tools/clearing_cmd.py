@@ -72,6 +72,7 @@ def serve(db, host, port, tls_cert, tls_key, workers, max_uploads, upload_buffer
         raise InputError("--tls-cert and --tls-key go together")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="farebox clearing: %(message)s")
+    logging.getLogger("yoyo").setLevel(logging.WARNING)  # its "applying ..." steps: not ours
 
     limits = Limits(max_uploads=max_uploads, buffer_bytes=upload_buffer_mib * MIB,
                     body_timeout_s=body_timeout, header_timeout_s=header_timeout,
