@@ -574,3 +574,44 @@ def test_issue_refuses_a_birth_date_the_rules_cannot_accept(farebox, argv):
     farebox("service", "issue", card, *argv, "--at", at(date(2026, 1, 15)), "--state",
             farebox.state).assert_bad_input()
     assert not card.exists() and journal_records(farebox) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_new_service_records_settle_to_the_clearing_house(farebox, tmp_path, request,
+                                                               backend):
+    """A return that deducts the inactivity fee and a Student status activation ride in batches
+    over real HTTP into the clearing store (SQLite, PostgreSQL): the report's sums are the
+    card movements, to the cent."""
+    from .test_clearing_http import start_receiver, trusting
+
+    db = (str(tmp_path / "clearing.sqlite3") if backend == "sqlite"
+          else request.getfixturevalue("pg_url"))
+    made = farebox("terminal", "init", "--state", farebox.state, "--id", "T-0019",
+                   "--json").json()
+    idle = farebox.card("idle.json", issued="2018-01-01", balance="100.00")
+    student = farebox.card("student.json", issued="2021-01-01", category="personalised",
+                           birth_date="2005-03-01")
+    returned_ = one_return(farebox, idle, at(date(2021, 6, 1)))
+    assert returned_["refund"] == "124.00"
+    farebox("service", "renew-student", student, "--expiry", "2021-10-31", "--at",
+            at(date(2021, 6, 1), "10:05:00"), "--state", farebox.state, "--json").json()
+    farebox("batch", "close", "--state", farebox.state, "--json").json()
+    with start_receiver(db) as url:
+        farebox("clearing", "enroll", "--db", db, "--terminal", "T-0019", "--pubkey",
+                made["public_key"], "--json").json()
+        config = trusting(farebox, db, url)
+        sent = farebox("upload", "--state", farebox.state, "--config", config, "--json").json()
+        assert sent["pending"] == 0 and sent["acknowledged"]
+    totals = farebox("clearing", "report", "--db", db, "--json").json()["totals"]["committed"]
+    assert totals["inactivity_fee"] == {"count": 1, "amount": "15.00"}
+    assert totals["handling_fee"] == {"count": 1, "amount": "11.00"}
+    assert totals["deposit_refund"] == {"count": 1, "amount": "50.00"}
+    assert totals["refund"] == {"count": 1, "amount": "124.00"}
+    assert totals["student_renewal"] == {"count": 1, "amount": "0.00"}
+
+    def cents(kind):
+        return int(totals[kind]["amount"].replace(".", ""))
+
+    # the card's 100.00 = the fee kept + the value paid out + the handling fee kept from it
+    assert cents("inactivity_fee") + cents("refund") - cents("deposit_refund") \
+        + cents("handling_fee") == 10_000
