@@ -13,7 +13,8 @@ from farebox.cardimage.layout import (
 )
 from farebox.cardimage.mac import area_mac, verify_area_mac
 from farebox.cardimage.model import (
-    AAVS_BY_CODE, AAVS_CODE_BY_CENTS, CARD_NUMBER_MAX, COUNTER_MAX, FORMAT_VERSION, CardImage, Identity,
+    AAVS_BY_CODE, AAVS_CODE_BY_CENTS, CARD_NUMBER_MAX, COUNTER_MAX, FORMAT_VERSION_BIRTH_DATE,
+    FORMAT_VERSIONS, CardImage, Identity,
     LogEntry, LogType, Purse, ServiceOp, Status,
 )
 
@@ -55,7 +56,8 @@ def _open(blocks: Blocks, card_key: bytes, area: int, key_version: int, idm: byt
 
 def encode_identity(identity: Identity, idm: bytes, card_key: bytes) -> dict[int, bytes]:
     _check_identity(identity)
-    data = schemas.build(schemas.Identity, {**identity.__dict__, "reserved": None})
+    data = schemas.build(schemas.Identity, {**identity.__dict__, "reserved": None,
+                                            "format_version": identity.format_version})
     return _seal(card_key, AREA_IDENTITY, identity.key_version, idm, IDENTITY_BLOCKS, data)
 
 
@@ -68,14 +70,20 @@ def decode_identity(blocks: Blocks, idm: bytes, card_key_for: CardKeyFor) -> tup
     except KeyError:
         raise InvalidCard(f"no key for key version {key_version}") from None
     data = _open(blocks, card_key, AREA_IDENTITY, key_version, idm, IDENTITY_BLOCKS)
-    identity = Identity(**schemas.unpack(schemas.Identity, data))
+    if data[0] not in FORMAT_VERSIONS:  # before the version-dependent fields are parsed
+        raise CardImageError(f"unknown image format version {data[0]}")
+    fields = schemas.parse(schemas.Identity, data)
+    identity = Identity(
+        card_number=fields.card_number, kind=fields.kind, category=fields.category,
+        issued=fields.issued, deposit_cents=fields.deposit_cents, key_version=fields.key_version,
+        birth_date=fields.birth_date if fields.format_version == FORMAT_VERSION_BIRTH_DATE
+        else None,
+    )
     _check_identity(identity)
     return identity, card_key
 
 
 def _check_identity(identity: Identity) -> None:
-    if identity.format_version != FORMAT_VERSION:
-        raise CardImageError(f"unknown image format version {identity.format_version}")
     if not 0 <= identity.card_number <= CARD_NUMBER_MAX:
         raise CardImageError(f"card number {identity.card_number} has more than 8 digits")
     if identity.issued is None:

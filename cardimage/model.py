@@ -99,7 +99,13 @@ CARD_NUMBER_MAX = 99_999_999
 #: The highest purse counter a card may carry. 0xFFFFFFFF is refused (a counter there could never
 #: advance), so a card at COUNTER_MAX is worn out: it verifies, but no terminal can write it.
 COUNTER_MAX = 0xFFFFFFFE
+#: The identity's layout version (its first byte). Version 1 holds no birth date (its last ten
+#: bytes are zero); version 2 holds the holder's birth date in the first four of them. A card is
+#: written in the lowest version that holds it, so a card without a birth date stays readable by
+#: terminals that know only version 1 (docs/readers.md).
 FORMAT_VERSION = 1
+FORMAT_VERSION_BIRTH_DATE = 2
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_BIRTH_DATE)
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,14 @@ class Identity:
     issued: date
     deposit_cents: int
     key_version: int
-    format_version: int = FORMAT_VERSION
+    #: The holder's date of birth (a Personalised card issued with one; docs/rules.md §2), or
+    #: None: the card knows no age.
+    birth_date: date | None = None
+
+    @property
+    def format_version(self) -> int:
+        """The layout the identity is written in: the lowest that holds it."""
+        return FORMAT_VERSION if self.birth_date is None else FORMAT_VERSION_BIRTH_DATE
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Adapters are pure and two-way: day numbers <-> dates, small ints <-> enums, AAVS
 """
 
 import struct
+from datetime import date
 from enum import IntEnum
 
 import construct as c
@@ -12,7 +13,10 @@ import construct as c
 from farebox.cardimage import days
 from farebox.cardimage.errors import CardImageError
 from farebox.cardimage.layout import BLOCK_SIZE, MAC_SIZE
-from farebox.cardimage.model import AAVS_BY_CODE, AAVS_CODE_BY_CENTS, Category, Concession, Kind, LogType, Status
+from farebox.cardimage.model import (
+    AAVS_BY_CODE, AAVS_CODE_BY_CENTS, FORMAT_VERSION_BIRTH_DATE, Category, Concession, Kind,
+    LogType, Status,
+)
 
 
 class DayAdapter(c.Adapter):
@@ -59,6 +63,31 @@ class AavsAdapter(c.Adapter):
             raise c.MappingError(f"{obj} cents is not an AAVS reload amount", path=path) from None
 
 
+class BirthDateAdapter(c.Adapter):
+    """The holder's birth date as year (u16), month (u8), day (u8): a birth date may be long
+    before the day numbers' 1990 epoch. Only a version 2 identity carries it (always a date
+    there); in version 1 the same four bytes are reserved zeros, read as None."""
+
+    def _decode(self, obj, context, path):
+        if context.format_version != FORMAT_VERSION_BIRTH_DATE:
+            if obj:
+                raise c.MappingError("reserved bytes are not zero", path=path)
+            return None
+        try:
+            return date(obj >> 16, (obj >> 8) & 0xFF, obj & 0xFF)
+        except ValueError:
+            raise c.MappingError(f"no birth date {obj:08x}", path=path) from None
+
+    def _encode(self, obj, context, path):
+        if context.format_version != FORMAT_VERSION_BIRTH_DATE:
+            if obj is not None:
+                raise c.MappingError("a birth date needs format version 2", path=path)
+            return 0
+        if not isinstance(obj, date):
+            raise c.MappingError("format version 2 needs a birth date", path=path)
+        return obj.year << 16 | obj.month << 8 | obj.day
+
+
 class StrictFlag(c.Adapter):
     """A byte that is exactly 0 or 1 (construct's Flag reads any non-zero byte as true)."""
 
@@ -82,7 +111,10 @@ Identity = c.Struct(
     "category" / EnumAdapter(c.Int8ub, Category),
     "issued" / DayAdapter(c.Int16ub),
     "deposit_cents" / c.Int32ub,
-    "reserved" / c.Const(bytes(10)),
+    # format version 2 only; in version 1 four more reserved zero bytes, so cards made before
+    # the field existed read as "no birth date"
+    "birth_date" / BirthDateAdapter(c.Int32ub),
+    "reserved" / c.Const(bytes(6)),
 )
 IDENTITY_KEY_VERSION_OFFSET = 1
 
@@ -282,7 +314,10 @@ def _innermost(con: c.Construct) -> c.Construct:
     return con
 
 
-_LAYOUTS = {id(schema): _Layout(schema) for schema in (Identity, Purse, LogEntry)}
+# The identity is not among them: its birth date's meaning hangs on its format version (an
+# adapter that reads the context), which a flat struct layout has no context for; construct's
+# compiled parser reads it (once a tap).
+_LAYOUTS = {id(schema): _Layout(schema) for schema in (Purse, LogEntry)}
 
 
 def unpack(schema: c.Struct, data: bytes) -> dict:

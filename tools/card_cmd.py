@@ -40,6 +40,7 @@ def card() -> None:
 @click.option("--concession", type=click.Choice(list(_CONCESSIONS)), default="none",
               show_default=True)
 @click.option("--concession-expiry", type=DATE, help="last day a student concession is valid")
+@click.option("--birth-date", type=DATE, help="the holder's date of birth (Personalised cards)")
 @click.option("--issued", type=DATE, help="issue date [default: today, Hong Kong]")
 @click.option("--balance", type=SIGNED_AMOUNT,
               help="initial value [default: the category's for On-Loan cards, else 0.00]")
@@ -47,14 +48,14 @@ def card() -> None:
 @click.option("--last-add-value", type=DATE, help="[default: the issue date]")
 @click.option("--force", is_flag=True, help="overwrite an existing card file")
 @json_option
-def new(card_file: Path, number, kind, category, concession, concession_expiry, issued, balance,
-        aavs, last_add_value, force, as_json) -> None:
+def new(card_file: Path, number, kind, category, concession, concession_expiry, birth_date,
+        issued, balance, aavs, last_add_value, force, as_json) -> None:
     """Issue a simulated card (test keys) into the file CARD."""
     request = IssueRequest(
         issued=issued or hk_date(now_utc()), number=number, kind=_KINDS[kind],
         category=_CATEGORIES[category], concession=_CONCESSIONS[concession],
         concession_expiry=concession_expiry, balance_cents=balance,
-        aavs_reload_cents=aavs or 0, last_add_value=last_add_value)
+        aavs_reload_cents=aavs or 0, last_add_value=last_add_value, birth_date=birth_date)
     try:
         issue_card_file(card_file, request, published_test_keys(), force=force)
     except IssueError as error:

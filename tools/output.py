@@ -73,6 +73,7 @@ def card_json(card: CardImage, *, test_key: bool, today) -> dict:
         "concession": purse.concession.label,
         "concession_expiry": _day(purse.concession_expiry),
         "issued": identity.issued.isoformat(),
+        "birth_date": _day(identity.birth_date),
         "status": purse.status.label,
         "balance": fmt(purse.balance_cents),
         "negative_limit": fmt(card_limits.negative_limit_cents),
@@ -103,7 +104,9 @@ def card_human(obj: dict) -> str:
         + ("  [TEST KEY: not a real card]" if obj["test_key"] else ""),
         f"  balance {obj['balance']}  (negative limit {obj['negative_limit']}, "
         f"stored value limit {obj['stored_value_limit']})",
-        f"  issued {obj['issued']}  deposit {obj['deposit']}  last add value {obj['last_add_value']}",
+        f"  issued {obj['issued']}  deposit {obj['deposit']}  "
+        f"last add value {obj['last_add_value']}"
+        + (f"  holder born {obj['birth_date']}" if obj["birth_date"] else ""),
         f"  concession {obj['concession']}"
         + (f" until {obj['concession_expiry']}" if obj["concession_expiry"] else "")
         + f"  fare class today {obj['fare_class']}",

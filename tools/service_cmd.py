@@ -75,6 +75,8 @@ def service() -> None:
 @click.option("--concession", type=click.Choice(list(_CONCESSIONS)), default="none",
               show_default=True, help="Personalised cards only")
 @click.option("--concession-expiry", type=DATE, help="last day a student concession is valid")
+@click.option("--birth-date", type=DATE,
+              help="the holder's date of birth (Personalised cards only): age rules follow it")
 @click.option("--aavs", type=POSITIVE_AMOUNT, help="AAVS reload amount: 150, 250, 500 or 1000")
 @reader_option
 @wait_option
@@ -82,8 +84,8 @@ def service() -> None:
 @state_option
 @config_option
 @json_option
-def issue(card_files, category, kind, concession, concession_expiry, aavs, reader_spec, wait_s,
-          at, state_dir, config_file, as_json) -> None:
+def issue(card_files, category, kind, concession, concession_expiry, birth_date, aavs,
+          reader_spec, wait_s, at, state_dir, config_file, as_json) -> None:
     """Issue new cards into the files CARD... (at most five), or the blank card held to
     --reader: deposit, initial value and, for a Personalised card, the HK$20 administrative fee
     are collected and journalled. Run again after a crash, a card this terminal already issued
@@ -96,7 +98,8 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
     config = settings(config_file, state_dir=state_dir)
     request = IssueRequest(issued=hk_date(at), kind=_KINDS[kind], category=_CATEGORIES[category],
                            concession=_CONCESSIONS[concession],
-                           concession_expiry=concession_expiry, aavs_reload_cents=aavs or 0)
+                           concession_expiry=concession_expiry, aavs_reload_cents=aavs or 0,
+                           birth_date=birth_date)
     cards = card_readers(wait_s=wait_s, again="present")
     with terminal(config) as term:
         try:
@@ -115,6 +118,7 @@ def issue(card_files, category, kind, concession, concession_expiry, aavs, reade
         "completed_at": card.completed_at and utc_iso(card.completed_at),
         "kind": card.identity.kind.label, "category": card.identity.category.label,
         "issued": card.identity.issued.isoformat(),
+        "birth_date": card.identity.birth_date and card.identity.birth_date.isoformat(),
         "deposit": fmt(card.charges.deposit_cents),
         "initial_value": fmt(card.charges.initial_value_cents),
         "fee": fmt(card.charges.fee_cents), "collected": fmt(card.charges.collected_cents),
@@ -171,7 +175,8 @@ def _emit_returns(results: list[dict], as_json: bool) -> None:
     results = [{k: v for k, v in r.items() if k != "_refund_cents"} for r in results]
     human = "\n".join(
         f"RETURNED card {r['card']}  deposit {r['deposit']} + value {r['remaining_value']} "
-        f"- handling {r['handling_fee']} - damage {r['damage_fee']} - personalisation "
+        + (f"- inactivity {r['inactivity_fee']} " if r["inactivity_fee"] != "0.00" else "")
+        + f"- handling {r['handling_fee']} - damage {r['damage_fee']} - personalisation "
         f"{r['personalisation_fee']} = refund {r['refund']}"
         + (f" (waived {r['waived']})" if r["waived"] != "0.00" else "")
         + (f"  (completes return {r['completed_from']}: nothing more was done)"
@@ -205,6 +210,7 @@ def _return_json(result: TapResult) -> dict:
         "refund": fmt(refund),
         "deposit": fmt(amounts.get(RecordType.DEPOSIT_REFUND, 0)),
         "remaining_value": fmt(result.balance_before_cents),
+        "inactivity_fee": fmt(amounts.get(RecordType.INACTIVITY_FEE, 0)),
         "handling_fee": fmt(amounts.get(RecordType.HANDLING_FEE, 0)),
         "damage_fee": fmt(amounts.get(RecordType.DAMAGE_FEE, 0)),
         "personalisation_fee": fmt(amounts.get(RecordType.PERSONALISATION_FEE, 0)),
@@ -276,18 +282,23 @@ def aavs(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, le
          torn_write, as_json, kind, decide, shape, "AAVS CANCELLED" if cancel else "AAVS SET")
 
 
-@_single_card_command("renew-student", "Renew a Personalised card's Student status until "
-                      "--expiry (inclusive).")
+@_single_card_command("renew-student", "Activate (a Personalised card without a status) or "
+                      "renew a Personalised card's Student status until --expiry (inclusive).")
 @click.option("--expiry", type=DATE, required=True, help="last day the status is valid")
 def renew_student(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist,
                   leave_after, torn_write, as_json, expiry) -> None:
+    seen = {}
+
     def decide(card, day):
+        seen["action"] = "renew" if card.purse.concession is Concession.STUDENT else "activate"
         return decide_renew_student(card.identity, card.purse, day, expiry)
 
     _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
          torn_write, as_json, "renew_student", decide,
-         lambda result: {"concession": "student", "concession_expiry": expiry.isoformat()},
-         "STUDENT STATUS RENEWED")
+         lambda result: {"action": seen.get("action"), "concession": "student",
+                         "concession_expiry": expiry.isoformat()},
+         lambda obj: ("STUDENT STATUS ACTIVATED" if obj["action"] == "activate"
+                      else "STUDENT STATUS RENEWED"))
 
 
 @_single_card_command("upgrade-limit", "Move a card issued before 2019-12-01 to the HK$3,000 "
@@ -377,6 +388,7 @@ def _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, le
     if result.completed_from:  # a change cut off earlier, completed now: reported, not redone
         extra += f"  (completes {kind.replace('_', ' ')} {result.completed_from}: nothing more " \
                  "was done)"
+    head = head(obj) if callable(head) else head
     output.emit(obj, as_json, f"{head}  card {obj['card']}  {extra}")
     state_notice(config)
 

@@ -21,7 +21,11 @@ from farebox.terminal.card.keys import SoftwareKeyStore
 from farebox.terminal.core.rules import (
     DEPOSIT_CENTS, INITIAL_VALUE_CENTS, negative_limit_cents, stored_value_limit_cents,
 )
+from farebox.terminal.core.service import aavs_age_refusal, student_age_refusal
 from farebox.terminal.errors import BadInput
+
+#: A birth date before this is refused as a typing error (docs/rules.md §2).
+BIRTH_DATE_EARLIEST = date(1900, 1, 1)
 
 #: FeliCa IDm: 2-byte manufacturer code, then the card's own 6 bytes.
 IDM_PREFIX = bytes.fromhex("012e")
@@ -42,6 +46,7 @@ class IssueRequest:
     balance_cents: int | None = None  # None: the rules' initial value
     aavs_reload_cents: int = 0
     last_add_value: date | None = None  # None: the issue date
+    birth_date: date | None = None  # the holder's (Personalised cards only)
 
 
 def issue_card_file(path: Path, request: IssueRequest, keys: SoftwareKeyStore, *,
@@ -105,11 +110,26 @@ def issue(request: IssueRequest, keys: SoftwareKeyStore,
     last_add_value = request.last_add_value or request.issued
     if last_add_value < request.issued:
         raise IssueError("last add value date is before the issue date")
+    if request.birth_date is not None:
+        if request.category is not Category.PERSONALISED:
+            raise IssueError("only a personalised card carries the holder's birth date")
+        if not BIRTH_DATE_EARLIEST <= request.birth_date <= request.issued:
+            raise IssueError(f"birth date {request.birth_date.isoformat()} is not between "
+                             f"{BIRTH_DATE_EARLIEST.isoformat()} and the issue date "
+                             f"({request.issued.isoformat()})")
 
     identity = Identity(
         card_number=number, kind=request.kind, category=request.category, issued=request.issued,
         deposit_cents=DEPOSIT_CENTS[request.kind], key_version=keys.issue_version,
+        birth_date=request.birth_date,
     )
+    refusal = None
+    if request.aavs_reload_cents:
+        refusal = aavs_age_refusal(identity, request.issued)
+    if refusal is None and request.concession is Concession.STUDENT:
+        refusal = student_age_refusal(identity, request.issued)
+    if refusal is not None:
+        raise IssueError(refusal)
     balance = request.balance_cents
     if balance is None:
         balance = INITIAL_VALUE_CENTS[request.category] if request.kind is Kind.ON_LOAN else 0

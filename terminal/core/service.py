@@ -15,11 +15,19 @@ Readings where the seeds leave a point open (docs/rules.md says which are the pr
   the reactivation date: the card has no other date for it); it deducts the inactivity fees due,
   never below zero, and records what it waives.
 * Inactivity fee (002 §19, §20): due on On-Loan Adult cards issued on or after 2017-10-01 and on
-  Mobile cards other than Elder ones. A Personalised card is exempt: the card carries no birth
-  date, so the terminal cannot show its holder is aged 18 to 59, and the Student and Disability
-  statuses are exempt anyway. Periods start three years after the later of the last add value and
-  the last payment (29 February + 3 years is 1 March: three whole years have passed), but never
-  before 2020-10-01, then every 12 months (same rule for the day of the month).
+  Mobile cards other than Elder ones. A Personalised card with Student or Disability status is
+  exempt; one without a birth date too (the terminal cannot show its holder is aged 18 to 59); one
+  with a birth date owes the periods that start while its holder is aged 18 to 59 (On-Loan: issued
+  from 2017-10-01, as the Adult card). Periods start three years after the later of the last add
+  value and the last payment (29 February + 3 years is 1 March: three whole years have passed),
+  but never before 2020-10-01, then every 12 months (same rule for the day of the month).
+* A return deducts the inactivity fees due exactly as a reactivation would (from the value, never
+  below zero, the rest waived), so a card is refunded the same whether or not it was reactivated
+  first.
+* Ages (002 §13(a), §19-20; 003 "Eligibility") are completed years on the Hong Kong day, from the
+  birth date a Personalised card carries; someone born on 29 February is a year older on 1 March
+  of a common year. A Child card stands for a holder below 12 (the age 002 §13(a) and 003 draw);
+  a card without a birth date shows no age otherwise.
 * AAVS: enabling it the first time is free; enabling it again on a card that had it (cancelled,
   or dropped at a return) costs HK$20, charged to the bank account (002 §18(e), 001): it is
   recorded for settlement, the card's balance does not change. Changing the amount while AAVS
@@ -63,6 +71,10 @@ INACTIVITY_FEE_CARDS_ISSUED_FROM = date(2017, 10, 1)
 INACTIVITY_FEE_PERIODS_FROM = date(2020, 10, 1)
 INACTIVITY_FEE_AFTER_YEARS = 3
 LIMIT_UPGRADE_FROM = date(2021, 4, 29)  # (001 ¶1)
+AAVS_MIN_AGE = 12  # AAVS "available to persons aged 12 or over" (002 §13(a))
+STUDENT_MIN_AGE = 12  # Student status: "any person between the ages of 12 and 25" (003)
+INACTIVITY_FEE_MIN_AGE = 18  # Personalised holders aged below 18 ... (002 §19-20)
+INACTIVITY_FEE_EXEMPT_AGE = 60  # ... or 60 and above are exempt
 
 
 class ServiceRefused(BadInput, ValueError):
@@ -166,6 +178,10 @@ class Refund:
     waived_cents: int  # what the fees exceeded the deposit and value by (the refund stops at 0)
     refund_cents: int
     handling_fee_reasons: tuple[str, ...] = ()
+    #: the inactivity fees due (002 §19), deducted from the value as a reactivation would ...
+    inactivity_fee_cents: int = 0
+    #: ... and what of them the value could not pay (waived: never taken from the deposit)
+    inactivity_fee_waived_cents: int = 0
 
 
 def handling_fee_reasons(identity: Identity, purse: Purse, returned: date) -> tuple[str, ...]:
@@ -184,8 +200,11 @@ def handling_fee_reasons(identity: Identity, purse: Purse, returned: date) -> tu
 
 def refund_breakdown(identity: Identity, purse: Purse, returned: date, *,
                      damaged: bool = False) -> Refund:
-    """docs/rules.md §8: deposit + remaining value, less the fees that apply. Raises
-    ServiceRefused for a card that cannot be returned here."""
+    """docs/rules.md §8: deposit + remaining value, less the fees that apply. An inactive card
+    first pays the inactivity fees due out of its value, exactly as :func:`decide_reactivate`
+    takes them (the rest waived), and the return's fees then follow the value that is left: the
+    refund is the same whether or not the card was reactivated first. Raises ServiceRefused
+    for a card that cannot be returned here."""
     if identity.kind is Kind.SOLD:
         raise ServiceRefused("a Sold card is not returned (it carries no deposit)")
     if identity.kind is Kind.MOBILE:
@@ -199,8 +218,11 @@ def refund_breakdown(identity: Identity, purse: Purse, returned: date, *,
                              "by the central office")
     if purse.status is Status.SUSPENDED:
         raise ServiceRefused("the card is suspended (AAVS): settle and reactivate it first")
-    value = purse.balance_cents
-    reasons = handling_fee_reasons(identity, purse, returned)
+    due = (inactivity_fees(identity, purse, returned).due_cents
+           if is_inactive(purse, returned) else 0)
+    inactivity = min(due, max(purse.balance_cents, 0))
+    value = purse.balance_cents - inactivity
+    reasons = handling_fee_reasons(identity, replace(purse, balance_cents=value), returned)
     handling = max(HANDLING_FEE_MIN_CENTS, round_percent(max(value, 0))) if reasons else 0
     damage = DAMAGE_FEE_CENTS if damaged else 0
     personalisation = (PERSONALISATION_FEE_CENTS
@@ -208,8 +230,8 @@ def refund_breakdown(identity: Identity, purse: Purse, returned: date, *,
                        and identity.issued >= PERSONALISATION_FEE_ISSUED_FROM else 0)
     refund = identity.deposit_cents + value - handling - damage - personalisation
     waived = max(0, -refund)
-    return Refund(identity.deposit_cents, value, handling, damage, personalisation,
-                  max(0, -value), waived, max(0, refund), reasons)
+    return Refund(identity.deposit_cents, purse.balance_cents, handling, damage, personalisation,
+                  max(0, -value), waived, max(0, refund), reasons, inactivity, due - inactivity)
 
 
 def decide_return(identity: Identity, purse: Purse, today: date, *,
@@ -217,8 +239,13 @@ def decide_return(identity: Identity, purse: Purse, today: date, *,
     """The card is cancelled (never usable again) with balance 0; the records say where the
     deposit and the value went."""
     refund = refund_breakdown(identity, purse, today, damaged=damaged)
-    value = purse.balance_cents
-    records = [Record(RecordType.DEPOSIT_REFUND, refund.deposit_cents, value)]
+    value = purse.balance_cents - refund.inactivity_fee_cents
+    records = []
+    if refund.inactivity_fee_cents:
+        records.append(Record(RecordType.INACTIVITY_FEE, refund.inactivity_fee_cents, value))
+    if refund.inactivity_fee_waived_cents:
+        records.append(Record(RecordType.WAIVED, refund.inactivity_fee_waived_cents, value))
+    records.append(Record(RecordType.DEPOSIT_REFUND, refund.deposit_cents, value))
     for record_type, cents in ((RecordType.HANDLING_FEE, refund.handling_fee_cents),
                                (RecordType.DAMAGE_FEE, refund.damage_fee_cents),
                                (RecordType.PERSONALISATION_FEE, refund.personalisation_fee_cents)):
@@ -277,8 +304,34 @@ def add_months(day: date, months: int) -> date:
         return date(year, month + 1, 1)
 
 
+def age_on(birth: date, day: date) -> int:
+    """Completed years from ``birth`` to ``day`` (a 29 February birthday counts on 1 March in a
+    common year, as :func:`add_years`); negative before the birth."""
+    years = day.year - birth.year
+    return years - 1 if add_years(birth, years) > day else years
+
+
+def holder_age(identity: Identity, day: date) -> int | None:
+    """The holder's age on ``day`` from the birth date the card carries, or None (no birth
+    date: the card shows no age)."""
+    return None if identity.birth_date is None else age_on(identity.birth_date, day)
+
+
+def _age_exemption(identity: Identity, day: date) -> str | None:
+    """The inactivity fee's age exemption for a Personalised holder on ``day`` (002 §19-20)."""
+    age = holder_age(identity, day)
+    if age is None:
+        return None
+    if age < INACTIVITY_FEE_MIN_AGE:
+        return "holder_under_18"
+    if age >= INACTIVITY_FEE_EXEMPT_AGE:
+        return "holder_60_or_over"
+    return None
+
+
 def inactivity_fee_exemption(identity: Identity, purse: Purse) -> str | None:
-    """Why a card never owes the fee (002 §19, §20; see the module's readings), or None."""
+    """Why a card never owes the fee (002 §19, §20; see the module's readings), or None. (A
+    Personalised holder's age exempts period by period: :func:`inactivity_fees`.)"""
     if identity.kind is Kind.SOLD:
         return "sold_card"
     if identity.category is Category.PERSONALISED:
@@ -286,7 +339,11 @@ def inactivity_fee_exemption(identity: Identity, purse: Purse) -> str | None:
             return "student_status"
         if purse.concession is Concession.DISABILITY:
             return "disability_status"
-        return "personalised"
+        if identity.birth_date is None:
+            return "personalised"  # no age on the card: not shown to be 18 to 59
+        if identity.kind is Kind.ON_LOAN and identity.issued < INACTIVITY_FEE_CARDS_ISSUED_FROM:
+            return "issued_before_2017_10_01"
+        return None
     if identity.kind is Kind.MOBILE:
         return "elder_card" if identity.category is Category.ELDER else None
     if identity.category is not Category.ADULT:
@@ -297,7 +354,9 @@ def inactivity_fee_exemption(identity: Identity, purse: Purse) -> str | None:
 
 
 def inactivity_fees(identity: Identity, purse: Purse, today: date) -> InactivityFees:
-    """docs/rules.md §6: the periods begun by ``today``, HK$15 each."""
+    """docs/rules.md §6: the periods begun by ``today``, HK$15 each. A Personalised holder owes
+    only the periods that start while aged 18 to 59; one who owes none of them and is outside
+    those ages today is exempt for that reason (``holder_under_18``, ``holder_60_or_over``)."""
     exempt = inactivity_fee_exemption(identity, purse)
     if exempt is not None:
         return InactivityFees((), exempt, None)
@@ -306,9 +365,12 @@ def inactivity_fees(identity: Identity, purse: Purse, today: date) -> Inactivity
     periods = []
     start, n = first, 0
     while start <= today:
-        periods.append(InactivePeriod(start, INACTIVITY_FEE_CENTS))
+        if _age_exemption(identity, start) is None:
+            periods.append(InactivePeriod(start, INACTIVITY_FEE_CENTS))
         n += 1
         start = add_months(first, 12 * n)
+    if not periods and _age_exemption(identity, today) is not None:
+        return InactivityFees((), _age_exemption(identity, today), None)
     return InactivityFees(tuple(periods), None, first)
 
 
@@ -358,6 +420,19 @@ def decide_reactivate(identity: Identity, purse: Purse,
 
 # ---- AAVS, student status, stored value limit -------------------------------------------------
 
+def aavs_age_refusal(identity: Identity, day: date) -> str | None:
+    """Why AAVS cannot be set up on this card on ``day`` (002 §13(a): persons aged 12 or over),
+    or None. A Child card stands for a holder below 12; a birth date on the card decides for a
+    Personalised one; any other card shows no age below 12. Cancelling is always allowed."""
+    if identity.category is Category.CHILD:
+        return "AAVS is for persons aged 12 or over (002 §13(a)): not on a Child card"
+    age = holder_age(identity, day)
+    if age is not None and age < AAVS_MIN_AGE:
+        return (f"AAVS is for persons aged 12 or over (002 §13(a)): the holder is {age} "
+                f"on {day.isoformat()}")
+    return None
+
+
 @dataclass(frozen=True)
 class AavsChange:
     action: str  # "enable", "change" or "cancel"
@@ -383,6 +458,9 @@ def decide_aavs(identity: Identity, purse: Purse, today: date,
         if amount_cents not in AAVS_RELOAD_CENTS:
             allowed = ", ".join(format_whole(c) for c in AAVS_RELOAD_CENTS)
             raise ServiceRefused(f"AAVS reload amount must be one of {allowed}")
+        refusal = aavs_age_refusal(identity, today)
+        if refusal is not None:
+            raise ServiceRefused(refusal)
         if purse.aavs_reload_cents == amount_cents:
             raise ServiceRefused("AAVS is already enabled with that amount")
         if purse.aavs_enabled:
@@ -397,18 +475,41 @@ def decide_aavs(identity: Identity, purse: Purse, today: date,
     return _service_decision(purse, new_purse, ServiceOp.AAVS, today, records), change
 
 
+def student_age_refusal(identity: Identity, day: date) -> str | None:
+    """Why Student status cannot be given to this holder on ``day`` (003 "Eligibility": aged 12
+    to 25), or None. Only the lower bound is the terminal's: the upper one counts at the time
+    of the application (003), which the card does not record and which may be long before."""
+    age = holder_age(identity, day)
+    if age is not None and age < STUDENT_MIN_AGE:
+        return (f"Student status is for students aged 12 or over (003): the holder is {age} "
+                f"on {day.isoformat()}")
+    return None
+
+
 def decide_renew_student(identity: Identity, purse: Purse, today: date,
                          expiry: date) -> Decision:
-    """A Personalised card's Student status, valid to ``expiry`` (inclusive, docs/rules.md §4)."""
+    """Activate or renew a Personalised card's Student status (003 "Activation/Renewal"),
+    valid to ``expiry`` (inclusive, docs/rules.md §4). A Personalised card without a concession
+    gets the status (activation); one with it gets the new expiry (renewal); a card with
+    Disability status or of another category is refused, and so is a holder the card shows to
+    be below 12."""
     check_issued_by(identity, today)
     _usable(purse, "renew its student status", suspended_ok=True)
-    if identity.category is not Category.PERSONALISED or purse.concession is not Concession.STUDENT:
-        raise ServiceRefused("only a Personalised card with Student status can renew it")
+    if identity.category is not Category.PERSONALISED:
+        raise ServiceRefused("only a Personalised card can have Student status "
+                             f"(this is a {identity.category.label} card)")
+    if purse.concession is Concession.DISABILITY:
+        raise ServiceRefused("the card carries Persons with Disabilities status: it cannot also "
+                             "have Student status")
+    refusal = student_age_refusal(identity, today)
+    if refusal is not None:
+        raise ServiceRefused(refusal)
     if expiry < today:
         raise ServiceRefused(f"expiry {expiry.isoformat()} is before today ({today.isoformat()})")
-    if purse.concession_expiry is not None and expiry == purse.concession_expiry:
+    if (purse.concession is Concession.STUDENT and purse.concession_expiry is not None
+            and expiry == purse.concession_expiry):
         raise ServiceRefused(f"the student status already runs to {expiry.isoformat()}")
-    new_purse = _next(purse, concession_expiry=expiry)
+    new_purse = _next(purse, concession=Concession.STUDENT, concession_expiry=expiry)
     return _service_decision(purse, new_purse, ServiceOp.RENEW_STUDENT, today,
                              (Record(RecordType.STUDENT_RENEWAL, 0, purse.balance_cents),))
 

@@ -63,7 +63,7 @@ days_ = st.dates(date(1990, 1, 2), date(2100, 12, 31))
 identities = st.builds(
     Identity, card_number=st.integers(0, 99_999_999), kind=st.sampled_from(Kind),
     category=st.sampled_from(Category), issued=days_, deposit_cents=st.integers(0, 2**32 - 1),
-    key_version=st.integers(0, 255))
+    key_version=st.integers(0, 255), birth_date=st.none() | st.dates())
 purses = st.builds(
     Purse, counter=st.integers(1, COUNTER_MAX), balance_cents=st.integers(-(2**31), 2**31 - 1),
     last_add_value=days_, last_auto_reload=st.none() | days_, last_payment=st.none() | days_,
@@ -134,6 +134,50 @@ def test_out_of_range_values_are_refused_when_encoding():
                         IDM, CARD_KEY)
     with pytest.raises(CardImageError):  # before the day epoch
         encode_purse(Purse(1, 0, date(1989, 12, 31)), 0, IDM, CARD_KEY, VERSION)
+
+
+# ---- the identity's format versions: the birth date ----------------------------------------
+
+def _sealed_identity(data: bytes) -> dict[int, bytes]:
+    """24 identity bytes made by hand, sealed with a good MAC (what some writer put there)."""
+    from farebox.cardimage.layout import AREA_IDENTITY
+    mac = area_mac(CARD_KEY, AREA_IDENTITY, data[1], IDM, IDENTITY_BLOCKS, data)
+    raw = data + mac
+    return {IDENTITY_BLOCKS[0]: raw[:16], IDENTITY_BLOCKS[1]: raw[16:]}
+
+
+# version, key version, card number, kind, category, issue day (2020-02-29 = 11016), deposit
+_HEAD = bytes.fromhex("07") + (12345678).to_bytes(4, "big") + bytes([1, 4]) + \
+    (11016).to_bytes(2, "big") + (5000).to_bytes(4, "big")
+
+
+def test_a_version_1_identity_written_before_birth_dates_existed_still_reads():
+    identity, _ = decode_identity(_sealed_identity(b"\x01" + _HEAD + bytes(10)), IDM, key_for)
+    assert identity == IDENTITY and identity.birth_date is None
+    assert identity.format_version == 1
+    assert encode_identity(IDENTITY, IDM, CARD_KEY) == _sealed_identity(b"\x01" + _HEAD
+                                                                        + bytes(10))
+
+
+def test_a_birth_date_is_written_as_version_2_year_month_day_and_only_then():
+    born = Identity(**{**IDENTITY.__dict__, "birth_date": date(1958, 2, 28)})
+    assert born.format_version == 2
+    data = b"\x02" + _HEAD + bytes.fromhex("07a6021c") + bytes(6)  # 1958 = 0x07a6
+    assert encode_identity(born, IDM, CARD_KEY) == _sealed_identity(data)
+    assert decode_identity(_sealed_identity(data), IDM, key_for)[0] == born
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x03" + _HEAD + bytes(10), "unknown image format version 3"),
+    (b"\x00" + _HEAD + bytes(10), "unknown image format version 0"),
+    (b"\x01" + _HEAD + bytes.fromhex("07a6021c") + bytes(6), "reserved bytes are not zero"),
+    (b"\x02" + _HEAD + bytes(10), "no birth date 00000000"),
+    (b"\x02" + _HEAD + bytes.fromhex("07a6021e") + bytes(6), "no birth date 07a6021e"),  # 30 Feb
+    (b"\x02" + _HEAD + bytes.fromhex("07a6021c") + bytes(5) + b"\x01", "malformed"),
+])
+def test_identities_no_version_describes_are_refused(data, message):
+    with pytest.raises(CardImageError, match=message):
+        decode_identity(_sealed_identity(data), IDM, key_for)
 
 
 # ---- MACs and bit flips --------------------------------------------------------------------

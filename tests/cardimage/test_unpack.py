@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from farebox.cardimage import schemas
 from farebox.cardimage.errors import CardImageError
 
-SCHEMAS = [schemas.Identity, schemas.Purse, schemas.LogEntry]
+#: the areas read through the struct layout (the identity is read by construct: its birth date's
+#: meaning hangs on its format version, which a flat layout has no context for)
+SCHEMAS = [schemas.Purse, schemas.LogEntry]
 
 
 def outcome(decode, schema, data):
@@ -52,8 +54,7 @@ def test_an_issued_cards_areas_unpack_as_they_parse(category):
     _, _, blocks = issue(IssueRequest(issued=date(2026, 1, 15), balance_cents=12_345,
                                       category=Category[category.upper()]),
                          published_test_keys(), new_idm())
-    areas = {schemas.Identity: (blocks[0] + blocks[1])[:24],
-             schemas.Purse: (blocks[2] + blocks[3])[:24], schemas.LogEntry: blocks[7][:8]}
+    areas = {schemas.Purse: (blocks[2] + blocks[3])[:24], schemas.LogEntry: blocks[7][:8]}
     for schema, data in areas.items():
         left = outcome(schemas.unpack, schema, data)
         assert left[0] == "fields" and left == outcome(schemas.parse, schema, data)

@@ -30,8 +30,8 @@ from farebox.terminal.store.journal import Journal
 from farebox.terminal.card.keys import published_test_keys
 from farebox.terminal.core.rules import RecordType, Tariff
 from farebox.terminal.core.service import (
-    ServiceRefused, add_months, add_years, check_issued_by, check_request_size, decide_aavs,
-    decide_reactivate,
+    ServiceRefused, add_months, add_years, age_on, check_issued_by, check_request_size,
+    decide_aavs, decide_reactivate,
     decide_renew_student, decide_return, decide_upgrade_limit, inactivity_fees, issue_charges,
     refund_breakdown, round_percent,
 )
@@ -47,9 +47,9 @@ HK = timezone(timedelta(hours=8))
 
 def card(kind=Kind.ON_LOAN, category=Category.ADULT, issued=date(2019, 1, 1), *,
          balance=10_000, payments=10, status=Status.ACTIVE, last_add_value=None,
-         last_payment=None, **purse_fields) -> tuple[Identity, Purse]:
+         last_payment=None, birth_date=None, **purse_fields) -> tuple[Identity, Purse]:
     deposit = {Kind.ON_LOAN: 5_000, Kind.SOLD: 0, Kind.MOBILE: 5_000}[kind]
-    identity = Identity(12345678, kind, category, issued, deposit, 1)
+    identity = Identity(12345678, kind, category, issued, deposit, 1, birth_date)
     purse = Purse(counter=7, balance_cents=balance, last_add_value=last_add_value or issued,
                   last_payment=last_payment, payment_count=payments, status=status,
                   **purse_fields)
@@ -87,7 +87,9 @@ def test_at_most_five_cards_in_one_request(count, ok):
 # ---- return: the handling fee's boundaries --------------------------------------------------
 
 # an Adult On-Loan card issued 2019-01-01, returned 2026-06-01 with ten payments: no fee applies
+# (value last added 2026-01-01: active, so it owes no inactivity fee either)
 RETURNED = date(2026, 6, 1)
+ADDED = date(2026, 1, 1)
 
 
 @pytest.mark.parametrize("balance, handling", [
@@ -99,7 +101,7 @@ RETURNED = date(2026, 6, 1)
     (300_000, 3_000),  # 1 % = 30.00
 ])
 def test_handling_fee_for_value_over_1000(balance, handling):
-    identity, purse = card(balance=balance)
+    identity, purse = card(balance=balance, last_add_value=ADDED)
     refund = refund_breakdown(identity, purse, RETURNED)
     assert refund.handling_fee_cents == handling
     assert refund.refund_cents == 5_000 + balance - handling
@@ -147,7 +149,7 @@ def test_personalisation_fee_for_cards_issued_from_2004_11_01(issued, fee):
 
 @pytest.mark.parametrize("damaged, fee", [(False, 0), (True, 3_000)])
 def test_damage_fee(damaged, fee):
-    identity, purse = card()
+    identity, purse = card(last_add_value=ADDED)
     refund = refund_breakdown(identity, purse, RETURNED, damaged=damaged)
     assert refund.damage_fee_cents == fee and refund.refund_cents == 15_000 - fee
 
@@ -161,7 +163,7 @@ def test_damage_fee(damaged, fee):
 ])
 def test_negative_value_is_set_off_against_the_deposit_and_the_refund_stops_at_zero(
         balance, handling, damaged, refund, offset, waived):
-    identity, purse = card(balance=balance, payments=5 if handling else 6)
+    identity, purse = card(balance=balance, payments=5 if handling else 6, last_add_value=ADDED)
     result = refund_breakdown(identity, purse, RETURNED, damaged=damaged)
     assert (result.handling_fee_cents, result.refund_cents, result.negative_offset_cents,
             result.waived_cents) == (handling, refund, offset, waived)
@@ -205,7 +207,8 @@ def test_the_one_issue_date_check(day, what, when, message):
 
 
 def test_a_return_cancels_the_card_empties_it_and_records_each_movement():
-    identity, purse = card(balance=-1_000, payments=3, aavs_reload_cents=25_000)
+    identity, purse = card(balance=-1_000, payments=3, aavs_reload_cents=25_000,
+                           last_add_value=ADDED)
     decision, refund = decide_return(identity, purse, RETURNED, damaged=True)
     assert decision.new_purse.status is Status.CANCELLED
     assert decision.new_purse.balance_cents == 0 and decision.new_purse.counter == 8
@@ -392,6 +395,124 @@ def test_aavs_changes_that_make_no_sense_are_refused(fields, amount, message):
     identity, purse = card(issued=date(2026, 1, 1), **fields)
     with pytest.raises(ServiceRefused, match=message):
         decide_aavs(identity, purse, date(2026, 2, 1), amount)
+
+
+@pytest.mark.parametrize("birth, day, age", [
+    (date(2000, 2, 29), date(2012, 2, 28), 11), (date(2000, 2, 29), date(2012, 2, 29), 12),
+    (date(2000, 2, 29), date(2013, 2, 28), 12), (date(2000, 2, 29), date(2013, 3, 1), 13),
+    (date(1960, 12, 31), date(2020, 12, 30), 59), (date(1960, 12, 31), date(2020, 12, 31), 60),
+])
+def test_age_on_a_day(birth, day, age):
+    assert age_on(birth, day) == age
+
+
+# a Personalised On-Loan card issued 2018-01-01, last value added then: periods from 2021-01-01
+@pytest.mark.parametrize("birth, kind, concession, exempt, periods", [
+    (None, Kind.ON_LOAN, Concession.NONE, "personalised", []),
+    (date(1990, 6, 1), Kind.ON_LOAN, Concession.NONE, None,
+     ["2021-01-01", "2022-01-01", "2023-01-01"]),
+    (date(1990, 6, 1), Kind.ON_LOAN, Concession.STUDENT, "student_status", []),
+    (date(1990, 6, 1), Kind.ON_LOAN, Concession.DISABILITY, "disability_status", []),
+    (date(2010, 1, 1), Kind.ON_LOAN, Concession.NONE, "holder_under_18", []),
+    (date(1950, 1, 1), Kind.ON_LOAN, Concession.NONE, "holder_60_or_over", []),
+    (date(2004, 1, 1), Kind.ON_LOAN, Concession.NONE, None, ["2022-01-01", "2023-01-01"]),
+    (date(2004, 1, 2), Kind.ON_LOAN, Concession.NONE, None, ["2023-01-01"]),  # 18 on 2022-01-02
+    (date(1962, 1, 1), Kind.ON_LOAN, Concession.NONE, None, ["2021-01-01"]),  # 60 on 2022-01-01
+    (date(1962, 1, 2), Kind.ON_LOAN, Concession.NONE, None, ["2021-01-01", "2022-01-01"]),
+    (date(1990, 6, 1), Kind.MOBILE, Concession.NONE, None,
+     ["2021-01-01", "2022-01-01", "2023-01-01"]),
+])
+def test_a_personalised_card_s_inactivity_fee_follows_the_holder_s_age(
+        birth, kind, concession, exempt, periods):
+    identity, purse = card(kind, Category.PERSONALISED, date(2018, 1, 1), birth_date=birth,
+                           concession=concession)
+    fees = inactivity_fees(identity, purse, date(2023, 6, 1))
+    assert fees.exempt == exempt
+    assert [p.start.isoformat() for p in fees.periods] == periods
+    assert fees.due_cents == 1_500 * len(periods)
+
+
+def test_a_personalised_card_issued_before_2017_10_01_is_exempt_even_with_a_birth_date():
+    identity, purse = card(category=Category.PERSONALISED, issued=date(2017, 9, 30),
+                           birth_date=date(1990, 1, 1))
+    assert inactivity_fees(identity, purse, date(2023, 6, 1)).exempt == "issued_before_2017_10_01"
+
+
+def test_a_return_deducts_the_inactivity_fee_as_a_reactivation_does():
+    """Issue 19: HK$100.00 on an Adult card issued 2018-01-01 that made three payments, returned
+    2021-06-01 (one period, HK$15): 50 + 100 - 15 - 11 = 124.00, reactivated first or not."""
+    identity, purse = card(issued=date(2018, 1, 1), balance=10_000, payments=3)
+    decision, refund = decide_return(identity, purse, date(2021, 6, 1))
+    assert (refund.inactivity_fee_cents, refund.handling_fee_cents, refund.refund_cents) == (
+        1_500, 1_100, 12_400)
+    assert [(r.type.value, r.amount_cents, r.balance_after_cents) for r in decision.records] == [
+        ("inactivity_fee", 1_500, 8_500), ("deposit_refund", 5_000, 8_500),
+        ("handling_fee", 1_100, 8_500), ("refund", 12_400, 0), ("cancel", 0, 0)]
+    reactivated, _ = decide_reactivate(identity, purse, date(2021, 6, 1))
+    assert refund_breakdown(identity, reactivated.new_purse,
+                            date(2021, 6, 1)).refund_cents == 12_400
+
+
+def test_a_return_waives_inactivity_fees_beyond_the_value_never_taking_the_deposit():
+    identity, purse = card(issued=date(2018, 1, 1), balance=2_000)  # owes 3 x 15 by 2023-06-01
+    decision, refund = decide_return(identity, purse, date(2023, 6, 1))
+    assert (refund.inactivity_fee_cents, refund.inactivity_fee_waived_cents,
+            refund.refund_cents) == (2_000, 2_500, 5_000)
+    assert [(r.type.value, r.amount_cents) for r in decision.records][:3] == [
+        ("inactivity_fee", 2_000), ("waived", 2_500), ("deposit_refund", 5_000)]
+
+
+# ---- AAVS and the holder's age (002 §13(a)) --------------------------------------------------
+
+@pytest.mark.parametrize("category, birth, ok", [
+    (Category.ADULT, None, True), (Category.ELDER, None, True), (Category.CHILD, None, False),
+    (Category.PERSONALISED, None, True),
+    (Category.PERSONALISED, date(2014, 2, 2), False),  # 11 on 2026-02-01
+    (Category.PERSONALISED, date(2014, 2, 1), True),  # 12 that day
+])
+def test_aavs_is_for_persons_aged_12_or_over(category, birth, ok):
+    identity, purse = card(category=category, issued=date(2026, 1, 1), birth_date=birth)
+    if ok:
+        assert decide_aavs(identity, purse, date(2026, 2, 1), 25_000)[1].action == "enable"
+        return
+    with pytest.raises(ServiceRefused, match=r"aged 12 or over \(002 §13\(a\)\)"):
+        decide_aavs(identity, purse, date(2026, 2, 1), 25_000)
+    with_aavs = replace(purse, aavs_reload_cents=15_000, aavs_ever_enabled=True)
+    with pytest.raises(ServiceRefused, match="aged 12 or over"):  # nor a change of amount
+        decide_aavs(identity, with_aavs, date(2026, 2, 1), 25_000)
+    cancel = decide_aavs(identity, with_aavs, date(2026, 2, 1), None)  # cancelling is allowed
+    assert cancel[0].new_purse.aavs_reload_cents == 0
+
+
+# ---- Student status: activation and renewal (003) --------------------------------------------
+
+def test_student_status_is_activated_on_a_personalised_card_without_a_status():
+    identity, purse = card(category=Category.PERSONALISED)
+    decision = decide_renew_student(identity, purse, date(2026, 8, 1), date(2027, 10, 31))
+    assert (decision.new_purse.concession, decision.new_purse.concession_expiry) == (
+        Concession.STUDENT, date(2027, 10, 31))
+    assert decision.log_entry.operation is ServiceOp.RENEW_STUDENT
+    assert [r.type for r in decision.records] == [RecordType.STUDENT_RENEWAL]
+    assert decision.new_purse.balance_cents == purse.balance_cents  # 003's fee is not the card's
+
+
+@pytest.mark.parametrize("category, concession, birth, message", [
+    (Category.ADULT, Concession.NONE, None, "only a Personalised card"),
+    (Category.CHILD, Concession.NONE, None, "only a Personalised card"),
+    (Category.PERSONALISED, Concession.DISABILITY, None, "Disabilities"),
+    (Category.PERSONALISED, Concession.NONE, date(2014, 8, 2), "the holder is 11"),
+])
+def test_student_status_is_refused_where_003_does_not_give_it(category, concession, birth,
+                                                               message):
+    identity, purse = card(category=category, concession=concession, birth_date=birth)
+    with pytest.raises(ServiceRefused, match=message):
+        decide_renew_student(identity, purse, date(2026, 8, 1), date(2027, 10, 31))
+
+
+def test_student_status_from_the_12th_birthday():
+    identity, purse = card(category=Category.PERSONALISED, birth_date=date(2014, 8, 1))
+    decision = decide_renew_student(identity, purse, date(2026, 8, 1), date(2027, 10, 31))
+    assert decision.new_purse.concession is Concession.STUDENT
 
 
 def test_student_status_renewal():
@@ -626,7 +747,10 @@ def cards(draw):
     last_payment = draw(st.none() | st.integers(0, 3000).map(lambda n: issued + timedelta(n)))
     concession = (draw(st.sampled_from(Concession)) if category is Category.PERSONALISED
                   else Concession.NONE)
+    birth_date = (draw(st.none() | st.dates(date(1930, 1, 1), issued))
+                  if category is Category.PERSONALISED else None)
     identity, purse = card(kind, category, issued, balance=draw(st.integers(-5_000, 300_000)),
+                           birth_date=birth_date,
                            payments=draw(st.integers(0, 20)), last_add_value=last_add_value,
                            last_payment=last_payment, concession=concession)
     today = max(last_add_value, last_payment or issued) + timedelta(
@@ -642,7 +766,8 @@ def test_a_refund_never_goes_below_zero_and_accounts_for_every_cent(case, damage
     except ServiceRefused:
         assert identity.kind is not Kind.ON_LOAN
         return
-    fees = refund.handling_fee_cents + refund.damage_fee_cents + refund.personalisation_fee_cents
+    fees = (refund.handling_fee_cents + refund.damage_fee_cents + refund.personalisation_fee_cents
+            + refund.inactivity_fee_cents)
     assert refund.refund_cents >= 0 and refund.waived_cents >= 0
     assert refund.refund_cents - refund.waived_cents == 5_000 + purse.balance_cents - fees
     assert refund.refund_cents == 0 or refund.waived_cents == 0
@@ -651,7 +776,8 @@ def test_a_refund_never_goes_below_zero_and_accounts_for_every_cent(case, damage
     if refund.handling_fee_cents:
         assert refund.handling_fee_cents >= 1_100
         # at least 1 % of the value, to the nearest cent (so within half a cent below it)
-        assert refund.handling_fee_cents * 100 >= purse.balance_cents - 50
+        assert (refund.handling_fee_cents * 100
+                >= purse.balance_cents - refund.inactivity_fee_cents - 50)
 
 
 @given(cards())
@@ -665,9 +791,11 @@ def test_inactivity_periods_are_12_months_apart_from_the_first_and_none_is_in_th
     assert fees.first_period >= add_years(max(purse.last_add_value,
                                               purse.last_payment or purse.last_add_value), 3)
     starts = [p.start for p in fees.periods]
-    assert starts == [add_months(fees.first_period, 12 * n) for n in range(len(starts))]
-    assert all(start <= today for start in starts)
-    assert add_months(fees.first_period, 12 * len(starts)) > today
+    every = []  # every period begun by today; the holder's age keeps those aged 18 to 59
+    while add_months(fees.first_period, 12 * len(every)) <= today:
+        every.append(add_months(fees.first_period, 12 * len(every)))
+    born = identity.birth_date
+    assert starts == [s for s in every if born is None or 18 <= age_on(born, s) < 60]
     assert fees.due_cents == 1_500 * len(starts)
 
 
@@ -684,3 +812,28 @@ def test_reactivation_never_takes_the_balance_below_zero_or_makes_a_negative_one
     assert after >= min(purse.balance_cents, 0)
     assert outcome.inactivity_fee_cents + outcome.waived_cents == outcome.fees.due_cents
     assert decision.new_purse.last_add_value == today
+
+
+@given(cards())
+def test_a_return_refunds_the_same_whether_or_not_the_card_was_reactivated_first(case):
+    """002 §19: the inactivity fee is owed either way; the return takes it as the
+    reactivation would (issue 19: 139.00 against 124.00 for the same card before)."""
+    identity, purse, today = case
+    try:
+        direct = refund_breakdown(identity, purse, today)
+        decision, outcome = decide_reactivate(identity, purse, today)
+    except ServiceRefused:
+        return  # not returnable here, or active (nothing to reactivate)
+    after = refund_breakdown(identity, decision.new_purse, today)
+    assert direct.refund_cents == after.refund_cents
+    assert direct.waived_cents == after.waived_cents
+    assert direct.inactivity_fee_cents == outcome.inactivity_fee_cents
+    assert direct.inactivity_fee_waived_cents == outcome.waived_cents
+    assert after.inactivity_fee_cents == 0
+
+
+@given(st.dates(date(1900, 1, 1), date(2100, 12, 31)), st.integers(0, 120))
+def test_an_age_counts_completed_years(birth, years):
+    birthday = add_years(birth, years)
+    assert age_on(birth, birthday) == years
+    assert age_on(birth, birthday - timedelta(days=1)) == years - 1

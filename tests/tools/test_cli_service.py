@@ -463,3 +463,155 @@ def test_issue_onto_a_blank_card_over_nfcpy_udp(farebox, served):
     present("--category", "adult", "--at", at(date(2026, 1, 17))).assert_bad_input()
     assert [(r.type.value, r.amount_cents) for r in journal_records(farebox)][:2] == [
         ("deposit", 5_000), ("initial_value", 5_000)]
+
+
+# ---- issue 19 item 4: the student scheme, AAVS and the holder's age, the inactivity fee -------
+
+def test_student_status_is_activated_on_a_personalised_card_then_renewed(farebox):
+    """003 "Activation/Renewal": a Personalised card without a status gets Student status."""
+    card = farebox.card("p.json", issued="2026-01-15", category="personalised")
+    assert farebox.show(card)["concession"] == "none"
+    run = farebox("service", "renew-student", card, "--expiry", "2026-10-31", "--at",
+                  at(date(2026, 8, 1)), "--state", farebox.state)
+    assert run.code == 0 and run.out.startswith("STUDENT STATUS ACTIVATED"), run.err
+    shown = farebox.show(card)
+    assert (shown["concession"], shown["concession_expiry"], shown["balance"]) == (
+        "student", "2026-10-31", "130.00")
+    fare = farebox.tap(card, "--fares", "adult=5.00,student=2.50",
+                       at=at(date(2026, 8, 2))).json()
+    assert (fare["fare_class"], fare["amount"]) == ("student", "2.50")
+    renewed = farebox("service", "renew-student", card, "--expiry", "2027-10-31", "--at",
+                      at(date(2026, 8, 3)), "--state", farebox.state, "--json").json()
+    assert (renewed["action"], renewed["concession_expiry"]) == ("renew", "2027-10-31")
+    assert [r.type.value for r in journal_records(farebox)] == [
+        "student_renewal", "payment", "student_renewal"]
+
+
+@pytest.mark.parametrize("options", [
+    {"category": "adult"},  # not Personalised
+    {"category": "personalised", "concession": "disability"},
+    {"category": "personalised", "birth_date": "2014-08-02"},  # 11 on 2026-08-01
+])
+def test_student_status_is_refused_where_003_does_not_give_it(farebox, options):
+    card = farebox.card("x.json", issued="2026-01-15", **options)
+    before = card.read_bytes()
+    farebox("service", "renew-student", card, "--expiry", "2026-10-31", "--at",
+            at(date(2026, 8, 1)), "--state", farebox.state).assert_bad_input()
+    assert card.read_bytes() == before and journal_records(farebox) == []
+
+
+def test_aavs_is_refused_on_a_child_card_and_for_a_holder_under_12(farebox):
+    """002 §13(a): AAVS is available to persons aged 12 or over."""
+    child = farebox.card("child.json", issued="2026-01-15", category="child")
+    young = farebox.card("young.json", issued="2026-01-15", category="personalised",
+                         birth_date="2014-02-02")  # 11 on 2026-02-01, 12 on 2026-02-02
+    for card in (child, young):
+        before = card.read_bytes()
+        run = farebox("service", "aavs", card, "--amount", "250", "--at", at(date(2026, 2, 1)),
+                      "--state", farebox.state)
+        run.assert_bad_input()
+        assert "aged 12 or over (002 §13(a))" in run.err
+        assert card.read_bytes() == before
+    ok = farebox("service", "aavs", young, "--amount", "250", "--at", at(date(2026, 2, 2)),
+                 "--state", farebox.state, "--json").json()
+    assert ok["aavs"] == "250.00"
+    new = farebox.path("new-child.json")
+    farebox("service", "issue", new, "--category", "child", "--aavs", "150", "--at",
+            at(date(2026, 2, 3)), "--state", farebox.state).assert_bad_input()
+    assert not new.exists()
+
+
+def test_a_return_owing_the_inactivity_fee_refunds_the_same_reactivated_first_or_not(farebox):
+    """002 §19: HK$100.00 on an Adult card issued 2018-01-01, never used since, returned
+    2021-06-01: one inactive period (HK$15) and five or fewer payments (HK$11): 50 + 85 - 11."""
+    direct = farebox.card("direct.json", issued="2018-01-01", balance="100.00")
+    first = farebox.card("first.json", issued="2018-01-01", balance="100.00")
+    result = one_return(farebox, direct, at(date(2021, 6, 1)))
+    assert (result["remaining_value"], result["inactivity_fee"], result["handling_fee"],
+            result["refund"]) == ("100.00", "15.00", "11.00", "124.00")
+    assert "inactivity_fee" in [r["type"] for r in result["records"]]
+    farebox("service", "reactivate", first, "--at", at(date(2021, 6, 1), "10:01:00"),
+            "--state", farebox.state, "--json").json()
+    after = one_return(farebox, first, at(date(2021, 6, 1), "10:02:00"))
+    assert (after["inactivity_fee"], after["refund"]) == ("0.00", "124.00")
+
+
+def test_a_personalised_card_carries_the_holder_s_birth_date_and_the_fee_follows_it(farebox):
+    card = farebox.path("born.json")
+    issued = farebox("service", "issue", card, "--category", "personalised", "--birth-date",
+                     "1990-06-01", "--at", at(date(2018, 1, 1)), "--state", farebox.state,
+                     "--json").json()
+    assert issued["cards"][0]["birth_date"] == "1990-06-01"
+    assert issued["collected"] == "200.00"  # 002's charges: unchanged by the birth date
+    assert farebox.show(card)["birth_date"] == "1990-06-01"
+    assert "holder born 1990-06-01" in farebox("card", "show", card).out
+    fee = farebox("service", "inactivity-fee", card, "--at", at(date(2023, 6, 1)),
+                  "--json").json()
+    assert (fee["exempt"], fee["due"]) == (None, "45.00")  # aged 30 to 33: owes, as an Adult
+    elder = farebox.card("elder.json", issued="2018-01-01", category="personalised",
+                         birth_date="1950-01-01")
+    minor = farebox.card("minor.json", issued="2018-01-01", category="personalised",
+                         birth_date="2010-01-01")
+    unknown = farebox.card("unknown.json", issued="2018-01-01", category="personalised")
+    for holder, exempt in ((elder, "holder_60_or_over"), (minor, "holder_under_18"),
+                           (unknown, "personalised")):
+        fee = farebox("service", "inactivity-fee", holder, "--at", at(date(2023, 6, 1)),
+                      "--json").json()
+        assert (fee["exempt"], fee["due"]) == (exempt, "0.00")
+    assert farebox.show(unknown)["birth_date"] is None
+
+
+@pytest.mark.parametrize("argv", [
+    ["--category", "adult", "--birth-date", "1990-01-01"],  # Personalised cards only
+    ["--category", "personalised", "--birth-date", "2026-01-16"],  # after the issue date
+    ["--category", "personalised", "--birth-date", "1899-12-31"],
+    ["--category", "personalised", "--birth-date", "2020-01-01", "--aavs", "150"],  # aged 6
+    ["--category", "personalised", "--birth-date", "2020-01-01", "--concession", "student",
+     "--concession-expiry", "2026-10-31"],
+])
+def test_issue_refuses_a_birth_date_the_rules_cannot_accept(farebox, argv):
+    card = farebox.path("x.json")
+    farebox("service", "issue", card, *argv, "--at", at(date(2026, 1, 15)), "--state",
+            farebox.state).assert_bad_input()
+    assert not card.exists() and journal_records(farebox) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_new_service_records_settle_to_the_clearing_house(farebox, tmp_path, request,
+                                                               backend):
+    """A return that deducts the inactivity fee and a Student status activation ride in batches
+    over real HTTP into the clearing store (SQLite, PostgreSQL): the report's sums are the
+    card movements, to the cent."""
+    from .test_clearing_http import start_receiver, trusting
+
+    db = (str(tmp_path / "clearing.sqlite3") if backend == "sqlite"
+          else request.getfixturevalue("pg_url"))
+    made = farebox("terminal", "init", "--state", farebox.state, "--id", "T-0019",
+                   "--json").json()
+    idle = farebox.card("idle.json", issued="2018-01-01", balance="100.00")
+    student = farebox.card("student.json", issued="2021-01-01", category="personalised",
+                           birth_date="2005-03-01")
+    returned_ = one_return(farebox, idle, at(date(2021, 6, 1)))
+    assert returned_["refund"] == "124.00"
+    farebox("service", "renew-student", student, "--expiry", "2021-10-31", "--at",
+            at(date(2021, 6, 1), "10:05:00"), "--state", farebox.state, "--json").json()
+    farebox("batch", "close", "--state", farebox.state, "--json").json()
+    with start_receiver(db) as url:
+        farebox("clearing", "enroll", "--db", db, "--terminal", "T-0019", "--pubkey",
+                made["public_key"], "--json").json()
+        config = trusting(farebox, db, url)
+        sent = farebox("upload", "--state", farebox.state, "--config", config, "--json").json()
+        assert sent["pending"] == 0 and sent["acknowledged"]
+    totals = farebox("clearing", "report", "--db", db, "--json").json()["totals"]["committed"]
+    assert totals["inactivity_fee"] == {"count": 1, "amount": "15.00"}
+    assert totals["handling_fee"] == {"count": 1, "amount": "11.00"}
+    assert totals["deposit_refund"] == {"count": 1, "amount": "50.00"}
+    assert totals["refund"] == {"count": 1, "amount": "124.00"}
+    assert totals["student_renewal"] == {"count": 1, "amount": "0.00"}
+
+    def cents(kind):
+        return int(totals[kind]["amount"].replace(".", ""))
+
+    # the card's 100.00 = the fee kept + the value paid out + the handling fee kept from it
+    assert cents("inactivity_fee") + cents("refund") - cents("deposit_refund") \
+        + cents("handling_fee") == 10_000
