@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from farebox.clearing.errors import ClearingError
 
 #: the ids of the migrations this code knows, in order: version N is the N-th
-MIGRATIONS = ("0001-schema-v1", "0002-schema-v2")
+MIGRATIONS = ("0001-schema-v1", "0002-schema-v2", "0003-backoffice")
 HEAD = len(MIGRATIONS)
 #: yoyo's bookkeeping table (yoyo.migrations.default_migration_table)
 _BOOKKEEPING = "_yoyo_migration"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import re
 import sys
@@ -21,6 +24,34 @@ def _store(db: str):
         return Store(db)
     except StoreError as error:
         raise InputError(str(error)) from None
+
+
+@contextlib.contextmanager
+def _office_errors():
+    """A back-office request refused (OfficeError): exit 2, one line, nothing changed."""
+    from farebox.clearing.office import OfficeError
+
+    try:
+        yield
+    except OfficeError as error:
+        raise InputError(str(error)) from None
+
+
+def _time_option(help_text: str):
+    return click.option("--at", "at", default=None, metavar="TIME",
+                        help=f"{help_text} (ISO 8601 with offset) [default: now]")
+
+
+def _when(at: str | None):
+    from farebox.terminal.core.clock import now_utc
+    from farebox.terminal.link.actionlist import parse_time
+
+    if at is None:
+        return now_utc()
+    try:
+        return parse_time(at)
+    except ValueError as error:
+        raise InputError(f"--at: {error}") from None
 
 
 @click.group()
@@ -92,9 +123,12 @@ def serve(db, host, port, tls_cert, tls_key, workers, max_uploads, upload_buffer
 @click.option("--terminal", "terminal_id", required=True, metavar="ID")
 @click.option("--pubkey", required=True, metavar="HEX",
               help="the terminal's Ed25519 public key (`farebox terminal init` prints it)")
+@click.option("--provider", default=None, metavar="NAME",
+              help="the service provider the terminal takes taps for (`clearing provider add`)")
 @json_option
-def enroll(db, terminal_id, pubkey, as_json) -> None:
-    """Enroll a terminal's public key (refused if that terminal is enrolled already)."""
+def enroll(db, terminal_id, pubkey, provider, as_json) -> None:
+    """Enroll a terminal's public key (refused if that terminal is enrolled already), under a
+    service provider with --provider (fixed from then on)."""
     from farebox.terminal.core.clock import now_utc, utc_iso
     from farebox.terminal.store.identity import IdentityError, check_terminal_id
 
@@ -104,11 +138,15 @@ def enroll(db, terminal_id, pubkey, as_json) -> None:
         raise InputError(str(error)) from None
     if not re.fullmatch(r"[0-9a-fA-F]{64}", pubkey):
         raise InputError("--pubkey: expected 64 hex digits (an Ed25519 public key)")
-    with _store(db) as store:
-        if not store.enroll(terminal_id, pubkey.lower(), utc_iso(now_utc())):
-            raise InputError(f"terminal {terminal_id} is enrolled already")
-    output.emit({"terminal_id": terminal_id, "public_key": pubkey.lower()}, as_json,
-                f"enrolled terminal {terminal_id}")
+    from farebox.clearing import office
+
+    with _store(db) as store, _office_errors():
+        office.enroll(store, terminal_id, pubkey.lower(), utc_iso(now_utc()), provider)
+    obj = {"terminal_id": terminal_id, "public_key": pubkey.lower()}
+    if provider is not None:
+        obj["provider"] = provider
+    output.emit(obj, as_json, f"enrolled terminal {terminal_id}"
+                + (f" under {provider}" if provider is not None else ""))
 
 
 @clearing.command("report")
@@ -228,3 +266,243 @@ def maintain(db, retention_days, ahead_days, as_json) -> None:
                 f"{done['engine']}: records kept from {done['kept_from']}; partitions made "
                 f"{len(done['created'])} (rows moved {done['moved']}), dropped "
                 f"{len(done['dropped'])}; rows deleted {done['deleted']}")
+
+
+# -- the back office (farebox.clearing.office; docs/clearing.md "Back office") -----------------
+
+
+@clearing.group("provider")
+def provider_group() -> None:
+    """Service providers: the operators whose terminals take the taps."""
+
+
+@provider_group.command("add")
+@click.option("--db", required=True, help=DB_HELP)
+@click.argument("name")
+@json_option
+def provider_add(db, name, as_json) -> None:
+    """Add a service provider (terminals are enrolled under it with `clearing enroll
+    --provider`)."""
+    from farebox.clearing import office
+    from farebox.terminal.core.clock import now_utc, utc_iso
+
+    with _store(db) as store, _office_errors():
+        office.add_provider(store, name, utc_iso(now_utc()))
+    output.emit({"provider": name}, as_json, f"added provider {name}")
+
+
+@provider_group.command("list")
+@click.option("--db", required=True, help=DB_HELP)
+@json_option
+def provider_list(db, as_json) -> None:
+    """Every service provider and its terminals."""
+    from farebox.clearing import office
+
+    with _store(db) as store:
+        found = office.providers(store)
+    output.emit({"providers": found}, as_json, "\n".join(
+        f"{p['provider']}: {', '.join(p['terminals']) or 'no terminals'}" for p in found)
+        or "no providers")
+
+
+#: the CSV statement's columns after the provider's name (amounts as money text)
+STATEMENT_CSV = ("payments", "cash_add_values", "aavs_add_values", "deposits", "initial_values",
+                 "fees", "refunds")
+
+
+@clearing.command("statement")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--day", "day", type=click.DateTime(["%Y-%m-%d"]), required=True, metavar="DAY",
+              help="the Hong Kong business day (YYYY-MM-DD, 00:00-24:00 UTC+08:00)")
+@click.option("--provider", default=None, metavar="NAME", help="this provider's line only")
+@click.option("--csv", "as_csv", is_flag=True, help="print CSV: a line per provider, then TOTAL")
+@json_option
+def statement(db, day, provider, as_csv, as_json) -> None:
+    """The daily settlement statement: per service provider, the day's settled payments, cash
+    and AAVS add values, issue cash, fees and refunds (count and amount), netted into what is
+    owed to the provider (negative: owed by it); TOTAL is every provider netted."""
+    from farebox.clearing import office
+
+    if as_csv and as_json:
+        raise InputError("--csv and --json exclude each other")
+    with _store(db) as store, _office_errors():
+        obj = office.statement(store, day.date(), provider)
+    lines = [*obj["providers"], {**obj["total"], "provider": "TOTAL"}]
+    if as_csv:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        header = ["day", "provider", "terminals"]
+        for column in STATEMENT_CSV:
+            header += [f"{column}_count", column]
+        writer.writerow([*header, "cash_fees", "net", "open_records"])
+        for line in lines:
+            row = [obj["day"], line["provider"] or "(none)", len(line["terminals"])]
+            for column in STATEMENT_CSV:
+                row += [line[column]["count"], line[column]["amount"]]
+            writer.writerow([*row, line["cash_fees"], line["net"], line["open_records"]])
+        output.emit({}, False, buffer.getvalue().rstrip("\n"))
+        return
+    human = [f"statement of {obj['day']} (Hong Kong), {obj['from_utc']} to {obj['to_utc']}"]
+    for line in lines:
+        human.append(f"{line['provider'] or '(none)'}: payments {line['payments']['amount']}, "
+                     f"cash add values {line['cash_add_values']['amount']}, AAVS "
+                     f"{line['aavs_add_values']['amount']}, fees {line['fees']['amount']}, "
+                     f"refunds {line['refunds']['amount']}; net {line['net']}"
+                     + (f" ({line['open_records']} open)" if line["open_records"] else ""))
+    output.emit(obj, as_json, "\n".join(human))
+
+
+@clearing.group("lost")
+def lost_group() -> None:
+    """Lost cards: the report (listed at once), the central refund, the list."""
+
+
+def _card(text: str) -> int:
+    from farebox.terminal.core.cardnumber import parse_number
+
+    try:
+        return parse_number(text)
+    except ValueError as error:
+        raise InputError(f"--card: {error}") from None
+
+
+@lost_group.command("report")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--card", "card", required=True, metavar="NUMBER",
+              help="8 digits (check digit optional)")
+@click.option("--kind", type=click.Choice(["on-loan", "sold", "mobile"]), required=True,
+              help="the card's kind: its deposit and Lost Octopus Service Fee (002 §18(c)-(d))")
+@_time_option("when the loss was reported")
+@json_option
+def lost_report(db, card, kind, at, as_json) -> None:
+    """Report a card lost: it goes on the action list at once (service terminals refuse its
+    return from now; every terminal blocks it 3 hours after the report, 002 §12)."""
+    from farebox.clearing import office
+    from farebox.terminal.core.clock import now_utc
+
+    number, reported = _card(card), _when(at)
+    with _store(db) as store, _office_errors():
+        obj = office.report_lost(store, number, kind.replace("-", "_"), reported, now_utc())
+    output.emit(obj, as_json, f"card {obj['card']} reported lost at {obj['reported_utc']}; "
+                f"blocked from {obj['blocked_utc']}"
+                + (f"; list serial {obj['serial']}" if obj["serial"] is not None else ""))
+
+
+@lost_group.command("refund")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--card", "card", required=True, metavar="NUMBER",
+              help="8 digits (check digit optional)")
+@_time_option("when the refund is made")
+@json_option
+def lost_refund(db, card, at, as_json) -> None:
+    """The central refund of a card reported lost, once, after its block: deposit + the value
+    as of the block - the Lost Octopus Service Fee (002 §18(c)-(d), 004 §32)."""
+    from farebox.clearing import office
+
+    number, when = _card(card), _when(at)
+    with _store(db) as store, _office_errors():
+        obj = office.refund_lost(store, number, when)
+    output.emit(obj, as_json, f"card {obj['card']}: deposit {obj['deposit']} + value "
+                f"{obj['value']} - fee {obj['fee']}: refund {obj['refund']}"
+                + (f", owed {obj['owed']}" if obj["owed"] != "0.00" else ""))
+
+
+@lost_group.command("list")
+@click.option("--db", required=True, help=DB_HELP)
+@json_option
+def lost_list(db, as_json) -> None:
+    """Every card reported lost, blocked from when, and its refund once made."""
+    from farebox.clearing import office
+
+    with _store(db) as store:
+        found = office.lost_cards(store)
+    output.emit({"lost": found}, as_json, "\n".join(
+        f"{c['card']} ({c['kind']}): reported {c['reported_utc']}, blocked from "
+        f"{c['blocked_utc']}, " + (f"refunded {c['refund']} at {c['refunded_utc']}"
+                                   if c["refunded_utc"] else "not refunded") for c in found)
+        or "no lost cards")
+
+
+@clearing.group("aavs")
+def aavs_group() -> None:
+    """AAVS, the bank side: linked accounts, daily debit files, dishonoured debits."""
+
+
+@aavs_group.command("link")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--card", "card", required=True, metavar="NUMBER",
+              help="8 digits (check digit optional)")
+@click.option("--institution", required=True, metavar="CODE",
+              help="the financial institution (1-16 letters or digits)")
+@click.option("--account", required=True, metavar="ACCOUNT", help="the AAVS account there")
+@json_option
+def aavs_link(db, card, institution, account, as_json) -> None:
+    """Link a card's AAVS to an account (replacing an earlier link: a switch of bank)."""
+    from farebox.clearing import office
+    from farebox.terminal.core.clock import now_utc, utc_iso
+
+    number = _card(card)
+    with _store(db) as store, _office_errors():
+        office.link_aavs(store, number, institution, account, utc_iso(now_utc()))
+    output.emit({"card": f"{number:08d}", "institution": institution, "account": account},
+                as_json, f"card {number:08d}: AAVS debits to {institution} {account}")
+
+
+@aavs_group.command("debits")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--day", "day", type=click.DateTime(["%Y-%m-%d"]), required=True, metavar="DAY",
+              help="the Hong Kong business day (YYYY-MM-DD)")
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True, metavar="DIR",
+              help="where the files are written: aavs-debits-DAY-INSTITUTION.txt")
+@json_option
+def aavs_debits(db, day, out, as_json) -> None:
+    """Write the day's AAVS debit file per financial institution: every settled AAVS reload
+    and AAVS fee of a linked card, once per reference (docs/clearing.md, "AAVS debit file")."""
+    from pathlib import Path
+
+    from farebox.clearing import office
+    from farebox.terminal.core.clock import now_utc
+
+    with _store(db) as store, _office_errors():
+        obj = office.write_debit_files(store, day.date(), now_utc(), Path(out))
+    output.emit(obj, as_json, "\n".join(
+        [f"{e['path']}: {e['debits']} debits, {e['amount']}" for e in obj["files"]]
+        + [f"not linked: card {u['card']} ({u['reference']}, {u['amount']})"
+           for u in obj["unlinked"]]) or f"no AAVS debits on {obj['day']}")
+
+
+@aavs_group.command("dishonour")
+@click.option("--db", required=True, help=DB_HELP)
+@click.argument("file", type=click.Path(dir_okay=False))
+@_time_option("when the returned debits were received")
+@json_option
+def aavs_dishonour(db, file, at, as_json) -> None:
+    """Import a financial institution's returned (dishonoured) debits, all or nothing: each card
+    owes the amount, is listed aavs_suspended on the next action list, and is cancelled on a
+    further dishonour (004 §20-21)."""
+    from farebox.clearing import office
+
+    from pathlib import Path
+
+    when = _when(at)
+    with _store(db) as store, _office_errors():
+        obj = office.import_dishonour_file(store, Path(file), when)
+    output.emit(obj, as_json, f"{len(obj['dishonoured'])} debits dishonoured "
+                f"({len(obj['again'])} known already); suspended: "
+                f"{', '.join(obj['suspended']) or 'none'}; cancelled: "
+                f"{', '.join(obj['cancelled']) or 'none'}")
+
+
+@aavs_group.command("list")
+@click.option("--db", required=True, help=DB_HELP)
+@json_option
+def aavs_list(db, as_json) -> None:
+    """Every card with a dishonoured debit: the outstanding amount, dishonours, cancellation."""
+    from farebox.clearing import office
+
+    with _store(db) as store:
+        found = office.aavs_outstanding(store)
+    output.emit({"outstanding": found}, as_json, "\n".join(
+        f"{c['card']}: owes {c['outstanding']} ({c['dishonours']} dishonoured)"
+        + (f", cancelled {c['cancelled_utc']}" if c["cancelled_utc"] else "") for c in found)
+        or "no dishonoured debits")

@@ -380,7 +380,9 @@ def check_return(terminal: Terminal, cards: CardReaders, specs: Sequence[str], a
     left to its change (which completes or voids it); a card the action list orders blocked,
     suspended or cancelled (at the later of the rules' time and ``at``,
     :meth:`Terminal.list_status`) is marked as a payment terminal would, and the request stops
-    (CardDeclined), even when the clock is not trusted: a doubtful clock never spares it."""
+    (CardDeclined), even when the clock is not trusted: a doubtful clock never spares it. A card
+    reported lost whose three hours are not up yet is not marked (it still works) but is not
+    returned either (:meth:`Terminal.reported_lost`): the central office refunds it."""
     today = hk_date(at)
     for spec in filter(is_card_file, specs):
         image, slot = _look(cards, spec, terminal.keys)
@@ -390,6 +392,11 @@ def check_return(terminal: Terminal, cards: CardReaders, specs: Sequence[str], a
                                                                      slot):
             continue  # this terminal's return, made again: its change reports it
         listed = terminal.list_status(image, at) > image.purse.status
+        reported = None if listed else terminal.reported_lost(image, at)
+        if reported is not None:  # inside the Notification Period: not blocked yet, not refunded
+            raise RequestRefused(f"{label(spec)}: the card was reported lost at "
+                                 f"{reported.isoformat()}: a lost card is refunded by the central "
+                                 "office only; nothing was done")
         if terminal.clock_trusted(image, at):
             try:
                 refund_breakdown(image.identity, image.purse, today, damaged=damaged)

@@ -28,9 +28,9 @@ from farebox.terminal.errors import BadInput, Interrupted
 from farebox.terminal.store.journal import CardWrite, Journal
 from farebox.terminal.card.keys import SoftwareKeyStore
 from farebox.terminal.core.rules import (
-    DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, Reason, Record, RecordType,
-    Tariff, balance_in_range, decide_add_value, decide_payment, list_ordered_change, list_time,
-    ordered_status,
+    DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, ListReason, Reason, Record,
+    RecordType, Tariff, balance_in_range, decide_add_value, decide_payment, list_ordered_change,
+    list_time, ordered_status,
 )
 from farebox.terminal.core.service import ServiceRefused, check_issued_by
 from farebox.terminal.core.writecycle import (
@@ -337,6 +337,17 @@ class Terminal:
         rules_at = self._trusted_time(card, at)[1]
         return ordered_status(self.action_list, card.identity.card_number,
                               list_time(rules_at, at))
+
+    def reported_lost(self, card: CardImage, at: datetime) -> datetime | None:
+        """When the card was reported lost, if the action list says it was by the time
+        :meth:`list_status` applies the list at; the list blocks it only three hours later
+        (002 §12), but a service terminal refuses its return from the report on (docs/rules.md
+        §8: a lost card is refunded by the central office only)."""
+        when = list_time(self._trusted_time(card, at)[1], at)
+        reports = [entry.at for entry in self.action_list
+                   if entry.card_number == card.identity.card_number
+                   and entry.reason is ListReason.LOST and entry.at <= when]
+        return min(reports) if reports else None
 
     def clock_trusted(self, card: CardImage, at: datetime) -> bool:
         """Whether this terminal would believe ``at`` for this card (see :meth:`_trusted_time`):

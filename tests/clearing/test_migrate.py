@@ -302,8 +302,8 @@ def test_a_version_1_database_upgrades_with_every_figure_kept(engine):
                                   f"migrate --db {engine.db}")
     assert figures_v1(engine) == before  # refusing changed nothing
 
-    assert migrate.upgrade(engine.db) == ["0002-schema-v2"]
-    assert migrate.current_version(engine.db) == HEAD == 2
+    assert migrate.upgrade(engine.db) == list(MIGRATIONS[1:])
+    assert migrate.current_version(engine.db) == HEAD
     migrate.ensure_current(engine.db)
     after = figures_v2(engine)
     assert_same_figures(before, after)
@@ -336,7 +336,7 @@ def test_a_version_1_database_without_not_shown_is_at_version_1(engine):
     write_v1(engine, without_not_shown=True)
     assert "not_shown" not in {c for c, _ in engine.columns("records")}
     assert migrate.current_version(engine.db) == 1
-    assert migrate.upgrade(engine.db) == ["0002-schema-v2"]
+    assert migrate.upgrade(engine.db) == list(MIGRATIONS[1:])
     after = figures_v2(engine)
     assert {r[16] for r in after["records"]} == {0}
     assert len(after["records"]) == len(_fixture_rows()["records"][1])
@@ -389,6 +389,17 @@ SPEC_COLUMNS = {
     "actions": ["card_number", "reason", "at_utc", "added_utc"],
     "card_writes": ["card_number", "counter_before", "source", "seq", "at_utc"],
     "meta": ["name", "value"],
+    # version 3, the back office (docs/clearing.md "Back office")
+    "providers": ["id", "name", "added_utc"],
+    "terminal_providers": ["terminal", "provider"],
+    "lost_cards": ["card_number", "kind", "reported_utc", "blocked_utc", "refunded_utc",
+                   "value_cents", "deposit_cents", "fee_cents", "negative_offset_cents",
+                   "refund_cents", "owed_cents", "last_counter"],
+    "aavs_links": ["card_number", "institution", "account", "linked_utc"],
+    "aavs_debits": ["reference", "day", "institution", "account", "card_number", "kind",
+                    "amount_cents", "at_utc", "dishonoured_utc"],
+    "aavs_outstanding": ["card_number", "outstanding_cents", "dishonours", "last_utc",
+                         "cancelled_utc", "value_applied_cents", "deposit_forfeited_cents"],
 }
 
 
@@ -455,10 +466,10 @@ def test_bookkeeping_lost_after_a_migration_committed_is_recovered(engine):
 def test_a_database_from_a_newer_farebox_is_refused(engine):
     migrate.ensure_current(engine.db)
     engine.script(["INSERT INTO _yoyo_migration (migration_hash, migration_id, applied_at_utc) "
-                   "VALUES ('x', '0003-schema-v3', '2027-01-01 00:00:00')"])
-    assert migrate.current_version(engine.db) == 3
+                   "VALUES ('x', '0099-schema-v99', '2027-01-01 00:00:00')"])
+    assert migrate.current_version(engine.db) == 99
     for call in (migrate.ensure_current, migrate.upgrade):
-        with pytest.raises(MigrationError, match="at version 3, newer than this farebox"):
+        with pytest.raises(MigrationError, match="at version 99, newer than this farebox"):
             call(engine.db)
 
 
@@ -488,10 +499,10 @@ def test_clearing_migrate_prints_what_it_applied_and_nothing_to_do_is_exit_0(eng
     write_v1(engine)
     done = farebox("clearing", "migrate", "--db", engine.db, "--json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"applied": ["0002-schema-v2"], "version": 2}
+    assert json.loads(done.stdout) == {"applied": list(MIGRATIONS[1:]), "version": HEAD}
     again = farebox("clearing", "migrate", "--db", engine.db)
-    assert (again.returncode, again.stdout, again.stderr) == (0, "nothing to do: at version 2\n",
-                                                              "")
+    assert (again.returncode, again.stdout, again.stderr) == (
+        0, f"nothing to do: at version {HEAD}\n", "")
 
 
 def test_two_migrations_at_once_apply_each_version_once(engine):

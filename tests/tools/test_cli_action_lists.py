@@ -386,3 +386,21 @@ def test_a_clock_that_went_back_after_the_fetch_keeps_the_list_in_force(farebox,
     assert tap(farebox, card).json()["reason"] == "blocked"
     code, check = doctor_check(farebox)
     assert code == 0 and check["status"] == "warn" and "behind" in check["found"], check
+
+
+def test_a_loss_report_reaches_a_service_terminal_at_once_and_stops_a_return(farebox, house):
+    """``clearing lost report`` lists the card at once: fetched, the list stops the card's
+    return at a service terminal inside the three hours (the card is not marked, it still
+    works), and every terminal blocks it after them (issue 19 item 1)."""
+    card = farebox.card(number=CARD, issued="2026-01-15")
+    reported = farebox("clearing", "lost", "report", "--db", house.db, "--card", CARD,
+                       "--kind", "on-loan", "--at", REPORTED, "--json").json()
+    assert reported["blocked_utc"] == "2026-11-22T00:00:00Z" and reported["serial"] == 1
+    assert house.fetch().json()["serial"] == 1
+    before = card.read_bytes()
+    refused = farebox("service", "return", card, "--at", "2026-11-22T06:00:00+08:00",
+                      "--state", farebox.state, "--config", house.config, "--json")
+    refused.assert_bad_input()
+    assert "reported lost" in refused.err and card.read_bytes() == before
+    assert tap(farebox, card, "2026-11-22T07:00:00+08:00").json()["outcome"] == "approved"
+    assert tap(farebox, card).json()["reason"] == "blocked"  # 09:00: past the three hours

@@ -299,13 +299,29 @@ def test_a_card_reported_lost_is_never_refunded_and_is_marked_blocked(farebox):
     assert [r.type.value for r in journal_records(farebox)] == ["block"]
     return_(lost, when=at(date(2020, 6, 1), "10:01:00")).assert_bad_input()
     assert [r.type.value for r in journal_records(farebox)] == ["block"]
-    # before the three hours are up the card still works, and may be returned
+    # before the three hours are up the card still works, but is not returned: a card reported
+    # lost is refunded by the central office only (issue 19 item 1: this return refunded 200.00,
+    # and `clearing lost refund` would have paid it again)
     early = farebox.card("early.json", issued="2020-01-01", number="32345678")
     soon = farebox.hotlist([{"card": "32345678", "reason": "lost",
                              "at": "2020-06-01T09:00:00+08:00"}], name="soon.json")
+    kept = early.read_bytes()
     result = farebox("service", "return", early, "--hotlist", soon, "--at",
                      at(date(2020, 6, 1), "11:00:00"), "--state", farebox.state, "--json")
-    assert result.json()["cards"][0]["refund"] == "200.00"
+    result.assert_bad_input()
+    assert "reported lost at 2020-06-01T09:00:00+08:00" in result.err
+    assert "central office" in result.err
+    assert early.read_bytes() == kept  # not marked: it is not blocked until 12:00
+    assert [r.type.value for r in journal_records(farebox)] == ["block"]
+    paid = farebox.tap(early, "--fare", "5.00", at=at(date(2020, 6, 1), "11:30:00"),
+                       hotlist=soon)
+    assert paid.json()["outcome"] == "approved"
+    # a report dated after the return's time is not known then: the return goes ahead
+    later = farebox.hotlist([{"card": "32345678", "reason": "lost",
+                              "at": "2020-06-01T11:45:00+08:00"}], name="later.json")
+    result = farebox("service", "return", early, "--hotlist", later, "--at",
+                     at(date(2020, 6, 1), "11:40:00"), "--state", farebox.state, "--json")
+    assert result.json()["cards"][0]["refund"] == "195.00"
 
 
 def test_issue_with_aavs_counts_as_the_first_enablement(farebox):
