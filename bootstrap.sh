@@ -19,9 +19,11 @@ fi
 # keep master keys in it for keys = "pkcs11:..."); prometheus (its promtool checks the alert
 # rules in hw/prometheus/; the server itself is not left running); strace (the tests count the
 # terminal's fsyncs while a card is in the field: SQLite syncs from C, only the system calls
-# tell); python3-venv provides venv/ensurepip.
+# tell); chromium and chromium-driver (the clearing console's tests drive the headless browser
+# with Selenium); python3-venv provides venv/ensurepip.
 need=()
-for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd postgresql kmod softhsm2 prometheus strace; do
+for pkg in swig libpcsclite-dev pcscd vsmartcard-vpcd postgresql kmod softhsm2 prometheus strace \
+           chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 command -v gcc >/dev/null || need+=(gcc)

@@ -10,6 +10,8 @@ setup(
     packages=[f"farebox.{name}" for name in find_packages(include=[f"{room}*" for room in ROOMS])
               if name.split(".")[0] in ROOMS],
     package_dir={f"farebox.{room}": room for room in ROOMS},
-    # the clearing database's schema migrations (read by farebox.clearing.migrate)
-    package_data={"farebox.clearing": ["migrations/*/*.sql"]},
+    # the clearing database's schema migrations (read by farebox.clearing.migrate); the web
+    # console's templates and its static assets (served from the package, no CDN)
+    package_data={"farebox.clearing": ["migrations/*/*.sql"],
+                  "farebox.clearing.console": ["templates/*.html", "static/*"]},
 )

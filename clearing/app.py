@@ -31,7 +31,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from farebox.protocol.settlement import utc_iso
 
@@ -154,7 +154,8 @@ async def _read_limited(request: Request, gate: _Gate, ticket: _Ticket) -> bytes
     return b"".join(chunks)
 
 
-def create_app(receiver: Receiver, limits: Limits = Limits()) -> Starlette:
+def create_app(receiver: Receiver, limits: Limits = Limits(), *, console: bool = True
+               ) -> Starlette:
     gate = _Gate(limits)
 
     async def _take(request: Request) -> object:
@@ -203,6 +204,11 @@ def create_app(receiver: Receiver, limits: Limits = Limits()) -> Starlette:
         document = await run_in_threadpool(receiver.action_list, _now())
         return JSONResponse(document)
 
-    return Starlette(routes=[Route("/v1/batches", batches, methods=["POST"]),
-                             Route("/v1/actions", actions, methods=["GET"]),
-                             Route("/v1/health", health, methods=["GET"])])
+    routes: list[BaseRoute] = [Route("/v1/batches", batches, methods=["POST"]),
+                               Route("/v1/actions", actions, methods=["GET"]),
+                               Route("/v1/health", health, methods=["GET"])]
+    if console:
+        from farebox.clearing.console.app import console_mount
+
+        routes.append(console_mount(receiver))  # the operators' web console, /console
+    return Starlette(routes=routes)

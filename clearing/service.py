@@ -66,6 +66,10 @@ class Receiver:
     def add_action(self, card_number: int, reason: str, at_utc: str, added_utc: str) -> int:
         return self.store.set_action(card_number, reason, at_utc, added_utc)
 
+    def remove_action(self, card_number: int) -> int | None:
+        """Take a card off the list: the next serial, None if it was not listed."""
+        return self.store.remove_action(card_number)
+
     def _terminal(self, terminal_id: str) -> tuple[int, bytes] | None:
         found = self._terminals.get(terminal_id)
         if found is None:

@@ -536,6 +536,15 @@ class Store:
                        (card_number, reason, db.time(at_utc), db.time(added_utc)))
             return _bump_serial(db)
 
+    def remove_action(self, card_number: int) -> int | None:
+        """Take a card off the action list; the list's new serial, None if it was not on it
+        (nothing changed)."""
+        with self._transaction() as db:
+            if not db.all("SELECT 1 FROM actions WHERE card_number = ?", (card_number,)):
+                return None
+            db.execute("DELETE FROM actions WHERE card_number = ?", (card_number,))
+            return _bump_serial(db)
+
     def actions(self) -> tuple[int, list[tuple[int, str, str]]]:
         """The list's serial and its ``(card, reason, at)`` entries."""
         with self._session() as db:

@@ -208,3 +208,8 @@ def test_the_wheel_carries_the_clearing_migrations(tmp_path):
     from farebox.clearing.migrate import MIGRATIONS
 
     assert len(shipped) == 2 * len(MIGRATIONS) and shipped <= names, shipped - names
+    # the web console's templates and static assets (served from the package, no CDN)
+    console = {f"farebox/{path.relative_to(ROOT).as_posix()}"
+               for folder in ("templates", "static")
+               for path in (ROOT / "clearing" / "console" / folder).iterdir()}
+    assert len(console) >= 10 and console <= names, console - names

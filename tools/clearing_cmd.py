@@ -506,3 +506,35 @@ def aavs_list(db, as_json) -> None:
         f"{c['card']}: owes {c['outstanding']} ({c['dishonours']} dishonoured)"
         + (f", cancelled {c['cancelled_utc']}" if c["cancelled_utc"] else "") for c in found)
         or "no dishonoured debits")
+
+
+@clearing.group("operator")
+def operator() -> None:
+    """Accounts of the web console at /console (admin: changes the action list; viewer:
+    reads)."""
+
+
+@operator.command("add")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--name", required=True, metavar="NAME", help="the name the operator signs in "
+              "with")
+@click.option("--role", type=click.Choice(["admin", "viewer"]), required=True)
+@json_option
+def operator_add(db, name, role, as_json) -> None:
+    """Add an operator. The password is read from standard input (its first line) or, at a
+    terminal, asked for twice: never from the command line. Kept as an Argon2id hash."""
+    from farebox.clearing.console.auth import add_operator
+    from farebox.clearing.console.data import ConsoleData, ConsoleError
+    from farebox.terminal.core.clock import now_utc, utc_iso
+
+    if sys.stdin.isatty():
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True,
+                                err=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    with _store(db) as store:
+        try:
+            add_operator(ConsoleData(store), name, role, password, utc_iso(now_utc()))
+        except ConsoleError as error:
+            raise InputError(str(error)) from None
+    output.emit({"operator": name, "role": role}, as_json, f"operator {name} added ({role})")
