@@ -120,11 +120,13 @@ class ConsoleData:
             "GROUP BY w.source"))
         rows = []
         for (source, terminal_id, incarnation, records, last_seq, last_batch, duplicates,
-             received) in self._rows(
+             received, provider) in self._rows(
                 "SELECT s.id, t.terminal_id, s.incarnation, s.records, s.last_seq, "
-                "s.last_batch, s.duplicates, b.received_utc FROM sources s "
+                "s.last_batch, s.duplicates, b.received_utc, p.name FROM sources s "
                 "JOIN terminals t ON t.id = s.terminal LEFT JOIN batches b "
-                "ON b.source = s.id AND b.number = s.last_batch"):
+                "ON b.source = s.id AND b.number = s.last_batch "
+                "LEFT JOIN terminal_providers tp ON tp.terminal = t.id "
+                "LEFT JOIN providers p ON p.id = tp.provider"):
             lag = now - parse_utc(received) if received else None
             runs, missing = gaps.get(source, [0, 0])
             opened, forked = open_by_source.get(source, 0), forks_by_source.get(source, 0)
@@ -135,6 +137,7 @@ class ConsoleData:
             else:
                 colour = "green"
             rows.append({"source": source, "terminal": terminal_id, "incarnation": incarnation,
+                         "provider": provider or "",
                          "records": records, "last_seq": last_seq, "last_batch": last_batch,
                          "duplicates": duplicates, "last_upload": received,
                          "lag_s": None if lag is None else int(lag.total_seconds()),
@@ -144,8 +147,10 @@ class ConsoleData:
             rows = [r for r in rows if r["status"] == status]
         if text:
             rows = [r for r in rows if text.lower() in r["terminal"].lower()
-                    or text.lower() in r["incarnation"].lower()]
+                    or text.lower() in r["incarnation"].lower()
+                    or text.lower() in r["provider"].lower()]
         key = {"terminal": lambda r: (r["terminal"], r["incarnation"]),
+               "provider": lambda r: (r["provider"], r["terminal"]),
                "last_upload": lambda r: r["last_upload"] or "",
                "lag": lambda r: r["lag_s"] if r["lag_s"] is not None else 1 << 62,
                "status": lambda r: (_STATUS_ORDER[r["status"]], r["terminal"])}.get(
@@ -181,7 +186,20 @@ class ConsoleData:
                 "SELECT DISTINCT day FROM day_totals ORDER BY day DESC LIMIT 60")]
         return {"day": day, "hours": hours, "writes": sum(hours),
                 "totals": [dict(zip(("state", "type", "count", "amount_cents"), row))
-                           for row in totals], "days": days}
+                           for row in totals], "days": days, **self._providers_of(first)}
+
+    def _providers_of(self, day: date) -> dict:
+        """The per-provider totals of the Hong Kong business day of that date: the settlement
+        statement's lines (``clearing statement``), or why there are none."""
+        from farebox.clearing.office import OfficeError, statement
+
+        try:
+            shown = statement(self.store, day)
+        except OfficeError as error:
+            return {"providers": [], "providers_note": str(error)}
+        return {"providers": [*shown["providers"], {**shown["total"], "provider": "TOTAL"}],
+                "providers_note": f"Hong Kong business day {shown['day']} ({shown['from_utc']} "
+                                  f"to {shown['to_utc']})"}
 
     def latest_day(self) -> str | None:
         rows = self._rows("SELECT max(day) FROM day_totals")

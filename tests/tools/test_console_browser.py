@@ -37,6 +37,10 @@ def add_operator(db, name, role, password):
     return json.loads(done.stdout)
 
 
+#: the service provider T-0001 is enrolled under (T-0002 has none)
+PROVIDER = "Kowloon Bus"
+
+
 class House:
     """Two terminals that tapped one card (and one other each), uploaded to a real receiver."""
 
@@ -45,11 +49,13 @@ class House:
         self.card = farebox.card(number=CARD, balance="20.00")
         other = farebox.card("other.json", number="87654321", balance="20.00")
         self.configs = {}
+        farebox("clearing", "provider", "add", "--db", db, PROVIDER, "--json").json()
         for name, minutes in (("T-0001", 0), ("T-0002", 30)):
             state = tmp_path / name
             made = farebox("terminal", "init", "--state", state, "--id", name, "--json").json()
+            under = ["--provider", PROVIDER] if name == "T-0001" else []  # T-0002: none
             farebox("clearing", "enroll", "--db", db, "--terminal", name, "--pubkey",
-                    made["public_key"], "--json").json()
+                    made["public_key"], *under, "--json").json()
             at = AT.replace("08:00", f"08:{minutes:02d}")
             farebox.tap(self.card, "--fare", "1.00", at=at, state=state).json()
             farebox.tap(other, "--fare", "2.50", at=LATER.replace("08:10", f"{9 + minutes // 30:02d}:10"),

@@ -110,6 +110,10 @@ def test_every_page_renders_from_the_kept_summaries(house):
     client = signed_in(house.url, VIEWER, VIEWER_PASSWORD)
     fleet = client.get("/console/fleet")
     assert fleet.status_code == 200 and fleet.text.count('<tr class="green">') == 2
+    # each terminal's service provider, and filtering by it
+    assert '<td class="provider">Kowloon Bus</td>' in fleet.text
+    assert '<td class="provider">—</td>' in fleet.text
+    assert fleet_rows(client.get("/console/fleet?q=kowloon").text) == [("green", "T-0001")]
     # a gap: red
     sql(house, "INSERT INTO gaps (source, first_seq, last_seq) SELECT s.id, 7, 9 FROM sources s "
         "JOIN terminals t ON t.id = s.terminal WHERE t.terminal_id = 'T-0001'")
@@ -135,6 +139,12 @@ def test_every_page_renders_from_the_kept_summaries(house):
     day = client.get("/console/day?d=2026-11-22").text
     assert '<small id="writes">4 in all</small>' in day
     assert "00:00 UTC: 2" in day and "<svg" in day and "7.00" in day
+    # per provider: the Hong Kong business day's settlement statement (T-0001 took 1.00 + 2.50)
+    providers = day[day.index('id="providers"'):]
+    kowloon = providers[providers.index("Kowloon Bus"):providers.index("</tr>",
+                                                                       providers.index("Kowloon"))]
+    assert "3.50" in kowloon and "TOTAL" in providers and "(no provider)" in providers
+    assert "Hong Kong business day 2026-11-22" in day
     assert client.get("/console/day?d=not-a-day").status_code == 400
     # the card across both terminals, in counter order
     card = client.get(f"/console/card?number={CARD}").text
