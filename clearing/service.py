@@ -63,12 +63,15 @@ class Receiver:
         entries = [ActionEntry(f"{card:08d}", reason, at) for card, reason, at in rows]
         return SignedActionList.publish(entries, serial, now, self._key).to_json()
 
-    def add_action(self, card_number: int, reason: str, at_utc: str, added_utc: str) -> int:
-        return self.store.set_action(card_number, reason, at_utc, added_utc)
+    def add_action(self, card_number: int, reason: str, at_utc: str, added_utc: str,
+                   then=None) -> int:
+        """Put a card on the list: the next serial. ``then(db, serial)`` runs in the same
+        transaction (the console's audit row)."""
+        return self.store.set_action(card_number, reason, at_utc, added_utc, then)
 
-    def remove_action(self, card_number: int) -> int | None:
+    def remove_action(self, card_number: int, then=None) -> int | None:
         """Take a card off the list: the next serial, None if it was not listed."""
-        return self.store.remove_action(card_number)
+        return self.store.remove_action(card_number, then)
 
     def _terminal(self, terminal_id: str) -> tuple[int, bytes] | None:
         found = self._terminals.get(terminal_id)

@@ -31,10 +31,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from typing import Any
 
 from farebox.protocol.settlement import GENESIS_HASH, parse_utc, utc_iso
@@ -527,23 +527,33 @@ class Store:
 
     # -- action lists --
 
-    def set_action(self, card_number: int, reason: str, at_utc: str, added_utc: str) -> int:
-        """Put a card on the action list (replacing its entry); the list's new serial."""
+    def set_action(self, card_number: int, reason: str, at_utc: str, added_utc: str,
+                   then: Callable[[_Db, int], None] | None = None) -> int:
+        """Put a card on the action list (replacing its entry); the list's new serial.
+        ``then(db, serial)`` runs inside the same transaction (an audit row: the change and
+        its record commit together or not at all)."""
         with self._transaction() as db:
             db.execute("DELETE FROM actions WHERE card_number = ?", (card_number,))
             db.execute("INSERT INTO actions (card_number, reason, at_utc, added_utc) "
                        "VALUES (?, ?, ?, ?)",
                        (card_number, reason, db.time(at_utc), db.time(added_utc)))
-            return _bump_serial(db)
+            serial = _bump_serial(db)
+            if then is not None:
+                then(db, serial)
+            return serial
 
-    def remove_action(self, card_number: int) -> int | None:
+    def remove_action(self, card_number: int,
+                      then: Callable[[_Db, int], None] | None = None) -> int | None:
         """Take a card off the action list; the list's new serial, None if it was not on it
-        (nothing changed)."""
+        (nothing changed). ``then`` as for :meth:`set_action`."""
         with self._transaction() as db:
             if not db.all("SELECT 1 FROM actions WHERE card_number = ?", (card_number,)):
                 return None
             db.execute("DELETE FROM actions WHERE card_number = ?", (card_number,))
-            return _bump_serial(db)
+            serial = _bump_serial(db)
+            if then is not None:
+                then(db, serial)
+            return serial
 
     def actions(self) -> tuple[int, list[tuple[int, str, str]]]:
         """The list's serial and its ``(card, reason, at)`` entries."""

@@ -28,7 +28,9 @@ from farebox.protocol.settlement import parse_utc, utc_iso
 
 from farebox.clearing.console import charts
 from farebox.clearing.console.auth import COOKIE, SESSION_SECONDS, Session, Sessions, authenticate
-from farebox.clearing.console.data import FLEET_SORTS, ConsoleData, Operator, now_utc
+from farebox.clearing.console.data import (
+    FLEET_SORTS, ConsoleData, Operator, audit_into, now_utc,
+)
 
 HERE = Path(__file__).parent
 MAX_FORM_BYTES = 64 * 1024
@@ -297,10 +299,12 @@ class Console:
         if error is not None:
             return await self.actions(request, session, operator, error=error, status=400)
         card = int(match.group(1))
-        serial = await run_in_threadpool(self.receiver.add_action, card, reason, at, now)
-        await run_in_threadpool(self.data.audit, now, operator.name, "listed", card,
-                                f"{REASONS[reason]} reported {at}; list serial {serial}; "
-                                f"note: {note}")
+        def audited(db, serial):  # in the change's own transaction: both or neither
+            audit_into(db, now, operator.name, "listed", card,
+                       f"{REASONS[reason]} reported {at}; list serial {serial}; note: {note}")
+
+        serial = await run_in_threadpool(self.receiver.add_action, card, reason, at, now,
+                                         audited)
         return RedirectResponse(f"/console/actions?done=listed+{card:08d}+serial+{serial}",
                                 status_code=303)
 
@@ -311,12 +315,14 @@ class Console:
             return await self.actions(request, session, operator, status=400,
                                       error="taking a card off needs its number and a note")
         card = int(match.group(1))
-        serial = await run_in_threadpool(self.receiver.remove_action, card)
+        def audited(db, serial):  # in the change's own transaction: both or neither
+            audit_into(db, now, operator.name, "taken off", card,
+                       f"list serial {serial}; note: {note}")
+
+        serial = await run_in_threadpool(self.receiver.remove_action, card, audited)
         if serial is None:
             return await self.actions(request, session, operator, status=400,
                                       error=f"card {card:08d} is not on the list")
-        await run_in_threadpool(self.data.audit, now, operator.name, "taken off", card,
-                                f"list serial {serial}; note: {note}")
         return RedirectResponse(f"/console/actions?done=took+{card:08d}+off+serial+{serial}",
                                 status_code=303)
 

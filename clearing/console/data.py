@@ -77,9 +77,7 @@ class ConsoleData:
     def audit(self, at_utc: str, operator: str, action: str, card: int | None,
               detail: str) -> None:
         with self.store._session() as db:  # noqa: SLF001
-            db.execute("INSERT INTO audit (at_utc, operator, action, card_number, detail) "
-                       "VALUES (?, ?, ?, ?, ?)", (db.time(at_utc), operator, action, card,
-                                                  detail))
+            audit_into(db, at_utc, operator, action, card, detail)
 
     def refusals_since(self, name: str, since_utc: str) -> int:
         """Sign-ins refused for ``name`` since then (the audit, by its operator index)."""
@@ -310,3 +308,10 @@ def _lag_text(lag: timedelta | None) -> str:
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
+
+def audit_into(db, at_utc: str, operator: str, action: str, card: int | None,
+               detail: str) -> None:
+    """One audit row through ``db`` (a store session or the transaction of the change it
+    records)."""
+    db.execute("INSERT INTO audit (at_utc, operator, action, card_number, detail) "
+               "VALUES (?, ?, ?, ?, ?)", (db.time(at_utc), operator, action, card, detail))

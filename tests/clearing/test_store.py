@@ -172,3 +172,23 @@ def test_a_record_sent_again_from_before_the_kept_days_is_a_duplicate_not_a_conf
     assert [seq for _, seq, _, _ in states(store)] == [3, 4]
     assert store.sources()[0][2:] == (4, 4, [])
     assert store.totals("2026-11-22") == [("committed", "payment", 2, 200)]
+
+
+def test_an_action_list_change_and_what_runs_with_it_commit_together_or_not_at_all(store):
+    """The console's audit row is written inside the change's transaction: if it cannot be
+    written, the list does not change (no unaudited change)."""
+    def audited(db, serial):
+        db.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (f"audit {serial}", "x"))
+
+    def broken(db, serial):
+        raise RuntimeError("the audit could not be written")
+
+    assert store.set_action(CARD, "lost", RECEIVED, RECEIVED, audited) == 1
+    assert store.meta("audit 1") == "x"
+    for change in (lambda: store.set_action(87654321, "lost", RECEIVED, RECEIVED, broken),
+                   lambda: store.remove_action(CARD, broken)):
+        with pytest.raises(RuntimeError):
+            change()
+        assert store.actions() == (1, [(CARD, "lost", RECEIVED)])
+    assert store.remove_action(CARD, audited) == 2 and store.meta("audit 2") == "x"
+    assert store.actions() == (2, [])
