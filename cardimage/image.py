@@ -95,7 +95,7 @@ def _check_identity(identity: Identity) -> None:
 def encode_purse(purse: Purse, slot: int, idm: bytes, card_key: bytes,
                  key_version: int) -> dict[int, bytes]:
     _check_purse(purse)
-    data = schemas.build(schemas.Purse, {**purse.__dict__, "reserved": None})
+    data = schemas.build(schemas.Purse, purse.__dict__)
     return _seal(card_key, AREA_PURSE, key_version, idm, PURSE_SLOT_BLOCKS[slot], data)
 
 

@@ -145,6 +145,10 @@ class Purse:
     svl_upgraded: bool = False
     #: AAVS was enabled on this card at some time (re-enabling it costs a fee, docs/rules.md §8).
     aavs_ever_enabled: bool = False
+    #: The number of the last AAVS suspension (an action list entry's ``suspension``, 1-255) the
+    #: card was reactivated from at a service terminal, 0 none: that entry no longer applies to
+    #: it, on a terminal whose list is older than the reactivation (docs/rules.md §7).
+    aavs_released: int = 0
 
     @property
     def aavs_enabled(self) -> bool:

@@ -131,7 +131,9 @@ Purse = c.Struct(
     "concession_expiry" / DayAdapter(c.Int16ub),
     "svl_upgraded" / StrictFlag(c.Int8ub),
     "aavs_ever_enabled" / StrictFlag(c.Int8ub),  # was a reserved zero byte: old cards read False
-    "reserved" / c.Const(bytes(1)),
+    # the number of the last AAVS suspension the card was reactivated from (an action list
+    # entry's ``suspension``; docs/rules.md §7): was the last reserved zero byte, old cards read 0
+    "aavs_released" / c.Int8ub,
 )
 
 LogEntry = c.Struct(

@@ -140,7 +140,8 @@ def assign_provider(store: Store, terminal_id: str, name: str) -> None:
 
 
 #: The statement's columns: record types by what they are to the provider. Cash the provider took
-#: from customers is owed to the card company; value the provider gave (payments it was paid
+#: from customers (add values, issue cash, AAVS amounts outstanding collected before a
+#: reactivation) is owed to the card company; value the provider gave (payments it was paid
 #: with) and cash it paid out (refunds at returns) are owed to the provider. Fees other than the
 #: issue's administrative fee are kept out of a card's value or deposit, or charged to a bank
 #: account (docs/rules.md §8): no cash passes at the provider for them.
@@ -153,12 +154,13 @@ COLUMNS = {
     "fees": ("admin_fee", "handling_fee", "damage_fee", "personalisation_fee", "inactivity_fee",
              "aavs_reactivation_fee"),
     "refunds": ("refund",),
+    "aavs_collected": ("aavs_outstanding_paid",),
 }
 #: the fees paid in cash at the provider's counter (issue of a Personalised card, 002 §18(a))
 CASH_FEES = ("admin_fee",)
 #: net to the provider = sum(sign * column), the cash fees taken on top
 NET_SIGNS = {"payments": 1, "refunds": 1, "cash_add_values": -1, "deposits": -1,
-             "initial_values": -1}
+             "initial_values": -1, "aavs_collected": -1}
 #: terminals enrolled without a provider: their own line, after the providers', so nothing is lost
 UNASSIGNED = ""
 
@@ -422,17 +424,41 @@ _INSTITUTION = re.compile(r"[A-Za-z0-9]{1,16}")
 _ACCOUNT = re.compile(r"[A-Za-z0-9-]{1,34}")
 
 
-def link_aavs(store: Store, card: int, institution: str, account: str, at_utc: str) -> None:
-    """Link a card's AAVS to an account at a financial institution (replacing an earlier link:
-    a switch of bank, whose HK$20 fee the service terminal records, 002 §18(e))."""
+#: the handling fee for switching financial institution, deducted from the account by the
+#: newly designated institution (001 "switching financial institution")
+SWITCH_FEE_CENTS = 2_000
+
+
+def link_aavs(store: Store, card: int, institution: str, account: str, at_utc: str) -> dict:
+    """Link a card's AAVS to an account at a financial institution, replacing an earlier link.
+    A link replacing one at another institution is a switch (001: "without cancelling the
+    AAVS"): its HK$20 handling fee is a debit instruction (kind ``switch_fee``, reference
+    ``switch:<card>:<time>``) in the new institution's file for the Hong Kong day of the
+    switch. Another account at the same institution costs nothing."""
     if not _INSTITUTION.fullmatch(institution):
         raise OfficeError(f"institution {institution!r}: 1-16 letters or digits")
     if not _ACCOUNT.fullmatch(account):
         raise OfficeError(f"account {account!r}: 1-34 letters, digits or -")
+    at = parse_utc(at_utc)
     with _transaction(store) as db:
+        old = db.all("SELECT institution FROM aavs_links WHERE card_number = ?", (card,))
+        switched_from = old[0][0] if old and old[0][0] != institution else None
         db.execute("DELETE FROM aavs_links WHERE card_number = ?", (card,))
         db.execute("INSERT INTO aavs_links (card_number, institution, account, linked_utc) "
                    "VALUES (?, ?, ?, ?)", (card, institution, account, db.time(at_utc)))
+        reference = None
+        if switched_from is not None:
+            reference = f"switch:{card:08d}:{utc_iso(at)}"
+            day = at.astimezone(HONG_KONG).date()
+            db.execute("INSERT INTO aavs_debits (reference, day, institution, account, "
+                       "card_number, kind, amount_cents, at_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                       "ON CONFLICT (reference) DO NOTHING",
+                       (reference, db.day(day.isoformat()), institution, account, card,
+                        "switch_fee", SWITCH_FEE_CENTS, db.time(utc_iso(at))))
+    return {"card": f"{card:08d}", "institution": institution, "account": account,
+            "switched_from": switched_from,
+            "switch_fee": format_cents(SWITCH_FEE_CENTS) if switched_from else None,
+            "switch_reference": reference}
 
 
 def debits(store: Store, day: date, created: datetime) -> dict:
@@ -540,16 +566,19 @@ def parse_dishonours(text: str) -> list[tuple[str, str]]:
 
 
 def import_dishonours(store: Store, text: str, at: datetime) -> dict:
-    """Returned debits into the cards' outstanding amounts, all or nothing (004 §20): a card's
-    first dishonour lists it ``aavs_suspended`` (001: suspended until the outstanding amount is
-    paid; a card listed lost or cancelled stays so); a further dishonour while an amount is
-    outstanding cancels it (004 §21: its remaining value, the last settled one, is applied to
-    the amount due and its deposit forfeited; listed ``cancelled``). A debit returned before
-    is left as it is (a file imported twice)."""
+    """Returned debits into the cards' outstanding amounts, all or nothing (004 §20). The debits
+    of one card returned in one file are one dishonour. A card's dishonour while it owes
+    nothing lists it ``aavs_suspended`` (001: suspended until the outstanding amount is paid; a
+    card listed lost or cancelled stays so) with the amount it owes and its next suspension
+    number, which a service terminal collects and releases (docs/rules.md §8). A dishonour
+    while an amount is still outstanding cancels it (004 §21: its remaining value, the last
+    settled one, is applied to the amount due and its deposit forfeited; listed
+    ``cancelled``). A debit returned before is left as it is (a file imported twice)."""
     returned = parse_dishonours(text)
     now = utc_iso(at)
     outcome = {"dishonoured": [], "again": [], "suspended": [], "cancelled": []}
     with _transaction(store) as db:
+        by_card: dict[int, int] = {}
         for reference, _ in returned:
             found = db.all("SELECT card_number, amount_cents, dishonoured_utc FROM aavs_debits "
                            "WHERE reference = ?", (reference,))
@@ -562,38 +591,77 @@ def import_dishonours(store: Store, text: str, at: datetime) -> dict:
             db.execute("UPDATE aavs_debits SET dishonoured_utc = ? WHERE reference = ?",
                        (db.time(now), reference))
             outcome["dishonoured"].append(reference)
-            owing = db.all("SELECT outstanding_cents, dishonours, cancelled_utc FROM "
-                           "aavs_outstanding WHERE card_number = ?", (card,))
+            by_card[card] = by_card.get(card, 0) + cents
+        if db.postgres and by_card:  # the receivers' per-card locks (Store ingest): a
+            # collection settled at the same time is seen, or waits for this import
+            db.execute("SELECT count(pg_advisory_xact_lock(1, c)) FROM "
+                       "(SELECT c FROM unnest(?::int[]) AS c ORDER BY c) AS ordered",
+                       ([card % 2_147_483_647 for card in sorted(by_card)],))
+        for card, cents in sorted(by_card.items()):
+            owing = db.all("SELECT cancelled_utc, suspensions FROM aavs_outstanding "
+                           "WHERE card_number = ?", (card,))
             if not owing:
                 db.execute("INSERT INTO aavs_outstanding (card_number, outstanding_cents, "
-                           "dishonours, last_utc) VALUES (?, ?, 1, ?)",
-                           (card, cents, db.time(now)))
-                further = False
+                           "dishonours, last_utc) VALUES (?, 0, 0, ?)", (card, db.time(now)))
+                cancelled, suspensions = None, 0
             else:
-                outstanding, _, cancelled = owing[0]
-                further = outstanding > 0 and cancelled is None
-                db.execute("UPDATE aavs_outstanding SET outstanding_cents = outstanding_cents "
-                           "+ ?, dishonours = dishonours + 1, last_utc = ? WHERE card_number = ?",
-                           (cents, db.time(now), card))
+                cancelled, suspensions = owing[0]
+            further = cancelled is None and _owed(db, card) > 0
+            db.execute("UPDATE aavs_outstanding SET outstanding_cents = outstanding_cents "
+                       "+ ?, dishonours = dishonours + 1, last_utc = ? WHERE card_number = ?",
+                       (cents, db.time(now), card))
+            if cancelled is not None:
+                continue  # cancelled before: the amount is owed, the card stays cancelled
             if further:
                 _cancel_for_dishonour(db, card, at)
                 outcome["cancelled"].append(f"{card:08d}")
-            elif _list(db, card, "aavs_suspended", now):
+                continue
+            number = min(suspensions + 1, SUSPENSION_MAX)
+            if _list(db, card, "aavs_suspended", now, _owed(db, card), number):
+                db.execute("UPDATE aavs_outstanding SET suspensions = ? WHERE card_number = ?",
+                           (number, card))
                 outcome["suspended"].append(f"{card:08d}")
         if outcome["suspended"] or outcome["cancelled"]:
             outcome["serial"] = _bump_serial(db)
     return outcome
 
 
-def _list(db: _Db, card: int, reason: str, now: str) -> bool:
-    """List ``card`` for ``reason`` unless it is listed so or more severely; whether it was."""
+#: the highest suspension number (the card keeps it in one byte); a card suspended that often
+#: is listed with it again and cannot be released at a terminal (the house takes it off)
+SUSPENSION_MAX = 255
+
+
+def _owed(db: _Db, card: int) -> int:
+    """What the card owes for returned debits now: the amounts dishonoured, less its value
+    applied at a cancellation and what service terminals collected (settled
+    ``aavs_outstanding_paid`` records)."""
+    kept = db.all("SELECT outstanding_cents FROM aavs_outstanding WHERE card_number = ?",
+                  (card,))
+    return (kept[0][0] if kept else 0) - _paid(db, card)
+
+
+def _paid(db: _Db, card: int) -> int:
+    """The AAVS amounts outstanding service terminals collected on the card (settled
+    ``aavs_outstanding_paid`` records, kept by the receiver: ``Store`` ``_Ingest``)."""
+    rows = db.all("SELECT paid_cents FROM aavs_outstanding WHERE card_number = ?", (card,))
+    return rows[0][0] if rows else 0
+
+
+def _list(db: _Db, card: int, reason: str, now: str, outstanding: int | None = None,
+          suspension: int | None = None) -> bool:
+    """List ``card`` for ``reason`` unless it is listed more severely (or, but for an AAVS
+    suspension with a number, so); whether it was. A numbered suspension replaces the card's
+    earlier one: the card was released from that (it owed nothing more)."""
     listed = db.all("SELECT reason FROM actions WHERE card_number = ?", (card,))
     order = ["aavs_suspended", "lost", "cancelled"]
-    if listed and order.index(listed[0][0]) >= order.index(reason):
-        return False
+    if listed:
+        held = order.index(listed[0][0])
+        if held > order.index(reason) or (held == order.index(reason) and suspension is None):
+            return False
     db.execute("DELETE FROM actions WHERE card_number = ?", (card,))
-    db.execute("INSERT INTO actions (card_number, reason, at_utc, added_utc) VALUES (?, ?, ?, ?)",
-               (card, reason, db.time(now), db.time(now)))
+    db.execute("INSERT INTO actions (card_number, reason, at_utc, added_utc, outstanding_cents, "
+               "suspension) VALUES (?, ?, ?, ?, ?, ?)",
+               (card, reason, db.time(now), db.time(now), outstanding, suspension))
     return True
 
 
@@ -602,9 +670,7 @@ def _cancel_for_dishonour(db: _Db, card: int, at: datetime) -> None:
     the deposit forfeited (a Sold card has none: the deposit is known from its issue record)."""
     value = card_value_at(db, card, at + timedelta(microseconds=1))
     balance = max(0, value[1]) if value else 0
-    outstanding = db.all("SELECT outstanding_cents FROM aavs_outstanding WHERE card_number = ?",
-                         (card,))[0][0]
-    applied = min(balance, outstanding)
+    applied = min(balance, max(0, _owed(db, card)))
     deposit = db.all("SELECT coalesce(max(r.amount_cents), 0) FROM card_writes w JOIN records r "
                      "ON r.source = w.source AND r.seq = w.seq AND r.at_utc = w.at_utc "
                      "WHERE w.card_number = ? AND r.type = 'deposit' AND r.state = 'committed'",
@@ -617,15 +683,21 @@ def _cancel_for_dishonour(db: _Db, card: int, at: datetime) -> None:
 
 
 def aavs_outstanding(store: Store) -> list[dict]:
-    """Every card with a dishonoured debit: what it owes, how many dishonours, cancelled when."""
+    """Every card with a dishonoured debit: what it owes (dishonoured, less value applied at a
+    cancellation and what service terminals collected), how many dishonours and suspensions,
+    cancelled when."""
     with _session(store) as db:
         rows = db.all("SELECT o.card_number, o.outstanding_cents, o.dishonours, o.last_utc, "
                       "o.cancelled_utc, o.value_applied_cents, o.deposit_forfeited_cents, "
-                      "l.institution FROM aavs_outstanding o LEFT JOIN aavs_links l "
-                      "ON l.card_number = o.card_number ORDER BY o.card_number")
+                      "o.suspensions, l.institution FROM aavs_outstanding o "
+                      "LEFT JOIN aavs_links l ON l.card_number = o.card_number "
+                      "ORDER BY o.card_number")
+        paid = dict(db.all("SELECT card_number, paid_cents FROM aavs_outstanding"))
     return [_shown({"card": f"{card:08d}", "institution": institution,
-                    "outstanding_cents": owed, "dishonours": count,
+                    "outstanding_cents": owed - paid[card], "paid_cents": paid[card],
+                    "dishonours": count, "suspensions": suspensions,
                     "last_dishonour_utc": _text_time(last),
                     "cancelled_utc": None if cancelled is None else _text_time(cancelled),
                     "value_applied_cents": applied, "deposit_forfeited_cents": forfeited})
-            for card, owed, count, last, cancelled, applied, forfeited, institution in rows]
+            for (card, owed, count, last, cancelled, applied, forfeited, suspensions,
+                 institution) in rows]

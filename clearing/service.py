@@ -59,8 +59,9 @@ class Receiver:
 
     def action_list(self, now: datetime) -> dict:
         """The current action list, signed, valid for a day from ``now``."""
-        serial, rows = self.store.actions()
-        entries = [ActionEntry(f"{card:08d}", reason, at) for card, reason, at in rows]
+        serial, rows = self.store.action_details()
+        entries = [ActionEntry(f"{card:08d}", reason, at, owed, number)
+                   for card, reason, at, owed, number in rows]
         return SignedActionList.publish(entries, serial, now, self._key).to_json()
 
     def add_action(self, card_number: int, reason: str, at_utc: str, added_utc: str,

@@ -57,6 +57,8 @@ SAME_CHANGE = "same_change"
 _SETTLED = frozenset({"committed", SAME_CHANGE})
 #: a terminal's clock records: card 0, no card's change
 _NO_CARD_TYPES = ("clock_reset",)
+#: a service terminal's collection of an AAVS amount outstanding (the terminal's RecordType)
+PAID_TYPE = "aavs_outstanding_paid"
 #: PostgreSQL errors after which a batch's transaction is simply run again
 _RETRY_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
 
@@ -561,6 +563,17 @@ class Store:
             return _serial(db), [(card, reason, _text_time(at)) for card, reason, at in db.all(
                 "SELECT card_number, reason, at_utc FROM actions ORDER BY card_number")]
 
+    def action_details(self) -> tuple[int, list[tuple[int, str, str, int | None, int | None]]]:
+        """The list's serial and its ``(card, reason, at, outstanding cents, suspension)``
+        entries: the last two set on an AAVS suspension made from a dishonoured debit
+        (``clearing/office.py``), None otherwise."""
+        with self._session() as db:
+            return _serial(db), [
+                (card, reason, _text_time(at), owed, number)
+                for card, reason, at, owed, number in db.all(
+                    "SELECT card_number, reason, at_utc, outstanding_cents, suspension "
+                    "FROM actions ORDER BY card_number")]
+
     def meta(self, name: str) -> str | None:
         rows = self._all("SELECT value FROM meta WHERE name = ?", (name,))
         return rows[0][0] if rows else None
@@ -669,10 +682,38 @@ class _Ingest:
         gone += other_gone
         new += other_new
         self._write(gone, new)
+        self._aavs_collected(gone, new)
         forks = hood.forks()
         forked = self._record_forks(forks, cards)
         self._summarise(source, number, batch_hash, prev_hash, last_seq, gap_fills, duplicates)
         return Stored(False, duplicates, forked)
+
+    def _aavs_collected(self, gone: list[Row], new: list[Row]) -> None:
+        """Keep what service terminals collected of cards' AAVS amounts outstanding (settled
+        ``aavs_outstanding_paid`` records, docs/clearing.md "Dishonoured debits"): a card that
+        owes nothing more is taken off the list (its numbered suspension: the card keeps the
+        number, so the entry only made the list longer), in this transaction."""
+        delta: dict[int, int] = {}
+        for rows, sign in ((new, 1), (gone, -1)):
+            for row in rows:
+                if row.type == PAID_TYPE and row.state == "committed":
+                    delta[row.card_number] = delta.get(row.card_number, 0) + sign * row.amount_cents
+        db, released = self.db, False
+        for card, cents in sorted(delta.items()):
+            if not cents:
+                continue
+            db.execute("INSERT INTO aavs_outstanding (card_number, outstanding_cents, dishonours, "
+                       "last_utc, paid_cents) VALUES (?, 0, 0, ?, ?) ON CONFLICT (card_number) "
+                       "DO UPDATE SET paid_cents = aavs_outstanding.paid_cents + "
+                       "excluded.paid_cents", (card, db.time(self.received_utc), cents))
+            owed = db.all("SELECT outstanding_cents - paid_cents FROM aavs_outstanding "
+                          "WHERE card_number = ?", (card,))[0][0]
+            if cents > 0 and owed <= 0 and db.execute(
+                    "DELETE FROM actions WHERE card_number = ? AND reason = 'aavs_suspended' "
+                    "AND suspension IS NOT NULL", (card,)).rowcount:
+                released = True
+        if released:
+            _bump_serial(db)
 
     def _lock_source(self) -> tuple[int, int, str, int]:
         db = self.db

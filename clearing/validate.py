@@ -68,6 +68,7 @@ RECORD_TYPES: dict[str, str] = {
     "waived": BESIDE,
     "inactivity_fee": DEBIT,
     "aavs_reactivation_fee": BESIDE,  # charged to the bank account
+    "aavs_outstanding_paid": BESIDE,  # cash collected for returned AAVS debits (001)
     "reactivate": STATUS,
     "aavs_enable": STATUS,
     "aavs_cancel": STATUS,

@@ -574,14 +574,22 @@ def verify_ack(answer: object, public_key: bytes) -> Ack:
 @dataclass(frozen=True)
 class ActionEntry:
     """One card on the action list, as published: its number (8 digits), why, and when it was
-    reported (ISO 8601 with offset). Their meaning is the terminal's to check."""
+    reported (ISO 8601 with offset); an AAVS suspension may carry the amount outstanding
+    (cents) and the card's suspension number. Their meaning is the terminal's to check."""
 
     card: str
     reason: str
     at: str
+    outstanding_cents: int | None = None
+    suspension: int | None = None
 
     def to_json(self) -> dict:
-        return {"card": self.card, "reason": self.reason, "at": self.at}
+        out = {"card": self.card, "reason": self.reason, "at": self.at}
+        if self.outstanding_cents is not None:
+            out["outstanding_cents"] = self.outstanding_cents
+        if self.suspension is not None:
+            out["suspension"] = self.suspension
+        return out
 
     @classmethod
     def from_json(cls, obj: object, where: str = "an entry") -> ActionEntry:
@@ -590,7 +598,11 @@ class ActionEntry:
         for key in ("card", "reason", "at"):
             if not isinstance(obj.get(key), str) or len(obj[key]) > _MAX_TEXT:
                 raise WireError(f'its entries: {where}: "{key}" must be a string')
-        return cls(obj["card"], obj["reason"], obj["at"])
+        extra = {}
+        for key in ("outstanding_cents", "suspension"):
+            if key in obj:
+                extra[key] = _int(obj, key, f"its entries: {where}", 0)
+        return cls(obj["card"], obj["reason"], obj["at"], **extra)
 
 
 @dataclass(frozen=True)

@@ -293,7 +293,7 @@ def clearing_house_for(config: TerminalConfig, url: str | None = None) -> Cleari
 def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
     """A Terminal over the configured state directory's journal, keys and action list. On the
     way out it does the work kept off the in-field path (durable commit marks, checkpoint)."""
-    action_list = load_action_lists(config)
+    action_list, held = action_lists(config)
     keys = money_keys(config)
     try:
         journal = open_journal(config)
@@ -302,7 +302,9 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
         raise
     try:
         terminal = Terminal(journal, keys, action_list, config.minimum_add_value_cents,
-                            config.retap_window_s, config.max_clock_ahead_s)
+                            config.retap_window_s, config.max_clock_ahead_s,
+                            list_held=config.action_list is not None
+                            or held.in_force is not None)
         journal.start_wal()  # the WAL's header is synced now, not in the first tap's intent
         yield terminal
         terminal.idle(closing=True)

@@ -307,7 +307,7 @@ def provider_list(db, as_json) -> None:
 
 #: the CSV statement's columns after the provider's name (amounts as money text)
 STATEMENT_CSV = ("payments", "cash_add_values", "aavs_add_values", "deposits", "initial_values",
-                 "fees", "refunds")
+                 "fees", "refunds", "aavs_collected")
 
 
 @clearing.command("statement")
@@ -347,7 +347,8 @@ def statement(db, day, provider, as_csv, as_json) -> None:
         human.append(f"{line['provider'] or '(none)'}: payments {line['payments']['amount']}, "
                      f"cash add values {line['cash_add_values']['amount']}, AAVS "
                      f"{line['aavs_add_values']['amount']}, fees {line['fees']['amount']}, "
-                     f"refunds {line['refunds']['amount']}; net {line['net']}"
+                     f"refunds {line['refunds']['amount']}, AAVS owed collected "
+                     f"{line['aavs_collected']['amount']}; net {line['net']}"
                      + (f" ({line['open_records']} open)" if line["open_records"] else ""))
     output.emit(obj, as_json, "\n".join(human))
 
@@ -435,17 +436,21 @@ def aavs_group() -> None:
 @click.option("--institution", required=True, metavar="CODE",
               help="the financial institution (1-16 letters or digits)")
 @click.option("--account", required=True, metavar="ACCOUNT", help="the AAVS account there")
+@_time_option("when the link (or the switch) was approved")
 @json_option
-def aavs_link(db, card, institution, account, as_json) -> None:
-    """Link a card's AAVS to an account (replacing an earlier link: a switch of bank)."""
+def aavs_link(db, card, institution, account, at, as_json) -> None:
+    """Link a card's AAVS to an account. A new link replaces the old; one at another
+    institution is a switch, whose HK$20 handling fee the new institution deducts from the
+    account (001): a debit instruction in its file for that day."""
     from farebox.clearing import office
-    from farebox.terminal.core.clock import now_utc, utc_iso
+    from farebox.terminal.core.clock import utc_iso
 
-    number = _card(card)
+    number, when = _card(card), _when(at)
     with _store(db) as store, _office_errors():
-        office.link_aavs(store, number, institution, account, utc_iso(now_utc()))
-    output.emit({"card": f"{number:08d}", "institution": institution, "account": account},
-                as_json, f"card {number:08d}: AAVS debits to {institution} {account}")
+        obj = office.link_aavs(store, number, institution, account, utc_iso(when))
+    fee = (f"; switched from {obj['switched_from']}: HK${obj['switch_fee']} handling fee "
+           f"debited ({obj['switch_reference']})" if obj["switch_fee"] else "")
+    output.emit(obj, as_json, f"card {number:08d}: AAVS debits to {institution} {account}{fee}")
 
 
 @aavs_group.command("debits")

@@ -89,6 +89,7 @@ def card_json(card: CardImage, *, test_key: bool, today) -> dict:
         "last_payment": _day(purse.last_payment),
         "payment_count": purse.payment_count,
         "aavs_ever_enabled": purse.aavs_ever_enabled,
+        "aavs_released": purse.aavs_released,
         "idm": card.idm.hex(),
         "key_version": identity.key_version,
         "test_key": test_key,

@@ -33,7 +33,7 @@ from farebox.tools.common import (
     InputError, config_option, json_option, settings, state_notice, state_option,
     terminal, verbose_option,
 )
-from farebox.tools.params import DATE, POSITIVE_AMOUNT, TIME
+from farebox.tools.params import AMOUNT, DATE, POSITIVE_AMOUNT, TIME
 from farebox.tools.tap_cmd import _faults, hotlist_option, leave_after_option, torn_write_option
 
 _KINDS = {k.label: k for k in Kind}
@@ -237,22 +237,31 @@ def _single_card_command(name: str, help_text: str):
 
 
 @_single_card_command("reactivate", "Reactivate an inactive card (free, less any inactivity "
-                      "fees due) or an AAVS-suspended one once its outstanding amount is paid "
-                      "(HK$20 to the bank account).")
+                      "fees due) or an AAVS-suspended one once the amount the action list says "
+                      "it owes is paid (--paid; HK$20 to the bank account).")
+@click.option("--paid", "paid_cents", type=AMOUNT, default=0,
+              help="what the customer paid of the AAVS amount outstanding (HK$, e.g. 150.00): "
+                   "exactly the amount the action list names")
 def reactivate(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist,
-               leave_after, torn_write, as_json) -> None:
-    def decide(card, day):
-        return decide_reactivate(card.identity, card.purse, day)[0]
+               leave_after, torn_write, as_json, paid_cents) -> None:
+    at = at or now_utc()
+    def decide_with(term):
+        def decide(card, day):
+            return decide_reactivate(card.identity, card.purse, day,
+                                     suspension=term.suspension(card, at),
+                                     paid_cents=paid_cents, list_held=term.list_held)[0]
+        return decide
 
     def shape(result: TapResult) -> dict:
         amounts = _by_type(result)
         return {"inactivity_fee": fmt(amounts.get(RecordType.INACTIVITY_FEE, 0)),
                 "waived": fmt(amounts.get(RecordType.WAIVED, 0)),
+                "outstanding_paid": fmt(amounts.get(RecordType.AAVS_OUTSTANDING_PAID, 0)),
                 "reactivation_fee": fmt(amounts.get(RecordType.AAVS_REACTIVATION_FEE, 0)),
                 "status": "active"}
 
     _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
-         torn_write, as_json, "reactivate", decide, shape, "REACTIVATED")
+         torn_write, as_json, "reactivate", decide_with, shape, "REACTIVATED", factory=True)
 
 
 @_single_card_command("aavs", "Enable, change (--amount) or cancel (--cancel) the card's "
@@ -370,14 +379,16 @@ def _specs(card_files, reader_spec: str | None, leave_after: int | None = None,
 
 
 def _one(card_file, reader_spec, wait_s, at, state_dir, config_file, hotlist, leave_after,
-         torn_write, as_json, kind, decide, shape, head) -> None:
+         torn_write, as_json, kind, decide, shape, head, *, factory: bool = False) -> None:
+    """One change to one card. ``factory``: ``decide`` takes the open terminal and returns
+    the decision function (a change that reads the terminal's action list)."""
     spec = _specs((card_file,) if card_file else (), reader_spec, leave_after, torn_write,
                   many=False)[0]
     at = at or now_utc()
     config = settings(config_file, state_dir=state_dir, action_list=hotlist)
     cards = card_readers(faults=_faults(leave_after, torn_write), wait_s=wait_s, again="present")
     with terminal(config) as term:
-        result = change_card(term, cards, spec, at, kind, decide)
+        result = change_card(term, cards, spec, at, kind, decide(term) if factory else decide)
         obj = {"card": format_number(result.card_number), **shape(result),
                "balance_before": fmt(result.balance_before_cents),
                "balance_after": fmt(result.balance_after_cents), **_common(result)}

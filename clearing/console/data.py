@@ -286,10 +286,11 @@ class ConsoleData:
     # -- the action list -----------------------------------------------------------------------
 
     def actions(self) -> tuple[int, list[dict]]:
-        serial, entries = self.store.actions()
+        serial, entries = self.store.action_details()
         added = dict(self._rows("SELECT card_number, added_utc FROM actions"))
-        return serial, [{"card": card, "reason": reason, "at": at, "added": added.get(card)}
-                        for card, reason, at in entries]
+        return serial, [{"card": card, "reason": reason, "at": at, "added": added.get(card),
+                         "outstanding": owed, "suspension": number}
+                        for card, reason, at, owed, number in entries]
 
 
 def _lag_text(lag: timedelta | None) -> str:

@@ -30,7 +30,7 @@ from farebox.terminal.card.keys import SoftwareKeyStore
 from farebox.terminal.core.rules import (
     DEFAULT_MINIMUM_ADD_VALUE_CENTS, Decision, FareClass, ListEntry, ListReason, Reason, Record,
     RecordType, Tariff, balance_in_range, decide_add_value, decide_payment, list_ordered_change,
-    list_time, ordered_status,
+    list_time, ordered_status, suspension_in_force,
 )
 from farebox.terminal.core.service import ServiceRefused, check_issued_by
 from farebox.terminal.core.writecycle import (
@@ -136,10 +136,14 @@ class Terminal:
                  action_list: Iterable[ListEntry] = (),
                  minimum_add_value_cents: int = DEFAULT_MINIMUM_ADD_VALUE_CENTS,
                  retap_window_s: float = DEFAULT_RETAP_WINDOW_S,
-                 max_clock_ahead_s: float = DEFAULT_MAX_CLOCK_AHEAD_S) -> None:
+                 max_clock_ahead_s: float = DEFAULT_MAX_CLOCK_AHEAD_S, *,
+                 list_held: bool = True) -> None:
         self.journal = journal
         self.keys = keys
         self.action_list = tuple(action_list)
+        #: whether the terminal holds an action list at all (a file or a fetched list), even an
+        #: empty one: without one it cannot tell what a suspended card owes (reactivation)
+        self.list_held = list_held
         self.minimum_add_value_cents = minimum_add_value_cents
         self.retap_window = timedelta(seconds=retap_window_s)
         self.max_clock_ahead = timedelta(seconds=max_clock_ahead_s)
@@ -336,7 +340,14 @@ class Terminal:
         checks every card with it before changing any."""
         rules_at = self._trusted_time(card, at)[1]
         return ordered_status(self.action_list, card.identity.card_number,
-                              list_time(rules_at, at))
+                              list_time(rules_at, at), card.purse)
+
+    def suspension(self, card: CardImage, at: datetime) -> ListEntry | None:
+        """The AAVS suspension the action list orders for this card, applied as
+        :meth:`list_status` applies the list (:func:`suspension_in_force`), or None."""
+        rules_at = self._trusted_time(card, at)[1]
+        return suspension_in_force(self.action_list, card.identity.card_number,
+                                   list_time(rules_at, at), card.purse)
 
     def reported_lost(self, card: CardImage, at: datetime) -> datetime | None:
         """When the card was reported lost, if the action list says it was by the time

@@ -82,6 +82,9 @@ class RecordType(Enum):
     WAIVED = "waived"  # a fee due that was not collected (the refund or balance stops at 0)
     INACTIVITY_FEE = "inactivity_fee"  # deducted from the card at reactivation
     AAVS_REACTIVATION_FEE = "aavs_reactivation_fee"  # charged to the bank account, not the card
+    #: the AAVS amount outstanding after a dishonoured debit, paid in cash at the service
+    #: terminal before it reactivates the card (001); the card's balance does not change
+    AAVS_OUTSTANDING_PAID = "aavs_outstanding_paid"
     REACTIVATE = "reactivate"
     AAVS_ENABLE = "aavs_enable"
     AAVS_CANCEL = "aavs_cancel"
@@ -110,16 +113,31 @@ _LIST_STATUS = {ListReason.LOST: Status.BLOCKED, ListReason.AAVS_SUSPENDED: Stat
                 ListReason.CANCELLED: Status.CANCELLED}
 
 
+#: the highest AAVS suspension number an action list entry carries (the purse keeps one byte)
+SUSPENSION_MAX = 255
+
+
 @dataclass(frozen=True)
 class ListEntry:
-    """One line of an action list (hotlist)."""
+    """One line of an action list (hotlist). An ``aavs_suspended`` entry the clearing house made
+    from a dishonoured debit carries the amount outstanding and the card's suspension number
+    (1, 2, ...): a card reactivated from that suspension keeps the number (``aavs_released``),
+    and the entry no longer applies to it (docs/rules.md §7)."""
 
     card_number: int
     reason: ListReason
     at: datetime
+    outstanding_cents: int | None = None
+    suspension: int | None = None
 
     def effective_from(self) -> datetime:
         return self.at + LOST_CARD_DELAY if self.reason is ListReason.LOST else self.at
+
+    def released_by(self, purse: Purse | None) -> bool:
+        """Whether the card (its purse) was reactivated from this suspension."""
+        return (purse is not None and self.suspension is not None
+                and self.reason is ListReason.AAVS_SUSPENDED
+                and purse.aavs_released >= self.suspension)
 
 
 @dataclass(frozen=True)
@@ -221,13 +239,28 @@ def list_time(at: datetime, list_at: datetime | None) -> datetime:
     return at if list_at is None else max(at, require_aware(list_at))
 
 
-def ordered_status(entries: Iterable[ListEntry], card_number: int, at: datetime) -> Status:
-    """The most severe status the action list orders for this card at ``at``."""
+def ordered_status(entries: Iterable[ListEntry], card_number: int, at: datetime,
+                   purse: Purse | None = None) -> Status:
+    """The most severe status the action list orders for this card at ``at``; an AAVS
+    suspension the card (``purse``) was reactivated from orders nothing."""
     status = Status.ACTIVE
     for entry in entries:
-        if entry.card_number == card_number and at >= entry.effective_from():
+        if (entry.card_number == card_number and at >= entry.effective_from()
+                and not entry.released_by(purse)):
             status = max(status, _LIST_STATUS[entry.reason])
     return status
+
+
+def suspension_in_force(entries: Iterable[ListEntry], card_number: int, at: datetime,
+                        purse: Purse) -> ListEntry | None:
+    """The AAVS suspension the action list orders for this card at ``at`` (the highest
+    numbered, an unnumbered one first: it cannot be released at a terminal), or None."""
+    found = [entry for entry in entries
+             if entry.card_number == card_number and entry.reason is ListReason.AAVS_SUSPENDED
+             and at >= entry.effective_from() and not entry.released_by(purse)]
+    if not found:
+        return None
+    return max(found, key=lambda e: SUSPENSION_MAX + 1 if e.suspension is None else e.suspension)
 
 
 # ---- decisions ------------------------------------------------------------------------------
@@ -246,7 +279,7 @@ def _gate(identity: Identity, purse: Purse, at: datetime, today: date,
     """Status, action list (at :func:`list_time`) and inactivity: a decline (maybe with a status
     write, dated ``today``) or None."""
     status = max(purse.status, ordered_status(action_list, identity.card_number,
-                                              list_time(at, list_at)))
+                                              list_time(at, list_at), purse))
     if status is not Status.ACTIVE:
         if status is purse.status:
             return _decline(purse, _STATUS_REASON[status], amount, **extra)
@@ -272,7 +305,7 @@ def list_ordered_change(identity: Identity, purse: Purse, at: datetime,
     rules (a suspended card is reactivated there). The list is applied at :func:`list_time`
     (``list_at``: the terminal's own reading); the status write is dated ``at``."""
     today = hk_date(require_aware(at))
-    status = ordered_status(action_list, identity.card_number, list_time(at, list_at))
+    status = ordered_status(action_list, identity.card_number, list_time(at, list_at), purse)
     if status <= purse.status:
         return None
     new_purse = _next(purse, status=status)

@@ -33,7 +33,9 @@ Readings where the seeds leave a point open (docs/rules.md says which are the pr
   recorded for settlement, the card's balance does not change. Changing the amount while AAVS
   is on is free.
 * Reactivating an AAVS-suspended card (after the outstanding amount is paid at the counter):
-  the HK$20 re-activation fee likewise goes to the bank account.
+  the HK$20 re-activation fee likewise goes to the bank account. The amount outstanding is the
+  one the action list's suspension names, collected exactly (cash, recorded for settlement);
+  the card keeps the suspension's number so a list that still holds it spares the card.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ from farebox.cardimage.model import (
     AAVS_RELOAD_CENTS, Category, Concession, Identity, Kind, LogEntry, LogType, Purse, ServiceOp,
     Status,
 )
-from farebox.cardimage.money import format_whole
+from farebox.cardimage.money import format_cents, format_whole
 
 from farebox.terminal.core.rules import (
-    DEPOSIT_CENTS, INITIAL_VALUE_CENTS, STORED_VALUE_LIMIT_NEW_CENTS, Decision, Record,
+    DEPOSIT_CENTS, INITIAL_VALUE_CENTS, STORED_VALUE_LIMIT_NEW_CENTS, Decision, ListEntry, Record,
     RecordType, is_inactive, stored_value_limit_cents,
 )
 from farebox.terminal.errors import BadInput
@@ -384,18 +386,29 @@ class Reactivation:
     inactivity_fee_cents: int  # deducted from the card
     waived_cents: int  # due but not deducted (the balance would have gone below zero)
     reactivation_fee_cents: int  # to the bank account (AAVS suspension), not the card
+    outstanding_paid_cents: int = 0  # the AAVS amount outstanding, collected at the counter
 
 
-def decide_reactivate(identity: Identity, purse: Purse,
-                      today: date) -> tuple[Decision, Reactivation]:
+def decide_reactivate(identity: Identity, purse: Purse, today: date, *,
+                      suspension: ListEntry | None = None, paid_cents: int = 0,
+                      list_held: bool = True) -> tuple[Decision, Reactivation]:
     """An inactive card: free, less the inactivity fees due (never below zero; the rest waived).
-    An AAVS-suspended card (its outstanding amount paid at the counter): HK$20 to the bank."""
+    An AAVS-suspended card: once the amount outstanding is paid at the counter (001), HK$20 to
+    the bank. ``suspension`` is the AAVS suspension the action list orders for the card
+    (:func:`suspension_in_force`; None: none), ``paid_cents`` what the operator collected,
+    ``list_held`` whether this terminal holds an action list at all: the amount the card owes
+    is the one the suspension names, collected exactly (``aavs_outstanding_paid``), and the
+    card keeps the suspension's number, so a terminal whose list still holds it does not
+    suspend the card again. Without a list the amount cannot be checked: refused."""
     check_issued_by(identity, today)
     _usable(purse, "be reactivated", suspended_ok=True)
+    if paid_cents < 0:
+        raise BadInput("the amount paid cannot be negative")
     inactive = is_inactive(purse, today)
     suspended = purse.status is Status.SUSPENDED
     if not inactive and not suspended:
         raise ServiceRefused("the card is active: nothing to reactivate")
+    owed, released = _outstanding(suspended, suspension, paid_cents, list_held)
     balance = purse.balance_cents
     fees = inactivity_fees(identity, purse, today) if inactive else InactivityFees((), None, None)
     deducted = min(fees.due_cents, max(balance, 0))
@@ -407,15 +420,48 @@ def decide_reactivate(identity: Identity, purse: Purse,
         records.append(Record(RecordType.INACTIVITY_FEE, deducted, after))
     if waived:
         records.append(Record(RecordType.WAIVED, waived, after))
+    if owed:
+        records.append(Record(RecordType.AAVS_OUTSTANDING_PAID, owed, after))
     if bank_fee:
         records.append(Record(RecordType.AAVS_REACTIVATION_FEE, bank_fee, after))
     records.append(Record(RecordType.REACTIVATE, 0, after))
     changes = {"balance_cents": after, "status": Status.ACTIVE}
     if inactive:
         changes["last_add_value"] = today
+    if released is not None:
+        changes["aavs_released"] = max(purse.aavs_released, released)
     new_purse = _next(purse, **changes)
     return (_service_decision(purse, new_purse, ServiceOp.REACTIVATE, today, tuple(records)),
-            Reactivation(inactive, suspended, fees, deducted, waived, bank_fee))
+            Reactivation(inactive, suspended, fees, deducted, waived, bank_fee, owed))
+
+
+def _outstanding(suspended: bool, suspension: ListEntry | None, paid_cents: int,
+                 list_held: bool) -> tuple[int, int | None]:
+    """What a reactivation collects for dishonoured AAVS debits and the suspension number the
+    card keeps (docs/rules.md §8 "Reactivation"); ServiceRefused when the amount paid is not
+    what the action list says the card owes, or the terminal cannot tell."""
+    if not suspended:
+        if paid_cents:
+            raise ServiceRefused("the card is not suspended: it owes no AAVS amount (--paid)")
+        return 0, None
+    if not list_held:
+        raise ServiceRefused("this terminal holds no action list, so it cannot tell what the "
+                             "card owes for returned AAVS debits (001): fetch the list (farebox "
+                             "actions fetch) or give --hotlist")
+    if suspension is None:  # not (or no longer) listed: nothing outstanding at the house
+        if paid_cents:
+            raise ServiceRefused("the action list shows no AAVS amount outstanding on this "
+                                 "card: collect nothing (leave out --paid)")
+        return 0, None
+    if suspension.suspension is None:
+        raise ServiceRefused("the action list suspends this card by hand (no suspension "
+                             "number): the clearing house takes it off the list first")
+    owed = suspension.outstanding_cents or 0
+    if paid_cents != owed:
+        raise ServiceRefused(
+            f"the card owes {format_cents(owed)} for returned AAVS debits (001): collect "
+            f"exactly that and give --paid {format_cents(owed)}, not {format_cents(paid_cents)}")
+    return owed, suspension.suspension
 
 
 # ---- AAVS, student status, stored value limit -------------------------------------------------

@@ -114,6 +114,8 @@ class ActionListReloader:
             self._report(True)
             return
         self.terminal.action_list = entries
+        self.terminal.list_held = (self.config.action_list is not None
+                                   or held.in_force is not None)
         self._in_force = held.in_force
         self._report(held.alarm is not None)
         LOG.info("action list reloaded: %d entries", len(self.terminal.action_list))

@@ -1,5 +1,8 @@
 """Action lists (hotlists) from a JSON file:
 ``{"entries": [{"card": "12345678", "reason": "lost"|"aavs_suspended"|"cancelled", "at": TIME}]}``.
+An ``aavs_suspended`` entry may also carry ``"outstanding_cents"`` (what the card owes after a
+dishonoured AAVS debit, collected before a service terminal reactivates it) and
+``"suspension"`` (the card's suspension number, 1-255; docs/rules.md §7).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from farebox.protocol.files import UntrustedFileError, load_json
 
 from farebox.terminal.core.cardnumber import parse_number
 from farebox.terminal.core.clock import hk_date
-from farebox.terminal.core.rules import ListEntry, ListReason
+from farebox.terminal.core.rules import SUSPENSION_MAX, ListEntry, ListReason
 from farebox.terminal.errors import BadInput
 
 
 LIST_DELAY_ROOM = timedelta(days=1)
+#: the largest amount outstanding an entry may name (HK$1,000,000: far above any card's debits)
+MAX_OUTSTANDING_CENTS = 100_000_000
 
 
 class ActionListError(BadInput, ValueError):
@@ -54,9 +59,15 @@ def parse_action_list(document: object) -> tuple[ListEntry, ...]:
             number = parse_number(_text(item, "card"))
             reason = _reason(_text(item, "reason"))
             at = parse_time(_text(item, "at"))
+            outstanding = _optional_int(item, "outstanding_cents", 0, MAX_OUTSTANDING_CENTS)
+            suspension = _optional_int(item, "suspension", 1, SUSPENSION_MAX)
+            if reason is not ListReason.AAVS_SUSPENDED and (outstanding, suspension) != (None,
+                                                                                      None):
+                raise ValueError('"outstanding_cents" and "suspension" belong to an '
+                                 'aavs_suspended entry only')
         except ValueError as error:
             raise ActionListError(f"{where}: {error}") from None
-        entries.append(ListEntry(number, reason, at))
+        entries.append(ListEntry(number, reason, at, outstanding, suspension))
     return tuple(entries)
 
 
@@ -66,6 +77,15 @@ def _reason(text: str) -> ListReason:
     except ValueError:
         allowed = ", ".join(r.value for r in ListReason)
         raise ValueError(f'"reason" must be one of {allowed}, not {text!r}') from None
+
+
+def _optional_int(item: dict, key: str, low: int, high: int) -> int | None:
+    if key not in item:
+        return None
+    value = item[key]
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f'"{key}" must be a whole number from {low} to {high}')
+    return value
 
 
 def _text(item: dict, key: str) -> str:

@@ -70,7 +70,7 @@ purses = st.builds(
     aavs_reload_cents=st.sampled_from((0,) + AAVS_RELOAD_CENTS), status=st.sampled_from(Status),
     payment_count=st.integers(0, 0xFFFF), concession=st.sampled_from(Concession),
     concession_expiry=st.none() | days_, svl_upgraded=st.booleans(),
-    aavs_ever_enabled=st.booleans())
+    aavs_ever_enabled=st.booleans(), aavs_released=st.integers(0, 255))
 
 
 @st.composite

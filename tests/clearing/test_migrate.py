@@ -303,7 +303,7 @@ def test_a_version_1_database_upgrades_with_every_figure_kept(engine):
     assert figures_v1(engine) == before  # refusing changed nothing
 
     assert migrate.upgrade(engine.db) == list(MIGRATIONS[1:])
-    assert migrate.current_version(engine.db) == HEAD == 4
+    assert migrate.current_version(engine.db) == HEAD == 5
     migrate.ensure_current(engine.db)
     after = figures_v2(engine)
     assert_same_figures(before, after)
@@ -386,7 +386,9 @@ SPEC_COLUMNS = {
                 "balance_after_cents", "at_utc", "hash", "observed", "reconciled", "not_shown"],
     "day_totals": ["day", "source", "state", "type", "count", "amount_cents"],
     "forks": ["card_number", "counter", "writes", "found_utc"],
-    "actions": ["card_number", "reason", "at_utc", "added_utc"],
+    # outstanding_cents and suspension: version 5 (an AAVS suspension's amount and number)
+    "actions": ["card_number", "reason", "at_utc", "added_utc", "outstanding_cents",
+                "suspension"],
     "card_writes": ["card_number", "counter_before", "source", "seq", "at_utc"],
     "meta": ["name", "value"],
     # version 3, the back office (docs/clearing.md "Back office")
@@ -399,7 +401,8 @@ SPEC_COLUMNS = {
     "aavs_debits": ["reference", "day", "institution", "account", "card_number", "kind",
                     "amount_cents", "at_utc", "dishonoured_utc"],
     "aavs_outstanding": ["card_number", "outstanding_cents", "dishonours", "last_utc",
-                         "cancelled_utc", "value_applied_cents", "deposit_forfeited_cents"],
+                         "cancelled_utc", "value_applied_cents", "deposit_forfeited_cents",
+                         "suspensions", "paid_cents"],  # version 5
 }
 
 

@@ -461,7 +461,8 @@ def test_aavs_requests_refused_as_given(cli, tmp_path):
 
 def test_a_simulated_day_balances_to_the_cent_against_the_cards_value_movements(cli, tmp_path):
     """Several providers, a card issued and one returned, cash and AAVS add values, a card
-    reported lost and refunded centrally, an AAVS debit dishonoured. The cards' stored value
+    reported lost and refunded centrally, an AAVS debit dishonoured and then collected at a
+    service terminal. The cards' stored value
     moved by exactly what the statement says came in (cash and AAVS add values, initial values)
     less what went out (payments, the value of returned cards); the lost card's refund is its
     value at the block; the AAVS debits are the AAVS add values, and the dishonour is counted."""
@@ -506,6 +507,11 @@ def test_a_simulated_day_balances_to_the_cent_against_the_cards_value_movements(
     (tmp_path / "back.txt").write_text("R,BUS-1:i:1,insufficient funds\n")
     assert cli.clearing("aavs dishonour", tmp_path / "back.txt", "--json").json()[
         "suspended"] == ["41111111"]
+    # the holder pays what is owed at the shop's service terminal, which reactivates the card
+    send(shop, *(shop.row("committed", aavs, 4, kind, amount, 24_620, 24_620,
+                          "2026-11-22T07:00:00Z")
+                 for kind, amount in (("aavs_outstanding_paid", 25_000),
+                                      ("aavs_reactivation_fee", 2_000), ("reactivate", 0))))
     obj = cli.clearing("statement", "--day", DAY, "--json").json()
 
     # the cards' value movements, write by write, from what the terminals sent
@@ -524,7 +530,8 @@ def test_a_simulated_day_balances_to_the_cent_against_the_cards_value_movements(
     for r in sent:
         sums[r.type] += r.amount_cents
     assert t == dict(sums)
-    for column in ("payments", "cash_add_values", "aavs_add_values", "refunds", "fees"):
+    for column in ("payments", "cash_add_values", "aavs_add_values", "refunds", "fees",
+                   "aavs_collected"):
         assert sum(cents(line[column]["amount"]) for line in obj["providers"]) == cents(
             obj["total"][column]["amount"]), column
     assert sum(cents(line["net"]) for line in obj["providers"]) == cents(obj["total"]["net"])
@@ -538,6 +545,10 @@ def test_a_simulated_day_balances_to_the_cent_against_the_cards_value_movements(
     assert obj["central"]["aavs_debits"] == {"count": 1, "amount": "250.00"} and cents(
         obj["central"]["aavs_debits"]["amount"]) == t["auto_add_value"]
     assert obj["central"]["aavs_dishonoured"] == {"count": 1, "amount": "250.00"}
+    # what was dishonoured was collected, at the shop: owed by it, and the card owes nothing
+    [shop_line] = [line for line in obj["providers"] if line["provider"] == "Shop"]
+    assert shop_line["aavs_collected"] == obj["central"]["aavs_dishonoured"]
+    assert cli.clearing("aavs list", "--json").json()["outstanding"][0]["outstanding"] == "0.00"
 
 
 def test_a_dishonour_leaves_a_card_listed_lost_as_it_is(cli, tmp_path):
@@ -555,3 +566,78 @@ def test_a_dishonour_leaves_a_card_listed_lost_as_it_is(cli, tmp_path):
     with Store(cli.db) as store:
         assert store.actions()[1] == [(CARD_A, "lost", "2026-11-22T02:00:00Z")]
     assert cli.clearing("aavs list", "--json").json()["outstanding"][0]["outstanding"] == "150.00"
+
+
+def test_aavs_suspensions_are_numbered_released_when_collected_and_a_switch_costs_a_fee(
+        cli, tmp_path):
+    """A switch of financial institution costs HK$20, deducted by the new institution (001):
+    a debit line in its file; another account at the same institution costs nothing. The
+    debits of one card returned in one file are one dishonour: the card is listed suspended
+    with what it owes and suspension number 1. A service terminal's collection, settled,
+    clears the amount and takes the card off the list; a later dishonour suspends it again
+    (number 2, not a cancellation: it owed nothing); one more while it owes cancels it."""
+    bus, shop = enroll(cli, "BUS-1"), enroll(cli, "SHOP-1")
+
+    def link(institution, account, at):
+        return cli.clearing("aavs link", "--card", CARD_A, "--institution", institution,
+                            "--account", account, "--at", at, "--json").json()
+
+    assert link("HSBC", "004-1", "2026-11-20T00:00:00Z")["switch_fee"] is None
+    assert link("HSBC", "004-2", "2026-11-21T00:00:00Z")["switch_fee"] is None
+    switched = link("BOC", "012-1", "2026-11-22T02:00:00Z")
+    assert (switched["switched_from"], switched["switch_fee"], switched["switch_reference"]) == (
+        "HSBC", "20.00", "switch:11111111:2026-11-22T02:00:00Z")
+    bus.send([bus.row("committed", CARD_A, 4, "auto_add_value", 25_000, 100, 25_100,
+                      "2026-11-22T01:00:00Z"),
+              bus.row("committed", CARD_A, 4, "payment", 600, 25_100, 24_500,
+                      "2026-11-22T01:00:00Z"),
+              bus.row("committed", CARD_A, 5, "aavs_reactivation_fee", 2_000, 24_500, 24_500,
+                      "2026-11-22T03:00:00Z")])
+    made = cli.clearing("aavs debits", "--day", DAY, "--out", tmp_path, "--json").json()
+    assert [(f["institution"], f["debits"], f["amount"]) for f in made["files"]] == [
+        ("BOC", 3, "290.00")]
+    lines = (tmp_path / "aavs-debits-2026-11-22-BOC.txt").read_text().splitlines()
+    assert lines[1:] == [
+        "D,BUS-1:i:1,012-1,11111111,reload,250.00,2026-11-22T01:00:00Z",
+        "D,switch:11111111:2026-11-22T02:00:00Z,012-1,11111111,switch_fee,20.00,"
+        "2026-11-22T02:00:00Z",
+        "D,BUS-1:i:3,012-1,11111111,fee,20.00,2026-11-22T03:00:00Z",
+        "T,3,290.00"]
+
+    returned = tmp_path / "returned.txt"
+    returned.write_text("R,BUS-1:i:1,insufficient funds\nR,BUS-1:i:3,insufficient funds\n")
+    first = cli.clearing("aavs dishonour", returned, "--at", "2026-11-23T01:00:00Z",
+                         "--json").json()
+    assert (first["suspended"], first["cancelled"]) == (["11111111"], [])
+    with Store(cli.db) as store:
+        serial, entries = store.action_details()
+    assert entries == [(CARD_A, "aavs_suspended", "2026-11-23T01:00:00Z", 27_000, 1)]
+
+    # collected at a service terminal; settled, the card owes nothing and leaves the list
+    shop.send([shop.row("committed", CARD_A, 6, kind, amount, 24_500, 24_500,
+                        "2026-11-23T02:00:00Z")
+               for kind, amount in (("aavs_outstanding_paid", 27_000),
+                                    ("aavs_reactivation_fee", 2_000), ("reactivate", 0))])
+    with Store(cli.db) as store:
+        assert store.action_details() == (serial + 1, [])
+    [owing] = cli.clearing("aavs list", "--json").json()["outstanding"]
+    assert (owing["outstanding"], owing["paid"], owing["dishonours"], owing["suspensions"]) == (
+        "0.00", "270.00", 1, 1)
+
+    returned.write_text("R,switch:11111111:2026-11-22T02:00:00Z,account closed\n")
+    again = cli.clearing("aavs dishonour", returned, "--at", "2026-11-24T01:00:00Z",
+                         "--json").json()
+    assert (again["suspended"], again["cancelled"]) == (["11111111"], [])
+    with Store(cli.db) as store:
+        assert store.action_details()[1] == [
+            (CARD_A, "aavs_suspended", "2026-11-24T01:00:00Z", 2_000, 2)]
+
+    cli.clearing("aavs debits", "--day", "2026-11-23", "--out", tmp_path, "--json").json()
+    returned.write_text("R,SHOP-1:i:2,account closed\n")  # the re-activation fee's debit
+    last = cli.clearing("aavs dishonour", returned, "--at", "2026-11-25T01:00:00Z",
+                        "--json").json()
+    assert last["cancelled"] == ["11111111"]
+    [owing] = cli.clearing("aavs list", "--json").json()["outstanding"]
+    # owed 20.00 + 20.00; the card's last settled value, 245.00, applied to it
+    assert (owing["outstanding"], owing["value_applied"], owing["cancelled_utc"]) == (
+        "0.00", "40.00", "2026-11-25T01:00:00Z")

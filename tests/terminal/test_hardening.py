@@ -148,7 +148,7 @@ def _encode_unchecked(forged: Purse, image, key):
     from farebox.cardimage.image import _seal
     from farebox.cardimage.layout import AREA_PURSE
 
-    data = schemas.build(schemas.Purse, {**asdict(forged), "reserved": None})
+    data = schemas.build(schemas.Purse, asdict(forged))
     return _seal(key, AREA_PURSE, image.identity.key_version, image.idm,
                  PURSE_SLOT_BLOCKS[image.purse_slot], data)
 

@@ -712,6 +712,67 @@ def test_the_service_terminal_obeys_the_action_list(journal):
     assert read_card(session(suspended), KEYS).purse.status is Status.ACTIVE
 
 
+def test_an_aavs_suspension_is_released_once_the_amount_it_names_is_paid(journal):
+    """001: a card suspended after a dishonoured debit is reactivated "after the outstanding
+    amount has been paid": the amount the list's suspension names, collected exactly, and the
+    card keeps the suspension's number, so a terminal whose list still holds that entry does
+    not suspend it again; a later suspension (a higher number) does."""
+    from farebox.terminal.core.rules import ListEntry, ListReason
+
+    listed_at = AT - timedelta(hours=4)
+    entry = ListEntry(22345678, ListReason.AAVS_SUSPENDED, listed_at, outstanding_cents=15_020,
+                      suspension=1)
+    terminal = Terminal(journal, KEYS, action_list=[entry])
+    idm = new_idm()
+    _, _, blocks = issue(IssueRequest(issued=date(2026, 1, 15), number=22345678), KEYS, idm)
+    card_ = SimulatedLiteS(idm, blocks=blocks)
+    assert terminal.pay(session(card_), Tariff.flat(100), AT).reason.value == "suspended"
+
+    def reactivate(paid, when=AT + timedelta(minutes=1)):
+        return terminal.service(
+            session(card_), when, "reactivate",
+            lambda c, day: decide_reactivate(c.identity, c.purse, day,
+                                             suspension=terminal.suspension(c, when),
+                                             paid_cents=paid, list_held=terminal.list_held)[0])
+
+    for paid in (0, 15_000, 15_021):
+        with pytest.raises(RequestRefused, match=r"owes 150\.20 .*--paid 150\.20"):
+            reactivate(paid)
+    assert read_card(session(card_), KEYS).purse.status is Status.SUSPENDED
+    result = reactivate(15_020)
+    assert [(r.type.value, r.amount_cents) for r in result.records] == [
+        ("aavs_outstanding_paid", 15_020), ("aavs_reactivation_fee", 2_000), ("reactivate", 0)]
+    assert result.balance_after_cents == result.balance_before_cents
+    purse = read_card(session(card_), KEYS).purse
+    assert (purse.status, purse.aavs_released) == (Status.ACTIVE, 1)
+    # the same (stale) list: the card was released from suspension 1
+    assert terminal.pay(session(card_), Tariff.flat(100), AT + timedelta(minutes=5)).approved
+    assert terminal.list_status(read_card(session(card_), KEYS), AT) is Status.ACTIVE
+    # a later dishonour: suspension 2 applies
+    terminal.action_list = (entry, ListEntry(22345678, ListReason.AAVS_SUSPENDED,
+                                             AT + timedelta(hours=1), 5_000, 2))
+    later = AT + timedelta(hours=2)
+    assert terminal.pay(session(card_), Tariff.flat(100), later).reason.value == "suspended"
+    assert reactivate(5_000, later + timedelta(minutes=1)).approved
+    assert read_card(session(card_), KEYS).purse.aavs_released == 2
+    # an entry put on the list by hand has no number: the house takes it off first
+    terminal.action_list = (ListEntry(22345678, ListReason.AAVS_SUSPENDED, later),)
+    assert terminal.pay(session(card_), Tariff.flat(100), later + timedelta(hours=1)).reason \
+        .value == "suspended"
+    with pytest.raises(RequestRefused, match="by hand"):
+        reactivate(0, later + timedelta(hours=1, minutes=1))
+    # a terminal that holds no list cannot tell what the card owes
+    terminal.action_list, terminal.list_held = (), False
+    with pytest.raises(RequestRefused, match="holds no action list"):
+        reactivate(0, later + timedelta(hours=1, minutes=2))
+    terminal.list_held = True  # an empty list held: nothing outstanding (paid at the house)
+    with pytest.raises(RequestRefused, match="no AAVS amount outstanding"):
+        reactivate(100, later + timedelta(hours=1, minutes=3))
+    done = reactivate(0, later + timedelta(hours=1, minutes=3))
+    assert [r.type.value for r in done.records] == ["aavs_reactivation_fee", "reactivate"]
+    assert read_card(session(card_), KEYS).purse.aavs_released == 2
+
+
 def test_an_untrusted_clock_is_refused_for_a_service_change(journal):
     terminal, card_ = Terminal(journal, KEYS), sim_card()
     terminal.pay(session(card_), Tariff.flat(100), AT)
@@ -725,12 +786,24 @@ def test_old_purses_read_aavs_as_never_enabled():
     from farebox.cardimage import schemas
 
     purse = Purse(counter=1, balance_cents=0, last_add_value=date(2026, 1, 1))
-    data = schemas.build(schemas.Purse, {**purse.__dict__, "reserved": None})
+    data = schemas.build(schemas.Purse, purse.__dict__)
     assert data[-2:] == bytes(2)
     assert schemas.parse(schemas.Purse, data).aavs_ever_enabled is False
     with pytest.raises(Exception):
         schemas.parse(schemas.Purse, data[:-2] + b"\x02\x00")
     assert replace(purse, aavs_ever_enabled=True) != purse
+
+
+def test_old_purses_read_no_aavs_suspension_released():
+    """The purse's last byte was reserved (zero) before: an old card reads 0 (no suspension
+    released), and the byte keeps the number of the suspension released."""
+    from farebox.cardimage import schemas
+
+    purse = Purse(counter=1, balance_cents=0, last_add_value=date(2026, 1, 1))
+    data = schemas.build(schemas.Purse, purse.__dict__)
+    assert data[-1:] == b"\x00" and schemas.parse(schemas.Purse, data).aavs_released == 0
+    released = schemas.build(schemas.Purse, replace(purse, aavs_released=7).__dict__)
+    assert released[-1:] == b"\x07" and schemas.parse(schemas.Purse, released).aavs_released == 7
 
 
 # ---- properties -----------------------------------------------------------------------------

@@ -404,3 +404,66 @@ def test_a_loss_report_reaches_a_service_terminal_at_once_and_stops_a_return(far
     assert "reported lost" in refused.err and card.read_bytes() == before
     assert tap(farebox, card, "2026-11-22T07:00:00+08:00").json()["outcome"] == "approved"
     assert tap(farebox, card).json()["reason"] == "blocked"  # 09:00: past the three hours
+
+
+def test_a_dishonoured_aavs_debit_is_paid_at_a_service_terminal_and_released(farebox, house,
+                                                                            tmp_path):
+    """Issue 19 item 2, end to end through a real receiver: a settled AAVS reload becomes a
+    debit; its return suspends the card with the amount owed on the signed list; the service
+    terminal collects exactly that amount before it reactivates the card, which keeps the
+    suspension's number, so the list it still holds does not suspend it again; uploaded, the
+    collection clears the amount at the house, takes the card off the list and is on the
+    provider statement as cash the terminal took."""
+    made = farebox("terminal", "init", "--state", farebox.state, "--id", "BUS-1",
+                   "--json").json()
+    farebox("clearing", "enroll", "--db", house.db, "--terminal", "BUS-1", "--pubkey",
+            made["public_key"], "--json").json()
+    card = farebox.card(number=CARD, balance="1.00", aavs="250")
+    reload = tap(farebox, card, "2026-11-22T08:00:00+08:00", house.config).json()
+    assert reload["outcome"] == "approved" and reload["balance_after"] == "250.00"
+    farebox("batch", "close", "--state", farebox.state, "--json").json()
+    farebox("upload", "--state", farebox.state, "--config", house.config, "--json").json()
+    db = ["--db", house.db]
+    farebox("clearing", "aavs", "link", *db, "--card", CARD, "--institution", "HSBC",
+            "--account", "004-1", "--json").json()
+    made = farebox("clearing", "aavs", "debits", *db, "--day", "2026-11-22", "--out",
+                   tmp_path / "debits", "--json").json()
+    [debit] = [line for line in (tmp_path / "debits" / "aavs-debits-2026-11-22-HSBC.txt")
+               .read_text().splitlines() if line.startswith("D,")]
+    assert made["files"][0]["amount"] == "250.00"
+    (tmp_path / "returned.txt").write_text(f"R,{debit.split(',')[1]},insufficient funds\n")
+    returned = farebox("clearing", "aavs", "dishonour", *db, tmp_path / "returned.txt", "--at",
+                       "2026-11-23T01:00:00Z", "--json").json()
+    assert returned["suspended"] == [CARD]
+    fetched = house.fetch().json()
+    assert fetched["entries"] == 1
+    held = json.loads(json.loads((farebox.state / "actions.json").read_text())["list"])
+    assert held["entries"] == [{"card": CARD, "reason": "aavs_suspended",
+                                "at": "2026-11-23T01:00:00Z", "outstanding_cents": 25_000,
+                                "suspension": 1}]
+
+    assert tap(farebox, card, "2026-11-23T10:00:00+08:00", house.config).json()[
+        "reason"] == "suspended"
+    before = card.read_bytes()
+    short = farebox("service", "reactivate", card, "--at", "2026-11-23T10:05:00+08:00",
+                    "--paid", "200.00", "--state", farebox.state, "--config", house.config)
+    short.assert_bad_input()
+    assert "owes 250.00" in short.err and card.read_bytes() == before
+    done = farebox("service", "reactivate", card, "--at", "2026-11-23T10:05:00+08:00",
+                   "--paid", "250.00", "--state", farebox.state, "--config", house.config,
+                   "--json").json()
+    assert (done["outstanding_paid"], done["reactivation_fee"]) == ("250.00", "20.00")
+    # the list held still names suspension 1: the card was released from it
+    assert tap(farebox, card, "2026-11-23T10:10:00+08:00", house.config).json()[
+        "outcome"] == "approved"
+
+    farebox("batch", "close", "--state", farebox.state, "--json").json()
+    farebox("upload", "--state", farebox.state, "--config", house.config, "--json").json()
+    owing = farebox("clearing", "aavs", "list", *db, "--json").json()["outstanding"]
+    assert [(o["card"], o["outstanding"], o["paid"], o["suspensions"]) for o in owing] == [
+        (CARD, "0.00", "250.00", 1)]
+    refetched = house.fetch().json()
+    assert refetched["entries"] == 0 and refetched["serial"] == fetched["serial"] + 1
+    statement = farebox("clearing", "statement", *db, "--day", "2026-11-23", "--json").json()
+    assert statement["total"]["aavs_collected"] == {"count": 1, "amount": "250.00"}
+    assert statement["total"]["net"] == "-249.00"  # the 1.00 fare owed to it, 250.00 by it

@@ -285,6 +285,13 @@ HOTLIST_DAMAGE = {
     "time_garbage": '{"entries": [{"card": "12345678", "reason": "lost", "at": "yesterday"}]}',
     "time_date_only": '{"entries": [{"card": "12345678", "reason": "lost", "at": "2026-11-22"}]}',
     "no_time": '{"entries": [{"card": "12345678", "reason": "lost"}]}',
+    "outstanding_on_a_lost_entry": '{"entries": [{"card": "12345678", "reason": "lost", "at": "2026-11-22T00:00:00Z", "outstanding_cents": 100}]}',
+    "outstanding_negative": '{"entries": [{"card": "12345678", "reason": "aavs_suspended", "at": "2026-11-22T00:00:00Z", "outstanding_cents": -1, "suspension": 1}]}',
+    "outstanding_text": '{"entries": [{"card": "12345678", "reason": "aavs_suspended", "at": "2026-11-22T00:00:00Z", "outstanding_cents": "1.00", "suspension": 1}]}',
+    "outstanding_huge": '{"entries": [{"card": "12345678", "reason": "aavs_suspended", "at": "2026-11-22T00:00:00Z", "outstanding_cents": 100000001, "suspension": 1}]}',
+    "suspension_zero": '{"entries": [{"card": "12345678", "reason": "aavs_suspended", "at": "2026-11-22T00:00:00Z", "suspension": 0}]}',
+    "suspension_256": '{"entries": [{"card": "12345678", "reason": "aavs_suspended", "at": "2026-11-22T00:00:00Z", "suspension": 256}]}',
+    "suspension_bool": '{"entries": [{"card": "12345678", "reason": "aavs_suspended", "at": "2026-11-22T00:00:00Z", "suspension": true}]}',
     "second_entry_bad": ('{"entries": [{"card": "87654321", "reason": "lost", "at": "2026-11-22T00:00:00Z"},'
                          ' {"card": "12345678", "reason": "lost", "at": "bad"}]}'),
 }

@@ -359,6 +359,39 @@ def test_inactivity_fee_and_reactivation(farebox):
             farebox.state).assert_bad_input()  # active: nothing to reactivate
 
 
+def test_an_aavs_suspended_card_is_reactivated_once_the_listed_amount_is_paid(farebox):
+    """001: "MTR staff will reactivate the Octopus after the outstanding amount has been
+    paid": the service terminal collects exactly what the list's suspension names, and the card
+    keeps the suspension's number, so the same list no longer suspends it."""
+    card = farebox.card(number="12345678", aavs="250")
+    hotlist = farebox.hotlist([{"card": "12345678", "reason": "aavs_suspended",
+                                "at": "2026-11-22T08:00:00+08:00", "outstanding_cents": 25_000,
+                                "suspension": 1}])
+    assert farebox.tap(card, "--fare", "1.00", at="2026-11-22T09:00:00+08:00",
+                       hotlist=hotlist).json()["reason"] == "suspended"
+    before = card.read_bytes()
+    for paid in ([], ["--paid", "200.00"], ["--paid", "250.01"]):
+        refused = farebox("service", "reactivate", card, "--at", "2026-11-22T10:00:00+08:00",
+                          "--hotlist", hotlist, "--state", farebox.state, *paid)
+        refused.assert_bad_input()
+        assert "owes 250.00 for returned AAVS debits" in refused.err
+    assert card.read_bytes() == before
+    farebox("service", "reactivate", card, "--at", "2026-11-22T10:00:00+08:00", "--paid", "-1",
+            "--hotlist", hotlist, "--state", farebox.state).assert_bad_input()
+    farebox("service", "reactivate", card, "--at", "2026-11-22T10:00:00+08:00", "--state",
+            farebox.state).assert_bad_input()  # no list held: it cannot tell what is owed
+    done = farebox("service", "reactivate", card, "--at", "2026-11-22T10:00:00+08:00",
+                   "--paid", "250.00", "--hotlist", hotlist, "--state", farebox.state,
+                   "--json").json()
+    assert (done["outstanding_paid"], done["reactivation_fee"], done["status"]) == (
+        "250.00", "20.00", "active")
+    assert [r["type"] for r in done["records"]] == [
+        "aavs_outstanding_paid", "aavs_reactivation_fee", "reactivate"]
+    assert farebox.show(card)["aavs_released"] == 1
+    assert farebox.tap(card, "--fare", "1.00", at="2026-11-22T11:00:00+08:00",
+                       hotlist=hotlist).json()["outcome"] == "approved"
+
+
 def test_reactivation_waives_fees_beyond_the_balance(farebox):
     card = farebox.card(issued="2018-01-01", balance="20.00")
     result = farebox("service", "reactivate", card, "--at", at(date(2023, 6, 1)), "--state",
