@@ -641,3 +641,39 @@ def test_aavs_suspensions_are_numbered_released_when_collected_and_a_switch_cost
     # owed 20.00 + 20.00; the card's last settled value, 245.00, applied to it
     assert (owing["outstanding"], owing["value_applied"], owing["cancelled_utc"]) == (
         "0.00", "40.00", "2026-11-25T01:00:00Z")
+
+
+def test_a_collection_sent_in_doubt_counts_once_it_is_settled(cli, tmp_path):
+    """A reactivation cut off at the service terminal is sent in doubt: nothing is collected
+    at the house until the card's next write proves it landed; then the amount is cleared and
+    the card taken off the list; the terminal's own later word changes nothing more."""
+    bus, shop = enroll(cli, "BUS-1"), enroll(cli, "SHOP-1")
+    cli.clearing("aavs link", "--card", CARD_A, "--institution", "HSBC", "--account", "1")
+    bus.send([bus.row("committed", CARD_A, 4, "auto_add_value", 25_000, 100, 25_100,
+                      "2026-11-22T01:00:00Z")])
+    cli.clearing("aavs debits", "--day", DAY, "--out", tmp_path, "--json").json()
+    (tmp_path / "r.txt").write_text("R,BUS-1:i:1,refused\n")
+    assert cli.clearing("aavs dishonour", tmp_path / "r.txt", "--at", "2026-11-23T01:00:00Z",
+                        "--json").json()["suspended"] == ["11111111"]
+
+    def reactivation(state):
+        return [shop.row(state, CARD_A, 5, kind, amount, 25_100, 25_100, "2026-11-23T02:00:00Z")
+                for kind, amount in (("aavs_outstanding_paid", 25_000),
+                                     ("aavs_reactivation_fee", 2_000), ("reactivate", 0))]
+
+    shop.send(reactivation("in_doubt"))
+    owing = cli.clearing("aavs list", "--json").json()["outstanding"][0]
+    assert (owing["outstanding"], owing["paid"]) == ("250.00", "0.00")
+    with Store(cli.db) as store:
+        serial, entries = store.action_details()
+    assert len(entries) == 1
+    bus.send([bus.row("committed", CARD_A, 6, "payment", 600, 25_100, 24_500,
+                      "2026-11-23T03:00:00Z")])  # the next write: the reactivation landed
+    owing = cli.clearing("aavs list", "--json").json()["outstanding"][0]
+    assert (owing["outstanding"], owing["paid"]) == ("0.00", "250.00")
+    with Store(cli.db) as store:
+        assert store.action_details() == (serial + 1, [])
+    shop.seq = 0  # the terminal's word on the same records: settled as sent
+    shop.send(reactivation("committed"))
+    owing = cli.clearing("aavs list", "--json").json()["outstanding"][0]
+    assert (owing["outstanding"], owing["paid"]) == ("0.00", "250.00")
