@@ -576,7 +576,7 @@ def import_dishonours(store: Store, text: str, at: datetime) -> dict:
     ``cancelled``). A debit returned before is left as it is (a file imported twice)."""
     returned = parse_dishonours(text)
     now = utc_iso(at)
-    outcome = {"dishonoured": [], "again": [], "suspended": [], "cancelled": []}
+    outcome = {"dishonoured": [], "again": [], "suspended": [], "cancelled": [], "covered": []}
     with _transaction(store) as db:
         by_card: dict[int, int] = {}
         for reference, _ in returned:
@@ -585,11 +585,13 @@ def import_dishonours(store: Store, text: str, at: datetime) -> dict:
             if not found:
                 raise OfficeError(f"no debit {reference} was sent: nothing was imported")
             card, cents, earlier = found[0]
-            if earlier is not None:
+            # conditional: the same file imported twice at once counts the debit once (the
+            # second waits for the first's row lock, then finds it returned)
+            if earlier is not None or not db.execute(
+                    "UPDATE aavs_debits SET dishonoured_utc = ? WHERE reference = ? "
+                    "AND dishonoured_utc IS NULL", (db.time(now), reference)).rowcount:
                 outcome["again"].append(reference)
                 continue
-            db.execute("UPDATE aavs_debits SET dishonoured_utc = ? WHERE reference = ?",
-                       (db.time(now), reference))
             outcome["dishonoured"].append(reference)
             by_card[card] = by_card.get(card, 0) + cents
         if db.postgres and by_card:  # the receivers' per-card locks (Store ingest): a
@@ -598,15 +600,13 @@ def import_dishonours(store: Store, text: str, at: datetime) -> dict:
                        "(SELECT c FROM unnest(?::int[]) AS c ORDER BY c) AS ordered",
                        ([card % 2_147_483_647 for card in sorted(by_card)],))
         for card, cents in sorted(by_card.items()):
-            owing = db.all("SELECT cancelled_utc, suspensions FROM aavs_outstanding "
-                           "WHERE card_number = ?", (card,))
-            if not owing:
-                db.execute("INSERT INTO aavs_outstanding (card_number, outstanding_cents, "
-                           "dishonours, last_utc) VALUES (?, 0, 0, ?)", (card, db.time(now)))
-                cancelled, suspensions = None, 0
-            else:
-                cancelled, suspensions = owing[0]
-            further = cancelled is None and _owed(db, card) > 0
+            db.execute("INSERT INTO aavs_outstanding (card_number, outstanding_cents, "
+                       "dishonours, last_utc) VALUES (?, 0, 0, ?) ON CONFLICT (card_number) "
+                       "DO NOTHING", (card, db.time(now)))
+            cancelled, suspensions = db.all("SELECT cancelled_utc, suspensions FROM "
+                                            "aavs_outstanding WHERE card_number = ?", (card,))[0]
+            pending = _pending(db, card)
+            further = cancelled is None and _owed(db, card) - pending > 0
             db.execute("UPDATE aavs_outstanding SET outstanding_cents = outstanding_cents "
                        "+ ?, dishonours = dishonours + 1, last_utc = ? WHERE card_number = ?",
                        (cents, db.time(now), card))
@@ -616,18 +616,27 @@ def import_dishonours(store: Store, text: str, at: datetime) -> dict:
                 _cancel_for_dishonour(db, card, at)
                 outcome["cancelled"].append(f"{card:08d}")
                 continue
-            number = min(suspensions + 1, SUSPENSION_MAX)
-            if _list(db, card, "aavs_suspended", now, _owed(db, card), number):
-                db.execute("UPDATE aavs_outstanding SET suspensions = ? WHERE card_number = ?",
-                           (number, card))
+            owed = _owed(db, card) - pending
+            if owed <= 0:  # what was collected (or is on its way) covers it: nothing owed
+                outcome["covered"].append(f"{card:08d}")
+                continue
+            number = suspensions + 1
+            if number > SUSPENSION_MAX:  # the card cannot keep a higher number: by hand
+                listed = _list(db, card, "aavs_suspended", now)
+            else:
+                listed = _list(db, card, "aavs_suspended", now, owed, number)
+                if listed:
+                    db.execute("UPDATE aavs_outstanding SET suspensions = ? "
+                               "WHERE card_number = ?", (number, card))
+            if listed:
                 outcome["suspended"].append(f"{card:08d}")
         if outcome["suspended"] or outcome["cancelled"]:
             outcome["serial"] = _bump_serial(db)
     return outcome
 
 
-#: the highest suspension number (the card keeps it in one byte); a card suspended that often
-#: is listed with it again and cannot be released at a terminal (the house takes it off)
+#: the highest suspension number (the card keeps it in one byte); a card suspended more often
+#: is listed without a number, as by hand: released only by the house taking it off the list
 SUSPENSION_MAX = 255
 
 
@@ -647,16 +656,31 @@ def _paid(db: _Db, card: int) -> int:
     return rows[0][0] if rows else 0
 
 
+def _pending(db: _Db, card: int) -> int:
+    """The AAVS amounts outstanding collected at service terminals and sent in doubt (or
+    unresolved), settled neither way yet: on their way, so not owed (a further dishonour
+    meanwhile is not one "while an amount is outstanding")."""
+    return db.all(
+        "SELECT coalesce(sum(u.amount_cents), 0) FROM card_writes w JOIN records u "
+        "ON u.source = w.source AND u.seq = w.seq AND u.at_utc = w.at_utc "
+        "WHERE w.card_number = ? AND u.type = 'aavs_outstanding_paid' "
+        "AND u.state IN ('unresolved', 'in_doubt') AND NOT EXISTS ("
+        "SELECT 1 FROM records c WHERE c.source = u.source AND c.seq = u.seq "
+        "AND c.at_utc = u.at_utc AND c.state NOT IN ('unresolved', 'in_doubt'))",
+        (card,))[0][0]
+
+
 def _list(db: _Db, card: int, reason: str, now: str, outstanding: int | None = None,
           suspension: int | None = None) -> bool:
-    """List ``card`` for ``reason`` unless it is listed more severely (or, but for an AAVS
-    suspension with a number, so); whether it was. A numbered suspension replaces the card's
-    earlier one: the card was released from that (it owed nothing more)."""
-    listed = db.all("SELECT reason FROM actions WHERE card_number = ?", (card,))
+    """List ``card`` for ``reason`` unless it is listed more severely or so already; whether
+    it was. A numbered AAVS suspension replaces the card's earlier numbered one (the card was
+    released from that: it owed nothing more), never one put on the list by hand."""
+    listed = db.all("SELECT reason, suspension FROM actions WHERE card_number = ?", (card,))
     order = ["aavs_suspended", "lost", "cancelled"]
     if listed:
         held = order.index(listed[0][0])
-        if held > order.index(reason) or (held == order.index(reason) and suspension is None):
+        if held > order.index(reason) or (held == order.index(reason) and (
+                suspension is None or listed[0][1] is None)):
             return False
     db.execute("DELETE FROM actions WHERE card_number = ?", (card,))
     db.execute("INSERT INTO actions (card_number, reason, at_utc, added_utc, outstanding_cents, "
@@ -670,7 +694,7 @@ def _cancel_for_dishonour(db: _Db, card: int, at: datetime) -> None:
     the deposit forfeited (a Sold card has none: the deposit is known from its issue record)."""
     value = card_value_at(db, card, at + timedelta(microseconds=1))
     balance = max(0, value[1]) if value else 0
-    applied = min(balance, max(0, _owed(db, card)))
+    applied = min(balance, max(0, _owed(db, card) - _pending(db, card)))
     deposit = db.all("SELECT coalesce(max(r.amount_cents), 0) FROM card_writes w JOIN records r "
                      "ON r.source = w.source AND r.seq = w.seq AND r.at_utc = w.at_utc "
                      "WHERE w.card_number = ? AND r.type = 'deposit' AND r.state = 'committed'",
@@ -684,8 +708,8 @@ def _cancel_for_dishonour(db: _Db, card: int, at: datetime) -> None:
 
 def aavs_outstanding(store: Store) -> list[dict]:
     """Every card with a dishonoured debit: what it owes (dishonoured, less value applied at a
-    cancellation and what service terminals collected), how many dishonours and suspensions,
-    cancelled when."""
+    cancellation and what service terminals collected), what is due back to its holder
+    (collected beyond that), how many dishonours and suspensions, cancelled when."""
     with _session(store) as db:
         rows = db.all("SELECT o.card_number, o.outstanding_cents, o.dishonours, o.last_utc, "
                       "o.cancelled_utc, o.value_applied_cents, o.deposit_forfeited_cents, "
@@ -694,7 +718,10 @@ def aavs_outstanding(store: Store) -> list[dict]:
                       "ORDER BY o.card_number")
         paid = dict(db.all("SELECT card_number, paid_cents FROM aavs_outstanding"))
     return [_shown({"card": f"{card:08d}", "institution": institution,
-                    "outstanding_cents": owed - paid[card], "paid_cents": paid[card],
+                    "outstanding_cents": max(0, owed - paid[card]), "paid_cents": paid[card],
+                    # collected beyond what it owed (a collection that reached the house
+                    # after a cancellation applied the card's value): the holder's money
+                    "refund_due_cents": max(0, paid[card] - owed),
                     "dishonours": count, "suspensions": suspensions,
                     "last_dishonour_utc": _text_time(last),
                     "cancelled_utc": None if cancelled is None else _text_time(cancelled),

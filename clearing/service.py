@@ -60,7 +60,7 @@ class Receiver:
     def action_list(self, now: datetime) -> dict:
         """The current action list, signed, valid for a day from ``now``."""
         serial, rows = self.store.action_details()
-        entries = [ActionEntry(f"{card:08d}", reason, at, owed, number)
+        entries = [ActionEntry(f"{card:08d}", reason, at, *_suspension(reason, owed, number))
                    for card, reason, at, owed, number in rows]
         return SignedActionList.publish(entries, serial, now, self._key).to_json()
 
@@ -111,3 +111,22 @@ class Receiver:
         except Conflict as conflict:
             raise Refused(422 if conflict.kind == "record" else 409, str(conflict)) from None
         return Ack(sent.name, len(rows), stored.duplicates, stored.again)
+
+
+#: what a terminal takes on an AAVS suspension (terminal/link/actionlist.py): an amount owed
+#: of 1 cent to HK$1,000,000 and a number 1-255, both or neither
+OUTSTANDING_RANGE = (1, 100_000_000)
+SUSPENSION_RANGE = (1, 255)
+
+
+def _suspension(reason: str, owed: int | None,
+                number: int | None) -> tuple[int | None, int | None]:
+    """An entry's amount and number as published: both when a terminal takes them, else
+    neither (the entry then applies as one put on the list by hand): one entry a terminal
+    refused would make it refuse the whole list, and every later one."""
+    if (reason == "aavs_suspended" and owed is not None and number is not None
+            and OUTSTANDING_RANGE[0] <= owed <= OUTSTANDING_RANGE[1]
+            and SUSPENSION_RANGE[0] <= number <= SUSPENSION_RANGE[1]):
+        return owed, number
+    return None, None
+

@@ -593,9 +593,13 @@ def _serial(db: _Db) -> int:
 
 
 def _bump_serial(db: _Db) -> int:
-    serial = _serial(db) + 1
-    db.execute("DELETE FROM meta WHERE name = 'action_list_serial'")
-    db.execute("INSERT INTO meta (name, value) VALUES ('action_list_serial', ?)", (str(serial),))
+    """The action list's next serial, in one statement: on PostgreSQL the upsert locks the row
+    and reads its latest committed value, so two transactions moving it at once (receivers,
+    a dishonour import, the console) take turns instead of one failing on the key."""
+    db.execute("INSERT INTO meta (name, value) VALUES ('action_list_serial', '1') "
+               "ON CONFLICT (name) DO UPDATE SET value = "
+               "CAST(CAST(meta.value AS BIGINT) + 1 AS TEXT)")
+    serial = _serial(db)
     return serial
 
 

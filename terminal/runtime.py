@@ -305,6 +305,8 @@ def open_terminal(config: TerminalConfig) -> Iterator[Terminal]:
                             config.retap_window_s, config.max_clock_ahead_s,
                             list_held=config.action_list is not None
                             or held.in_force is not None)
+        if held.in_force is not None:
+            terminal.list_issued = held.in_force.issued
         journal.start_wal()  # the WAL's header is synced now, not in the first tap's intent
         yield terminal
         terminal.idle(closing=True)

@@ -249,7 +249,8 @@ def reactivate(card_file, reader_spec, wait_s, at, state_dir, config_file, hotli
         def decide(card, day):
             return decide_reactivate(card.identity, card.purse, day,
                                      suspension=term.suspension(card, at),
-                                     paid_cents=paid_cents, list_held=term.list_held)[0]
+                                     paid_cents=paid_cents, list_held=term.list_held,
+                                     list_fresh=term.list_fresh(at))[0]
         return decide
 
     def shape(result: TapResult) -> dict:

@@ -32,7 +32,9 @@ from farebox.terminal.core.rules import (
     RecordType, Tariff, balance_in_range, decide_add_value, decide_payment, list_ordered_change,
     list_time, ordered_status, suspension_in_force,
 )
-from farebox.terminal.core.service import ServiceRefused, check_issued_by
+from farebox.terminal.core.service import (
+    REACTIVATION_LIST_AGE, ServiceRefused, check_issued_by,
+)
 from farebox.terminal.core.writecycle import (
     WriteState, log_repair, resolve_open_writes, retap_completes,
 )
@@ -144,6 +146,8 @@ class Terminal:
         #: whether the terminal holds an action list at all (a file or a fetched list), even an
         #: empty one: without one it cannot tell what a suspended card owes (reactivation)
         self.list_held = list_held
+        #: when the fetched list in force was issued (None: none fetched; a list file only)
+        self.list_issued: datetime | None = None
         self.minimum_add_value_cents = minimum_add_value_cents
         self.retap_window = timedelta(seconds=retap_window_s)
         self.max_clock_ahead = timedelta(seconds=max_clock_ahead_s)
@@ -341,6 +345,14 @@ class Terminal:
         rules_at = self._trusted_time(card, at)[1]
         return ordered_status(self.action_list, card.identity.card_number,
                               list_time(rules_at, at), card.purse)
+
+    def list_fresh(self, at: datetime) -> bool:
+        """Whether the list held is recent enough at ``at`` to show that a suspended card it
+        does not name is no longer listed (:data:`REACTIVATION_LIST_AGE`); a terminal with a
+        list file and no fetched list has only the operator's word, taken as it is."""
+        if self.list_issued is None:
+            return self.list_held
+        return self.list_issued >= at - REACTIVATION_LIST_AGE
 
     def suspension(self, card: CardImage, at: datetime) -> ListEntry | None:
         """The AAVS suspension the action list orders for this card, applied as

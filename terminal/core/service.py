@@ -41,7 +41,7 @@ Readings where the seeds leave a point open (docs/rules.md says which are the pr
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 from farebox.cardimage.model import (
     AAVS_RELOAD_CENTS, Category, Concession, Identity, Kind, LogEntry, LogType, Purse, ServiceOp,
@@ -68,6 +68,9 @@ DAMAGE_FEE_CENTS = 3_000  # (002 §18(f))
 PERSONALISATION_FEE_CENTS = 1_000  # (002 §18(b))
 PERSONALISATION_FEE_ISSUED_FROM = date(2004, 11, 1)
 AAVS_REACTIVATION_FEE_CENTS = 2_000  # to the bank account (002 §18(e), 001)
+#: how recent a fetched action list must be for a service terminal to reactivate a suspended
+#: card the list does not name (the house took it off): an older one may predate its listing
+REACTIVATION_LIST_AGE = timedelta(minutes=15)
 INACTIVITY_FEE_CENTS = 1_500  # per inactive period (002 §19-20)
 INACTIVITY_FEE_CARDS_ISSUED_FROM = date(2017, 10, 1)
 INACTIVITY_FEE_PERIODS_FROM = date(2020, 10, 1)
@@ -391,15 +394,18 @@ class Reactivation:
 
 def decide_reactivate(identity: Identity, purse: Purse, today: date, *,
                       suspension: ListEntry | None = None, paid_cents: int = 0,
-                      list_held: bool = True) -> tuple[Decision, Reactivation]:
+                      list_held: bool = True,
+                      list_fresh: bool = True) -> tuple[Decision, Reactivation]:
     """An inactive card: free, less the inactivity fees due (never below zero; the rest waived).
     An AAVS-suspended card: once the amount outstanding is paid at the counter (001), HK$20 to
     the bank. ``suspension`` is the AAVS suspension the action list orders for the card
     (:func:`suspension_in_force`; None: none), ``paid_cents`` what the operator collected,
-    ``list_held`` whether this terminal holds an action list at all: the amount the card owes
-    is the one the suspension names, collected exactly (``aavs_outstanding_paid``), and the
-    card keeps the suspension's number, so a terminal whose list still holds it does not
-    suspend the card again. Without a list the amount cannot be checked: refused."""
+    ``list_held`` whether this terminal holds an action list at all, ``list_fresh`` whether
+    it is recent enough to show that a suspended card it does not name is no longer listed
+    (:data:`REACTIVATION_LIST_AGE`): the amount the card owes is the one the suspension names,
+    collected exactly (``aavs_outstanding_paid``), and the card keeps the suspension's number,
+    so a terminal whose list still holds it does not suspend the card again. Without a list,
+    or with an old one that does not name the card, the amount cannot be checked: refused."""
     check_issued_by(identity, today)
     _usable(purse, "be reactivated", suspended_ok=True)
     if paid_cents < 0:
@@ -408,7 +414,7 @@ def decide_reactivate(identity: Identity, purse: Purse, today: date, *,
     suspended = purse.status is Status.SUSPENDED
     if not inactive and not suspended:
         raise ServiceRefused("the card is active: nothing to reactivate")
-    owed, released = _outstanding(suspended, suspension, paid_cents, list_held)
+    owed, released = _outstanding(suspended, suspension, paid_cents, list_held, list_fresh)
     balance = purse.balance_cents
     fees = inactivity_fees(identity, purse, today) if inactive else InactivityFees((), None, None)
     deducted = min(fees.due_cents, max(balance, 0))
@@ -436,7 +442,7 @@ def decide_reactivate(identity: Identity, purse: Purse, today: date, *,
 
 
 def _outstanding(suspended: bool, suspension: ListEntry | None, paid_cents: int,
-                 list_held: bool) -> tuple[int, int | None]:
+                 list_held: bool, list_fresh: bool) -> tuple[int, int | None]:
     """What a reactivation collects for dishonoured AAVS debits and the suspension number the
     card keeps (docs/rules.md §8 "Reactivation"); ServiceRefused when the amount paid is not
     what the action list says the card owes, or the terminal cannot tell."""
@@ -448,7 +454,12 @@ def _outstanding(suspended: bool, suspension: ListEntry | None, paid_cents: int,
         raise ServiceRefused("this terminal holds no action list, so it cannot tell what the "
                              "card owes for returned AAVS debits (001): fetch the list (farebox "
                              "actions fetch) or give --hotlist")
-    if suspension is None:  # not (or no longer) listed: nothing outstanding at the house
+    if suspension is None:  # not (or no longer) listed: nothing outstanding at the house ...
+        if not list_fresh:  # ... or listed on a newer list than this terminal's
+            raise ServiceRefused(
+                "the action list this terminal holds does not name this suspended card and is "
+                f"more than {REACTIVATION_LIST_AGE.seconds // 60} minutes old: fetch it again "
+                "(farebox actions fetch), the card may be listed on a newer one")
         if paid_cents:
             raise ServiceRefused("the action list shows no AAVS amount outstanding on this "
                                  "card: collect nothing (leave out --paid)")

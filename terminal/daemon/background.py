@@ -116,6 +116,7 @@ class ActionListReloader:
         self.terminal.action_list = entries
         self.terminal.list_held = (self.config.action_list is not None
                                    or held.in_force is not None)
+        self.terminal.list_issued = held.in_force.issued if held.in_force else None
         self._in_force = held.in_force
         self._report(held.alarm is not None)
         LOG.info("action list reloaded: %d entries", len(self.terminal.action_list))

@@ -1,8 +1,8 @@
 """Action lists (hotlists) from a JSON file:
 ``{"entries": [{"card": "12345678", "reason": "lost"|"aavs_suspended"|"cancelled", "at": TIME}]}``.
 An ``aavs_suspended`` entry may also carry ``"outstanding_cents"`` (what the card owes after a
-dishonoured AAVS debit, collected before a service terminal reactivates it) and
-``"suspension"`` (the card's suspension number, 1-255; docs/rules.md §7).
+dishonoured AAVS debit, 1 or more, collected before a service terminal reactivates it) and
+``"suspension"`` (the card's suspension number, 1-255; docs/rules.md §7), both or neither.
 """
 
 from __future__ import annotations
@@ -59,12 +59,14 @@ def parse_action_list(document: object) -> tuple[ListEntry, ...]:
             number = parse_number(_text(item, "card"))
             reason = _reason(_text(item, "reason"))
             at = parse_time(_text(item, "at"))
-            outstanding = _optional_int(item, "outstanding_cents", 0, MAX_OUTSTANDING_CENTS)
+            outstanding = _optional_int(item, "outstanding_cents", 1, MAX_OUTSTANDING_CENTS)
             suspension = _optional_int(item, "suspension", 1, SUSPENSION_MAX)
             if reason is not ListReason.AAVS_SUSPENDED and (outstanding, suspension) != (None,
                                                                                       None):
                 raise ValueError('"outstanding_cents" and "suspension" belong to an '
                                  'aavs_suspended entry only')
+            if (outstanding is None) != (suspension is None):
+                raise ValueError('"outstanding_cents" and "suspension" go together')
         except ValueError as error:
             raise ActionListError(f"{where}: {error}") from None
         entries.append(ListEntry(number, reason, at, outstanding, suspension))

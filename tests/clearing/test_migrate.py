@@ -527,3 +527,31 @@ def test_a_bad_database_is_one_line_exit_2(tmp_path):
     done = farebox("clearing", "migrate", "--db", str(tmp_path / "no" / "x.sqlite3"))
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "cannot open" in done.stderr
+
+
+def test_version_5_numbers_the_suspensions_dishonours_made_before_it(engine):
+    """A card a version-4 house suspended for a dishonoured debit becomes suspension 1 with
+    what it owes (a service terminal can collect it); a hand-made suspension of a card owing
+    nothing, and a cancelled card's entry, stay as they were."""
+    from yoyo import get_backend
+
+    migrations = migrate._migrations(engine.db)  # noqa: SLF001 - stop at version 4
+    with get_backend(migrate._yoyo_uri(engine.db)) as backend:  # noqa: SLF001
+        backend.apply_migrations(backend.to_apply(migrations)[:4])
+    assert migrate.current_version(engine.db) == 4
+    at = "2026-11-23T01:00:00Z" if not engine.postgres else "2026-11-23 01:00:00+00"
+    engine.script([], [
+        ("actions", ["card_number", "reason", "at_utc", "added_utc"],
+         [(11111111, "aavs_suspended", at, at), (22222222, "aavs_suspended", at, at),
+          (33333333, "cancelled", at, at)]),
+        ("aavs_outstanding", ["card_number", "outstanding_cents", "dishonours", "last_utc",
+                              "cancelled_utc"],
+         [(11111111, 25_000, 1, at, None), (33333333, 2_000, 2, at, at)])])
+    migrate.upgrade(engine.db)
+    assert migrate.current_version(engine.db) == HEAD
+    assert engine.query("SELECT card_number, reason, outstanding_cents, suspension FROM actions "
+                        "ORDER BY card_number") == [
+        (11111111, "aavs_suspended", 25_000, 1), (22222222, "aavs_suspended", None, None),
+        (33333333, "cancelled", None, None)]
+    assert engine.query("SELECT card_number, suspensions, paid_cents FROM aavs_outstanding "
+                        "ORDER BY card_number") == [(11111111, 1, 0), (33333333, 0, 0)]

@@ -11,6 +11,7 @@ import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import pytest
 
@@ -677,3 +678,173 @@ def test_a_collection_sent_in_doubt_counts_once_it_is_settled(cli, tmp_path):
     shop.send(reactivation("committed"))
     owing = cli.clearing("aavs list", "--json").json()["outstanding"][0]
     assert (owing["outstanding"], owing["paid"]) == ("0.00", "250.00")
+
+
+def dishonour(cli, tmp_path, sender, card, cents, at, name="r.txt") -> dict:
+    """One settled AAVS reload of ``card`` debited and returned: the import's outcome."""
+    sender.send([sender.row("committed", card, 100 + sender.seq, "auto_add_value", cents, 0,
+                            cents, "2026-11-22T01:00:00Z")])
+    cli.clearing("aavs debits", "--day", DAY, "--out", tmp_path, "--json").json()
+    (tmp_path / name).write_text(f"R,{sender.id_text}:i:{sender.seq},refused\n")
+    return cli.clearing("aavs dishonour", tmp_path / name, "--at", at, "--json").json()
+
+
+def test_a_suspension_put_on_the_list_by_hand_stays_as_it_is(cli, tmp_path):
+    """A dishonour never replaces an operator's own AAVS suspension (no number: only the
+    house takes it off), though the card owes the amount."""
+    bus = enroll(cli, "BUS-1")
+    bus.id_text = "BUS-1"
+    cli.clearing("aavs link", "--card", CARD_A, "--institution", "HSBC", "--account", "1")
+    cli.clearing("action", "--card", CARD_A, "--reason", "aavs_suspended", "--at",
+                 "2026-11-22T00:00:00Z", "--json").json()
+    done = dishonour(cli, tmp_path, bus, CARD_A, 15_000, "2026-11-23T01:00:00Z")
+    assert (done["suspended"], done["cancelled"], "serial" in done) == ([], [], False)
+    with Store(cli.db) as store:
+        assert store.action_details()[1] == [
+            (CARD_A, "aavs_suspended", "2026-11-22T00:00:00Z", None, None)]
+    assert cli.clearing("aavs list", "--json").json()["outstanding"][0]["outstanding"] == \
+        "150.00"
+
+
+def test_the_256th_suspension_is_listed_without_a_number(cli, tmp_path):
+    """The card keeps the number in one byte: past 255 the entry has none, so no terminal can
+    release it (a card released from 255 would otherwise never be suspended again)."""
+    bus = enroll(cli, "BUS-1")
+    bus.id_text = "BUS-1"
+    cli.clearing("aavs link", "--card", CARD_A, "--institution", "HSBC", "--account", "1")
+    with Store(cli.db) as store, store._transaction() as db:  # noqa: SLF001 - 255 suspensions
+        db.execute("INSERT INTO aavs_outstanding (card_number, outstanding_cents, dishonours, "
+                   "last_utc, suspensions) VALUES (?, 0, 255, ?, 255)",
+                   (CARD_A, db.time("2026-11-21T00:00:00Z")))
+    done = dishonour(cli, tmp_path, bus, CARD_A, 15_000, "2026-11-23T01:00:00Z")
+    assert done["suspended"] == ["11111111"]
+    with Store(cli.db) as store:
+        assert store.action_details()[1] == [
+            (CARD_A, "aavs_suspended", "2026-11-23T01:00:00Z", None, None)]
+
+
+def test_a_collection_on_its_way_is_not_owed_and_one_past_a_cancellation_is_due_back(
+        cli, tmp_path):
+    """A dishonour while a collection is in doubt (the card was reactivated, the house cannot
+    yet tell) suspends the card again for the new amount rather than cancelling it; a card
+    cancelled before its collection reached the house shows the collection as due back."""
+    bus, shop = enroll(cli, "BUS-1"), enroll(cli, "SHOP-1")
+    bus.id_text = "BUS-1"
+    cli.clearing("aavs link", "--card", CARD_A, "--institution", "HSBC", "--account", "1")
+    assert dishonour(cli, tmp_path, bus, CARD_A, 15_000, "2026-11-23T01:00:00Z")[
+        "suspended"] == ["11111111"]
+    shop.send([shop.row("in_doubt", CARD_A, 200, kind, amount, 0, 0, "2026-11-23T02:00:00Z")
+               for kind, amount in (("aavs_outstanding_paid", 15_000), ("reactivate", 0))])
+    again = dishonour(cli, tmp_path, bus, CARD_A, 25_000, "2026-11-24T01:00:00Z", "s.txt")
+    assert (again["suspended"], again["cancelled"]) == (["11111111"], [])
+    with Store(cli.db) as store:
+        assert store.action_details()[1] == [
+            (CARD_A, "aavs_suspended", "2026-11-24T01:00:00Z", 25_000, 2)]
+
+    # another card, with HK$500 on it: a collection of its first debit made at a counter but
+    # not yet uploaded when the second debit comes back: the house cancels the card and takes
+    # what it owes from its value; the collection, arriving after, is due back to the holder
+    cli.clearing("aavs link", "--card", CARD_B, "--institution", "HSBC", "--account", "2")
+    bus.send([bus.row("committed", CARD_B, 10, "auto_add_value", 10_000, 0, 10_000,
+                      "2026-11-22T02:00:00Z"),
+              bus.row("committed", CARD_B, 11, "auto_add_value", 10_000, 10_000, 20_000,
+                      "2026-11-22T02:30:00Z"),
+              bus.row("committed", CARD_B, 12, "add_value", 30_000, 20_000, 50_000,
+                      "2026-11-22T03:00:00Z")])
+    first, second = bus.seq - 2, bus.seq - 1
+    cli.clearing("aavs debits", "--day", DAY, "--out", tmp_path, "--json").json()
+    (tmp_path / "b1.txt").write_text(f"R,BUS-1:i:{first},refused\n")
+    assert cli.clearing("aavs dishonour", tmp_path / "b1.txt", "--at", "2026-11-23T01:00:00Z",
+                        "--json").json()["suspended"] == ["22222222"]
+    (tmp_path / "b2.txt").write_text(f"R,BUS-1:i:{second},refused\n")
+    assert cli.clearing("aavs dishonour", tmp_path / "b2.txt", "--at", "2026-11-24T01:00:00Z",
+                        "--json").json()["cancelled"] == ["22222222"]
+    shop.send([shop.row("committed", CARD_B, 13, kind, amount, 50_000, 50_000,
+                        "2026-11-23T02:00:00Z")
+               for kind, amount in (("aavs_outstanding_paid", 10_000), ("reactivate", 0))])
+    owing = {o["card"]: o for o in cli.clearing("aavs list", "--json").json()["outstanding"]}
+    assert (owing["22222222"]["value_applied"], owing["22222222"]["outstanding"],
+            owing["22222222"]["refund_due"]) == ("200.00", "0.00", "100.00")
+
+
+def test_what_a_terminal_refuses_is_never_published_on_a_suspension():
+    """The list's amount and number are published only when a terminal takes them (both, in
+    its ranges); otherwise the entry goes out as one put on by hand, never as an entry that
+    would make every terminal refuse the whole list."""
+    from farebox.clearing.service import OUTSTANDING_RANGE, SUSPENSION_RANGE, _suspension
+    from farebox.terminal.core.rules import SUSPENSION_MAX
+    from farebox.terminal.link.actionlist import MAX_OUTSTANDING_CENTS
+
+    assert OUTSTANDING_RANGE == (1, MAX_OUTSTANDING_CENTS)
+    assert SUSPENSION_RANGE == (1, SUSPENSION_MAX)
+    assert _suspension("aavs_suspended", 1, 1) == (1, 1)
+    for owed, number in ((0, 1), (-3000, 1), (MAX_OUTSTANDING_CENTS + 1, 1), (100, 0),
+                         (100, 256), (None, 1), (100, None)):
+        assert _suspension("aavs_suspended", owed, number) == (None, None)
+    assert _suspension("lost", 100, 1) == (None, None)
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_the_list_serial_moves_once_per_change_when_changes_race(engine, request, tmp_path):
+    """Receivers, imports and the console move the serial at once: each change gets its own
+    (the upsert takes turns on the row), none fails on the key."""
+    import threading
+
+    db = str(tmp_path / "c.sqlite3") if engine == "sqlite" else request.getfixturevalue(
+        "pg_url")
+    with Store(db):
+        pass
+    serials, errors = [], []
+
+    def work(first):
+        try:
+            with Store(db) as store:
+                for card in range(first, first + 25):
+                    serials.append(store.set_action(card, "lost", RECEIVED, RECEIVED))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(n * 100,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and sorted(serials) == list(range(1, 101))
+
+
+def test_the_same_returns_imported_twice_at_once_count_once(request, tmp_path, capsys):
+    """Two operators import one returned-debits file at the same moment (PostgreSQL, read
+    committed): each debit is dishonoured once, the card suspended once, never cancelled."""
+    import threading
+
+    from farebox.clearing import office
+
+    cli = Cli(capsys, request.getfixturevalue("pg_url"))
+    bus = enroll(cli, "BUS-1")
+    cli.clearing("aavs link", "--card", CARD_A, "--institution", "HSBC", "--account", "1")
+    bus.send([bus.row("committed", CARD_A, 4, "auto_add_value", 25_000, 100, 25_100,
+                      "2026-11-22T01:00:00Z")])
+    cli.clearing("aavs debits", "--day", DAY, "--out", tmp_path, "--json").json()
+    outcomes, errors = [], []
+    start = threading.Barrier(2)
+
+    def work():
+        try:
+            with Store(cli.db) as store:
+                start.wait()
+                outcomes.append(office.import_dishonours(
+                    store, "R,BUS-1:i:1,refused\n", datetime(2026, 11, 23, tzinfo=timezone.utc)))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted((o["dishonoured"], o["again"]) for o in outcomes) == [
+        ([], ["BUS-1:i:1"]), (["BUS-1:i:1"], [])]
+    [owing] = cli.clearing("aavs list", "--json").json()["outstanding"]
+    assert (owing["outstanding"], owing["dishonours"], owing["cancelled_utc"]) == (
+        "250.00", 1, None)

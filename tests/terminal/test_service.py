@@ -733,7 +733,8 @@ def test_an_aavs_suspension_is_released_once_the_amount_it_names_is_paid(journal
             session(card_), when, "reactivate",
             lambda c, day: decide_reactivate(c.identity, c.purse, day,
                                              suspension=terminal.suspension(c, when),
-                                             paid_cents=paid, list_held=terminal.list_held)[0])
+                                             paid_cents=paid, list_held=terminal.list_held,
+                                             list_fresh=terminal.list_fresh(when))[0])
 
     for paid in (0, 15_000, 15_021):
         with pytest.raises(RequestRefused, match=r"owes 150\.20 .*--paid 150\.20"):
@@ -765,10 +766,15 @@ def test_an_aavs_suspension_is_released_once_the_amount_it_names_is_paid(journal
     terminal.action_list, terminal.list_held = (), False
     with pytest.raises(RequestRefused, match="holds no action list"):
         reactivate(0, later + timedelta(hours=1, minutes=2))
-    terminal.list_held = True  # an empty list held: nothing outstanding (paid at the house)
+    terminal.list_held = True  # an empty list held: nothing outstanding (paid at the house) ...
+    now = later + timedelta(hours=1, minutes=3)
+    terminal.list_issued = now - timedelta(minutes=16)  # ... unless it may predate the listing
+    with pytest.raises(RequestRefused, match="does not name this suspended card"):
+        reactivate(0, now)
+    terminal.list_issued = now - timedelta(minutes=15)
     with pytest.raises(RequestRefused, match="no AAVS amount outstanding"):
-        reactivate(100, later + timedelta(hours=1, minutes=3))
-    done = reactivate(0, later + timedelta(hours=1, minutes=3))
+        reactivate(100, now)
+    done = reactivate(0, now)
     assert [r.type.value for r in done.records] == ["aavs_reactivation_fee", "reactivate"]
     assert read_card(session(card_), KEYS).purse.aavs_released == 2
 
