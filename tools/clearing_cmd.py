@@ -519,6 +519,14 @@ def operator() -> None:
     reads)."""
 
 
+def _password() -> str:
+    """A password from standard input (its first line) or, at a terminal, asked for twice:
+    never from the command line."""
+    if sys.stdin.isatty():
+        return click.prompt("password", hide_input=True, confirmation_prompt=True, err=True)
+    return sys.stdin.readline().rstrip("\r\n")
+
+
 @operator.command("add")
 @click.option("--db", required=True, help=DB_HELP)
 @click.option("--name", required=True, metavar="NAME", help="the name the operator signs in "
@@ -532,14 +540,63 @@ def operator_add(db, name, role, as_json) -> None:
     from farebox.clearing.console.data import ConsoleData, ConsoleError
     from farebox.terminal.core.clock import now_utc, utc_iso
 
-    if sys.stdin.isatty():
-        password = click.prompt("password", hide_input=True, confirmation_prompt=True,
-                                err=True)
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
+    password = _password()
     with _store(db) as store:
         try:
             add_operator(ConsoleData(store), name, role, password, utc_iso(now_utc()))
         except ConsoleError as error:
             raise InputError(str(error)) from None
     output.emit({"operator": name, "role": role}, as_json, f"operator {name} added ({role})")
+
+
+@operator.command("password")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--name", required=True, metavar="NAME", help="the operator")
+@json_option
+def operator_password(db, name, as_json) -> None:
+    """Give an operator a new password (read as for add): every session the account has ends
+    at its next request. Audited."""
+    from farebox.clearing.console.auth import change_password
+    from farebox.clearing.console.data import ConsoleData, ConsoleError
+    from farebox.terminal.core.clock import now_utc, utc_iso
+
+    password = _password()
+    with _store(db) as store:
+        try:
+            change_password(ConsoleData(store), name, password, utc_iso(now_utc()))
+        except ConsoleError as error:
+            raise InputError(str(error)) from None
+    output.emit({"operator": name, "password": "changed"}, as_json,
+                f"operator {name}: password changed; its sessions have ended")
+
+
+@operator.command("remove")
+@click.option("--db", required=True, help=DB_HELP)
+@click.option("--name", required=True, metavar="NAME", help="the operator")
+@json_option
+def operator_remove(db, name, as_json) -> None:
+    """Remove an operator account: its sessions end at their next request; what it did stays
+    in the audit. Audited."""
+    from farebox.clearing.console.data import ConsoleData, ConsoleError
+    from farebox.terminal.core.clock import now_utc, utc_iso
+
+    with _store(db) as store:
+        try:
+            ConsoleData(store).change_operator(name, utc_iso(now_utc()), remove=True)
+        except ConsoleError as error:
+            raise InputError(str(error)) from None
+    output.emit({"operator": name, "removed": True}, as_json, f"operator {name} removed")
+
+
+@operator.command("list")
+@click.option("--db", required=True, help=DB_HELP)
+@json_option
+def operator_list(db, as_json) -> None:
+    """Every operator account: name, role, when made (never a password hash)."""
+    from farebox.clearing.console.data import ConsoleData
+
+    with _store(db) as store:
+        found = ConsoleData(store).operators()
+    output.emit({"operators": found}, as_json, "\n".join(
+        f"{o['operator']} ({o['role']}), since {o['created_utc']}" for o in found)
+        or "no operators")

@@ -89,7 +89,10 @@ class Console:
     async def operator(self, session: Session) -> Operator | None:
         if session.operator is None:
             return None
-        return await run_in_threadpool(self.data.operator, session.operator)
+        found = await run_in_threadpool(self.data.operator, session.operator)
+        if found is None or not self.sessions.belongs(session, found):
+            return None  # removed, or its password changed since this session signed in
+        return found
 
     def render(self, request: Request, name: str, session: Session, operator: Operator | None,
                http_status: int = 200, **context) -> HTMLResponse:
@@ -164,7 +167,7 @@ class Console:
                                error="wrong name or password")
         await run_in_threadpool(self.data.audit, now, operator.name, "signed in", None,
                                 operator.role)
-        signed = self.sessions.new(operator.name)  # a new nonce: no session fixation
+        signed = self.sessions.new(operator)  # a new nonce: no session fixation
         response = RedirectResponse(_local(fields.get("next")) or "/console/fleet",
                                     status_code=303)
         self.set_cookie(response, request, signed)

@@ -9,7 +9,9 @@ accepts the others' cookies). The cookie is HttpOnly, SameSite=Strict, Path=/con
 Secure over HTTPS. Every form carries a CSRF token: an HMAC of the session's nonce (a visitor
 not signed in has a session without an operator, so the sign-in form is protected too); a
 sign-in starts a new nonce. The operator's role is read from the store on every request, so a
-changed role applies at once.
+changed role applies at once; the session is bound to the account's password hash at sign-in,
+so a new password (``farebox clearing operator password``) or the account removed
+(``operator remove``) ends every session it had at their next request.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from farebox.clearing.console.data import ROLES, ConsoleData, ConsoleError, Operator
 
@@ -79,8 +81,18 @@ def authenticate(data: ConsoleData, name: str, password: str) -> Operator | None
     if not check_password(operator.password_hash, password):
         return None
     if _hasher().check_needs_rehash(operator.password_hash):
-        data.set_password_hash(operator.name, hash_password(password))
+        rehashed = hash_password(password)
+        data.set_password_hash(operator.name, rehashed)
+        operator = replace(operator, password_hash=rehashed)  # the session binds to this one
     return operator
+
+
+def change_password(data: ConsoleData, name: str, password: str, at_utc: str) -> None:
+    """A new password for an account: every session it has ends (ConsoleError: a short
+    password, an unknown name)."""
+    if len(password) < MIN_PASSWORD:
+        raise ConsoleError(f"a password is at least {MIN_PASSWORD} characters")
+    data.change_operator(name, at_utc, password_hash=hash_password(password))
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,9 @@ class Session:
     operator: str | None  # None: a visitor not signed in
     nonce: str
     expires: int
+    #: binds the session to the account's password hash at sign-in: a new password (or the
+    #: account removed) ends every session the account had
+    account: str = ""
 
 
 class Sessions:
@@ -104,13 +119,23 @@ class Sessions:
     def _mac(self, text: str) -> str:
         return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()
 
-    def new(self, operator: str | None) -> Session:
-        return Session(operator, secrets.token_urlsafe(18), int(time.time()) + SESSION_SECONDS)
+    def new(self, operator: Operator | None) -> Session:
+        return Session(None if operator is None else operator.name, secrets.token_urlsafe(18),
+                       int(time.time()) + SESSION_SECONDS,
+                       "" if operator is None else self._account(operator))
+
+    def _account(self, operator: Operator) -> str:
+        return self._mac("account:" + operator.password_hash)[:32]
+
+    def belongs(self, session: Session, operator: Operator) -> bool:
+        """Whether ``session`` was signed in with the account's current password."""
+        return (session.operator == operator.name
+                and hmac.compare_digest(session.account, self._account(operator)))
 
     def cookie(self, session: Session) -> str:
         payload = base64.urlsafe_b64encode(json.dumps(
-            {"o": session.operator, "n": session.nonce, "e": session.expires},
-            separators=(",", ":")).encode()).decode().rstrip("=")
+            {"o": session.operator, "n": session.nonce, "e": session.expires,
+             "a": session.account}, separators=(",", ":")).encode()).decode().rstrip("=")
         return f"{payload}.{self._mac('session:' + payload)}"
 
     def read(self, cookie: str | None) -> Session | None:
@@ -123,8 +148,9 @@ class Sessions:
             return None
         try:
             fields = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-            session = Session(fields["o"], str(fields["n"]), int(fields["e"]))
-        except (ValueError, KeyError, TypeError):
+            session = Session(fields["o"], str(fields["n"]), int(fields["e"]),
+                              str(fields.get("a", "")))
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
         if session.operator is not None and not isinstance(session.operator, str):
             return None

@@ -63,6 +63,31 @@ class ConsoleData:
                        "VALUES (?, ?, ?, ?, ?)", (db.time(at_utc), "(command line)",
                                                    "operator added", None, f"{name} as {role}"))
 
+    def operators(self) -> list[dict]:
+        """Every account: name, role, when made."""
+        return [{"operator": name, "role": role, "created_utc": created}
+                for name, role, created in self._rows(
+                    "SELECT name, role, created_utc FROM operators ORDER BY name")]
+
+    def change_operator(self, name: str, at_utc: str, *, password_hash: str | None = None,
+                        remove: bool = False) -> None:
+        """A new password (every session of the account ends: they are bound to its hash) or
+        the account removed (its sessions end at their next request), audited in the same
+        transaction; ConsoleError for an unknown name."""
+        with self.store._transaction() as db:  # noqa: SLF001
+            if not db.all("SELECT 1 FROM operators WHERE name = ?", (name,)):
+                raise ConsoleError(f"no operator {name!r}")
+            if remove:
+                db.execute("DELETE FROM operators WHERE name = ?", (name,))
+                action = "operator removed"
+            else:
+                db.execute("UPDATE operators SET password_hash = ? WHERE name = ?",
+                           (password_hash, name))
+                action = "password changed"
+            db.execute("INSERT INTO audit (at_utc, operator, action, card_number, detail) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (db.time(at_utc), "(command line)", action, None, name))
+
     def operator(self, name: str) -> Operator | None:
         rows = self._rows("SELECT id, name, role, password_hash FROM operators WHERE name = ?",
                           (name,))

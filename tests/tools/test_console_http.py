@@ -7,6 +7,7 @@ the audit. The browser tests (test_console_browser.py) drive the same pages in C
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 
@@ -239,3 +240,38 @@ def test_a_name_with_five_refused_sign_ins_is_locked_out(house):
     assert locked.status_code == 429 and "too many refused sign-ins" in locked.text
     assert client.get("/console/fleet").status_code == 303
     signed_in(house.url, ADMIN, ADMIN_PASSWORD)  # another name is not locked
+
+
+def test_a_new_password_or_a_removed_account_ends_its_sessions(house):
+    """A compromised account is shut out at once: `operator password` ends every session the
+    account had (they are bound to its password hash), `operator remove` ends them too; other
+    accounts' sessions go on; both are audited; `operator list` never shows a hash."""
+    import subprocess
+
+    from .conftest import CONSOLE_SCRIPT
+
+    def operator(*argv, password=None):
+        return subprocess.run([str(CONSOLE_SCRIPT), "clearing", "operator", *argv, "--db",
+                               house.db, "--json"], input=(password or "") + "\n",
+                              capture_output=True, text=True, timeout=60)
+
+    admin, viewer = signed_in(house.url, ADMIN, ADMIN_PASSWORD), signed_in(
+        house.url, VIEWER, VIEWER_PASSWORD)
+    assert admin.get("/console/fleet").status_code == 200
+    changed = operator("password", "--name", ADMIN, password="a brand new passphrase")
+    assert changed.returncode == 0 and "a brand new passphrase" not in changed.stdout
+    gone = admin.get("/console/fleet")
+    assert gone.status_code == 303 and gone.headers["location"].startswith("/console/login")
+    assert viewer.get("/console/fleet").status_code == 200
+    again = signed_in(house.url, ADMIN, "a brand new passphrase")
+    assert again.get("/console/actions").status_code == 200
+
+    assert operator("remove", "--name", VIEWER).returncode == 0
+    assert viewer.get("/console/fleet").status_code == 303
+    refused = operator("remove", "--name", VIEWER)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    listed = operator("list")
+    assert [o["operator"] for o in json.loads(listed.stdout)["operators"]] == [ADMIN]
+    assert "argon2" not in listed.stdout
+    audit = again.get("/console/audit").text
+    assert "password changed" in audit and "operator removed" in audit
