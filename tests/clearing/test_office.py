@@ -848,3 +848,20 @@ def test_the_same_returns_imported_twice_at_once_count_once(request, tmp_path, c
     [owing] = cli.clearing("aavs list", "--json").json()["outstanding"]
     assert (owing["outstanding"], owing["dishonours"], owing["cancelled_utc"]) == (
         "250.00", 1, None)
+
+
+def test_a_dishonour_that_collections_already_cover_suspends_nothing(cli, tmp_path):
+    """Defensive: what a card paid beyond what it owed (a collection the house did not expect)
+    covers a later dishonour: the card is not suspended, and no entry with an amount of 0 or
+    less is ever listed (a terminal would refuse the whole list)."""
+    bus, shop = enroll(cli, "BUS-1"), enroll(cli, "SHOP-1")
+    bus.id_text = "BUS-1"
+    cli.clearing("aavs link", "--card", CARD_A, "--institution", "HSBC", "--account", "1")
+    shop.send([shop.row("committed", CARD_A, 50, "aavs_outstanding_paid", 20_000, 0, 0,
+                        "2026-11-21T02:00:00Z")])
+    done = dishonour(cli, tmp_path, bus, CARD_A, 15_000, "2026-11-23T01:00:00Z")
+    assert (done["covered"], done["suspended"], "serial" in done) == (["11111111"], [], False)
+    with Store(cli.db) as store:
+        assert store.action_details()[1] == []
+    [owing] = cli.clearing("aavs list", "--json").json()["outstanding"]
+    assert (owing["outstanding"], owing["refund_due"]) == ("0.00", "50.00")
