@@ -62,6 +62,16 @@ def _snapshot(store: Store) -> Iterator[_Db]:
             db.execute("COMMIT")
 
 
+def _lock_cards(db: _Db, cards) -> None:
+    """On PostgreSQL, the receivers' per-card locks (``Store`` ingest takes them in the same
+    order): a back-office change of a card and a batch settling its records, or two operators
+    changing one card, take turns. SQLite writers take turns anyway."""
+    if db.postgres and cards:
+        db.execute("SELECT count(pg_advisory_xact_lock(1, c)) FROM "
+                   "(SELECT c FROM unnest(?::int[]) AS c ORDER BY c) AS ordered",
+                   ([card % 2_147_483_647 for card in sorted(set(cards))],))
+
+
 def _between(db: _Db, start: datetime, end: datetime) -> tuple:
     """Bounds for ``at_utc >= ? AND at_utc < ?``. SQLite keeps ISO text, ``...00Z`` and
     ``...00.5Z``: bounds without the ``Z`` order both correctly."""
@@ -166,7 +176,10 @@ UNASSIGNED = ""
 
 
 def business_day_bounds(day: date) -> tuple[datetime, datetime]:
-    """The UTC times a Hong Kong business day runs from (inclusive) and to (exclusive)."""
+    """The UTC times a Hong Kong business day runs from (inclusive) and to (exclusive);
+    OfficeError for a day no card records (before 1990, after 2199)."""
+    if not date(1990, 1, 1) <= day <= date(2199, 12, 31):
+        raise OfficeError(f"day {day.isoformat()}: not a day of the scheme (1990 to 2199)")
     start = datetime.combine(day, time(0), HONG_KONG).astimezone(timezone.utc)
     return start, start + timedelta(days=1)
 
@@ -296,8 +309,10 @@ def report_lost(store: Store, card: int, kind: str, reported: datetime, added: d
         raise OfficeError(f"kind {kind!r}: one of {', '.join(KINDS)}")
     blocked = reported + NOTIFICATION_PERIOD
     with _transaction(store) as db:
+        _lock_cards(db, [card])
         if db.all("SELECT 1 FROM lost_cards WHERE card_number = ?", (card,)):
             raise OfficeError(f"card {card:08d} was reported lost already")
+        _check_kind(db, card, kind)
         db.execute("INSERT INTO lost_cards (card_number, kind, reported_utc, blocked_utc) "
                    "VALUES (?, ?, ?, ?)", (card, kind, db.time(utc_iso(reported)),
                                            db.time(utc_iso(blocked))))
@@ -311,6 +326,24 @@ def report_lost(store: Store, card: int, kind: str, reported: datetime, added: d
             serial = _bump_serial(db)
     return {"card": f"{card:08d}", "kind": kind, "reported_utc": utc_iso(reported),
             "blocked_utc": utc_iso(blocked), "serial": serial}
+
+
+def _check_kind(db: _Db, card: int, kind: str) -> None:
+    """The kind the operator names against the card's issue records, when they are kept (a
+    deposit record: its amount; an issue without one: a Sold card): OfficeError if they
+    disagree. Without them (issued before the records kept) the operator's word stands."""
+    issued = dict(db.all(
+        "SELECT r.type, max(r.amount_cents) FROM card_writes w JOIN records r "
+        "ON r.source = w.source AND r.seq = w.seq AND r.at_utc = w.at_utc "
+        "WHERE w.card_number = ? AND r.type IN ('deposit', 'initial_value') "
+        "AND r.state = 'committed' GROUP BY r.type", (card,)))
+    if not issued:
+        return
+    deposit = issued.get("deposit", 0)
+    if deposit != DEPOSIT_CENTS[kind]:
+        raise OfficeError(f"card {card:08d} was issued with a deposit of "
+                          f"{format_cents(deposit)}: not a {kind.replace('_', '-')} card "
+                          f"(deposit {format_cents(DEPOSIT_CENTS[kind])})")
 
 
 def lost_refund_figures(kind: str, value: int) -> dict:
@@ -357,6 +390,7 @@ def refund_lost(store: Store, card: int, at: datetime) -> dict:
     the card company's loss (004 §31). Refused while a write of the card before the block is
     still open, and when no settled record of the card is kept."""
     with _transaction(store) as db:
+        _lock_cards(db, [card])
         found = db.all("SELECT kind, reported_utc, blocked_utc, refunded_utc FROM lost_cards "
                        "WHERE card_number = ?", (card,))
         if not found:
@@ -368,6 +402,7 @@ def refund_lost(store: Store, card: int, at: datetime) -> dict:
         if at < blocked_at:
             raise OfficeError(f"card {card:08d} is blocked from {utc_iso(blocked_at)} (the "
                               "Notification Period, 002 §12): no refund before then")
+        _check_not_settled_otherwise(db, card)
         if _open_before(db, card, blocked_at):
             raise OfficeError(f"card {card:08d} has writes before its block still open "
                               "(unresolved or in doubt): refund it once they are settled")
@@ -377,15 +412,36 @@ def refund_lost(store: Store, card: int, at: datetime) -> dict:
                               "the block is not known here")
         counter, balance = value
         figures = lost_refund_figures(kind, balance)
-        db.execute("UPDATE lost_cards SET refunded_utc = ?, value_cents = ?, deposit_cents = ?, "
-                   "fee_cents = ?, negative_offset_cents = ?, refund_cents = ?, owed_cents = ?, "
-                   "last_counter = ? WHERE card_number = ?",
-                   (db.time(utc_iso(at)), balance, figures["deposit_cents"],
-                    figures["fee_cents"], figures["negative_offset_cents"],
-                    figures["refund_cents"], figures["owed_cents"], counter, card))
+        if not db.execute(
+                "UPDATE lost_cards SET refunded_utc = ?, value_cents = ?, deposit_cents = ?, "
+                "fee_cents = ?, negative_offset_cents = ?, refund_cents = ?, owed_cents = ?, "
+                "last_counter = ? WHERE card_number = ? AND refunded_utc IS NULL",
+                (db.time(utc_iso(at)), balance, figures["deposit_cents"],
+                 figures["fee_cents"], figures["negative_offset_cents"],
+                 figures["refund_cents"], figures["owed_cents"], counter, card)).rowcount:
+            raise OfficeError(f"card {card:08d} was refunded already")
     return _shown({"card": f"{card:08d}", "kind": kind, "reported_utc": _text_time(reported),
                    "blocked_utc": utc_iso(blocked_at), "refunded_utc": utc_iso(at),
                    "counter": counter, **figures})
+
+
+def _check_not_settled_otherwise(db: _Db, card: int) -> None:
+    """OfficeError for a card whose value and deposit were settled another way: returned at a
+    service terminal (its refund paid there), or cancelled for dishonoured AAVS debits (its
+    value applied to what it owed and its deposit forfeited, 004 §21), or listed cancelled
+    (a counter spent twice: a copied card is refunded by nobody)."""
+    if db.all("SELECT 1 FROM card_writes w JOIN records r ON r.source = w.source "
+              "AND r.seq = w.seq AND r.at_utc = w.at_utc WHERE w.card_number = ? "
+              "AND r.type = 'refund' AND r.state IN ('committed', 'same_change') LIMIT 1",
+              (card,)):
+        raise OfficeError(f"card {card:08d} was returned at a service terminal and refunded "
+                          "there: no lost-card refund")
+    if db.all("SELECT 1 FROM aavs_outstanding WHERE card_number = ? AND cancelled_utc IS NOT "
+              "NULL", (card,)):
+        raise OfficeError(f"card {card:08d} was cancelled for dishonoured AAVS debits: its "
+                          "value went to what it owed and its deposit was forfeited (004 §21)")
+    if db.all("SELECT 1 FROM actions WHERE card_number = ? AND reason = 'cancelled'", (card,)):
+        raise OfficeError(f"card {card:08d} is listed cancelled: no lost-card refund")
 
 
 def _shown(entry: dict) -> dict:
@@ -441,6 +497,7 @@ def link_aavs(store: Store, card: int, institution: str, account: str, at_utc: s
         raise OfficeError(f"account {account!r}: 1-34 letters, digits or -")
     at = parse_utc(at_utc)
     with _transaction(store) as db:
+        _lock_cards(db, [card])  # two links of one card at once take turns
         old = db.all("SELECT institution FROM aavs_links WHERE card_number = ?", (card,))
         switched_from = old[0][0] if old and old[0][0] != institution else None
         db.execute("DELETE FROM aavs_links WHERE card_number = ?", (card,))
@@ -461,32 +518,55 @@ def link_aavs(store: Store, card: int, institution: str, account: str, at_utc: s
             "switch_reference": reference}
 
 
+#: how many Hong Kong days before a file's day its making looks for records settled since
+#: their own day's file was made (uploaded late, settled from doubt, a card linked late)
+LATE_DEBIT_DAYS = 7
+
+
 def debits(store: Store, day: date, created: datetime) -> dict:
     """The AAVS debit instructions of Hong Kong business day ``day``, per institution: every
     settled record of :data:`AAVS_DEBIT_TYPES` of a linked card, kept (once, by reference) and
-    returned as the text of each institution's file (docs/clearing.md "AAVS debit file").
-    Records of cards with no link are returned as ``unlinked`` (nothing to debit yet: link
-    the card and make the file again; a debit already kept keeps its account)."""
+    returned as the text of each institution's file (docs/clearing.md "AAVS debit file"). A
+    record of the :data:`LATE_DEBIT_DAYS` days before, not yet in any file, goes in this one
+    (``late``): a debit is in the first file made once its record settled. Records of cards
+    with no link are returned as ``unlinked`` (nothing to debit yet: link the card and make the
+    file again; a debit already kept keeps its account); records dated from a lost card's block
+    on, as ``after_block`` (never debited: 004 §31 protects the holder from then)."""
     start, end = business_day_bounds(day)
     types = sorted(AAVS_DEBIT_TYPES)
     with _transaction(store) as db:
-        low, high = _between(db, start, end)
+        low, high = _between(db, start - timedelta(days=LATE_DEBIT_DAYS), end)
         rows = db.all(
             "SELECT t.terminal_id, s.incarnation, r.seq, r.card_number, r.type, r.amount_cents, "
-            "r.at_utc, l.institution, l.account FROM card_writes w JOIN records r "
-            "ON r.source = w.source AND r.seq = w.seq AND r.at_utc = w.at_utc "
+            "r.at_utc, l.institution, l.account, lc.blocked_utc FROM card_writes w "
+            "JOIN records r ON r.source = w.source AND r.seq = w.seq AND r.at_utc = w.at_utc "
             "JOIN sources s ON s.id = r.source JOIN terminals t ON t.id = s.terminal "
             "LEFT JOIN aavs_links l ON l.card_number = r.card_number "
+            "LEFT JOIN lost_cards lc ON lc.card_number = r.card_number "
             "WHERE w.at_utc >= ? AND w.at_utc < ? AND r.at_utc >= ? AND r.at_utc < ? "
             f"AND r.state = 'committed' AND r.type IN ({', '.join('?' * len(types))}) "
             "ORDER BY r.at_utc, t.terminal_id, r.seq", (low, high, low, high, *types))
-        unlinked, new = [], []
-        for terminal_id, incarnation, seq, card, kind, cents, at, institution, account in rows:
+        first_of_day = _time_bound(db, start)
+        kept_before = {reference for (reference,) in db.all(
+            "SELECT reference FROM aavs_debits WHERE at_utc >= ? AND at_utc < ?",
+            (low, first_of_day))}
+        unlinked, new, after_block, late = [], [], [], 0
+        for (terminal_id, incarnation, seq, card, kind, cents, at, institution, account,
+             blocked) in rows:
             reference = f"{terminal_id}:{incarnation}:{seq}"
+            when = parse_utc(_text_time(at))
+            earlier = when < start
+            if earlier and reference in kept_before:
+                continue  # in its own day's file (or another earlier one)
+            if blocked is not None and when >= parse_utc(_text_time(blocked)):
+                after_block.append({"reference": reference, "card": f"{card:08d}",
+                                    "amount": format_cents(cents)})
+                continue
             if institution is None:
                 unlinked.append({"reference": reference, "card": f"{card:08d}",
                                  "amount": format_cents(cents)})
             else:
+                late += earlier
                 new.append((reference, db.day(day.isoformat()), institution, account, card,
                             AAVS_DEBIT_TYPES[kind], cents, at))
         db.many("INSERT INTO aavs_debits (reference, day, institution, account, card_number, "
@@ -507,7 +587,8 @@ def debits(store: Store, day: date, created: datetime) -> dict:
             ["T", len(lines), format_cents(total)])) + "\n"
         out.append({"institution": institution, "debits": len(lines),
                     "amount": format_cents(total), "text": text})
-    return {"day": day.isoformat(), "files": out, "unlinked": unlinked}
+    return {"day": day.isoformat(), "files": out, "unlinked": unlinked, "late": late,
+            "after_block": after_block}
 
 
 def write_debit_files(store: Store, day: date, created: datetime, folder: Path) -> dict:
@@ -594,11 +675,7 @@ def import_dishonours(store: Store, text: str, at: datetime) -> dict:
                 continue
             outcome["dishonoured"].append(reference)
             by_card[card] = by_card.get(card, 0) + cents
-        if db.postgres and by_card:  # the receivers' per-card locks (Store ingest): a
-            # collection settled at the same time is seen, or waits for this import
-            db.execute("SELECT count(pg_advisory_xact_lock(1, c)) FROM "
-                       "(SELECT c FROM unnest(?::int[]) AS c ORDER BY c) AS ordered",
-                       ([card % 2_147_483_647 for card in sorted(by_card)],))
+        _lock_cards(db, by_card)  # a collection settled at the same time is seen, or waits
         for card, cents in sorted(by_card.items()):
             db.execute("INSERT INTO aavs_outstanding (card_number, outstanding_cents, "
                        "dishonours, last_utc) VALUES (?, 0, 0, ?) ON CONFLICT (card_number) "
@@ -694,6 +771,10 @@ def _cancel_for_dishonour(db: _Db, card: int, at: datetime) -> None:
     the deposit forfeited (a Sold card has none: the deposit is known from its issue record)."""
     value = card_value_at(db, card, at + timedelta(microseconds=1))
     balance = max(0, value[1]) if value else 0
+    refunded = db.all("SELECT 1 FROM lost_cards WHERE card_number = ? AND refunded_utc IS NOT "
+                      "NULL", (card,))
+    if refunded:  # its value and deposit were paid out at the lost-card refund
+        balance = 0
     applied = min(balance, max(0, _owed(db, card) - _pending(db, card)))
     deposit = db.all("SELECT coalesce(max(r.amount_cents), 0) FROM card_writes w JOIN records r "
                      "ON r.source = w.source AND r.seq = w.seq AND r.at_utc = w.at_utc "
@@ -702,7 +783,7 @@ def _cancel_for_dishonour(db: _Db, card: int, at: datetime) -> None:
     db.execute("UPDATE aavs_outstanding SET outstanding_cents = outstanding_cents - ?, "
                "value_applied_cents = value_applied_cents + ?, deposit_forfeited_cents = ?, "
                "cancelled_utc = ? WHERE card_number = ?",
-               (applied, applied, deposit, db.time(utc_iso(at)), card))
+               (applied, applied, 0 if refunded else deposit, db.time(utc_iso(at)), card))
     _list(db, card, "cancelled", utc_iso(at))
 
 

@@ -43,15 +43,24 @@ def _time_option(help_text: str):
 
 
 def _when(at: str | None):
+    """A back-office time: now, or ``--at`` (a report taken earlier, a file of an earlier
+    day), never in the future: a report dated ahead would delay the card's block, a refund or
+    import dated ahead would land in a day not yet closed."""
+    from datetime import timedelta
+
     from farebox.terminal.core.clock import now_utc
     from farebox.terminal.link.actionlist import parse_time
 
+    now = now_utc()
     if at is None:
-        return now_utc()
+        return now
     try:
-        return parse_time(at)
+        when = parse_time(at)
     except ValueError as error:
         raise InputError(f"--at: {error}") from None
+    if when > now + timedelta(minutes=5):
+        raise InputError(f"--at: {at} is in the future (now {now.isoformat()})")
+    return when
 
 
 @click.group()

@@ -357,6 +357,10 @@ def return_cards(terminal: Terminal, cards: CardReaders, specs: Sequence[str], a
     check_request_size(len(specs))
 
     def decide(card: CardImage, day: date) -> Decision:
+        reported = terminal.reported_lost(card, at)  # a card held to a reader is checked here
+        if reported is not None:
+            raise ServiceRefused(f"the card was reported lost at {reported.isoformat()}: a lost "
+                                 "card is refunded by the central office only")
         return decide_return(card.identity, card.purse, day, damaged=damaged)[0]
 
     check_return(terminal, cards, specs, at, decide, damaged=damaged)

@@ -394,9 +394,13 @@ def test_aavs_debit_files_per_institution_and_a_dishonour_suspends_then_cancels(
                     "2026-11-22T04:00:00Z")]
     bus.send(rows)
     out = tmp_path / "debits"
+    before = cli.clearing("aavs debits", "--day", "2026-11-21", "--out", out, "--json").json()
+    assert [(f["institution"], f["debits"], f["amount"]) for f in before["files"]] == [
+        ("HSBC", 1, "250.00")]
     made = cli.clearing("aavs debits", "--day", DAY, "--out", out, "--json").json()
     assert [(f["institution"], f["debits"], f["amount"]) for f in made["files"]] == [
         ("BOC", 1, "500.00"), ("HSBC", 2, "270.00")]
+    assert made["late"] == 0
     assert made["unlinked"] == [{"reference": "BUS-1:i:6", "card": "33333333",
                                  "amount": "150.00"}]
     hsbc = (out / "aavs-debits-2026-11-22-HSBC.txt").read_text().splitlines()
@@ -865,3 +869,142 @@ def test_a_dishonour_that_collections_already_cover_suspends_nothing(cli, tmp_pa
         assert store.action_details()[1] == []
     [owing] = cli.clearing("aavs list", "--json").json()["outstanding"]
     assert (owing["outstanding"], owing["refund_due"]) == ("0.00", "50.00")
+
+
+def test_a_debit_settled_late_goes_in_the_next_file_and_none_after_a_lost_cards_block(
+        cli, tmp_path):
+    """A reload uploaded after its day's file was made is in the next file made (once, and
+    said as late); a reload dated from a lost card's block on is never debited (004 §31:
+    the holder is not liable from then), and said as after_block."""
+    bus = enroll(cli, "BUS-1")
+    for card in (CARD_A, CARD_B):
+        cli.clearing("aavs link", "--card", card, "--institution", "HSBC", "--account", "1")
+    bus.send([bus.row("committed", CARD_A, 4, "auto_add_value", 25_000, 0, 25_000,
+                      "2026-11-22T01:00:00Z")])
+    first = cli.clearing("aavs debits", "--day", DAY, "--out", tmp_path, "--json").json()
+    assert [f["debits"] for f in first["files"]] == [1]
+    cli.clearing("lost report", "--card", CARD_B, "--kind", "on-loan", "--at",
+                 "2026-11-22T10:00:00+08:00", "--json").json()  # blocked from 05:00Z
+    bus.send([bus.row("committed", CARD_A, 5, "auto_add_value", 15_000, 0, 15_000,
+                      "2026-11-22T03:00:00Z"),  # the 22nd's, uploaded after its file
+              bus.row("committed", CARD_B, 9, "auto_add_value", 25_000, 0, 25_000,
+                      "2026-11-22T06:00:00Z")])  # after CARD_B's block
+    second = cli.clearing("aavs debits", "--day", "2026-11-23", "--out", tmp_path,
+                          "--json").json()
+    assert (second["late"], [f["debits"] for f in second["files"]]) == (1, [1])
+    assert second["after_block"] == [{"reference": "BUS-1:i:3", "card": "22222222",
+                                      "amount": "250.00"}]
+    text = (tmp_path / "aavs-debits-2026-11-23-HSBC.txt").read_text().splitlines()
+    assert text[1] == "D,BUS-1:i:2,1,11111111,reload,150.00,2026-11-22T03:00:00Z"
+    again = cli.clearing("aavs debits", "--day", DAY, "--out", tmp_path, "--json").json()
+    assert [f["debits"] for f in again["files"]] == [1]  # the 22nd's file: as it was sent
+    third = cli.clearing("aavs debits", "--day", "2026-11-24", "--out", tmp_path,
+                         "--json").json()
+    assert (third["files"], third["late"]) == ([], 0)
+
+
+def test_a_lost_card_settled_another_way_is_not_refunded_again(cli, tmp_path):
+    """A card whose value went to dishonoured AAVS debits (cancelled, 004 §21), a card returned
+    at a service terminal, and a card listed cancelled get no lost-card refund; and a card
+    refunded as lost has nothing applied at a later cancellation for dishonour."""
+    bus = enroll(cli, "BUS-1")
+    bus.id_text = "BUS-1"
+    cli.clearing("aavs link", "--card", CARD_A, "--institution", "HSBC", "--account", "1")
+    dishonour(cli, tmp_path, bus, CARD_A, 10_000, "2026-11-23T01:00:00Z", "a1.txt")
+    assert dishonour(cli, tmp_path, bus, CARD_A, 10_000, "2026-11-23T02:00:00Z", "a2.txt")[
+        "cancelled"] == ["11111111"]
+    returned = 33333333
+    bus.send([bus.row("committed", returned, 6, kind, amount, 12_000, after,
+                      "2026-11-22T01:30:00Z")
+              for kind, amount, after in (("deposit_refund", 5_000, 12_000),
+                                          ("refund", 17_000, 0), ("cancel", 0, 0))])
+    forked = 44444444
+    bus.send([bus.row("committed", forked, 1, "payment", 100, 5_000, 4_900,
+                      "2026-11-22T01:00:00Z")])
+    cli.clearing("action", "--card", forked, "--reason", "cancelled", "--at",
+                 "2026-11-22T02:00:00Z", "--json").json()
+    for card, why in ((CARD_A, "dishonoured AAVS debits"), (returned, "returned at a service"),
+                      (forked, "listed cancelled")):
+        cli.clearing("lost report", "--card", card, "--kind", "on-loan", "--at",
+                     "2026-11-23T10:00:00+08:00", "--json").json()
+        refused = cli.clearing("lost refund", "--card", card, "--at", "2026-11-23T06:00:00Z")
+        refused.assert_bad_input()
+        assert why in refused.err
+    assert all(c["refunded_utc"] is None for c in cli.clearing("lost list", "--json").json()[
+        "lost"])
+
+    # refunded as lost first, then its debits come back: the value is gone already
+    cli.clearing("aavs link", "--card", CARD_B, "--institution", "HSBC", "--account", "2")
+    dishonour(cli, tmp_path, bus, CARD_B, 10_000, "2026-11-23T01:00:00Z", "b1.txt")
+    cli.clearing("lost report", "--card", CARD_B, "--kind", "on-loan", "--at",
+                 "2026-11-23T10:00:00+08:00", "--json").json()
+    paid = cli.clearing("lost refund", "--card", CARD_B, "--at", "2026-11-23T06:00:00Z",
+                        "--json").json()
+    assert paid["refund"] == "100.00"  # 50.00 + 100.00 - 50.00
+    assert dishonour(cli, tmp_path, bus, CARD_B, 10_000, "2026-11-24T01:00:00Z", "b2.txt")[
+        "cancelled"] == ["22222222"]
+    owing = {o["card"]: o for o in cli.clearing("aavs list", "--json").json()["outstanding"]}
+    assert (owing["22222222"]["value_applied"], owing["22222222"]["deposit_forfeited"],
+            owing["22222222"]["outstanding"]) == ("0.00", "0.00", "200.00")
+
+
+def test_the_kind_named_at_a_loss_report_must_match_the_cards_issue(cli):
+    """The deposit and fee follow the kind the operator names; when the card's issue records
+    are kept they must agree (a Sold card named Mobile would be refunded a deposit it never
+    paid)."""
+    shop = enroll(cli, "SHOP-1")
+    sold, on_loan = 51111111, 52222222
+    shop.send([shop.row("committed", sold, 0, "initial_value", 10_000, 0, 10_000,
+                        "2026-11-20T01:00:00Z"),
+               shop.row("committed", on_loan, 0, "deposit", 5_000, 0, 0, "2026-11-20T01:00:00Z"),
+               shop.row("committed", on_loan, 0, "initial_value", 13_000, 0, 13_000,
+                        "2026-11-20T01:00:00Z")])
+    for card, kind in ((sold, "mobile"), (sold, "on-loan"), (on_loan, "sold")):
+        wrong = cli.clearing("lost report", "--card", card, "--kind", kind)
+        wrong.assert_bad_input()
+        assert "was issued with a deposit of" in wrong.err
+    assert cli.clearing("lost report", "--card", sold, "--kind", "sold").code == 0
+    assert cli.clearing("lost report", "--card", on_loan, "--kind", "on-loan").code == 0
+
+
+def test_bad_days_and_future_times_are_one_line(cli, tmp_path):
+    for argv in (["statement", "--day", "0001-01-01"],
+                 ["aavs debits", "--day", "9999-12-31", "--out", tmp_path],
+                 ["lost report", "--card", CARD_A, "--kind", "sold", "--at",
+                  "2199-01-01T00:00:00Z"],
+                 ["lost refund", "--card", CARD_A, "--at", "2199-01-01T00:00:00Z"]):
+        cli.clearing(argv[0], *argv[1:]).assert_bad_input()
+
+
+def test_two_operators_refunding_one_lost_card_at_once_pay_it_once(request, capsys):
+    """PostgreSQL, read committed: the refund takes the card's lock and marks it refunded only
+    if it was not: one of them pays, the others are told it was refunded already."""
+    import threading
+
+    from farebox.clearing import office
+
+    cli = Cli(capsys, request.getfixturevalue("pg_url"))
+    bus = enroll(cli, "BUS-1")
+    bus.send([bus.row("committed", CARD_A, 0, "payment", 1_000, 20_000, 19_000,
+                      "2026-11-22T01:00:00Z")])
+    cli.clearing("lost report", "--card", CARD_A, "--kind", "on-loan", "--at", REPORTED,
+                 "--json").json()
+    paid, refused = [], []
+    start = threading.Barrier(4)
+
+    def work():
+        with Store(cli.db) as store:
+            start.wait()
+            try:
+                paid.append(office.refund_lost(
+                    store, CARD_A, datetime(2026, 11, 22, 6, tzinfo=timezone.utc)))
+            except office.OfficeError as error:
+                refused.append(str(error))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(paid) == 1 and paid[0]["refund"] == "190.00"
+    assert len(refused) == 3 and all("refunded already" in e for e in refused)

@@ -167,3 +167,20 @@ def _number(spec: str) -> int:
 
 def _status(spec: str) -> Status:
     return _image(spec).purse.status
+
+
+def test_a_card_reported_lost_held_to_a_reader_is_not_returned_inside_the_three_hours(terminal):
+    """The checks before any change read card files only; a card held to a reader is checked
+    by its change itself: reported lost an hour ago (not blocked yet), it is not refunded here
+    (the central office refunds it, docs/rules.md §8) and nothing is written."""
+    from farebox.terminal.card.issue import issue
+
+    idm = new_idm()
+    _, _, card_blocks = issue(IssueRequest(issued=date(2025, 1, 1), balance_cents=5_000,
+                                           number=12345678), KEYS, idm)
+    card = SimulatedLiteS(idm, blocks=card_blocks)
+    before = [bytes(b) for b in card.blocks]
+    terminal.action_list = (ListEntry(12345678, ListReason.LOST, AT - timedelta(hours=1)),)
+    with pytest.raises(RequestRefused, match="reported lost at .*central office"):
+        return_cards(terminal, CardReaders(Opened(card), wait_s=1.0), ["usb"], AT)
+    assert [bytes(b) for b in card.blocks] == before and terminal.journal.writes() == []
