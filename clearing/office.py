@@ -332,14 +332,17 @@ def _check_kind(db: _Db, card: int, kind: str) -> None:
     """The kind the operator names against the card's issue records, when they are kept (a
     deposit record: its amount; an issue without one: a Sold card): OfficeError if they
     disagree. Without them (issued before the records kept) the operator's word stands."""
-    issued = dict(db.all(
-        "SELECT r.type, max(r.amount_cents) FROM card_writes w JOIN records r "
-        "ON r.source = w.source AND r.seq = w.seq AND r.at_utc = w.at_utc "
+    rows = db.all(
+        "SELECT r.type, r.amount_cents, r.source, r.at_utc, r.counter_before FROM card_writes w "
+        "JOIN records r ON r.source = w.source AND r.seq = w.seq AND r.at_utc = w.at_utc "
         "WHERE w.card_number = ? AND r.type IN ('deposit', 'initial_value') "
-        "AND r.state = 'committed' GROUP BY r.type", (card,)))
-    if not issued:
+        "AND r.state = 'committed' ORDER BY r.at_utc DESC", (card,))
+    if not rows:
         return
-    deposit = issued.get("deposit", 0)
+    # the latest issue (a number can be issued again): the records of its write
+    write = rows[0][2:]
+    deposit = sum(cents for kind, cents, *key in rows
+                  if kind == "deposit" and tuple(key) == write)
     if deposit != DEPOSIT_CENTS[kind]:
         raise OfficeError(f"card {card:08d} was issued with a deposit of "
                           f"{format_cents(deposit)}: not a {kind.replace('_', '-')} card "
@@ -402,7 +405,7 @@ def refund_lost(store: Store, card: int, at: datetime) -> dict:
         if at < blocked_at:
             raise OfficeError(f"card {card:08d} is blocked from {utc_iso(blocked_at)} (the "
                               "Notification Period, 002 §12): no refund before then")
-        _check_not_settled_otherwise(db, card)
+        _check_not_settled_otherwise(db, card, blocked_at)
         if _open_before(db, card, blocked_at):
             raise OfficeError(f"card {card:08d} has writes before its block still open "
                               "(unresolved or in doubt): refund it once they are settled")
@@ -425,22 +428,27 @@ def refund_lost(store: Store, card: int, at: datetime) -> dict:
                    "counter": counter, **figures})
 
 
-def _check_not_settled_otherwise(db: _Db, card: int) -> None:
-    """OfficeError for a card whose value and deposit were settled another way: returned at a
-    service terminal (its refund paid there), or cancelled for dishonoured AAVS debits (its
-    value applied to what it owed and its deposit forfeited, 004 §21), or listed cancelled
-    (a counter spent twice: a copied card is refunded by nobody)."""
+def _check_not_settled_otherwise(db: _Db, card: int, blocked_at: datetime) -> None:
+    """OfficeError for a card whose value and deposit were settled another way before its
+    block: returned at a service terminal (its refund paid there), or listed cancelled (a
+    counter spent twice: a copied card is refunded by nobody); or cancelled for dishonoured
+    AAVS debits (its value applied to what it owed and its deposit forfeited, 004 §21). What
+    happened after the block (a finder returning it at a terminal with an old list) is the
+    card company's loss (004 §31), not the holder's."""
+    bound = _time_bound(db, blocked_at)
     if db.all("SELECT 1 FROM card_writes w JOIN records r ON r.source = w.source "
               "AND r.seq = w.seq AND r.at_utc = w.at_utc WHERE w.card_number = ? "
+              "AND w.at_utc < ? AND r.at_utc < ? "
               "AND r.type = 'refund' AND r.state IN ('committed', 'same_change') LIMIT 1",
-              (card,)):
+              (card, bound, bound)):
         raise OfficeError(f"card {card:08d} was returned at a service terminal and refunded "
                           "there: no lost-card refund")
     if db.all("SELECT 1 FROM aavs_outstanding WHERE card_number = ? AND cancelled_utc IS NOT "
               "NULL", (card,)):
         raise OfficeError(f"card {card:08d} was cancelled for dishonoured AAVS debits: its "
                           "value went to what it owed and its deposit was forfeited (004 §21)")
-    if db.all("SELECT 1 FROM actions WHERE card_number = ? AND reason = 'cancelled'", (card,)):
+    if db.all("SELECT 1 FROM actions WHERE card_number = ? AND reason = 'cancelled' "
+              "AND at_utc < ?", (card, bound)):
         raise OfficeError(f"card {card:08d} is listed cancelled: no lost-card refund")
 
 
@@ -535,7 +543,18 @@ def debits(store: Store, day: date, created: datetime) -> dict:
     start, end = business_day_bounds(day)
     types = sorted(AAVS_DEBIT_TYPES)
     with _transaction(store) as db:
-        low, high = _between(db, start - timedelta(days=LATE_DEBIT_DAYS), end)
+        made = db.all("SELECT value FROM meta WHERE name = 'aavs_debits_newest_day'")
+        newest = made[0][0] if made else None
+        # only the newest day's file takes earlier days' stragglers: a day's file made again
+        # (to look at it, or to send it again) holds what it held and its own day's since
+        sweep = newest is None or newest <= day.isoformat()
+        if sweep:  # the newest day made, moved only forward (two makers at once: the later)
+            db.execute("INSERT INTO meta (name, value) VALUES ('aavs_debits_newest_day', ?) "
+                       "ON CONFLICT (name) DO UPDATE SET value = CASE WHEN meta.value < "
+                       "excluded.value THEN excluded.value ELSE meta.value END",
+                       (day.isoformat(),))
+        back = timedelta(days=LATE_DEBIT_DAYS if sweep else 0)
+        low, high = _between(db, start - back, end)
         rows = db.all(
             "SELECT t.terminal_id, s.incarnation, r.seq, r.card_number, r.type, r.amount_cents, "
             "r.at_utc, l.institution, l.account, lc.blocked_utc FROM card_writes w "
@@ -546,10 +565,9 @@ def debits(store: Store, day: date, created: datetime) -> dict:
             "WHERE w.at_utc >= ? AND w.at_utc < ? AND r.at_utc >= ? AND r.at_utc < ? "
             f"AND r.state = 'committed' AND r.type IN ({', '.join('?' * len(types))}) "
             "ORDER BY r.at_utc, t.terminal_id, r.seq", (low, high, low, high, *types))
-        first_of_day = _time_bound(db, start)
         kept_before = {reference for (reference,) in db.all(
-            "SELECT reference FROM aavs_debits WHERE at_utc >= ? AND at_utc < ?",
-            (low, first_of_day))}
+            "SELECT reference FROM aavs_debits WHERE day >= ? AND day <= ?",
+            (db.day((day - back).isoformat()), db.day(day.isoformat())))} if sweep else set()
         unlinked, new, after_block, late = [], [], [], 0
         for (terminal_id, incarnation, seq, card, kind, cents, at, institution, account,
              blocked) in rows:
@@ -660,7 +678,9 @@ def import_dishonours(store: Store, text: str, at: datetime) -> dict:
     outcome = {"dishonoured": [], "again": [], "suspended": [], "cancelled": [], "covered": []}
     with _transaction(store) as db:
         by_card: dict[int, int] = {}
-        for reference, _ in returned:
+        # in reference order: two imports of files holding the same debits lock their rows in
+        # one order, never each waiting for the other
+        for reference, _ in sorted(returned):
             found = db.all("SELECT card_number, amount_cents, dishonoured_utc FROM aavs_debits "
                            "WHERE reference = ?", (reference,))
             if not found:

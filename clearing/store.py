@@ -686,9 +686,11 @@ class _Ingest:
         gone += other_gone
         new += other_new
         self._write(gone, new)
-        self._aavs_collected(gone, new)
         forks = hood.forks()
         forked = self._record_forks(forks, cards)
+        # after the forks' entries: `actions` rows, then the serial (meta), as the console's
+        # set_action takes them: two transactions never wait for each other the other way round
+        self._aavs_collected(gone, new)
         self._summarise(source, number, batch_hash, prev_hash, last_seq, gap_fills, duplicates)
         return Stored(False, duplicates, forked)
 

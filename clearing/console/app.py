@@ -202,9 +202,13 @@ class Console:
         wanted = request.query_params.get("d")
         if wanted:
             try:
-                day = date.fromisoformat(wanted).isoformat()
+                parsed = date.fromisoformat(wanted)
             except ValueError:
                 return self.refuse(request, session, operator, 400, "a day is YYYY-MM-DD")
+            if not date(1990, 1, 1) <= parsed <= date(2199, 12, 31):
+                return self.refuse(request, session, operator, 400,
+                                   "a day of the scheme is from 1990 to 2199")
+            day = parsed.isoformat()
         else:
             day = await run_in_threadpool(self.data.latest_day) or now_utc().date().isoformat()
         shown = await run_in_threadpool(self.data.day, day)

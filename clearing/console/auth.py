@@ -82,7 +82,8 @@ def authenticate(data: ConsoleData, name: str, password: str) -> Operator | None
         return None
     if _hasher().check_needs_rehash(operator.password_hash):
         rehashed = hash_password(password)
-        data.set_password_hash(operator.name, rehashed)
+        if not data.set_password_hash(operator.name, rehashed, operator.password_hash):
+            return None  # its password changed meanwhile: this one is no longer it
         operator = replace(operator, password_hash=rehashed)  # the session binds to this one
     return operator
 

@@ -93,11 +93,12 @@ class ConsoleData:
                           (name,))
         return Operator(*rows[0]) if rows else None
 
-    def set_password_hash(self, name: str, password_hash: str) -> None:
-        """A rehash at sign-in (Argon2's parameters raised since the hash was made)."""
-        with self.store._session() as db:  # noqa: SLF001
-            db.execute("UPDATE operators SET password_hash = ? WHERE name = ?",
-                       (password_hash, name))
+    def set_password_hash(self, name: str, password_hash: str, was: str) -> bool:
+        """A rehash at sign-in (Argon2's parameters raised since the hash was made), only if
+        the hash is still ``was`` (a new password set meanwhile wins); whether it was."""
+        with self.store._transaction() as db:  # noqa: SLF001
+            return bool(db.execute("UPDATE operators SET password_hash = ? WHERE name = ? "
+                                   "AND password_hash = ?", (password_hash, name, was)).rowcount)
 
     def audit(self, at_utc: str, operator: str, action: str, card: int | None,
               detail: str) -> None:

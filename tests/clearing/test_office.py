@@ -901,6 +901,16 @@ def test_a_debit_settled_late_goes_in_the_next_file_and_none_after_a_lost_cards_
     third = cli.clearing("aavs debits", "--day", "2026-11-24", "--out", tmp_path,
                          "--json").json()
     assert (third["files"], third["late"]) == ([], 0)
+    # one more straggler: a day's file made again (here the 23rd's) never takes it; the
+    # newest day's does
+    bus.send([bus.row("committed", CARD_A, 6, "auto_add_value", 5_000, 0, 5_000,
+                      "2026-11-21T03:00:00Z")])
+    remade = cli.clearing("aavs debits", "--day", "2026-11-23", "--out", tmp_path,
+                          "--json").json()
+    assert (remade["late"], [f["debits"] for f in remade["files"]]) == (0, [1])
+    newest = cli.clearing("aavs debits", "--day", "2026-11-24", "--out", tmp_path,
+                          "--json").json()
+    assert (newest["late"], [f["amount"] for f in newest["files"]]) == (1, ["50.00"])
 
 
 def test_a_lost_card_settled_another_way_is_not_refunded_again(cli, tmp_path):
@@ -932,6 +942,20 @@ def test_a_lost_card_settled_another_way_is_not_refunded_again(cli, tmp_path):
         assert why in refused.err
     assert all(c["refunded_utc"] is None for c in cli.clearing("lost list", "--json").json()[
         "lost"])
+    # returned at a terminal with an old list AFTER its block (a finder): the card company's
+    # loss, not the holder's (004 §31): the holder is refunded
+    found = 55555555
+    bus.send([bus.row("committed", found, 3, "payment", 100, 8_000, 7_900,
+                      "2026-11-23T01:00:00Z")])
+    cli.clearing("lost report", "--card", found, "--kind", "on-loan", "--at",
+                 "2026-11-23T10:00:00+08:00", "--json").json()  # blocked from 05:00Z
+    bus.send([bus.row("committed", found, 4, kind, amount, 7_900, after,
+                      "2026-11-23T05:30:00Z")
+              for kind, amount, after in (("deposit_refund", 5_000, 7_900),
+                                          ("refund", 12_900, 0), ("cancel", 0, 0))])
+    holder = cli.clearing("lost refund", "--card", found, "--at", "2026-11-23T06:00:00Z",
+                          "--json").json()
+    assert (holder["value"], holder["refund"]) == ("79.00", "79.00")
 
     # refunded as lost first, then its debits come back: the value is gone already
     cli.clearing("aavs link", "--card", CARD_B, "--institution", "HSBC", "--account", "2")
@@ -965,6 +989,16 @@ def test_the_kind_named_at_a_loss_report_must_match_the_cards_issue(cli):
         assert "was issued with a deposit of" in wrong.err
     assert cli.clearing("lost report", "--card", sold, "--kind", "sold").code == 0
     assert cli.clearing("lost report", "--card", on_loan, "--kind", "on-loan").code == 0
+    # a number issued again: the latest issue decides (an old On-Loan card's number now on a
+    # Sold card is not refunded a deposit)
+    again = 53333333
+    shop.send([shop.row("committed", again, 0, "deposit", 5_000, 0, 0, "2019-01-01T01:00:00Z"),
+               shop.row("committed", again, 0, "initial_value", 13_000, 0, 13_000,
+                        "2019-01-01T01:00:00Z"),
+               shop.row("committed", again, 0, "initial_value", 10_000, 0, 10_000,
+                        "2026-11-20T02:00:00Z")])
+    cli.clearing("lost report", "--card", again, "--kind", "on-loan").assert_bad_input()
+    assert cli.clearing("lost report", "--card", again, "--kind", "sold").code == 0
 
 
 def test_bad_days_and_future_times_are_one_line(cli, tmp_path):

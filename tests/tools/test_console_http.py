@@ -275,3 +275,29 @@ def test_a_new_password_or_a_removed_account_ends_its_sessions(house):
     assert "argon2" not in listed.stdout
     audit = again.get("/console/audit").text
     assert "password changed" in audit and "operator removed" in audit
+
+
+def test_a_day_outside_the_scheme_is_a_clear_refusal(house):
+    client = signed_in(house.url, VIEWER, VIEWER_PASSWORD)
+    for day in ("9999-12-31", "0001-01-01"):
+        page = client.get("/console/day", params={"d": day})
+        assert page.status_code == 400 and "1990 to 2199" in page.text
+
+
+def test_a_rehash_never_overwrites_a_password_set_meanwhile(tmp_path):
+    """A sign-in that rehashes the password it checked (Argon2's parameters raised) writes the
+    new hash only if the account still has the one it checked: a password changed meanwhile
+    wins, and that sign-in gets no session."""
+    from farebox.clearing.console.auth import add_operator as add, change_password
+    from farebox.clearing.console.data import ConsoleData
+    from farebox.clearing.store import Store
+
+    with Store(str(tmp_path / "c.sqlite3")) as store:
+        data = ConsoleData(store)
+        add(data, "carol", "admin", "the first passphrase", "2026-11-22T00:00:00Z")
+        checked = data.operator("carol").password_hash
+        change_password(data, "carol", "the second passphrase", "2026-11-22T00:01:00Z")
+        current = data.operator("carol").password_hash
+        assert not data.set_password_hash("carol", "rehash-of-the-first", checked)
+        assert data.operator("carol").password_hash == current
+        assert data.set_password_hash("carol", current, current)
