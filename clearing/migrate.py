@@ -27,7 +27,7 @@ from farebox.clearing.errors import ClearingError
 
 #: the ids of the migrations this code knows, in order; an id's number is its version
 MIGRATIONS = ("0001-schema-v1", "0002-schema-v2", "0003-backoffice", "0004-console",
-              "0005-aavs-suspensions")
+              "0005-aavs-suspensions", "0006-console-sessions")
 HEAD = int(MIGRATIONS[-1].split("-", 1)[0])
 #: yoyo's bookkeeping table (yoyo.migrations.default_migration_table)
 _BOOKKEEPING = "_yoyo_migration"

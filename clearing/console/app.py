@@ -11,6 +11,7 @@ nothing but this server's own scripts, styles and images.
 from __future__ import annotations
 
 import re
+import threading
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, quote
@@ -37,8 +38,11 @@ MAX_FORM_BYTES = 64 * 1024
 #: the list's reasons (the wire format's) and how the console names them
 REASONS = {"lost": "loss report", "aavs_suspended": "AAVS suspension", "cancelled": "cancelled"}
 HONG_KONG = timezone(timedelta(hours=8))
-#: sign-ins refused for one name within LOCKOUT before that name is refused without a check
+#: sign-ins refused for one name from one address within LOCKOUT before they are refused
+#: without a check
 MAX_REFUSALS, LOCKOUT = 5, timedelta(minutes=15)
+#: password checks (Argon2id, 64 MiB each) running at once in one process
+PASSWORD_CHECKS = 2
 _CARD = re.compile(r"\s*(\d{8})\s*")
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
@@ -73,6 +77,7 @@ class Console:
         self.data = ConsoleData(receiver.store)
         self.sessions = Sessions.of(self.data)
         self.env = _environment()
+        self.checks = threading.BoundedSemaphore(PASSWORD_CHECKS)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -109,8 +114,11 @@ class Console:
             if size > MAX_FORM_BYTES:
                 return None
             body.append(chunk)
-        fields = parse_qs(b"".join(body).decode("utf-8", "replace"), keep_blank_values=True,
-                          max_num_fields=32)
+        try:
+            fields = parse_qs(b"".join(body).decode("utf-8", "replace"), keep_blank_values=True,
+                              max_num_fields=32)
+        except ValueError:  # more fields than any form has: refused as a bad form (403)
+            return None
         return {k: v[0] for k, v in fields.items()}
 
     def page(self, handler):
@@ -151,17 +159,37 @@ class Console:
         name, password = fields.get("name", "")[:64], fields.get("password", "")
         now = utc_iso(now_utc())
         since = utc_iso(now_utc() - LOCKOUT)
-        if await run_in_threadpool(self.data.refusals_since, name, since) >= MAX_REFUSALS:
-            await run_in_threadpool(self.data.audit, now, name or "(none)", "sign-in refused",
-                                    None, "too many refused sign-ins: locked for a while")
+        # the lockout counts refusals of this name from this address: another address cannot
+        # lock an operator out; the refusals said during a lockout are not counted (written
+        # once per lockout), so a lockout ends LOCKOUT after the last wrong password
+        source = request.client.host if request.client else "?"
+        wrong = f"wrong name or password (from {source})"
+        who = name or "(none)"
+        if await run_in_threadpool(self.data.refusals_since, who, since, "sign-in refused",
+                                   wrong) >= MAX_REFUSALS:
+            locked = f"too many refused sign-ins from {source}: locked for a while"
+            if not await run_in_threadpool(self.data.refusals_since, who, since,
+                                           "sign-in locked", locked):
+                await run_in_threadpool(self.data.audit, now, who, "sign-in locked", None,
+                                        locked)
             return self.render(request, "login.html", session, None, http_status=429,
                                target=_local(fields.get("next")),
                                error="too many refused sign-ins for this name: try again in "
                                      f"{LOCKOUT.seconds // 60} minutes")
-        operator = await run_in_threadpool(authenticate, self.data, name, password)
+        # an Argon2id check takes 64 MiB and a thread: at most PASSWORD_CHECKS at once, so a
+        # flood of sign-ins can neither exhaust memory nor the threads the settlement API uses
+        if not self.checks.acquire(blocking=False):
+            response = self.render(request, "login.html", session, None, http_status=503,
+                                   target=_local(fields.get("next")),
+                                   error="busy: try again in a moment")
+            response.headers["Retry-After"] = "1"
+            return response
+        try:
+            operator = await run_in_threadpool(authenticate, self.data, name, password)
+        finally:
+            self.checks.release()
         if operator is None:
-            await run_in_threadpool(self.data.audit, now, name or "(none)",
-                                    "sign-in refused", None, "wrong name or password")
+            await run_in_threadpool(self.data.audit, now, who, "sign-in refused", None, wrong)
             return self.render(request, "login.html", session, None, http_status=401,
                                target=_local(fields.get("next")),
                                error="wrong name or password")
@@ -179,6 +207,9 @@ class Console:
         if fields is None or not self.sessions.csrf_ok(session, fields.get("csrf")):
             return self.refuse(request, session, None, 403, "the form's CSRF token is missing "
                                "or wrong")
+        operator = await self.operator(session)
+        if operator is not None:  # every session of the account ends, a copied cookie too
+            await run_in_threadpool(self.data.end_sessions, operator.name, utc_iso(now_utc()))
         response = RedirectResponse("/console/login", status_code=303)
         self.set_cookie(response, request, self.sessions.new(None))
         return response
@@ -367,4 +398,27 @@ def console_mount(receiver) -> Mount:
         Route("/audit", page(console.audit), methods=["GET"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    return Mount("/console", app=Starlette(routes=routes))
+    return Mount("/console", app=_Headed(Starlette(routes=routes)))
+
+
+class _Headed:
+    """Every console response carries the security headers (redirects, static files, 404s
+    too), unless it set its own."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def headed(message) -> None:
+            if message["type"] == "http.response.start":
+                have = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k.lower().encode(), v.encode()) for k, v in HEADERS.items()
+                         if k.lower().encode() not in have]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, headed)

@@ -101,8 +101,8 @@ class Session:
     operator: str | None  # None: a visitor not signed in
     nonce: str
     expires: int
-    #: binds the session to the account's password hash at sign-in: a new password (or the
-    #: account removed) ends every session the account had
+    #: binds the session to the account's password hash and session epoch at sign-in: a new
+    #: password, a sign-out or the account removed ends every session the account had
     account: str = ""
 
 
@@ -126,7 +126,7 @@ class Sessions:
                        "" if operator is None else self._account(operator))
 
     def _account(self, operator: Operator) -> str:
-        return self._mac("account:" + operator.password_hash)[:32]
+        return self._mac(f"account:{operator.session_epoch}:{operator.password_hash}")[:32]
 
     def belongs(self, session: Session, operator: Operator) -> bool:
         """Whether ``session`` was signed in with the account's current password."""

@@ -20,8 +20,12 @@ ROLES = ("admin", "viewer")
 #: how long since a terminal's last upload before it shows amber, and red
 LAG_AMBER = timedelta(hours=2)
 LAG_RED = timedelta(hours=24)
-FLEET_SORTS = ("terminal", "last_upload", "lag", "gaps", "open", "forks", "records", "status")
+FLEET_SORTS = ("terminal", "provider", "last_upload", "lag", "gaps", "open", "forks", "records",
+               "status")
 _STATUS_ORDER = {"red": 0, "amber": 1, "green": 2}
+#: the most records of one card the card page shows (its latest): a card a compromised
+#: terminal wrote millions of records for cannot make the page unbounded
+CARD_ROWS = 2_000
 
 
 class ConsoleError(ClearingError):
@@ -34,6 +38,7 @@ class Operator:
     name: str
     role: str
     password_hash: str
+    session_epoch: int = 0  # moved at sign-out: the account's sessions end
 
     @property
     def admin(self) -> bool:
@@ -89,8 +94,8 @@ class ConsoleData:
                        (db.time(at_utc), "(command line)", action, None, name))
 
     def operator(self, name: str) -> Operator | None:
-        rows = self._rows("SELECT id, name, role, password_hash FROM operators WHERE name = ?",
-                          (name,))
+        rows = self._rows("SELECT id, name, role, password_hash, session_epoch FROM operators "
+                          "WHERE name = ?", (name,))
         return Operator(*rows[0]) if rows else None
 
     def set_password_hash(self, name: str, password_hash: str, was: str) -> bool:
@@ -105,11 +110,24 @@ class ConsoleData:
         with self.store._session() as db:  # noqa: SLF001
             audit_into(db, at_utc, operator, action, card, detail)
 
-    def refusals_since(self, name: str, since_utc: str) -> int:
-        """Sign-ins refused for ``name`` since then (the audit, by its operator index)."""
+    def refusals_since(self, name: str, since_utc: str, action: str = "sign-in refused",
+                       detail: str | None = None) -> int:
+        """Sign-ins refused for ``name`` since then (the audit, by its operator index), those
+        with ``detail`` only when given (the address they came from)."""
+        extra, parameters = ("AND detail = ? ", (detail,)) if detail is not None else ("", ())
         with self.store._session() as db:  # noqa: SLF001
-            return db.all("SELECT count(*) FROM audit WHERE operator = ? AND action = "
-                          "'sign-in refused' AND at_utc >= ?", (name, db.time(since_utc)))[0][0]
+            return db.all("SELECT count(*) FROM audit WHERE operator = ? AND action = ? "
+                          f"AND at_utc >= ? {extra}",
+                          (name, action, db.time(since_utc), *parameters))[0][0]
+
+    def end_sessions(self, name: str, at_utc: str) -> None:
+        """Sign-out: every session the account has ends (its session epoch moves), audited."""
+        with self.store._transaction() as db:  # noqa: SLF001
+            db.execute("UPDATE operators SET session_epoch = session_epoch + 1 WHERE name = ?",
+                       (name,))
+            db.execute("INSERT INTO audit (at_utc, operator, action, card_number, detail) "
+                       "VALUES (?, ?, ?, ?, ?)", (db.time(at_utc), name, "signed out", None,
+                                                  "every session of the account ended"))
 
     def audit_log(self, limit: int = 200, card: int | None = None) -> list[dict]:
         where, parameters = ("WHERE card_number = ? ", (card,)) if card is not None else ("", ())
@@ -240,8 +258,10 @@ class ConsoleData:
             "r.balance_after_cents, r.reconciled, r.not_shown FROM card_writes w "
             "JOIN records r ON r.source = w.source AND r.seq = w.seq AND r.at_utc = w.at_utc "
             "JOIN sources s ON s.id = w.source JOIN terminals t ON t.id = s.terminal "
-            "WHERE w.card_number = ? ORDER BY w.counter_before, r.at_utc, t.terminal_id, r.seq, "
-            "r.state", (card,))
+            "WHERE w.card_number = ? ORDER BY w.counter_before DESC, r.at_utc DESC, "
+            "t.terminal_id DESC, r.seq DESC, r.state DESC LIMIT ?", (card, CARD_ROWS + 1))
+        truncated = len(rows) > CARD_ROWS
+        rows = rows[:CARD_ROWS][::-1]  # the latest CARD_ROWS records, in counter order
         names = ("counter_before", "counter_after", "at", "terminal", "incarnation", "seq",
                  "batch", "state", "type", "amount_cents", "balance_before_cents",
                  "balance_after_cents", "reconciled", "not_shown")
@@ -250,6 +270,7 @@ class ConsoleData:
         forks = self._rows("SELECT counter, writes, found_utc FROM forks WHERE card_number = ? "
                            "ORDER BY counter", (card,))
         return {"card": card, "writes": [dict(zip(names, row)) for row in rows],
+                "truncated": truncated, "shown_rows": CARD_ROWS,
                 "listed": dict(zip(("reason", "at", "added"), listed[0])) if listed else None,
                 "forks": [dict(zip(("counter", "writes", "found"), row)) for row in forks],
                 "audit": self.audit_log(50, card)}

@@ -303,7 +303,7 @@ def test_a_version_1_database_upgrades_with_every_figure_kept(engine):
     assert figures_v1(engine) == before  # refusing changed nothing
 
     assert migrate.upgrade(engine.db) == list(MIGRATIONS[1:])
-    assert migrate.current_version(engine.db) == HEAD == 5
+    assert migrate.current_version(engine.db) == HEAD == 6
     migrate.ensure_current(engine.db)
     after = figures_v2(engine)
     assert_same_figures(before, after)

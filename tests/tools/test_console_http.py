@@ -240,6 +240,18 @@ def test_a_name_with_five_refused_sign_ins_is_locked_out(house):
     assert locked.status_code == 429 and "too many refused sign-ins" in locked.text
     assert client.get("/console/fleet").status_code == 303
     signed_in(house.url, ADMIN, ADMIN_PASSWORD)  # another name is not locked
+    again = client.post("/console/login", data={"csrf": token, "name": VIEWER,
+                                                "password": VIEWER_PASSWORD})
+    assert again.status_code == 429  # the lockout's own refusals are audited once, not counted
+    audit = signed_in(house.url, ADMIN, ADMIN_PASSWORD).get("/console/audit").text
+    assert audit.count("sign-in locked") == 1
+    # the lockout is of this name from that address: from another, the operator signs in
+    other = httpx.Client(base_url=house.url, timeout=60,
+                         transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+    login = other.get("/console/login")
+    done = other.post("/console/login", data={"csrf": csrf_of(login.text), "name": VIEWER,
+                                              "password": VIEWER_PASSWORD, "next": ""})
+    assert done.status_code == 303
 
 
 def test_a_new_password_or_a_removed_account_ends_its_sessions(house):
@@ -301,3 +313,57 @@ def test_a_rehash_never_overwrites_a_password_set_meanwhile(tmp_path):
         assert not data.set_password_hash("carol", "rehash-of-the-first", checked)
         assert data.operator("carol").password_hash == current
         assert data.set_password_hash("carol", current, current)
+
+
+def test_signing_out_ends_every_session_of_the_account_a_copied_cookie_too(house):
+    client = signed_in(house.url, ADMIN, ADMIN_PASSWORD)
+    copied = httpx.Client(base_url=house.url, timeout=60, cookies=dict(client.cookies))
+    assert copied.get("/console/fleet").status_code == 200
+    page = client.get("/console/fleet").text
+    out = client.post("/console/logout", data={"csrf": csrf_of(page)})
+    assert out.status_code == 303
+    assert copied.get("/console/fleet").status_code == 303  # to the sign-in page
+    assert "signed out" in signed_in(house.url, ADMIN, ADMIN_PASSWORD).get(
+        "/console/audit").text
+
+
+def test_every_console_response_has_the_security_headers_and_a_huge_form_is_refused(house):
+    client = httpx.Client(base_url=house.url, timeout=60)
+    for path in ("/console/fleet", "/console/static/console.css", "/console/nowhere",
+                 "/console/"):
+        response = client.get(path)
+        assert response.headers.get("x-frame-options") == "DENY", path
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"], path
+    token = csrf_of(client.get("/console/login").text)
+    fields = {"csrf": token, "name": ADMIN, "password": "x",
+              **{f"f{n}": "1" for n in range(40)}}
+    refused = client.post("/console/login", data=fields)
+    assert refused.status_code == 403 and "Traceback" not in refused.text
+
+
+def test_password_checks_beyond_the_bound_are_told_to_wait(tmp_path, monkeypatch):
+    """At most PASSWORD_CHECKS Argon2id checks run at once (64 MiB each): one more is a 503
+    with Retry-After, no check made. Here the bound is 0, so the first is already one more."""
+    import asyncio
+
+    from farebox.clearing.app import create_app
+    from farebox.clearing.console import app as console_app
+    from farebox.clearing.console.auth import add_operator as add
+    from farebox.clearing.console.data import ConsoleData
+    from farebox.clearing.service import Receiver
+    from farebox.clearing.store import Store
+
+    monkeypatch.setattr(console_app, "PASSWORD_CHECKS", 0)
+
+    async def sign_in(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            token = csrf_of((await client.get("/console/login")).text)
+            return await client.post("/console/login", data={
+                "csrf": token, "name": "carol", "password": "the first passphrase"})
+
+    with Store(str(tmp_path / "c.sqlite3")) as store:
+        add(ConsoleData(store), "carol", "admin", "the first passphrase", "2026-11-22T00:00:00Z")
+        busy = asyncio.run(sign_in(create_app(Receiver(store))))
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert "busy" in busy.text
