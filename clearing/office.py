@@ -27,7 +27,7 @@ from farebox.cardimage.money import format_cents
 from farebox.protocol.settlement import parse_utc, utc_iso
 
 from farebox.clearing.errors import ClearingError
-from farebox.clearing.store import Store, _bump_serial, _Db, _text_time
+from farebox.clearing.store import Store, _bump_serial, _Db, _text_time, lock_cards
 
 #: Hong Kong time, the scheme's (docs/rules.md §1: UTC+08:00, no daylight saving)
 HONG_KONG = timezone(timedelta(hours=8))
@@ -60,16 +60,6 @@ def _snapshot(store: Store) -> Iterator[_Db]:
             yield db
         finally:
             db.execute("COMMIT")
-
-
-def _lock_cards(db: _Db, cards) -> None:
-    """On PostgreSQL, the receivers' per-card locks (``Store`` ingest takes them in the same
-    order): a back-office change of a card and a batch settling its records, or two operators
-    changing one card, take turns. SQLite writers take turns anyway."""
-    if db.postgres and cards:
-        db.execute("SELECT count(pg_advisory_xact_lock(1, c)) FROM "
-                   "(SELECT c FROM unnest(?::int[]) AS c ORDER BY c) AS ordered",
-                   ([card % 2_147_483_647 for card in sorted(set(cards))],))
 
 
 def _between(db: _Db, start: datetime, end: datetime) -> tuple:
@@ -309,7 +299,7 @@ def report_lost(store: Store, card: int, kind: str, reported: datetime, added: d
         raise OfficeError(f"kind {kind!r}: one of {', '.join(KINDS)}")
     blocked = reported + NOTIFICATION_PERIOD
     with _transaction(store) as db:
-        _lock_cards(db, [card])
+        lock_cards(db, [card])
         if db.all("SELECT 1 FROM lost_cards WHERE card_number = ?", (card,)):
             raise OfficeError(f"card {card:08d} was reported lost already")
         _check_kind(db, card, kind)
@@ -393,7 +383,7 @@ def refund_lost(store: Store, card: int, at: datetime) -> dict:
     the card company's loss (004 §31). Refused while a write of the card before the block is
     still open, and when no settled record of the card is kept."""
     with _transaction(store) as db:
-        _lock_cards(db, [card])
+        lock_cards(db, [card])
         found = db.all("SELECT kind, reported_utc, blocked_utc, refunded_utc FROM lost_cards "
                        "WHERE card_number = ?", (card,))
         if not found:
@@ -505,7 +495,7 @@ def link_aavs(store: Store, card: int, institution: str, account: str, at_utc: s
         raise OfficeError(f"account {account!r}: 1-34 letters, digits or -")
     at = parse_utc(at_utc)
     with _transaction(store) as db:
-        _lock_cards(db, [card])  # two links of one card at once take turns
+        lock_cards(db, [card])  # two links of one card at once take turns
         old = db.all("SELECT institution FROM aavs_links WHERE card_number = ?", (card,))
         switched_from = old[0][0] if old and old[0][0] != institution else None
         db.execute("DELETE FROM aavs_links WHERE card_number = ?", (card,))
@@ -695,7 +685,7 @@ def import_dishonours(store: Store, text: str, at: datetime) -> dict:
                 continue
             outcome["dishonoured"].append(reference)
             by_card[card] = by_card.get(card, 0) + cents
-        _lock_cards(db, by_card)  # a collection settled at the same time is seen, or waits
+        lock_cards(db, by_card)  # a collection settled at the same time is seen, or waits
         for card, cents in sorted(by_card.items()):
             db.execute("INSERT INTO aavs_outstanding (card_number, outstanding_cents, "
                        "dishonours, last_utc) VALUES (?, 0, 0, ?) ON CONFLICT (card_number) "

@@ -592,6 +592,16 @@ def _serial(db: _Db) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+def lock_cards(db: _Db, cards) -> None:
+    """On PostgreSQL, the per-card locks of this transaction, taken in card order: a batch
+    settling a card's records, a back-office change of the card (clearing/office.py) and two
+    operators changing one card take turns. SQLite writers take turns anyway."""
+    if db.postgres and cards:
+        db.execute("SELECT count(pg_advisory_xact_lock(1, c)) FROM "
+                   "(SELECT c FROM unnest(?::int[]) AS c ORDER BY c) AS ordered",
+                   ([card % 2_147_483_647 for card in sorted(set(cards))],))
+
+
 def _bump_serial(db: _Db) -> int:
     """The action list's next serial, in one statement: on PostgreSQL the upsert locks the row
     and reads its latest committed value, so two transactions moving it at once (receivers,
@@ -636,12 +646,8 @@ class _Ingest:
             raise Conflict("link", f"batch {number} does not link to batch {number - 1}")
         for row in self.rows:
             row.source = source
-        if db.postgres:  # per card, in one order: two receivers see each other's writes
-            cards = sorted({r.card_number for r in self.rows if r.type not in _NO_CARD_TYPES})
-            if cards:
-                db.execute("SELECT count(pg_advisory_xact_lock(1, c)) FROM "
-                           "(SELECT c FROM unnest(?::int[]) AS c ORDER BY c) AS ordered",
-                           ([card % 2_147_483_647 for card in cards],))
+        # per card, in one order: two receivers see each other's writes
+        lock_cards(db, {r.card_number for r in self.rows if r.type not in _NO_CARD_TYPES})
         stored_before, gap_fills = self._stored_before(source, last_seq)
         hood = _Neighbourhood()
         card_rows = [r for r in self.rows if r.type not in _NO_CARD_TYPES]
